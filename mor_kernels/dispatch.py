@@ -1,0 +1,156 @@
+"""Which backend runs an op, and why a faster one did not.
+
+Backends, fastest first for each device type:
+
+- ``"triton"``: fused Triton kernels (``mor_kernels.ops.triton``); CUDA tensors, or CPU tensors under
+  ``TRITON_INTERPRET=1`` (the interpreter is for testing, so ``"auto"`` never picks it on CPU);
+- ``"cuda"``: the compiled extension's CUDA kernels (``mor_kernels.ops.extension``);
+- ``"cpp"``: the compiled extension's CPU kernels (same module);
+- ``"reference"``: pure PyTorch (``mor_kernels.reference``), any device, always available.
+
+A backend module provides the ops it implements as functions with the canonical signatures (see
+``mor_kernels.functional``) and may define ``unavailable_reason(op, device) -> str | None`` for
+checks that only it knows (kernels registered for this device, dtype support...).
+
+``resolve`` returns a :class:`Choice` that lists every faster backend it skipped with the reason;
+``explain`` renders that for a user. Nothing here touches the GPU at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger("mor_kernels")
+
+OPS = ("route", "mor_lora", "mor_linear", "mor_conv2d")
+BACKENDS = ("triton", "cuda", "cpp", "reference")
+_MODULES = {
+    "triton": "mor_kernels.ops.triton",
+    "cuda": "mor_kernels.ops.extension",
+    "cpp": "mor_kernels.ops.extension",
+    "reference": "mor_kernels.reference",
+}
+#: the order ``"auto"`` tries, per device type; other device types get the reference.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "triton", "reference")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this op on this device; the message says why."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    op: str
+    device: str
+    backend: str
+    skipped: tuple[tuple[str, str], ...]  # (faster backend, why it was not used)
+
+    def explain(self) -> str:
+        lines = [f"mor_kernels.{self.op} on {self.device}: backend {self.backend!r}"]
+        lines += [f"  not {name!r}: {why}" for name, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _module(backend: str):
+    """The backend's module, or the reason it cannot be imported."""
+    path = _MODULES[backend]
+    if importlib.util.find_spec(path) is None:
+        return None, f"not implemented in this version ({path} is missing)"
+    try:
+        return importlib.import_module(path), None
+    except ImportError as err:  # a missing dependency of the backend, e.g. triton
+        return None, f"{path} could not be imported: {err}"
+
+
+def unavailable_reason(backend: str, op: str, device: torch.device, *, auto: bool = False) -> str | None:
+    """Why ``backend`` cannot run ``op`` on ``device`` (None when it can)."""
+    dev = device.type
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed (pip install triton)"
+        if dev == "cpu" and not _interpreting():
+            return "Triton needs a CUDA device; on CPU it runs only under TRITON_INTERPRET=1 (for tests)"
+        if dev == "cpu" and auto:
+            return "the Triton interpreter (TRITON_INTERPRET=1) is for testing and slower than the reference"
+        if dev not in ("cpu", "cuda"):
+            return f"Triton kernels run on CUDA devices, not {dev}"
+    elif backend == "cuda" and dev != "cuda":
+        return f"the CUDA kernels need CUDA tensors, got {dev}"
+    elif backend == "cpp" and dev != "cpu":
+        return f"the C++ kernels run on CPU tensors, got {dev}"
+    if dev == "cuda" and not torch.cuda.is_available():
+        return "CUDA tensors were given but torch.cuda.is_available() is False"
+    module, why = _module(backend)
+    if module is None:
+        return why
+    if not hasattr(module, op):
+        return f"{_MODULES[backend]} does not implement {op}"
+    check = getattr(module, "unavailable_reason", None)
+    return check(op, device) if check is not None else None
+
+
+_CACHE: dict[tuple, Choice] = {}
+
+
+def resolve(op: str, backend: str, device: torch.device) -> Choice:
+    """Picks the backend for ``op`` on ``device``; raises if an explicit request cannot be met."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if not isinstance(backend, str) or backend not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
+    device = torch.device(device)
+    key = (op, backend, device.type, _interpreting())
+    choice = _CACHE.get(key)
+    if choice is not None:
+        return choice
+    if backend != "auto":
+        why = unavailable_reason(backend, op, device)
+        if why is not None:
+            raise BackendUnavailableError(f"backend {backend!r} cannot run mor_kernels.{op} on {device.type}: {why}")
+        choice = Choice(op, device.type, backend, ())
+    else:
+        skipped = []
+        for name in AUTO_ORDER.get(device.type, ("reference",)):
+            why = unavailable_reason(name, op, device, auto=True)
+            if why is None:
+                choice = Choice(op, device.type, name, tuple(skipped))
+                break
+            skipped.append((name, why))
+        else:  # unreachable while the reference is always available; kept as a clear failure
+            raise BackendUnavailableError(f"no backend can run mor_kernels.{op} on {device.type}: {skipped}")
+        if choice.skipped:
+            logger.info(choice.explain())
+    _CACHE[key] = choice
+    return choice
+
+
+def implementation(op: str, backend: str, device: torch.device):
+    """The function that runs ``op`` (resolved as in :func:`resolve`)."""
+    choice = resolve(op, backend, device)
+    return getattr(importlib.import_module(_MODULES[choice.backend]), op)
+
+
+def explain(device="cpu", op: str = "mor_linear") -> str:
+    """What ``backend="auto"`` runs for ``op`` on ``device`` and why not each faster backend."""
+    return resolve(op, "auto", torch.device(device)).explain()
+
+
+def available_backends(device="cpu", op: str = "mor_linear") -> list[str]:
+    """Backends that can run ``op`` on ``device`` when asked for explicitly."""
+    device = torch.device(device)
+    return [name for name in BACKENDS if unavailable_reason(name, op, device) is None]
+
+
+def clear_cache() -> None:
+    """Forget earlier decisions (after building the extension or changing TRITON_INTERPRET)."""
+    _CACHE.clear()

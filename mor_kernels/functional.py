@@ -1,0 +1,136 @@
+"""The public ops: check the arguments, pick a backend, run it (MOR_SPEC section 6).
+
+Backends are called with canonical arguments, after the checks:
+
+- ``x`` as ``(B, T, d_in)`` (any strides; flattened token dimensions), ``idx`` int32 ``(B, k)``
+  (sample routing) or ``(B, T, k)`` (token routing), ``gate`` of the same shape, ``base``
+  ``(B, T, d_out)`` or None, ``scaling`` a float;
+- for convolutions ``stride``/``padding``/``dilation`` as pairs of ints.
+
+so a backend never re-implements the checks or the reshaping.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+from .validation import check_mor_conv2d, check_mor_linear, check_mor_lora, check_route
+
+
+def route(
+    logits: torch.Tensor, top_k: int, num_zero: int, renormalize: bool = True, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k routing over ``E`` routed ranks and ``Z`` zero slots (MOR_SPEC 2.1).
+
+    Args:
+        logits: ``(..., E + Z)`` router logits, any float dtype.
+        top_k: ``k``, slots per row, ``1 <= k <= E + Z``.
+        num_zero: ``Z``, zero slots at the end of each row, ``0 <= Z < E + Z``.
+        renormalize: renormalise the selected probabilities (zero slots included) to sum to 1.
+        backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"`` or ``"cpp"``.
+
+    Returns:
+        ``(idx, gate, probs)``: ``idx`` int32 ``(..., k)`` in ``[-1, E)`` with ``-1`` for zero
+        slots, in descending order of probability (ties to the lower slot); ``gate`` float32
+        ``(..., k)``; ``probs`` float32 ``(..., E + Z)``.
+    """
+    check_route(logits, top_k, num_zero, renormalize)
+    impl = dispatch.implementation("route", backend, logits.device)
+    return impl(logits, int(top_k), int(num_zero), renormalize)
+
+
+def _as_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``(B, *tokens, d)`` -> ``(B, T, d)`` (a view when the strides allow it)."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _routing(idx: torch.Tensor, gate: torch.Tensor, token_routing: bool, batch: int):
+    idx = idx.to(torch.int32)
+    if token_routing:
+        k = idx.shape[-1]
+        idx, gate = idx.reshape(batch, -1, k), gate.reshape(batch, -1, k)
+    return idx, gate
+
+
+def mor_lora(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    idx: torch.Tensor,
+    gate: torch.Tensor,
+    num_shared: int,
+    scaling: float,
+    *,
+    base: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """MoR low-rank path ``scaling * B (g * (A x))``, added to ``base`` when given.
+
+    Shapes: ``x (B, *tokens, d_in)`` (usually ``(B, T, d_in)``); ``lora_a (R, d_in)``;
+    ``lora_b (d_out, R)``; ``idx`` int32/int64 and ``gate`` float, ``(B, k)`` for sample routing or
+    ``(B, *tokens, k)`` for token routing, ``idx`` in ``[-1, R - num_shared)``; ``base``
+    ``(B, *tokens, d_out)``. Ranks ``0..num_shared-1`` are always on. Returns
+    ``(B, *tokens, d_out)`` in ``x.dtype``; ``base`` is never modified.
+    """
+    info = check_mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, base)
+    impl = dispatch.implementation("mor_lora", backend, x.device)
+    idx, gate = _routing(idx, gate, info.token_routing, info.batch)
+    out = impl(
+        _as_tokens(x), lora_a, lora_b, idx, gate, info.num_shared, float(scaling),
+        base=None if base is None else _as_tokens(base),
+    )
+    return out.reshape(*x.shape[:-1], info.d_out)
+
+
+def mor_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    idx: torch.Tensor,
+    gate: torch.Tensor,
+    num_shared: int,
+    scaling: float,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + mor_lora(x, ...)``, the base GEMM fused where the backend can.
+
+    Shapes: ``weight (d_out, d_in)``, ``bias (d_out,)`` or None; the rest as in :func:`mor_lora`.
+    Returns ``(B, *tokens, d_out)`` in ``x.dtype``.
+    """
+    info = check_mor_linear(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling)
+    impl = dispatch.implementation("mor_linear", backend, x.device)
+    idx, gate = _routing(idx, gate, info.token_routing, info.batch)
+    out = impl(_as_tokens(x), weight, bias, lora_a, lora_b, idx, gate, info.num_shared, float(scaling))
+    return out.reshape(*x.shape[:-1], info.d_out)
+
+
+def mor_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    idx: torch.Tensor,
+    gate: torch.Tensor,
+    num_shared: int,
+    scaling: float,
+    stride=1,
+    padding=0,
+    dilation=1,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """MoR convolution ``conv(x, W0) + b + scaling * B (g * conv(x, A))``, sample routing.
+
+    Shapes: ``x (B, C_in, H, W)`` (NCHW or channels_last), ``weight (C_out, C_in, kh, kw)``,
+    ``bias (C_out,)`` or None, ``lora_a (R, C_in, kh, kw)``, ``lora_b (C_out, R)``,
+    ``idx``/``gate (B, k)``. ``stride``/``padding``/``dilation``: int or pair, as ``F.conv2d``
+    (groups = 1). Returns ``(B, C_out, H_out, W_out)`` in ``x.dtype``.
+    """
+    _, s, p, d = check_mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation)
+    impl = dispatch.implementation("mor_conv2d", backend, x.device)
+    return impl(x, weight, bias, lora_a, lora_b, idx.to(torch.int32), gate, int(num_shared), float(scaling), s, p, d)

@@ -1,0 +1,1 @@
+"""``@triton.jit`` kernels and their private launchers, one file per op (imported lazily)."""
