@@ -48,7 +48,9 @@ def _nvcc_reported_home() -> str | None:
     try:
         out = subprocess.run(
             [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -99,8 +101,10 @@ def extension_modules():
     try:
         import torch  # noqa: F401
     except ImportError:
-        say("torch is not importable here (build isolation?): building without mor_kernels._C. "
-            "Install torch, then `pip install --no-build-isolation .` to build the extension.")
+        say(
+            "torch is not importable here (build isolation?): building without mor_kernels._C. "
+            "Install torch, then `pip install --no-build-isolation .` to build the extension."
+        )
         return [], {}
 
     import torch
@@ -131,13 +135,19 @@ def extension_modules():
             say(f"headers from the nvidia wheels: {includes}")
         nvcc = ["-O3", "-lineinfo", "-DMOR_WITH_CUDA"]
         ext = CUDAExtension(
-            "mor_kernels._C", sources + cu_sources, include_dirs=includes,
+            "mor_kernels._C",
+            sources + cu_sources,
+            include_dirs=includes,
             extra_compile_args={"cxx": cxx + ["-DMOR_WITH_CUDA"], "nvcc": nvcc},
         )
-        say(f"CUDA {torch.version.cuda} build for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}: "
-            f"{len(cu_sources)} CUDA source(s)")
-    say(f"mor_kernels._C from {len(ext.sources)} source(s): {', '.join(ext.sources)}"
-        f" (MAX_JOBS={os.environ.get('MAX_JOBS', 'ninja default')})")
+        say(
+            f"CUDA {torch.version.cuda} build for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}: "
+            f"{len(cu_sources)} CUDA source(s)"
+        )
+    say(
+        f"mor_kernels._C from {len(ext.sources)} source(s): {', '.join(ext.sources)}"
+        f" (MAX_JOBS={os.environ.get('MAX_JOBS', 'ninja default')})"
+    )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 

@@ -2,15 +2,16 @@
 
 Backends, fastest first for each device type:
 
-- ``"triton"``: fused Triton kernels (``mor_kernels.ops.triton``); CUDA tensors, or CPU tensors under
-  ``TRITON_INTERPRET=1`` (the interpreter is for testing, so ``"auto"`` never picks it on CPU);
-- ``"cuda"``: the compiled extension's CUDA kernels (``mor_kernels.ops.extension``);
+- ``"triton"``: fused Triton kernels (``mor_kernels.ops.triton_backend``); CUDA tensors, or CPU tensors
+  under ``TRITON_INTERPRET=1`` (the interpreter is for testing, so ``"auto"`` never picks it on CPU);
+- ``"cuda"``: the compiled extension's CUDA kernels (``mor_kernels.ops.extension_backend``);
 - ``"cpp"``: the compiled extension's CPU kernels (same module);
 - ``"reference"``: pure PyTorch (``mor_kernels.reference``), any device, always available.
 
 A backend module provides the ops it implements as functions with the canonical signatures (see
 ``mor_kernels.functional``) and may define ``unavailable_reason(op, device) -> str | None`` for
-checks that only it knows (kernels registered for this device, dtype support...).
+checks that only it knows: ``unavailable_reason(op, device, dtype) -> str | None`` (kernels
+registered for this device, dtype support...). ``dtype`` is the dtype of the op's main input.
 
 ``resolve`` returns a :class:`Choice` that lists every faster backend it skipped with the reason;
 ``explain`` renders that for a user. Nothing here touches the GPU at import time.
@@ -31,9 +32,9 @@ logger = logging.getLogger("mor_kernels")
 OPS = ("route", "mor_lora", "mor_linear", "mor_conv2d")
 BACKENDS = ("triton", "cuda", "cpp", "reference")
 _MODULES = {
-    "triton": "mor_kernels.ops.triton",
-    "cuda": "mor_kernels.ops.extension",
-    "cpp": "mor_kernels.ops.extension",
+    "triton": "mor_kernels.ops.triton_backend",
+    "cuda": "mor_kernels.ops.extension_backend",
+    "cpp": "mor_kernels.ops.extension_backend",
     "reference": "mor_kernels.reference",
 }
 #: the order ``"auto"`` tries, per device type; other device types get the reference.
@@ -48,11 +49,12 @@ class BackendUnavailableError(RuntimeError):
 class Choice:
     op: str
     device: str
+    dtype: torch.dtype
     backend: str
     skipped: tuple[tuple[str, str], ...]  # (faster backend, why it was not used)
 
     def explain(self) -> str:
-        lines = [f"mor_kernels.{self.op} on {self.device}: backend {self.backend!r}"]
+        lines = [f"mor_kernels.{self.op} on {self.device} ({self.dtype}): backend {self.backend!r}"]
         lines += [f"  not {name!r}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
 
@@ -72,8 +74,10 @@ def _module(backend: str):
         return None, f"{path} could not be imported: {err}"
 
 
-def unavailable_reason(backend: str, op: str, device: torch.device, *, auto: bool = False) -> str | None:
-    """Why ``backend`` cannot run ``op`` on ``device`` (None when it can)."""
+def unavailable_reason(
+    backend: str, op: str, device: torch.device, dtype: torch.dtype = torch.float32, *, auto: bool = False
+) -> str | None:
+    """Why ``backend`` cannot run ``op`` on ``device`` for inputs of ``dtype`` (None when it can)."""
     dev = device.type
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
@@ -96,34 +100,36 @@ def unavailable_reason(backend: str, op: str, device: torch.device, *, auto: boo
     if not hasattr(module, op):
         return f"{_MODULES[backend]} does not implement {op}"
     check = getattr(module, "unavailable_reason", None)
-    return check(op, device) if check is not None else None
+    return check(op, device, dtype) if check is not None else None
 
 
 _CACHE: dict[tuple, Choice] = {}
 
 
-def resolve(op: str, backend: str, device: torch.device) -> Choice:
+def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Choice:
     """Picks the backend for ``op`` on ``device``; raises if an explicit request cannot be met."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if not isinstance(backend, str) or backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
     device = torch.device(device)
-    key = (op, backend, device.type, _interpreting())
+    key = (op, backend, device.type, dtype, _interpreting())
     choice = _CACHE.get(key)
     if choice is not None:
         return choice
     if backend != "auto":
-        why = unavailable_reason(backend, op, device)
+        why = unavailable_reason(backend, op, device, dtype)
         if why is not None:
-            raise BackendUnavailableError(f"backend {backend!r} cannot run mor_kernels.{op} on {device.type}: {why}")
-        choice = Choice(op, device.type, backend, ())
+            raise BackendUnavailableError(
+                f"backend {backend!r} cannot run mor_kernels.{op} on {device.type} ({dtype}): {why}"
+            )
+        choice = Choice(op, device.type, dtype, backend, ())
     else:
         skipped = []
         for name in AUTO_ORDER.get(device.type, ("reference",)):
-            why = unavailable_reason(name, op, device, auto=True)
+            why = unavailable_reason(name, op, device, dtype, auto=True)
             if why is None:
-                choice = Choice(op, device.type, name, tuple(skipped))
+                choice = Choice(op, device.type, dtype, name, tuple(skipped))
                 break
             skipped.append((name, why))
         else:  # unreachable while the reference is always available; kept as a clear failure
@@ -134,21 +140,21 @@ def resolve(op: str, backend: str, device: torch.device) -> Choice:
     return choice
 
 
-def implementation(op: str, backend: str, device: torch.device):
+def implementation(op: str, backend: str, device: torch.device, dtype: torch.dtype = torch.float32):
     """The function that runs ``op`` (resolved as in :func:`resolve`)."""
-    choice = resolve(op, backend, device)
+    choice = resolve(op, backend, device, dtype)
     return getattr(importlib.import_module(_MODULES[choice.backend]), op)
 
 
-def explain(device="cpu", op: str = "mor_linear") -> str:
+def explain(device="cpu", op: str = "mor_linear", dtype: torch.dtype = torch.float32) -> str:
     """What ``backend="auto"`` runs for ``op`` on ``device`` and why not each faster backend."""
-    return resolve(op, "auto", torch.device(device)).explain()
+    return resolve(op, "auto", torch.device(device), dtype).explain()
 
 
-def available_backends(device="cpu", op: str = "mor_linear") -> list[str]:
-    """Backends that can run ``op`` on ``device`` when asked for explicitly."""
+def available_backends(device="cpu", op: str = "mor_linear", dtype: torch.dtype = torch.float32) -> list[str]:
+    """Backends that can run ``op`` on ``device`` for ``dtype`` inputs when asked for explicitly."""
     device = torch.device(device)
-    return [name for name in BACKENDS if unavailable_reason(name, op, device) is None]
+    return [name for name in BACKENDS if unavailable_reason(name, op, device, dtype) is None]
 
 
 def clear_cache() -> None:

@@ -36,7 +36,7 @@ def route(
         ``(..., k)``; ``probs`` float32 ``(..., E + Z)``.
     """
     check_route(logits, top_k, num_zero, renormalize)
-    impl = dispatch.implementation("route", backend, logits.device)
+    impl = dispatch.implementation("route", backend, logits.device, logits.dtype)
     return impl(logits, int(top_k), int(num_zero), renormalize)
 
 
@@ -74,10 +74,16 @@ def mor_lora(
     ``(B, *tokens, d_out)`` in ``x.dtype``; ``base`` is never modified.
     """
     info = check_mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, base)
-    impl = dispatch.implementation("mor_lora", backend, x.device)
+    impl = dispatch.implementation("mor_lora", backend, x.device, x.dtype)
     idx, gate = _routing(idx, gate, info.token_routing, info.batch)
     out = impl(
-        _as_tokens(x), lora_a, lora_b, idx, gate, info.num_shared, float(scaling),
+        _as_tokens(x),
+        lora_a,
+        lora_b,
+        idx,
+        gate,
+        info.num_shared,
+        float(scaling),
         base=None if base is None else _as_tokens(base),
     )
     return out.reshape(*x.shape[:-1], info.d_out)
@@ -102,7 +108,7 @@ def mor_linear(
     Returns ``(B, *tokens, d_out)`` in ``x.dtype``.
     """
     info = check_mor_linear(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling)
-    impl = dispatch.implementation("mor_linear", backend, x.device)
+    impl = dispatch.implementation("mor_linear", backend, x.device, x.dtype)
     idx, gate = _routing(idx, gate, info.token_routing, info.batch)
     out = impl(_as_tokens(x), weight, bias, lora_a, lora_b, idx, gate, info.num_shared, float(scaling))
     return out.reshape(*x.shape[:-1], info.d_out)
@@ -131,6 +137,8 @@ def mor_conv2d(
     ``idx``/``gate (B, k)``. ``stride``/``padding``/``dilation``: int or pair, as ``F.conv2d``
     (groups = 1). Returns ``(B, C_out, H_out, W_out)`` in ``x.dtype``.
     """
-    _, s, p, d = check_mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation)
-    impl = dispatch.implementation("mor_conv2d", backend, x.device)
+    _, s, p, d = check_mor_conv2d(
+        x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation
+    )
+    impl = dispatch.implementation("mor_conv2d", backend, x.device, x.dtype)
     return impl(x, weight, bias, lora_a, lora_b, idx.to(torch.int32), gate, int(num_shared), float(scaling), s, p, d)

@@ -79,7 +79,9 @@ def assert_parity(out: torch.Tensor, ref: torch.Tensor, *, dtype=None, lowp=None
     if p.worst_excess > 0:
         atol, rtol = TOLERANCES[p.dtype]
         err = (out.detach().double().cpu() - ref.detach().double().cpu()).abs()
-        where = tuple(torch.nonzero(err - (atol + rtol * ref.detach().double().cpu().abs()) == p.worst_excess)[0].tolist())
+        where = tuple(
+            torch.nonzero(err - (atol + rtol * ref.detach().double().cpu().abs()) == p.worst_excess)[0].tolist()
+        )
         raise AssertionError(
             f"{name} ({p.dtype}): |out - ref| exceeds atol={atol} + rtol={rtol}*|ref| by {p.worst_excess:.3g} at "
             f"{where} (out={out.detach()[where].item():.6g}, ref={ref.detach()[where].item():.6g}); max error {p.max_err:.3g}"
@@ -140,8 +142,16 @@ class MoRCase:
             return t.requires_grad_(requires_grad)
 
         return MoRCase(
-            cast(self.x), cast(self.weight), cast(self.bias), cast(self.lora_a), cast(self.lora_b),
-            self.idx.to(device), cast(self.gate, keep_dtype=True), self.num_shared, self.scaling, dict(self.conv),
+            cast(self.x),
+            cast(self.weight),
+            cast(self.bias),
+            cast(self.lora_a),
+            cast(self.lora_b),
+            self.idx.to(device),
+            cast(self.gate, keep_dtype=True),
+            self.num_shared,
+            self.scaling,
+            dict(self.conv),
         )
 
 
@@ -197,6 +207,14 @@ def random_case(
         logits.view(-1, num_routed + num_zero)[0, num_routed:] += 20.0
     idx, gate, _ = reference_route(logits, top_k, num_zero, True)
     return MoRCase(
-        x.to(device), weight.to(device), None if b is None else b.to(device), lora_a.to(device), lora_b.to(device),
-        idx.to(device), gate.to(device), num_shared, scaling, dict(conv or {}),
+        x.to(device),
+        weight.to(device),
+        None if b is None else b.to(device),
+        lora_a.to(device),
+        lora_b.to(device),
+        idx.to(device),
+        gate.to(device),
+        num_shared,
+        scaling,
+        dict(conv or {}),
     )

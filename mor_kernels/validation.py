@@ -171,7 +171,9 @@ def check_mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, base=None)
         raise ValueError(f"lora_a must have at least one rank, got shape {_shape(lora_a)}")
     d_out = lora_b.shape[0]
     if lora_b.shape[1] != ranks:
-        raise ValueError(f"lora_b must have shape (d_out, {ranks}) to match lora_a {_shape(lora_a)}, got {_shape(lora_b)}")
+        raise ValueError(
+            f"lora_b must have shape (d_out, {ranks}) to match lora_a {_shape(lora_a)}, got {_shape(lora_b)}"
+        )
     num_shared = check_int("num_shared", num_shared, low=0, high=ranks)
     _check_scaling(scaling)
     k, token = _check_routing(x, idx, gate, allow_token=True, ranks=ranks, num_shared=num_shared)
