@@ -1,0 +1,69 @@
+"""Backend selection: what "auto" picks, and the reasons it gives for not picking a faster backend."""
+
+import pytest
+import torch
+
+import mor_kernels
+from mor_kernels import dispatch
+from mor_kernels.testing import random_case
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(monkeypatch):
+    dispatch.clear_cache()
+    yield
+    dispatch.clear_cache()
+
+
+def test_auto_on_cpu_runs_an_available_backend_and_explains_the_rest():
+    choice = dispatch.resolve("mor_linear", "auto", torch.device("cpu"))
+    assert choice.backend in ("cpp", "reference")
+    text = mor_kernels.explain_backend("cpu")
+    assert f"backend {choice.backend!r}" in text
+    skipped = dict(choice.skipped)
+    assert "triton" in skipped  # never auto on CPU: either no interpreter or "for testing"
+    if choice.backend == "reference":
+        assert "cpp" in skipped and skipped["cpp"]
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    why = dispatch.unavailable_reason("triton", "route", torch.device("cpu"))
+    assert why is not None and "TRITON_INTERPRET" in why
+    with pytest.raises(dispatch.BackendUnavailableError, match="TRITON_INTERPRET"):
+        mor_kernels.route(torch.zeros(2, 4), 1, 1, backend="triton")
+
+
+def test_cuda_backend_on_cpu_tensors_says_why():
+    with pytest.raises(dispatch.BackendUnavailableError, match="backend 'cuda' cannot run.*CUDA tensors"):
+        mor_kernels.route(torch.zeros(2, 4), 1, 1, backend="cuda")
+
+
+def test_reference_is_always_available_and_auto_falls_back_for_other_devices():
+    assert "reference" in mor_kernels.available_backends("cpu")
+    assert dispatch.resolve("route", "auto", torch.device("meta")).backend == "reference"
+
+
+def test_unknown_op_and_backend_are_rejected():
+    with pytest.raises(ValueError, match="op must be one of"):
+        dispatch.resolve("mor_gemm", "auto", torch.device("cpu"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dispatch.resolve("route", "cudnn", torch.device("cpu"))
+
+
+def test_auto_gives_the_reference_result_on_cpu():
+    case = random_case(seed=11)
+    args = (
+        case.x,
+        case.weight,
+        case.bias,
+        case.lora_a,
+        case.lora_b,
+        case.idx,
+        case.gate,
+        case.num_shared,
+        case.scaling,
+    )
+    ref = mor_kernels.mor_linear(*args, backend="reference")
+    auto = mor_kernels.mor_linear(*args)
+    torch.testing.assert_close(auto, ref, rtol=1e-5, atol=1e-5)
