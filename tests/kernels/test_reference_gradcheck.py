@@ -37,9 +37,10 @@ def test_gradcheck_mor_conv2d():
         random_case(batch=2, d_in=2, d_out=3, num_routed=3, kernel_size=3, height=4, width=5),
         ["x", "weight", "bias", "lora_a", "lora_b", "gate"],
     )
-    fn = lambda x, w, bias, a, b, g: reference.mor_conv2d(
-        x, w, bias, a, b, case.idx, g, case.num_shared, case.scaling, 2, 1, 1
-    )  # noqa: E731
+
+    def fn(x, w, bias, a, b, g):
+        return reference.mor_conv2d(x, w, bias, a, b, case.idx, g, case.num_shared, case.scaling, 2, 1, 1)
+
     assert torch.autograd.gradcheck(fn, leaves)
 
 
