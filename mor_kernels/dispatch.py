@@ -140,10 +140,22 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype = to
     return choice
 
 
+_LOADED: dict[str, object] = {}  # backend name -> its module, filled by _backend_name
+
+
+@torch.compiler.assume_constant_result
+def _backend_name(op: str, backend: str, device_type: str, dtype: torch.dtype) -> str:
+    """The resolved backend name; a constant for torch.compile, which runs this once while tracing
+    instead of tracing the import machinery."""
+    name = resolve(op, backend, torch.device(device_type), dtype).backend
+    if name not in _LOADED:
+        _LOADED[name] = importlib.import_module(_MODULES[name])
+    return name
+
+
 def implementation(op: str, backend: str, device: torch.device, dtype: torch.dtype = torch.float32):
     """The function that runs ``op`` (resolved as in :func:`resolve`)."""
-    choice = resolve(op, backend, device, dtype)
-    return getattr(importlib.import_module(_MODULES[choice.backend]), op)
+    return getattr(_LOADED[_backend_name(op, backend, device.type, dtype)], op)
 
 
 def explain(device="cpu", op: str = "mor_linear", dtype: torch.dtype = torch.float32) -> str:
