@@ -1,0 +1,448 @@
+"""Triton kernels for the fused MoR linear / LoRA path (MOR_SPEC 2.2), forward and backward.
+
+Ranks are handled as a "rank list" of ``RP`` positions (a constexpr multiple of 16, as ``tl.dot``
+needs), computed in registers from the compact ``(idx, gate)`` pairs:
+
+- sample routing: position ``p < S`` is shared rank ``p``; position ``S + j`` is the rank picked by
+  slot ``j`` (``S + idx[b, j]``), inactive for a zero slot (any index outside ``[0, E)``); the rest
+  is padding. Only active ranks of ``lora_a``/``lora_b`` are loaded (a Punica/S-LoRA-style segment per
+  sample); ``RP = pad16(S + k)``.
+- token routing: position ``p`` is rank ``p`` (``RP = pad16(R)``), a dense tile over all ranks with the
+  per-token gates expanded in registers from ``(idx, gate)``.
+
+Forward (after LoRAFusion / vLLM shrink-expand): ``_shrink_kernel`` writes the rank activations
+``u = x A^T`` and ``h = scaling * g * u`` (float32, ``(B, T, RP)``); ``_expand_kernel`` starts its
+accumulator from ``h B^T`` and continues with the base GEMM ``x W^T``, adds bias and/or ``base`` and
+writes ``y`` once. Backward: ``_bwd_dh_kernel`` reads ``dy`` once for ``dh = dy B`` and produces
+``du = g * dh``, ``h`` and the gate gradient; ``_bwd_dx_kernel`` computes ``du A`` (+ ``dy W``);
+``_rank_grad_kernel`` reduces ``L^T R`` over tokens into per-(sample, token chunk) float32 partials
+(for ``dA = du^T x`` and ``dB^T = h^T dy``) that the launcher sums in a fixed order: no atomics, so
+results are bitwise repeatable.
+
+All offsets are int64; every ``tl.dot`` accumulates in float32 with ``input_precision="ieee"`` (no
+TF32 for float32 inputs, so float32 results meet the float32 tolerance).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 32  # tokens per program
+BLOCK_N = 64  # output features per program
+BLOCK_K = 32  # reduction step
+TOKEN_CHUNK = 512  # tokens per partial sum in the dA/dB reductions
+
+
+def rank_pad(n: int) -> int:
+    """Ranks padded to the multiple of 16 that ``tl.dot`` needs."""
+    return max(16, triton.cdiv(n, 16) * 16)
+
+
+def padded_ranks(ranks: int, num_shared: int, top_k: int, token_routing: bool) -> int:
+    return rank_pad(ranks if token_routing else num_shared + top_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared @triton.jit helpers
+
+
+@triton.jit
+def _rank_list(
+    idx_ptr,
+    stride_ib,
+    pid_b,
+    num_shared,
+    num_routed,
+    TOP_K: tl.constexpr,
+    RP: tl.constexpr,
+    TOKEN_ROUTING: tl.constexpr,
+):
+    """``(rank, active)`` per position ``p < RP``: the rank of ``lora_a``/``lora_b`` that position
+    ``p`` holds (int64, 0 where inactive) and whether it is live."""
+    p = tl.arange(0, RP)
+    if TOKEN_ROUTING:
+        rank = p
+        active = p < num_shared + num_routed
+    else:
+        slot = p - num_shared
+        is_slot = (p >= num_shared) & (slot < TOP_K)
+        sel = tl.load(idx_ptr + pid_b * stride_ib + tl.where(is_slot, slot, 0), mask=is_slot, other=-1)
+        active = (p < num_shared) | (is_slot & (sel >= 0) & (sel < num_routed))
+        rank = tl.where(p < num_shared, p, num_shared + sel)
+        rank = tl.where(active, rank, 0)
+    return rank.to(tl.int64), active
+
+
+@triton.jit
+def _gates(
+    idx_ptr,
+    gate_ptr,
+    stride_ib,
+    stride_it,
+    pid_b,
+    offs_m,
+    mask_m,
+    num_shared,
+    num_routed,
+    scaling,
+    TOP_K: tl.constexpr,
+    RP: tl.constexpr,
+    TOKEN_ROUTING: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """``scaling * g`` as a ``(BLOCK_M, RP)`` float32 tile (the same row for every token under sample
+    routing). A rank picked by two slots gets the sum of both gates; zero slots contribute nothing."""
+    p = tl.arange(0, RP)
+    if TOKEN_ROUTING:
+        g = tl.zeros((BLOCK_M, RP), dtype=tl.float32) + tl.where(p < num_shared, 1.0, 0.0)[None, :]
+        base = pid_b * stride_ib + offs_m * stride_it
+        for j in range(TOP_K):
+            sel = tl.load(idx_ptr + base + j, mask=mask_m, other=-1)
+            w = tl.load(gate_ptr + base + j, mask=mask_m, other=0.0).to(tl.float32)
+            ok = (sel >= 0) & (sel < num_routed)
+            hit = (p[None, :] == (num_shared + sel)[:, None]) & ok[:, None]
+            g += tl.where(hit, w[:, None], 0.0)
+    else:
+        slot = p - num_shared
+        is_slot = (p >= num_shared) & (slot < TOP_K)
+        sel = tl.load(idx_ptr + pid_b * stride_ib + tl.where(is_slot, slot, 0), mask=is_slot, other=-1)
+        w = tl.load(gate_ptr + pid_b * stride_ib + tl.where(is_slot, slot, 0), mask=is_slot, other=0.0)
+        ok = is_slot & (sel >= 0) & (sel < num_routed)
+        row = tl.where(p < num_shared, 1.0, tl.where(ok, w.to(tl.float32), 0.0))
+        g = tl.zeros((BLOCK_M, RP), dtype=tl.float32) + row[None, :]
+    return g * scaling
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, idx_ptr, gate_ptr, h_ptr, u_ptr,
+    T, d_in, num_shared, num_routed, scaling,
+    stride_xb, stride_xt, stride_xk, stride_ar, stride_ak, stride_ib, stride_it,
+    TOP_K: tl.constexpr, RP: tl.constexpr, TOKEN_ROUTING: tl.constexpr, STORE_U: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """x ``(B, T, d_in)``, lora_a ``(R, d_in)`` -> h, u ``(B, T, RP)`` float32. Grid ``(cdiv(T, BLOCK_M), B)``."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    mask_m = offs_m < T
+    p = tl.arange(0, RP)
+    rank, active = _rank_list(idx_ptr, stride_ib, pid_b, num_shared, num_routed, TOP_K, RP, TOKEN_ROUTING)
+    acc = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
+    x_row = x_ptr + pid_b * stride_xb + offs_m[:, None] * stride_xt
+    for k0 in range(0, d_in, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < d_in
+        xt = tl.load(x_row + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        at = tl.load(
+            a_ptr + rank[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+            mask=mask_k[:, None] & active[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(xt, at, acc, input_precision="ieee")
+    g = _gates(idx_ptr, gate_ptr, stride_ib, stride_it, pid_b, offs_m, mask_m, num_shared, num_routed, scaling,
+               TOP_K, RP, TOKEN_ROUTING, BLOCK_M)  # fmt: skip
+    out = (pid_b * T + offs_m[:, None]) * RP + p[None, :]
+    tl.store(h_ptr + out, acc * g, mask=mask_m[:, None])
+    if STORE_U:
+        tl.store(u_ptr + out, acc, mask=mask_m[:, None])
+
+
+@triton.jit
+def _expand_kernel(
+    x_ptr, w_ptr, bias_ptr, b_ptr, h_ptr, idx_ptr, base_ptr, y_ptr,
+    T, d_in, d_out, num_shared, num_routed,
+    stride_xb, stride_xt, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_ib,
+    stride_sb, stride_st, stride_sn, stride_yb, stride_yt, stride_yn,
+    TOP_K: tl.constexpr, RP: tl.constexpr, TOKEN_ROUTING: tl.constexpr, HAS_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """y ``(B, T, d_out)`` = h B^T (+ x W^T) (+ bias) (+ base). Grid ``(cdiv(T, BLOCK_M), cdiv(d_out, BLOCK_N), B)``."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    mask_m = offs_m < T
+    mask_n = offs_n < d_out
+    p = tl.arange(0, RP)
+    rank, active = _rank_list(idx_ptr, stride_ib, pid_b, num_shared, num_routed, TOP_K, RP, TOKEN_ROUTING)
+    h = tl.load(h_ptr + (pid_b * T + offs_m[:, None]) * RP + p[None, :], mask=mask_m[:, None], other=0.0)
+    bt = tl.load(
+        b_ptr + offs_n[None, :] * stride_bn + rank[:, None] * stride_br,
+        mask=active[:, None] & mask_n[None, :],
+        other=0.0,
+    )
+    # The accumulator starts from the low-rank term, then the base GEMM runs on top of it.
+    acc = tl.dot(h.to(bt.dtype), bt, input_precision="ieee")
+    if HAS_W:
+        x_row = x_ptr + pid_b * stride_xb + offs_m[:, None] * stride_xt
+        for k0 in range(0, d_in, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            mask_k = offs_k < d_in
+            xt = tl.load(x_row + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            wt = tl.load(
+                w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(xt, wt, acc, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_BASE:
+        base = tl.load(
+            base_ptr + pid_b * stride_sb + offs_m[:, None] * stride_st + offs_n[None, :] * stride_sn,
+            mask=mask,
+            other=0.0,
+        )
+        acc += base.to(tl.float32)
+    y_ptrs = y_ptr + pid_b * stride_yb + offs_m[:, None] * stride_yt + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _bwd_dh_kernel(
+    dy_ptr, b_ptr, u_ptr, idx_ptr, gate_ptr, du_ptr, h_ptr, dgate_ptr,
+    T, d_out, num_shared, num_routed, scaling,
+    stride_yb, stride_yt, stride_yn, stride_bn, stride_br, stride_ib, stride_it,
+    TOP_K: tl.constexpr, RP: tl.constexpr, TOKEN_ROUTING: tl.constexpr, STORE_H: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dh = dy B over the rank list; writes du = scaling g dh, h = scaling g u (B, T, RP) and the gate
+    gradient: token routing ``(B, T, k)``; sample routing per-block partials ``(B, cdiv(T, BLOCK_M), RP)``.
+    Grid ``(cdiv(T, BLOCK_M), B)``."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    mask_m = offs_m < T
+    p = tl.arange(0, RP)
+    rank, active = _rank_list(idx_ptr, stride_ib, pid_b, num_shared, num_routed, TOP_K, RP, TOKEN_ROUTING)
+    dh = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
+    dy_row = dy_ptr + pid_b * stride_yb + offs_m[:, None] * stride_yt
+    for n0 in range(0, d_out, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        mask_n = offs_n < d_out
+        dyt = tl.load(dy_row + offs_n[None, :] * stride_yn, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        bt = tl.load(
+            b_ptr + offs_n[:, None] * stride_bn + rank[None, :] * stride_br,
+            mask=mask_n[:, None] & active[None, :],
+            other=0.0,
+        )
+        dh = tl.dot(dyt, bt, dh, input_precision="ieee")
+    out = (pid_b * T + offs_m[:, None]) * RP + p[None, :]
+    u = tl.load(u_ptr + out, mask=mask_m[:, None], other=0.0)
+    g = _gates(idx_ptr, gate_ptr, stride_ib, stride_it, pid_b, offs_m, mask_m, num_shared, num_routed, scaling,
+               TOP_K, RP, TOKEN_ROUTING, BLOCK_M)  # fmt: skip
+    tl.store(du_ptr + out, dh * g, mask=mask_m[:, None])
+    if STORE_H:
+        tl.store(h_ptr + out, u * g, mask=mask_m[:, None])
+    c = dh * u * scaling  # d(loss)/d(gate of rank p), per token
+    if TOKEN_ROUTING:
+        base = pid_b * stride_ib + offs_m * stride_it
+        for j in range(TOP_K):
+            sel = tl.load(idx_ptr + base + j, mask=mask_m, other=-1)
+            ok = (sel >= 0) & (sel < num_routed)
+            dg = tl.sum(tl.where(p[None, :] == (num_shared + sel)[:, None], c, 0.0), axis=1)
+            tl.store(dgate_ptr + (pid_b * T + offs_m) * TOP_K + j, tl.where(ok, dg, 0.0), mask=mask_m)
+    else:
+        n_blocks = tl.cdiv(T, BLOCK_M)
+        tl.store(dgate_ptr + (pid_b * n_blocks + pid_m) * RP + p, tl.sum(c, axis=0))
+
+
+@triton.jit
+def _bwd_dx_kernel(
+    du_ptr, a_ptr, idx_ptr, dy_ptr, w_ptr, dx_ptr,
+    T, d_in, d_out, num_shared, num_routed,
+    stride_ar, stride_ak, stride_ib, stride_yb, stride_yt, stride_yn, stride_wn, stride_wk,
+    TOP_K: tl.constexpr, RP: tl.constexpr, TOKEN_ROUTING: tl.constexpr, HAS_W: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dx ``(B, T, d_in)`` (contiguous) = du A (+ dy W). Grid ``(cdiv(T, BLOCK_M), cdiv(d_in, BLOCK_K), B)``."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_m = offs_m < T
+    mask_k = offs_k < d_in
+    p = tl.arange(0, RP)
+    rank, active = _rank_list(idx_ptr, stride_ib, pid_b, num_shared, num_routed, TOP_K, RP, TOKEN_ROUTING)
+    du = tl.load(du_ptr + (pid_b * T + offs_m[:, None]) * RP + p[None, :], mask=mask_m[:, None], other=0.0)
+    at = tl.load(
+        a_ptr + rank[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+        mask=active[:, None] & mask_k[None, :],
+        other=0.0,
+    )
+    acc = tl.dot(du.to(at.dtype), at, input_precision="ieee")
+    if HAS_W:
+        dy_row = dy_ptr + pid_b * stride_yb + offs_m[:, None] * stride_yt
+        for n0 in range(0, d_out, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            mask_n = offs_n < d_out
+            dyt = tl.load(dy_row + offs_n[None, :] * stride_yn, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            wt = tl.load(
+                w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                mask=mask_n[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(dyt, wt, acc, input_precision="ieee")
+    dx_ptrs = dx_ptr + (pid_b * T + offs_m[:, None]) * d_in + offs_k[None, :]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _rank_grad_kernel(
+    l_ptr, r_ptr, out_ptr,
+    T, N, n_chunks, stride_rb, stride_rt, stride_rn,
+    RP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """out[b, c] ``(RP, N)`` f32 = sum over tokens t of chunk c of ``L[b, t]^T R[b, t]``; L ``(B, T, RP)`` f32
+    contiguous, R ``(B, T, N)``. Grid ``(cdiv(N, BLOCK_N), n_chunks, B)``."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    mask_n = offs_n < N
+    p = tl.arange(0, RP)
+    acc = tl.zeros((RP, BLOCK_N), dtype=tl.float32)
+    for m0 in range(0, CHUNK, BLOCK_M):
+        offs_m = pid_c * CHUNK + m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask_m = offs_m < T
+        lt = tl.load(l_ptr + (pid_b * T + offs_m[None, :]) * RP + p[:, None], mask=mask_m[None, :], other=0.0)
+        rt = tl.load(
+            r_ptr + pid_b * stride_rb + offs_m[:, None] * stride_rt + offs_n[None, :] * stride_rn,
+            mask=mask_m[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(lt.to(rt.dtype), rt, acc, input_precision="ieee")
+    out = ((pid_b * n_chunks + pid_c) * RP + p[:, None]) * N + offs_n[None, :]
+    tl.store(out_ptr + out, acc, mask=mask_n[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers: check, allocate, launch
+
+
+def _routing_strides(idx: torch.Tensor) -> tuple[int, int, bool]:
+    """(stride_ib, stride_it, token_routing) for a contiguous idx ``(B, k)`` or ``(B, T, k)``."""
+    if idx.dim() == 2:
+        return idx.shape[1], 0, False
+    return idx.shape[1] * idx.shape[2], idx.shape[2], True
+
+
+def shrink(x, lora_a, idx, gate, num_shared: int, scaling: float, store_u: bool):
+    """x ``(B, T, d_in)`` -> ``h, u`` float32 ``(B, T, RP)`` (``u`` empty unless ``store_u``)."""
+    assert idx.is_contiguous() and gate.is_contiguous() and idx.dtype == torch.int32
+    batch, tokens, d_in = x.shape
+    ranks = lora_a.shape[0]
+    stride_ib, stride_it, token = _routing_strides(idx)
+    rp = padded_ranks(ranks, num_shared, idx.shape[-1], token)
+    h = torch.empty((batch, tokens, rp), dtype=torch.float32, device=x.device)
+    u = torch.empty((batch, tokens, rp) if store_u else (0,), dtype=torch.float32, device=x.device)
+    if h.numel() == 0:
+        return h, u
+    grid = (triton.cdiv(tokens, BLOCK_M), batch)
+    _shrink_kernel[grid](
+        x, lora_a, idx, gate, h, u if store_u else h,
+        tokens, d_in, num_shared, ranks - num_shared, scaling,
+        *x.stride(), *lora_a.stride(), stride_ib, stride_it,
+        TOP_K=idx.shape[-1], RP=rp, TOKEN_ROUTING=token, STORE_U=store_u, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+    )  # fmt: skip
+    return h, u
+
+
+def expand(x, weight, bias, lora_b, h, idx, base, num_shared: int):
+    """y ``(B, T, d_out)`` in ``x.dtype`` = h B^T (+ x W^T + bias) (+ base)."""
+    batch, tokens, d_in = x.shape
+    d_out, ranks = lora_b.shape
+    stride_ib, _, token = _routing_strides(idx)
+    y = torch.empty((batch, tokens, d_out), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    w = weight if weight is not None else lora_b
+    s = base.stride() if base is not None else (0, 0, 0)
+    grid = (triton.cdiv(tokens, BLOCK_M), triton.cdiv(d_out, BLOCK_N), batch)
+    _expand_kernel[grid](
+        x, w, bias if bias is not None else y, lora_b, h, idx, base if base is not None else y, y,
+        tokens, d_in, d_out, num_shared, ranks - num_shared,
+        *x.stride(), w.stride(0), w.stride(1), *lora_b.stride(), stride_ib, *s, *y.stride(),
+        TOP_K=idx.shape[-1], RP=h.shape[-1], TOKEN_ROUTING=token, HAS_W=weight is not None,
+        HAS_BIAS=bias is not None, HAS_BASE=base is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+    )  # fmt: skip
+    return y
+
+
+def backward_dh(dy, lora_b, u, idx, gate, num_shared: int, scaling: float, store_h: bool):
+    """-> ``du``, ``h`` (empty unless ``store_h``) float32 ``(B, T, RP)`` and the gate gradient float32
+    (``(B, T, k)`` for token routing; ``(B, cdiv(T, BLOCK_M), RP)`` partials for sample routing)."""
+    batch, tokens, d_out = dy.shape
+    ranks = lora_b.shape[1]
+    rp = u.shape[-1]
+    stride_ib, stride_it, token = _routing_strides(idx)
+    du = torch.empty_like(u)
+    h = torch.empty_like(u) if store_h else u.new_empty((0,))
+    n_blocks = triton.cdiv(tokens, BLOCK_M)
+    shape = (batch, tokens, idx.shape[-1]) if token else (batch, n_blocks, rp)
+    dgate = torch.empty(shape, dtype=torch.float32, device=dy.device)
+    if u.numel() == 0:
+        return du, h, dgate.zero_()
+    _bwd_dh_kernel[(n_blocks, batch)](
+        dy, lora_b, u, idx, gate, du, h if store_h else du, dgate,
+        tokens, d_out, num_shared, ranks - num_shared, scaling,
+        *dy.stride(), *lora_b.stride(), stride_ib, stride_it,
+        TOP_K=idx.shape[-1], RP=rp, TOKEN_ROUTING=token, STORE_H=store_h, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+    return du, h, dgate
+
+
+def backward_dx(du, lora_a, idx, num_shared: int, dy, weight, dtype: torch.dtype):
+    """dx ``(B, T, d_in)`` contiguous in ``dtype`` = du A (+ dy W when ``weight`` is given)."""
+    batch, tokens, rp = du.shape
+    ranks, d_in = lora_a.shape
+    stride_ib, _, token = _routing_strides(idx)
+    dx = torch.empty((batch, tokens, d_in), dtype=dtype, device=du.device)
+    if dx.numel() == 0:
+        return dx
+    has_w = weight is not None
+    d_out = weight.shape[0] if has_w else 0
+    ys = dy.stride() if has_w else (0, 0, 0)
+    ws = weight.stride() if has_w else (0, 0)
+    grid = (triton.cdiv(tokens, BLOCK_M), triton.cdiv(d_in, BLOCK_N), batch)
+    _bwd_dx_kernel[grid](
+        du, lora_a, idx, dy if has_w else du, weight if has_w else lora_a, dx,
+        tokens, d_in, d_out, num_shared, ranks - num_shared,
+        *lora_a.stride(), stride_ib, *ys, *ws,
+        TOP_K=idx.shape[-1], RP=rp, TOKEN_ROUTING=token, HAS_W=has_w,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_K, BLOCK_K=BLOCK_N,
+    )  # fmt: skip
+    return dx
+
+
+def rank_grad_partials(lhs, rhs):
+    """Partials ``(B, n_chunks, RP, N)`` float32 of ``lhs^T rhs`` per sample and token chunk;
+    lhs ``(B, T, RP)`` float32 contiguous, rhs ``(B, T, N)`` any strides."""
+    batch, tokens, rp = lhs.shape
+    n = rhs.shape[-1]
+    chunk = min(TOKEN_CHUNK, triton.cdiv(max(tokens, 1), BLOCK_M) * BLOCK_M)
+    n_chunks = triton.cdiv(tokens, chunk)
+    out = torch.empty((batch, n_chunks, rp, n), dtype=torch.float32, device=lhs.device)
+    if out.numel() == 0:
+        return out
+    grid = (triton.cdiv(n, BLOCK_N), n_chunks, batch)
+    _rank_grad_kernel[grid](
+        lhs, rhs, out, tokens, n, n_chunks, *rhs.stride(),
+        RP=rp, CHUNK=chunk, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,26 @@
+"""``backend="triton"``: the fused Triton kernels behind the canonical backend signatures.
+
+``route`` (``mor::triton_route``), ``mor_lora``/``mor_linear`` (``mor::triton_lora_*``) and
+``mor_conv2d`` (cuDNN/torch conv + ``mor::triton_conv_up``), each a ``torch.library`` custom op with
+a fake implementation and an autograd.Function. Runs on CUDA tensors, or on CPU tensors under
+``TRITON_INTERPRET=1`` (for tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .triton_mor_conv2d import mor_conv2d
+from .triton_mor_lora import mor_linear, mor_lora
+from .triton_route import route
+
+__all__ = ["mor_conv2d", "mor_linear", "mor_lora", "route", "unavailable_reason"]
+
+_DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def unavailable_reason(op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the Triton kernels cannot run ``op`` for ``dtype`` inputs (None when they can)."""
+    if op != "route" and dtype not in _DOT_DTYPES:
+        return f"the Triton kernels support float32, float16 and bfloat16 inputs (tl.dot), not {dtype}"
+    return None

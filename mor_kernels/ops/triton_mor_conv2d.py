@@ -1,0 +1,99 @@
+"""``mor_conv2d`` on Triton, fused around torch's (cuDNN's) convolution.
+
+Forward: one ``F.conv2d`` with the weight ``[W0; A]`` (ranks as extra output channels), then the
+``mor::triton_conv_up`` pass (gates + 1x1 up-projection + add + bias, ``y`` written once).
+Backward: the rank-space gradients reuse the linear kernels with pixels as tokens
+(``mor::triton_lora_bwd_dh`` for ``dh``/``du``/``dgate``, ``mor::triton_lora_rank_grad`` for ``dB``);
+the convolution's own gradients come from ``torch.nn.grad`` on the same concatenated weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from ..kernels.mor_conv2d import conv_up
+from .triton_mor_lora import _active_ranks, triton_lora_bwd_dh, triton_lora_rank_grad
+
+
+@torch.library.custom_op("mor::triton_conv_up", mutates_args=())
+def triton_conv_up(
+    z: torch.Tensor,
+    lora_b: torch.Tensor,
+    bias: torch.Tensor | None,
+    idx: torch.Tensor,
+    gate: torch.Tensor,
+    num_shared: int,
+    scaling: float,
+    store_u: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """z ``(B, C_out + R, H, W)`` -> ``y (B, C_out, H, W)`` and ``u`` float32 ``(B, H*W, RP)`` (or ``(0,)``)."""
+    return conv_up(z, lora_b, bias, idx.contiguous(), gate.contiguous(), num_shared, scaling, store_u)
+
+
+@triton_conv_up.register_fake
+def _(z, lora_b, bias, idx, gate, num_shared, scaling, store_u):
+    from ..kernels.mor_lora import padded_ranks
+
+    batch, _, height, width = z.shape
+    c_out, ranks = lora_b.shape
+    rp = padded_ranks(ranks, num_shared, idx.shape[1], False)
+    u_shape = (batch, height * width, rp) if store_u else (0,)
+    return z.new_empty((batch, c_out, height, width)), z.new_empty(u_shape, dtype=torch.float32)
+
+
+class _MoRConv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, conv, store_u):
+        z = F.conv2d(x, torch.cat([weight, lora_a], 0), None, *conv)
+        y, u = triton_conv_up(z, lora_b, bias, idx, gate, num_shared, scaling, store_u)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, idx, gate, u)
+        ctx.num_shared, ctx.scaling, ctx.conv = num_shared, scaling, conv
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_a, lora_b, idx, gate, u = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b, _, need_gate = ctx.needs_input_grad[:7]
+        s, ranks, conv = ctx.num_shared, lora_a.shape[0], ctx.conv
+        batch, c_out, height, width = dy.shape
+        dx = dw = dbias = da = db = dgate = None
+        dz_rank = None
+        if need_x or need_a or need_b or need_gate:
+            dy_tokens = dy.reshape(batch, c_out, height * width).transpose(1, 2)  # (B, P, C_out)
+            du, h, dg = triton_lora_bwd_dh(dy_tokens, lora_b, u, idx, gate, s, ctx.scaling, need_b)
+            if need_b:
+                db = triton_lora_rank_grad(h, dy_tokens, idx, s, ranks).t().to(lora_b.dtype)
+            if need_gate:
+                dgate = dg.to(gate.dtype)
+            if need_x or need_a:  # du over the rank list -> the gradient of the rank channels of z
+                onehot = torch.zeros(batch, du.shape[2], ranks + 1, dtype=du.dtype, device=du.device)
+                onehot.scatter_(2, _active_ranks(idx, s, ranks, du.shape[2])[..., None], 1.0)
+                dz_rank = torch.einsum("btp,bpr->brt", du, onehot[..., :ranks])
+                dz_rank = dz_rank.reshape(batch, ranks, height, width).to(x.dtype)
+        if need_x:
+            dz = torch.cat([dy.to(x.dtype), dz_rank], 1)
+            dx = conv2d_input(x.shape, torch.cat([weight, lora_a], 0), dz, *conv)
+        if need_w and need_a:
+            dwa = conv2d_weight(x, (c_out + ranks, *weight.shape[1:]), torch.cat([dy.to(x.dtype), dz_rank], 1), *conv)
+            dw, da = dwa[:c_out], dwa[c_out:]
+        elif need_w:
+            dw = conv2d_weight(x, weight.shape, dy.to(x.dtype), *conv)
+        elif need_a:
+            da = conv2d_weight(x, lora_a.shape, dz_rank, *conv)
+        if need_bias:
+            dbias = dy.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
+        return dx, dw, dbias, da, db, None, dgate, None, None, None, None
+
+
+def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation):
+    """Canonical ``mor_conv2d`` (sample routing): x ``(B, C_in, H, W)``, weight ``(C_out, C_in, kh, kw)``,
+    lora_a ``(R, C_in, kh, kw)``, lora_b ``(C_out, R)``, idx/gate ``(B, k)`` -> ``(B, C_out, H_out, W_out)``."""
+    trainable = (x, weight, bias, lora_a, lora_b, gate)
+    store_u = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in trainable)
+    conv = (tuple(stride), tuple(padding), tuple(dilation))
+    return _MoRConv2dFn.apply(
+        x, weight, bias, lora_a, lora_b, idx.to(torch.int32), gate, int(num_shared), float(scaling), conv, store_u
+    )

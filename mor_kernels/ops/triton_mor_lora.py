@@ -1,0 +1,205 @@
+"""``mor_lora`` / ``mor_linear`` on the Triton kernels: ``mor::triton_lora_*`` custom ops (one per
+launch, each with a fake implementation), composed by an autograd.Function.
+
+Forward: ``triton_lora_shrink`` (gated rank activations) then ``triton_lora_expand`` (base GEMM whose
+accumulator starts from the low-rank term; ``y`` written once). Backward: ``triton_lora_bwd_dh``
+(``dy`` read once for ``dh``; gate gradient), ``triton_lora_bwd_dx`` (``du A + dy W``) and
+``triton_lora_rank_grad`` for ``dA``/``dB``; ``dW``/``db`` are torch matmuls/sums. No host
+synchronisation and no data-dependent grid: the forward can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import mor_lora as K
+
+# ---------------------------------------------------------------------------------------------
+# custom ops
+
+
+@torch.library.custom_op("mor::triton_lora_shrink", mutates_args=())
+def triton_lora_shrink(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    idx: torch.Tensor,
+    gate: torch.Tensor,
+    num_shared: int,
+    scaling: float,
+    store_u: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x ``(B, T, d_in)``, idx/gate ``(B, k)`` or ``(B, T, k)`` -> ``h = scaling g (x A^T)`` and ``u = x A^T``,
+    float32 ``(B, T, RP)`` over the rank list (``u`` is ``(0,)`` unless ``store_u``)."""
+    return K.shrink(x, lora_a, idx.contiguous(), gate.contiguous(), num_shared, scaling, store_u)
+
+
+@triton_lora_shrink.register_fake
+def _(x, lora_a, idx, gate, num_shared, scaling, store_u):
+    rp = K.padded_ranks(lora_a.shape[0], num_shared, idx.shape[-1], idx.dim() == 3)
+    shape = (x.shape[0], x.shape[1], rp)
+    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape if store_u else (0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("mor::triton_lora_expand", mutates_args=())
+def triton_lora_expand(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lora_b: torch.Tensor,
+    h: torch.Tensor,
+    idx: torch.Tensor,
+    base: torch.Tensor | None,
+    num_shared: int,
+) -> torch.Tensor:
+    """``y (B, T, d_out) = h B^T (+ x W^T) (+ bias) (+ base)`` in ``x.dtype``; ``base`` is only read."""
+    return K.expand(x, weight, bias, lora_b, h, idx.contiguous(), base, num_shared)
+
+
+@triton_lora_expand.register_fake
+def _(x, weight, bias, lora_b, h, idx, base, num_shared):
+    return x.new_empty((x.shape[0], x.shape[1], lora_b.shape[0]))
+
+
+def _active_ranks(idx: torch.Tensor, num_shared: int, ranks: int, rp: int) -> torch.Tensor:
+    """Sample routing: the rank each position of the rank list holds, ``ranks`` where inactive."""
+    batch, k = idx.shape
+    sel = idx.long()
+    routed = torch.where((sel >= 0) & (sel < ranks - num_shared), sel + num_shared, ranks)
+    shared = torch.arange(num_shared, device=idx.device).expand(batch, num_shared)
+    pad = torch.full((batch, rp - num_shared - k), ranks, dtype=torch.long, device=idx.device)
+    return torch.cat([shared, routed, pad], dim=1)
+
+
+def _to_ranks(partial: torch.Tensor, idx: torch.Tensor, num_shared: int, ranks: int) -> torch.Tensor:
+    """``(B, RP, N)`` per-sample sums over the rank list -> ``(R, N)`` over ranks (duplicates summed), in a
+    fixed order (a one-hot contraction, no atomics)."""
+    if idx.dim() == 3:  # token routing: position p is rank p
+        return partial.sum(0)[:ranks]
+    rp = partial.shape[1]
+    onehot = torch.zeros(idx.shape[0], rp, ranks + 1, dtype=partial.dtype, device=partial.device)
+    onehot.scatter_(2, _active_ranks(idx, num_shared, ranks, rp)[..., None], 1.0)
+    return torch.einsum("bpr,bpn->rn", onehot[..., :ranks], partial)
+
+
+@torch.library.custom_op("mor::triton_lora_bwd_dh", mutates_args=())
+def triton_lora_bwd_dh(
+    dy: torch.Tensor,
+    lora_b: torch.Tensor,
+    u: torch.Tensor,
+    idx: torch.Tensor,
+    gate: torch.Tensor,
+    num_shared: int,
+    scaling: float,
+    store_h: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dy ``(B, T, d_out)``, u ``(B, T, RP)`` -> ``du = scaling g (dy B)``, ``h = scaling g u`` (float32
+    ``(B, T, RP)``; ``h`` is ``(0,)`` unless ``store_h``) and ``dgate`` float32 of idx's shape."""
+    idx, gate = idx.contiguous(), gate.contiguous()
+    du, h, dgate = K.backward_dh(dy, lora_b, u, idx, gate, num_shared, scaling, store_h)
+    if idx.dim() == 2:  # sample routing: sum the per-block partials in a fixed order
+        k = idx.shape[1]
+        dgate = dgate.sum(1)[:, num_shared : num_shared + k]
+        ok = (idx >= 0) & (idx < lora_b.shape[1] - num_shared)
+        dgate = torch.where(ok, dgate, torch.zeros_like(dgate))
+    return du, h, dgate
+
+
+@triton_lora_bwd_dh.register_fake
+def _(dy, lora_b, u, idx, gate, num_shared, scaling, store_h):
+    return torch.empty_like(u), u.new_empty(u.shape if store_h else (0,)), idx.new_empty(idx.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("mor::triton_lora_bwd_dx", mutates_args=())
+def triton_lora_bwd_dx(
+    du: torch.Tensor,
+    lora_a: torch.Tensor,
+    idx: torch.Tensor,
+    num_shared: int,
+    dy: torch.Tensor | None,
+    weight: torch.Tensor | None,
+) -> torch.Tensor:
+    """``dx (B, T, d_in) = du A (+ dy W)`` in ``lora_a.dtype``."""
+    return K.backward_dx(du, lora_a, idx.contiguous(), num_shared, dy, weight, lora_a.dtype)
+
+
+@triton_lora_bwd_dx.register_fake
+def _(du, lora_a, idx, num_shared, dy, weight):
+    return du.new_empty((du.shape[0], du.shape[1], lora_a.shape[1]), dtype=lora_a.dtype)
+
+
+@torch.library.custom_op("mor::triton_lora_rank_grad", mutates_args=())
+def triton_lora_rank_grad(
+    lhs: torch.Tensor, rhs: torch.Tensor, idx: torch.Tensor, num_shared: int, ranks: int
+) -> torch.Tensor:
+    """``sum_{b,t} lhs[b, t]^T rhs[b, t]`` mapped from the rank list to ranks: float32 ``(R, N)``.
+
+    lhs ``(B, T, RP)`` float32 (``du`` for ``dA``, ``h`` for ``dB^T``), rhs ``(B, T, N)`` (``x`` or ``dy``).
+    """
+    partial = K.rank_grad_partials(lhs.contiguous(), rhs).sum(1)  # fixed-order sum over token chunks
+    return _to_ranks(partial, idx, num_shared, ranks)
+
+
+@triton_lora_rank_grad.register_fake
+def _(lhs, rhs, idx, num_shared, ranks):
+    return lhs.new_empty((ranks, rhs.shape[-1]), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd
+
+
+class _MoRLinearFn(torch.autograd.Function):
+    """y = [x W^T + bias] + [base] + scaling B (g * (A x)); ``weight``/``bias``/``base`` may be None."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared, scaling, store_u):
+        h, u = triton_lora_shrink(x, lora_a, idx, gate, num_shared, scaling, store_u)
+        y = triton_lora_expand(x, weight, bias, lora_b, h, idx, base, num_shared)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, idx, gate, u)
+        ctx.num_shared, ctx.scaling = num_shared, scaling
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_a, lora_b, idx, gate, u = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b, _, need_gate, need_base = ctx.needs_input_grad[:8]
+        s, ranks = ctx.num_shared, lora_a.shape[0]
+        dx = dw = dbias = da = db = dgate = dbase = None
+        if need_x or need_a or need_b or need_gate:
+            du, h, dg = triton_lora_bwd_dh(dy, lora_b, u, idx, gate, s, ctx.scaling, need_b)
+            if need_x:
+                dx = triton_lora_bwd_dx(du, lora_a, idx, s, dy if weight is not None else None, weight)
+            if need_a:
+                da = triton_lora_rank_grad(du, x, idx, s, ranks).to(lora_a.dtype)
+            if need_b:
+                db = triton_lora_rank_grad(h, dy, idx, s, ranks).t().to(lora_b.dtype)
+            if need_gate:
+                dgate = dg.to(gate.dtype)
+        if need_w:
+            dw = torch.matmul(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1])).to(weight.dtype)
+        if need_bias:
+            dbias = dy.sum((0, 1), dtype=torch.float32).to(ctx.bias_dtype)
+        if need_base:
+            dbase = dy
+        return dx, dw, dbias, da, db, None, dgate, dbase, None, None, None
+
+
+def _apply(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared, scaling):
+    trainable = (x, weight, bias, lora_a, lora_b, gate, base)
+    store_u = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in trainable)
+    idx = idx.to(torch.int32)
+    return _MoRLinearFn.apply(
+        x, weight, bias, lora_a, lora_b, idx, gate, base, int(num_shared), float(scaling), store_u
+    )
+
+
+def mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, *, base=None):
+    """Canonical ``mor_lora``: x ``(B, T, d_in)``, lora_a ``(R, d_in)``, lora_b ``(d_out, R)``, idx/gate
+    ``(B, k)`` or ``(B, T, k)``, base ``(B, T, d_out)`` or None -> ``(B, T, d_out)`` in ``x.dtype``."""
+    return _apply(x, None, None, lora_a, lora_b, idx, gate, base, num_shared, scaling)
+
+
+def mor_linear(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling):
+    """Canonical ``mor_linear``: ``F.linear(x, weight, bias) + mor_lora(...)`` in one fused pass."""
+    return _apply(x, weight, bias, lora_a, lora_b, idx, gate, None, num_shared, scaling)
