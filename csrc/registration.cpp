@@ -18,4 +18,28 @@ TORCH_LIBRARY(mor, m) {
   // Dense per-rank gate g (..., R) from compact routing (idx, gate) (..., k), MOR_SPEC 2.1:
   // 1 for the shared ranks, the summed gates of the slots that picked each routed rank.
   m.def("dense_gate(Tensor idx, Tensor gate, int num_shared, int num_ranks) -> Tensor");
+
+  // Routing, MOR_SPEC 2.1: logits (..., E+Z) -> idx int32 (..., k) (-1 = zero slot), gate float32 (..., k),
+  // probs float32 (..., E+Z) and slots int32 (..., k), the selected slot numbers (zero slots included),
+  // which the backward needs.
+  m.def("route(Tensor logits, int top_k, int num_zero, bool renormalize) -> (Tensor idx, Tensor gate, "
+        "Tensor probs, Tensor slots)");
+
+  // MoR low-rank path, MOR_SPEC 2.2: y = base + scaling * B (g * (A x)) for x (B, T, d_in), lora_a (R, d_in),
+  // lora_b (d_out, R), idx int32 / gate float32 (B, k) (sample routing) or (B, T, k) (token routing).
+  // Returns y (B, T, d_out) in x's dtype and h (B, T, R) float32 = A x at the unit's active ranks (shared and
+  // selected), which lora_bwd needs; h is zero at inactive ranks with sample routing.
+  m.def("lora_fwd(Tensor x, Tensor lora_a, Tensor lora_b, Tensor idx, Tensor gate, int num_shared, "
+        "float scaling, Tensor? base) -> (Tensor y, Tensor h)");
+
+  // Backward of lora_fwd. output_mask = which of (grad_x, grad_lora_a, grad_lora_b, grad_gate) to compute;
+  // a gradient not asked for comes back as an empty (0,) tensor. Deterministic (no atomics).
+  m.def("lora_bwd(Tensor grad_y, Tensor x, Tensor lora_a, Tensor lora_b, Tensor idx, Tensor gate, Tensor h, "
+        "int num_shared, float scaling, bool[4] output_mask) -> (Tensor grad_x, Tensor grad_lora_a, "
+        "Tensor grad_lora_b, Tensor grad_gate)");
+
+  // MoR convolution epilogue: out (B, C_out + R, H, W) is conv(x, [weight; lora_a]) (+ bias on the first
+  // C_out channels); returns out[:, :C_out] + scaling * B (g * out[:, C_out:]) (B, C_out, H, W), contiguous.
+  // Sample routing: idx int32 / gate float32 (B, k).
+  m.def("conv_up(Tensor out, Tensor lora_b, Tensor idx, Tensor gate, int num_shared, float scaling) -> Tensor");
 }

@@ -1,0 +1,229 @@
+"""``backend="cuda"`` and ``backend="cpp"``: the compiled extension ``mor_kernels._C`` (MOR_SPEC 6).
+
+The C++ ops (schemas in ``csrc/registration.cpp``; CPU kernels in ``csrc/cpu``, CUDA kernels in
+``csrc/cuda``) are composed here into differentiable functions with the canonical backend signatures
+(see ``mor_kernels.functional``):
+
+- ``route``: ``mor::route`` (softmax, top-k, renormalisation); its backward (softmax and
+  renormalisation Jacobians) is a few torch ops on the saved probabilities and selected slots;
+- ``mor_lora``: ``mor::lora_fwd`` / ``mor::lora_bwd`` (the fused low-rank path and its deterministic
+  backward for ``x``, ``lora_a``, ``lora_b``, ``gate``; ``base`` gets ``grad_y`` as is);
+- ``mor_linear``: ``F.linear`` for the base GEMM, then ``mor::lora_fwd`` adds the low-rank path into it;
+- ``mor_conv2d``: one ``F.conv2d`` with the ranks appended to the base filters as extra output channels
+  (``[weight; lora_a]``, so cuDNN/oneDNN does the implicit GEMM with ``K = C_in kh kw`` once), then
+  ``mor::conv_up`` applies gate, 1x1 up-projection and the add in one pass; its backward is torch ops.
+
+Fake (meta) implementations for every ``mor::`` C++ op are registered when the extension loads, so the
+ops trace under ``torch.compile``. Importing this module never fails for want of the extension:
+:func:`unavailable_reason` says why it cannot run instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _extension
+
+_C, _LOAD_ERROR = _extension.load()
+
+#: the C++ ops each public op needs, per device
+OP_KERNELS = {
+    "route": ("route",),
+    "mor_lora": ("lora_fwd", "lora_bwd"),
+    "mor_linear": ("lora_fwd", "lora_bwd"),
+    "mor_conv2d": ("conv_up", "dense_gate"),
+}
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def unavailable_reason(op: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str | None:
+    """Why the extension cannot run ``op`` on ``device`` for ``dtype`` inputs (None when it can)."""
+    if _C is None:
+        return f"extension not built: {_LOAD_ERROR}"
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    if key is None:
+        return f"the compiled kernels run on CPU or CUDA tensors, not {torch.device(device).type}"
+    for name in OP_KERNELS[op]:
+        if not _extension.has_kernel(name, key):
+            if key == "CUDA":
+                return (
+                    f"CUDA kernels not compiled in (mor::{name} has no CUDA kernel: mor_kernels._C was built "
+                    "without a CUDA toolkit or with MOR_SKIP_CUDA_BUILD=1)"
+                )
+            return f"mor::{name} has no {key} kernel in this build of mor_kernels._C"
+    if dtype not in KERNEL_DTYPES:
+        return f"{str(dtype).replace('torch.', '')} unsupported by the compiled kernels (float32, float16, bfloat16)"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# fake implementations (shapes and dtypes only) for torch.compile
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("mor::dense_gate")
+    def _(idx, gate, num_shared, num_ranks):
+        return gate.new_empty((*idx.shape[:-1], num_ranks), dtype=torch.float32)
+
+    @torch.library.register_fake("mor::route")
+    def _(logits, top_k, num_zero, renormalize):
+        sel = (*logits.shape[:-1], top_k)
+        return (
+            logits.new_empty(sel, dtype=torch.int32),
+            logits.new_empty(sel, dtype=torch.float32),
+            logits.new_empty(logits.shape, dtype=torch.float32),
+            logits.new_empty(sel, dtype=torch.int32),
+        )
+
+    @torch.library.register_fake("mor::lora_fwd")
+    def _(x, lora_a, lora_b, idx, gate, num_shared, scaling, base):
+        b, t, _ = x.shape
+        return x.new_empty((b, t, lora_b.shape[0])), x.new_empty((b, t, lora_a.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("mor::lora_bwd")
+    def _(grad_y, x, lora_a, lora_b, idx, gate, h, num_shared, scaling, output_mask):
+        def out(i, shape, dtype):
+            return x.new_empty(shape if output_mask[i] else (0,), dtype=dtype)
+
+        return (
+            out(0, x.shape, x.dtype),
+            out(1, lora_a.shape, x.dtype),
+            out(2, lora_b.shape, x.dtype),
+            out(3, idx.shape, torch.float32),
+        )
+
+    @torch.library.register_fake("mor::conv_up")
+    def _(out, lora_b, idx, gate, num_shared, scaling):
+        b, _, h, w = out.shape
+        return out.new_empty((b, lora_b.shape[0], h, w))
+
+
+if _C is not None:
+    _register_fakes()
+
+
+# ------------------------------------------------------------------------------------------------
+# route
+
+
+class _Route(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, top_k, num_zero, renormalize):
+        idx, gate, probs, slots = torch.ops.mor.route(logits, top_k, num_zero, renormalize)
+        ctx.renormalize = renormalize
+        ctx.logits_dtype = logits.dtype
+        ctx.save_for_backward(gate, probs, slots)
+        ctx.mark_non_differentiable(idx)
+        return idx, gate, probs
+
+    @staticmethod
+    def backward(ctx, _grad_idx, grad_gate, grad_probs):
+        gate, probs, slots = ctx.saved_tensors
+        grad_p = torch.zeros_like(probs) if grad_probs is None else grad_probs.float().clone()
+        if grad_gate is not None:
+            grad_gate = grad_gate.float()
+            slots = slots.long()
+            if ctx.renormalize:
+                # w = p_sel / sum(p_sel): d p_sel_i = (g_i - sum_j g_j w_j) / sum(p_sel)
+                total = probs.gather(-1, slots).sum(-1, keepdim=True)
+                grad_sel = (grad_gate - (grad_gate * gate).sum(-1, keepdim=True)) / total
+            else:
+                grad_sel = grad_gate
+            grad_p = grad_p.scatter_add(-1, slots, grad_sel)
+        grad_logits = probs * (grad_p - (grad_p * probs).sum(-1, keepdim=True))  # softmax Jacobian
+        return grad_logits.to(ctx.logits_dtype), None, None, None
+
+
+def route(logits, top_k, num_zero, renormalize=True):
+    """Canonical ``route`` (see ``mor_kernels.functional.route``) on ``mor::route``."""
+    return _Route.apply(logits, int(top_k), int(num_zero), bool(renormalize))
+
+
+# ------------------------------------------------------------------------------------------------
+# mor_lora / mor_linear
+
+
+class _MoRLoRA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, idx, gate, num_shared, scaling, base):
+        y, h = torch.ops.mor.lora_fwd(x, lora_a, lora_b, idx, gate, num_shared, scaling, base)
+        ctx.num_shared, ctx.scaling = num_shared, scaling
+        ctx.save_for_backward(x, lora_a, lora_b, idx, gate, h)
+        ctx.mark_non_differentiable(h)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, lora_a, lora_b, idx, gate, h = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], need[2], need[4]]
+        grads = [None] * 4
+        if any(mask):
+            out = torch.ops.mor.lora_bwd(
+                grad_y.to(x.dtype), x, lora_a, lora_b, idx, gate, h, ctx.num_shared, ctx.scaling, mask
+            )
+            grads = [g if m else None for g, m in zip(out, mask, strict=True)]
+        grad_base = grad_y if need[7] else None
+        return grads[0], grads[1], grads[2], None, grads[3], None, None, grad_base
+
+
+def _gate32(gate: torch.Tensor) -> torch.Tensor:
+    return gate if gate.dtype == torch.float32 else gate.to(torch.float32)
+
+
+def mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, *, base=None):
+    """Canonical ``mor_lora``: ``x (B, T, d_in)``, ``idx``/``gate`` ``(B, k)`` or ``(B, T, k)``,
+    ``base (B, T, d_out)`` or None; returns ``(B, T, d_out)`` in ``x.dtype``."""
+    y = _MoRLoRA.apply(x, lora_a, lora_b, idx.to(torch.int32), _gate32(gate), int(num_shared), float(scaling), base)
+    return y
+
+
+def mor_linear(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling):
+    """Canonical ``mor_linear``: the base GEMM by ``F.linear``, the low-rank path added by ``mor::lora_fwd``."""
+    base = F.linear(x, weight, bias)
+    return mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, base=base)
+
+
+# ------------------------------------------------------------------------------------------------
+# mor_conv2d
+
+
+class _ConvUp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out, lora_b, idx, gate, num_shared, scaling):
+        y = torch.ops.mor.conv_up(out, lora_b, idx, gate, num_shared, scaling)
+        ctx.num_shared, ctx.scaling = num_shared, scaling
+        ctx.save_for_backward(out, lora_b, idx, gate)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        out, lora_b, idx, gate = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        c_out, ranks = lora_b.shape
+        s = ctx.num_shared
+        g = torch.ops.mor.dense_gate(idx, gate, s, ranks) * ctx.scaling  # (B, R) float32
+        dy = grad_y.float()
+        h = out[:, c_out:].float()  # (B, R, H, W), ungated rank activations
+        dyb = torch.einsum("bohw,or->brhw", dy, lora_b.float())
+        grad_out = grad_b = grad_gate = None
+        if need[0]:
+            grad_out = torch.cat([grad_y.to(out.dtype), (dyb * g[:, :, None, None]).to(out.dtype)], dim=1)
+        if need[1]:
+            grad_b = torch.einsum("bohw,brhw->or", dy, h * g[:, :, None, None]).to(lora_b.dtype)
+        if need[3]:
+            q = (dyb * h).sum((2, 3))  # (B, R)
+            valid = (idx >= 0) & (idx < ranks - s)
+            rank = torch.where(valid, idx.long() + s, torch.zeros_like(idx, dtype=torch.long))
+            grad_gate = torch.where(valid, q.gather(1, rank) * ctx.scaling, torch.zeros_like(gate))
+        return grad_out, grad_b, None, grad_gate, None, None
+
+
+def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation):
+    """Canonical ``mor_conv2d``: one convolution with ``[weight; lora_a]``, then ``mor::conv_up``."""
+    ranks = lora_a.shape[0]
+    w = torch.cat([weight, lora_a], dim=0)
+    b = None if bias is None else torch.cat([bias, bias.new_zeros(ranks)])
+    out = F.conv2d(x, w, b, tuple(stride), tuple(padding), tuple(dilation))
+    return _ConvUp.apply(out, lora_b, idx.to(torch.int32), _gate32(gate), int(num_shared), float(scaling))
