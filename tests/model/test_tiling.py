@@ -1,0 +1,223 @@
+"""Tiled processing: agreement with untiled results, weight normalisation, seams, odd sizes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mor_model.tiling import choose_tile_size, tile_starts, tile_weight, tiled_apply
+
+
+def _rand(shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("weight", ["gaussian", "cosine", "uniform"])
+@pytest.mark.parametrize("hw", [(37, 53), (64, 64), (20, 90)])
+def test_pointwise_fn_matches_untiled(weight, hw):
+    x = _rand((2, 3) + hw)
+    conv = torch.nn.Conv2d(3, 5, 1)
+    with torch.no_grad():
+        ref = conv(x)
+        out = tiled_apply(conv, x, tile_size=16, overlap=6, weight=weight)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_small_receptive_field_interior_matches():
+    # a 3x3 conv sees 1 pixel past a tile edge; away from the image border the tiled result differs
+    # only where a tile boundary cuts the receptive field, and cosine weights over an 8-px overlap
+    # give those pixels little weight. A convolution with zero-padding inside each tile is
+    # compared with the untiled one: the difference is bounded and zero on one-tile inputs.
+    x = _rand((1, 2, 48, 48), 1)
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1, padding_mode="replicate")
+    with torch.no_grad():
+        ref = conv(x)
+        one = tiled_apply(conv, x, tile_size=64, overlap=8)
+        many = tiled_apply(conv, x, tile_size=24, overlap=8, weight="cosine")
+    torch.testing.assert_close(one, ref, atol=1e-6, rtol=1e-6)
+    err = (many - ref).abs()
+    assert err.max() < 0.25 * ref.abs().max()
+    # tiles start at 0, 12, 24 (evenly spread): rows/cols 0..11 are covered by the first tile only and
+    # their receptive field stays inside it, so they are exact
+    torch.testing.assert_close(many[..., :12, :12], ref[..., :12, :12], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(many, ref, atol=1e-5)  # and the cut lines do change something
+
+
+@pytest.mark.parametrize("scale", [4, 8, 0.125, 0.5])
+def test_scaled_tiles_vae_style(scale):
+    # "decoder": nearest upsampling then a pointwise map; "encoder": average pooling (exact on tiles
+    # aligned to the pooling grid, which `multiple` guarantees)
+    if scale >= 1:
+        s = int(scale)
+
+        def fn(t):
+            return F.interpolate(t, scale_factor=s, mode="nearest") * 2.0 + 1.0
+
+        x, multiple, tile, overlap = _rand((1, 4, 19, 27), 2), 1, 8, 3
+    else:
+        k = int(round(1 / scale))
+
+        def fn(t):
+            return F.avg_pool2d(t, k)
+
+        x, multiple, tile, overlap = _rand((2, 3, 8 * 9, 8 * 13), 3), 8, 32, 16
+    ref = fn(x)
+    out = tiled_apply(fn, x, tile_size=tile, overlap=overlap, scale=scale, multiple=multiple)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_gives_exact_output_size_for_odd_input():
+    # fn only accepts multiples of 8 (like a UNet with 3 downsamplings): the input is padded, the
+    # output cropped back to the exact size, and pointwise results are unchanged
+    x = _rand((1, 3, 35, 41), 4)
+    seen = []
+
+    def fn(t):
+        assert t.shape[-2] % 8 == 0 and t.shape[-1] % 8 == 0
+        seen.append(tuple(t.shape[-2:]))
+        return torch.tanh(t)
+
+    out = tiled_apply(fn, x, tile_size=16, overlap=8, multiple=8)
+    assert out.shape == x.shape and all(s == (16, 16) for s in seen)
+    torch.testing.assert_close(out, torch.tanh(x))
+    # one tile larger than the image: padded to (40, 48), cropped back
+    seen.clear()
+    out = tiled_apply(fn, x, tile_size=64, overlap=8, multiple=8)
+    assert seen == [(40, 48)] and out.shape == x.shape
+    torch.testing.assert_close(out, torch.tanh(x))
+    # a downscaling fn on a non-multiple size: ceil(35 / 8) = 5 rows, ceil(41 / 8) = 6 columns, the
+    # last ones from the replicate-padded input
+    out = tiled_apply(lambda t: F.avg_pool2d(t, 8), x, tile_size=16, overlap=8, scale=0.125, multiple=8)
+    padded = F.pad(x, (0, 7, 0, 5), mode="replicate")
+    torch.testing.assert_close(out, F.avg_pool2d(padded, 8))
+    # a decoder-style fn on an odd latent size: exactly 8x
+    z = _rand((1, 4, 13, 7), 5)
+    out = tiled_apply(lambda t: F.interpolate(t, scale_factor=8), z, tile_size=8, overlap=4, scale=8)
+    torch.testing.assert_close(out, F.interpolate(z, scale_factor=8))
+
+
+def test_one_tile_and_tile_larger_than_image():
+    x = _rand((1, 3, 10, 12), 5)
+    calls = []
+
+    def fn(t):
+        calls.append(t.shape)
+        return t * 3
+
+    out = tiled_apply(fn, x, tile_size=64, overlap=16)
+    assert len(calls) == 1 and calls[0] == x.shape
+    torch.testing.assert_close(out, x * 3)
+
+
+def test_tile_starts_cover_and_overlap():
+    for length, tile, overlap, m in [
+        (100, 32, 8, 1),
+        (96, 32, 16, 8),
+        (33, 32, 8, 1),
+        (257, 64, 32, 1),
+        (64, 64, 8, 1),
+    ]:
+        starts = tile_starts(length, tile, overlap, m)
+        assert starts[0] == 0 and starts[-1] == max(0, length - tile)
+        assert all(s % m == 0 for s in starts)
+        for a, b in zip(starts[:-1], starts[1:], strict=True):
+            assert 0 < b - a <= tile - overlap
+        covered = torch.zeros(length, dtype=torch.bool)
+        for s in starts:
+            covered[s : s + tile] = True
+        assert covered.all()
+
+
+def test_weights_normalise_to_one():
+    # blending a constant gives the constant; the weight sum over all tiles is positive everywhere
+    x = torch.ones(1, 1, 70, 45)
+    for weight in ("gaussian", "cosine", "uniform"):
+        out = tiled_apply(lambda t: t, x, tile_size=20, overlap=8, weight=weight)
+        torch.testing.assert_close(out, x)
+    w = tile_weight(16, 16, kind="gaussian")
+    assert w.shape == (16, 16) and (w > 0).all() and w[8, 8] > w[0, 0]
+    assert torch.allclose(w, w.flip(0)) and torch.allclose(w, w.T)
+
+
+def test_cosine_ramps_are_a_partition_of_unity():
+    # two tiles overlapping by exactly `overlap`: the weights sum to exactly 1 in the overlap
+    w1 = tile_weight(1, 24, kind="cosine", overlap=(0, 8), neighbours=(False, False, False, True))[0]
+    w2 = tile_weight(1, 24, kind="cosine", overlap=(0, 8), neighbours=(False, False, True, False))[0]
+    total = torch.zeros(40)
+    total[:24] += w1
+    total[16:] += w2
+    torch.testing.assert_close(total, torch.ones(40))
+
+
+def test_smooth_function_gives_smooth_result():
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 90), torch.linspace(0, 1, 90), indexing="ij")
+    x = torch.sin(3 * yy + 2 * xx).view(1, 1, 90, 90)
+    for weight in ("gaussian", "cosine"):
+        out = tiled_apply(lambda t: t.exp(), x, tile_size=32, overlap=8, weight=weight)
+        torch.testing.assert_close(out, x.exp())
+        d2 = (out[..., :, 2:] - 2 * out[..., :, 1:-1] + out[..., :, :-2]).abs().max()
+        assert d2 < 2 * (x.exp()[..., :, 2:] - 2 * x.exp()[..., :, 1:-1] + x.exp()[..., :, :-2]).abs().max()
+
+
+@pytest.mark.parametrize("weight,max_step", [("cosine", 0.2), ("gaussian", 0.4)])
+def test_no_seams_with_tile_dependent_function(weight, max_step):
+    # a function whose output depends on the tile (a per-tile offset, like a model's tile-level colour
+    # drift): a hard seam jumps by the offset difference at once; smooth blending spreads it out
+    offset = 0.05
+    x = torch.zeros(1, 1, 100, 100)
+
+    def run(w):
+        counter = iter(range(1000))
+        return tiled_apply(lambda t: t + offset * (next(counter) % 2), x, tile_size=48, overlap=16, weight=w)
+
+    def max_step_of(out):
+        return max((out[..., 1:, :] - out[..., :-1, :]).abs().max(), (out[..., :, 1:] - out[..., :, :-1]).abs().max())
+
+    assert max_step_of(run(weight)) < max_step * offset
+    # plain averaging jumps by half the offset where a second tile starts
+    assert max_step_of(run("uniform")) >= 0.45 * offset
+
+
+def test_dtype_progress_and_no_mutation():
+    x = _rand((1, 2, 40, 40), 6).half()
+    x0 = x.clone()
+    seen = []
+    out = tiled_apply(lambda t: t.float() * 2, x, tile_size=16, overlap=4, progress=lambda d, n: seen.append((d, n)))
+    assert out.dtype == torch.float32
+    assert seen[-1][0] == seen[-1][1] == len(seen) == 9
+    torch.testing.assert_close(out, x.float() * 2)
+    assert torch.equal(x, x0)
+
+
+def test_bad_arguments():
+    x = _rand((1, 2, 40, 40))
+    with pytest.raises(ValueError, match="larger than overlap"):
+        tiled_apply(lambda t: t, x, tile_size=16, overlap=16)
+    with pytest.raises(ValueError, match="multiple"):
+        tiled_apply(lambda t: t, x, tile_size=20, overlap=4, multiple=8)
+    with pytest.raises(ValueError, match="not an integer"):
+        tiled_apply(lambda t: t, x, tile_size=16, overlap=8, scale=0.125, multiple=4)
+    with pytest.raises(ValueError, match="expected"):
+        tiled_apply(lambda t: t[..., :-1], x, tile_size=16, overlap=8)
+    with pytest.raises(ValueError, match="weight"):
+        tiled_apply(lambda t: t, x, tile_size=16, overlap=8, weight="hann")
+    with pytest.raises(ValueError, match="\\(B, C, H, W\\)"):
+        tiled_apply(lambda t: t, x[0], tile_size=16, overlap=8)
+
+
+def test_choose_tile_size_cpu_budget():
+    t = choose_tile_size(4.0, device="cpu", cpu_budget_bytes=4 * 100 * 100, multiple=8, min_tile=16)
+    assert t == 96
+    assert choose_tile_size(1e12, device="cpu", multiple=8, min_tile=32) == 32
+    assert choose_tile_size(1e-6, device="cpu", multiple=8, max_tile=1000) == 1000 // 8 * 8
+    with pytest.raises(ValueError):
+        choose_tile_size(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to query free memory")
+def test_choose_tile_size_cuda():
+    free, _ = torch.cuda.mem_get_info()
+    t = choose_tile_size(1024.0, device="cuda", multiple=8, max_tile=1 << 20)
+    assert t * t * 1024 <= 0.6 * free and (t + 8) ** 2 * 1024 > 0.6 * free * 0.95
