@@ -1,0 +1,638 @@
+#!/usr/bin/env python
+"""What a MoR layer costs next to its bare base layer, per backend, on the SD 2.1-base MoR shapes.
+
+    python benchmarks/bench_mor_lora.py            # quick default (about a minute on a 2-core CPU)
+    python benchmarks/bench_mor_lora.py --full     # the whole sweep
+    python benchmarks/bench_mor_lora.py --help     # shapes, providers, dtypes, modes, routing, sweeps
+
+Providers, all timed in the same run: ``base`` (bare ``F.linear``/``F.conv2d``, the floor), ``lora``
+(base + dense LoRA of the same active rank, PEFT-style unmerged: ``base(x) + B(A x) * scaling``) and
+``mor:<backend>`` (``mor_kernels.mor_linear``/``mor_conv2d`` with ``backend=`` reference, triton,
+cuda, cpp), each included when ``mor_kernels.available_backends`` lists it, else reported with the
+reason. Routing is built directly (``idx``/``gate``), so the number of zero slots each sample (or
+token) picks, hence its active ranks, is exactly what the case says. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common, when imported from tests
+
+import bench_common as common  # noqa: E402
+
+import mor_kernels  # noqa: E402
+from mor_kernels import dispatch, flops  # noqa: E402
+
+MOR_BACKENDS = ("reference", "triton", "cuda", "cpp")
+PROVIDERS = ("base", "lora") + tuple(f"mor:{b}" for b in MOR_BACKENDS)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MODES = ("fwd", "fwd+bwd")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One adapted layer of SD 2.1-base at 512x512 (64x64 latent), per sample."""
+
+    name: str
+    kind: str  # "linear" or "conv2d"
+    tokens: int  # T for a Linear, H * W for a conv
+    c_in: int
+    c_out: int
+    kernel: int = 1
+
+    @property
+    def side(self) -> int:
+        return math.isqrt(self.tokens)
+
+
+def _sd21_shapes() -> dict[str, Shape]:
+    shapes = {}
+    for tokens, ch in ((4096, 320), (1024, 640), (256, 1280), (64, 1280)):
+        side = math.isqrt(tokens)
+        shapes[f"lin{tokens}x{ch}"] = Shape(f"lin{tokens}x{ch}", "linear", tokens, ch, ch)
+        for k in (3, 1):
+            name = f"conv{k}x{k}-{side}x{side}x{ch}"
+            shapes[name] = Shape(name, "conv2d", tokens, ch, ch, k)
+    return shapes
+
+
+SHAPES = _sd21_shapes()
+QUICK_SHAPES = ("lin4096x320", "lin1024x640", "lin256x1280", "lin64x1280", "conv3x3-32x32x640", "conv1x1-64x64x320")
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: Shape
+    batch: int
+    num_shared: int
+    num_routed: int
+    num_zero: int
+    top_k: int
+    zero_picked: int  # zero slots each routing unit picks (sets the active ranks)
+    routing: str  # "sample" or "token"
+    mode: str
+    dtype: str
+    sweep: str = "main"
+
+    @property
+    def ranks(self) -> int:
+        return self.num_shared + self.num_routed
+
+    @property
+    def active(self) -> int:
+        return self.num_shared + self.top_k - self.zero_picked
+
+    @property
+    def op(self) -> str:
+        return "mor_linear" if self.shape.kind == "linear" else "mor_conv2d"
+
+    def layer(self) -> flops.Layer:
+        s = self.shape
+        if s.kind == "linear":
+            return flops.linear_layer(self.batch, s.tokens, s.c_in, s.c_out)
+        pad = s.kernel // 2
+        return flops.conv2d_layer(self.batch, s.c_in, s.c_out, (s.side, s.side), (s.kernel,) * 2, padding=(pad, pad))
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs and providers
+
+
+def make_routing(case: Case, device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``idx`` int32 and ``gate`` float32, ``(B, k)`` or ``(B, T, k)``: every unit picks exactly
+    ``zero_picked`` zero slots (``-1``) and ``k - zero_picked`` distinct routed ranks at random."""
+    lead = (case.batch,) if case.routing == "sample" else (case.batch, case.shape.tokens)
+    real = case.top_k - case.zero_picked
+    picks = torch.rand(*lead, case.num_routed, generator=gen).argsort(dim=-1)[..., :real]
+    idx = torch.cat([picks, torch.full((*lead, case.zero_picked), -1, dtype=torch.long)], dim=-1)
+    idx = idx.gather(-1, torch.rand(*lead, case.top_k, generator=gen).argsort(dim=-1))  # zero slots anywhere
+    gate = torch.rand(*lead, case.top_k, generator=gen) + 0.1
+    gate = gate / gate.sum(-1, keepdim=True)
+    return idx.to(torch.int32).to(device), gate.to(device)
+
+
+def make_inputs(case: Case, device) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    s, dtype = case.shape, DTYPES[case.dtype]
+    kk = (s.kernel, s.kernel) if s.kind == "conv2d" else ()
+    fan_in = s.c_in * s.kernel * s.kernel
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    x = randn(case.batch, s.c_in, s.side, s.side) if s.kind == "conv2d" else randn(case.batch, s.tokens, s.c_in)
+    idx, gate = make_routing(case, device, gen)
+    lora_rank = case.active
+    return {
+        "x": x,
+        "weight": randn(s.c_out, s.c_in, *kk, scale=fan_in**-0.5),
+        "bias": randn(s.c_out, scale=0.1),
+        "lora_a": randn(case.ranks, s.c_in, *kk, scale=fan_in**-0.5),
+        "lora_b": randn(s.c_out, case.ranks, scale=case.ranks**-0.5),
+        "idx": idx,
+        "gate": gate,
+        "dense_a": randn(lora_rank, s.c_in, *kk, scale=fan_in**-0.5),
+        "dense_b": randn(s.c_out, lora_rank, scale=lora_rank**-0.5),
+    }
+
+
+def provider_fn(case: Case, provider: str, t: dict[str, torch.Tensor]):
+    """One call of the provider's layer on the inputs ``t``."""
+    conv = case.shape.kind == "conv2d"
+    pad = case.shape.kernel // 2
+    x, w, b = t["x"], t["weight"], t["bias"]
+    scaling = 1.0
+
+    def base():
+        return F.conv2d(x, w, b, padding=pad) if conv else F.linear(x, w, b)
+
+    if provider == "base":
+        return base
+    if provider == "lora":
+        a, bb = t["dense_a"], t["dense_b"]
+        if conv:  # PEFT's Conv2d LoRA: lora_A a kxk conv to r channels, lora_B a 1x1 conv
+
+            def lora():
+                return base() + F.conv2d(F.conv2d(x, a, padding=pad), bb[:, :, None, None]) * scaling
+        else:
+
+            def lora():
+                return base() + F.linear(F.linear(x, a), bb) * scaling
+
+        return lora
+    backend = provider.split(":", 1)[1]
+    args = (x, w, b, t["lora_a"], t["lora_b"], t["idx"], t["gate"], case.num_shared, scaling)
+    if conv:
+
+        def mor():
+            return mor_kernels.mor_conv2d(*args, 1, pad, 1, backend=backend)
+    else:
+
+        def mor():
+            return mor_kernels.mor_linear(*args, backend=backend)
+
+    return mor
+
+
+def unavailable(case: Case, provider: str, device: torch.device, explicit: bool) -> str | None:
+    """Why ``provider`` cannot run ``case`` on ``device`` (None when it can)."""
+    if not provider.startswith("mor:"):
+        return None
+    backend = provider.split(":", 1)[1]
+    dtype = DTYPES[case.dtype]
+    if case.shape.kind == "conv2d" and case.routing == "token":
+        return "mor_conv2d routes per sample only"
+    if backend in mor_kernels.available_backends(device, case.op, dtype):
+        if backend == "triton" and device.type == "cpu" and not explicit:
+            return (
+                "Triton interpreter on CPU (TRITON_INTERPRET=1) is a test path, not timed unless named in --providers"
+            )
+        return None
+    return dispatch.unavailable_reason(backend, case.op, device, dtype) or "not listed by available_backends"
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+
+
+FIELDS = (
+    "case", "sweep", "layer", "kind", "batch", "tokens", "d_in", "d_out", "kernel", "ranks", "num_shared",
+    "num_routed", "num_zero", "top_k", "zero_picked", "zero_fraction", "active_ranks", "lora_rank", "routing",
+    "mode", "dtype", "provider", "status", "reason", "timer", "median_ms", "p20_ms", "p80_ms", "samples",
+    "ratio_to_base", "overhead_ms", "useful_gflop", "executed_gflop", "useful_tflops", "min_mb",
+    "achieved_gbps", "copy_fraction",
+)  # fmt: skip
+
+
+def case_label(case: Case) -> str:
+    return (
+        f"{case.sweep}: {case.shape.name} B{case.batch} {case.dtype} {case.routing[:3]} {case.mode} "
+        f"R{case.ranks} k{case.top_k} z{case.zero_picked}"
+    )
+
+
+def measure_case(case: Case, providers, device, args, copy_gbps: float) -> list[dict]:
+    t = make_inputs(case, device)
+    layer = case.layer()
+    backward = case.mode == "fwd+bwd"
+    useful_rr = flops.active_rank_rows(t["idx"].cpu(), case.num_shared, layer.tokens)
+    touched = flops.ranks_touched(t["idx"].cpu(), case.num_shared)
+    common_fields = {
+        "case": case_label(case),
+        "sweep": case.sweep,
+        "layer": case.shape.name,
+        "kind": case.shape.kind,
+        "batch": case.batch,
+        "tokens": layer.tokens,
+        "d_in": case.shape.c_in,
+        "d_out": case.shape.c_out,
+        "kernel": case.shape.kernel,
+        "ranks": case.ranks,
+        "num_shared": case.num_shared,
+        "num_routed": case.num_routed,
+        "num_zero": case.num_zero,
+        "top_k": case.top_k,
+        "zero_picked": case.zero_picked,
+        "zero_fraction": case.zero_picked / case.top_k,
+        "active_ranks": useful_rr / layer.rows,
+        "lora_rank": case.active,
+        "routing": case.routing,
+        "mode": case.mode,
+        "dtype": case.dtype,
+    }
+    rows, ready = [], {}
+    for provider in providers:
+        row = dict(common_fields, provider=provider, status="ok", reason="")
+        rows.append(row)
+        why = unavailable(case, provider, device, provider in (args.providers or ()))
+        if why is not None:
+            row.update(status="unavailable", reason=why)
+            continue
+        if provider == "base":
+            op, rank_rows, ranks_read, route = "base", 0, 0, 0
+        elif provider == "lora":
+            op, rank_rows, ranks_read, route = "lora", layer.rows * case.active, case.active, 0
+        else:
+            op, ranks_read, route = case.op, touched, t["idx"].numel()
+            rank_rows = flops.executed_rank_rows(
+                provider.split(":")[1], layer, case.ranks, useful_rr, case.routing == "token"
+            )
+        row["useful_flop"] = flops.op_flops(op, layer, useful_rr if op != "base" else 0, backward=backward)
+        row["executed_flop"] = flops.op_flops(op, layer, rank_rows, backward=backward)
+        row["min_bytes"] = flops.min_bytes(
+            op,
+            layer,
+            DTYPES[case.dtype],
+            ranks_read=ranks_read,
+            ranks=case.ranks if op.startswith("mor") else ranks_read,
+            routing_numel=route,
+            backward=backward,
+        )
+        try:
+            ready[provider] = (row, *prepare(case, provider, t))
+        except Exception as err:  # a backend that fails must not stop the sweep; the row says why
+            row.update(status="error", reason=f"{type(err).__name__}: {err}"[:300])
+    # Interleaved rounds: every provider sees the same machine load (other processes on a shared CPU).
+    timings: dict[str, list] = {p: [] for p in ready}
+    for _ in range(args.rounds):
+        for provider, (row, fn, grads, graph) in list(ready.items()):
+            try:
+                with torch.no_grad() if case.mode == "fwd" else contextlib.nullcontext():
+                    timings[provider].append(
+                        common.time_fn(
+                            fn,
+                            device,
+                            grad_to_none=grads,
+                            use_graph=graph and not args.no_graphs,
+                            budget_s=args.budget / args.rounds,
+                        )
+                    )
+            except Exception as err:
+                row.update(status="error", reason=f"{type(err).__name__}: {err}"[:300])
+                del ready[provider]
+    base_ms = None
+    for provider, (row, *_) in ready.items():
+        timing = common.merge(timings[provider])
+        ms = timing.median_ms
+        if provider == "base":
+            base_ms = ms
+        useful, executed, nbytes = row.pop("useful_flop"), row.pop("executed_flop"), row.pop("min_bytes")
+        row.update(
+            timer=timing.timer,
+            median_ms=ms,
+            p20_ms=timing.p20_ms,
+            p80_ms=timing.p80_ms,
+            samples=timing.samples,
+            ratio_to_base=None if base_ms is None else ms / base_ms,
+            overhead_ms=None if base_ms is None else ms - base_ms,
+            useful_gflop=useful / 1e9,
+            executed_gflop=executed / 1e9,
+            useful_tflops=useful / (ms * 1e-3) / 1e12,
+            min_mb=nbytes / 1e6,
+            achieved_gbps=nbytes / (ms * 1e-3) / 1e9,
+            copy_fraction=nbytes / (ms * 1e-3) / 1e9 / copy_gbps,
+        )
+    for row in rows:
+        for key in ("useful_flop", "executed_flop", "min_bytes"):
+            row.pop(key, None)
+    return rows
+
+
+TRAINABLE = {"base": ("x",), "lora": ("x", "dense_a", "dense_b"), "mor": ("x", "lora_a", "lora_b", "gate")}
+
+
+def prepare(case: Case, provider: str, t: dict):
+    """``(fn, grad_to_none, use_graph)`` for one provider: ``fwd`` runs under ``no_grad`` (CUDA graph
+    replay allowed); ``fwd+bwd`` runs forward and backward with ``x``, the adapter weights (and the MoR
+    gate) requiring gradients and the base weight frozen, gradients set to None between calls."""
+    if case.mode == "fwd":
+        return provider_fn(case, provider, t), (), True
+    t = dict(t)
+    trainable = []
+    for name in TRAINABLE[provider.split(":")[0]]:
+        t[name] = t[name].detach().clone().requires_grad_(True)
+        trainable.append(t[name])
+    fn = provider_fn(case, provider, t)
+    with torch.no_grad():
+        dy = torch.randn_like(fn())
+
+    def step():
+        fn().backward(dy)
+
+    step()  # fail here, not inside the timer, when a backend has no backward
+    return step, trainable, False
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases from the command line
+
+
+def scaled(shape: Shape, scale: float) -> Shape:
+    """``shape`` with its token count scaled (a conv keeps a square image)."""
+    if scale == 1.0:
+        return shape
+    if shape.kind == "conv2d":
+        side = max(4, round(shape.side * math.sqrt(scale)))
+        return replace(shape, tokens=side * side)
+    return replace(shape, tokens=max(16, round(shape.tokens * scale)))
+
+
+def pick_shapes(spec: str) -> list[Shape]:
+    names = []
+    for item in spec.split(","):
+        item = item.strip()
+        if item == "all":
+            names += list(SHAPES)
+        elif item in ("linear", "conv", "conv3x3", "conv1x1"):
+            names += [n for n in SHAPES if n.startswith(item.replace("linear", "lin"))]
+        elif item in SHAPES:
+            names.append(item)
+        else:
+            raise SystemExit(
+                f"unknown shape {item!r}; choose from all, linear, conv, conv3x3, conv1x1, {', '.join(SHAPES)}"
+            )
+    return [SHAPES[n] for n in dict.fromkeys(names)]
+
+
+def build_cases(args) -> list[Case]:
+    shapes = [scaled(s, args.token_scale) for s in pick_shapes(args.shapes)]
+    base = dict(
+        num_shared=args.shared,
+        num_routed=args.routed,
+        num_zero=args.zero,
+        top_k=args.top_k,
+        zero_picked=args.zero_picked,
+    )
+    cases = []
+    for shape in shapes:
+        for batch in args.batch:
+            for dtype in args.dtypes:
+                for routing in args.routing:
+                    if routing == "token" and shape.kind == "conv2d":
+                        continue
+                    for mode in args.modes:
+                        cases.append(Case(shape, batch, routing=routing, mode=mode, dtype=dtype, **base))
+    sweep_shape = scaled(pick_shapes(args.sweep_shape)[0], args.token_scale)
+    sweep_modes = args.modes if args.full else ("fwd",)
+    variants = []
+    if "ranks" in args.sweep:
+        variants += [
+            ("ranks", dict(base, num_shared=s, num_routed=e)) for s, e in ((4, 16), (8, 32), (8, 64), (16, 64))
+        ]
+    if "k" in args.sweep:
+        variants += [("k", dict(base, top_k=k, zero_picked=0)) for k in (2, 4, 8, 16) if k <= args.routed]
+    if "zero" in args.sweep:  # zero slots picked per sample: 0 .. k (Z = k here so every fraction is reachable)
+        k = args.top_k
+        variants += [
+            ("zero", dict(base, num_zero=max(args.zero, k), zero_picked=z)) for z in range(0, k + 1, max(1, k // 4))
+        ]
+    for name, cfg in variants:
+        for mode in sweep_modes:
+            cases.append(
+                Case(sweep_shape, args.batch[0], routing="sample", mode=mode, dtype=args.dtypes[0], sweep=name, **cfg)
+            )
+    bad = [
+        c
+        for c in cases
+        if not (0 <= c.zero_picked <= min(c.num_zero, c.top_k) and c.top_k - c.zero_picked <= c.num_routed)
+    ]
+    if bad:
+        raise SystemExit(f"--zero-picked/--top-k/--zero/--routed inconsistent for {case_label(bad[0])}")
+    return cases
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="the whole sweep: every shape, batch 1/2/8, all dtypes, both routings, all sweeps, SD sizes",
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--shapes", default=None, help="comma list: all, linear, conv, conv3x3, conv1x1 or names (--list-shapes)"
+    )
+    p.add_argument("--list-shapes", action="store_true", help="print the shape names and exit")
+    p.add_argument("--batch", default=None, help="comma list of batch sizes (default 1 on CPU, 1,8 on GPU)")
+    p.add_argument("--providers", default=None, help=f"comma list from {','.join(PROVIDERS)} (base is always timed)")
+    p.add_argument("--dtypes", default=None, help="comma list of fp32, fp16, bf16 (default fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma list of fwd, fwd+bwd")
+    p.add_argument("--routing", default=None, help="comma list of sample, token (default sample)")
+    p.add_argument("--shared", type=int, default=8, help="S, shared (always-on) ranks")
+    p.add_argument("--routed", type=int, default=32, help="E, routed ranks")
+    p.add_argument("--zero", type=int, default=4, help="Z, zero slots")
+    p.add_argument("--top-k", type=int, default=8, help="k, slots picked per routing unit")
+    p.add_argument(
+        "--zero-picked", type=int, default=0, help="zero slots each unit picks (active ranks = S + k - this)"
+    )
+    p.add_argument("--sweep", default=None, help="comma list of ranks, k, zero, or none (default zero; --full all)")
+    p.add_argument("--sweep-shape", default="lin1024x640", help="the shape the sweeps run on")
+    p.add_argument(
+        "--token-scale", type=float, default=None, help="scale the token counts (default 0.25 on CPU unless --full)"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
+    p.add_argument(
+        "--budget", type=float, default=None, help="seconds of timing per measurement (default 0.3 CPU, 0.25 GPU)"
+    )
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds per case (default 3 CPU, 1 GPU)")
+    p.add_argument(
+        "--no-graphs", action="store_true", help="time forward calls eagerly instead of replaying a CUDA graph"
+    )
+    p.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"), help="output directory"
+    )
+    p.add_argument("--plot", action="store_true", help="also write a PNG of the ratio to base (needs matplotlib)")
+    args = p.parse_args(argv)
+    if args.list_shapes:
+        print(
+            "\n".join(f"{n:22s} {s.kind:6s} tokens={s.tokens} c_in={s.c_in} c_out={s.c_out}" for n, s in SHAPES.items())
+        )
+        raise SystemExit(0)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = args.device.type == "cuda"
+
+    def lst(value, default):
+        return [v.strip() for v in (value or default).split(",") if v.strip()]
+
+    args.shapes = args.shapes or ("all" if args.full or gpu else ",".join(QUICK_SHAPES))
+    args.batch = [int(b) for b in lst(args.batch, "1,2,8" if args.full else ("1,8" if gpu else "1"))]
+    args.dtypes = lst(args.dtypes, "fp32,fp16,bf16" if args.full else ("bf16" if gpu else "fp32"))
+    args.modes = lst(args.modes, "fwd,fwd+bwd")
+    args.routing = lst(args.routing, "sample,token" if args.full else "sample")
+    args.sweep = [s for s in lst(args.sweep, "ranks,k,zero" if args.full else "zero") if s != "none"]
+    if args.providers is not None:
+        args.providers = lst(args.providers, "")
+    for name, values, allowed in (("--dtypes", args.dtypes, DTYPES), ("--modes", args.modes, MODES),
+                                  ("--routing", args.routing, ("sample", "token")), ("--sweep", args.sweep, ("ranks", "k", "zero")),
+                                  ("--providers", args.providers or (), PROVIDERS)):  # fmt: skip
+        wrong = [v for v in values if v not in allowed]
+        if wrong:
+            raise SystemExit(f"{name}: unknown {wrong}; choose from {', '.join(allowed)}")
+    if args.token_scale is None:
+        args.token_scale = 1.0 if gpu or args.full else 0.25
+    args.budget = args.budget or (0.25 if gpu else 0.3)
+    args.rounds = args.rounds or (1 if gpu else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def _fmt(v, spec):
+    return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+
+def print_table(rows: list[dict], providers: list[str], meta: dict) -> None:
+    shown = [
+        p for p in providers if p != "base" and any(r["provider"] == p and r["status"] != "unavailable" for r in rows)
+    ]
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    by = {(r["case"], r["provider"]): r for r in rows}
+    head = f"{'layer':19s} {'T':>5s} {'B':>2s} {'dtype':5s} {'rout':4s} {'mode':7s} {'act/R':>6s} {'base ms':>8s} {'±%':>4s}"
+    head += (
+        "".join(f" {p.replace('reference', 'ref'):>10s}" for p in shown)
+        + f" {'best MoR GB/s':>13s} {'%copy':>5s} {'GFLOP use/exe':>14s}"
+    )
+    print(head)
+    print("-" * len(head))
+    sweep = "main"
+    for c in cases:
+        r0 = by[(c, "base")]
+        if r0["sweep"] != sweep:
+            sweep = r0["sweep"]
+            print(f"-- {sweep} sweep ({r0['layer']}, {r0['dtype']}, B{r0['batch']}):")
+        spread = (r0["p80_ms"] - r0["p20_ms"]) / 2 / r0["median_ms"] * 100 if r0.get("median_ms") else None
+        line = (
+            f"{r0['layer']:19s} {r0['tokens']:5d} {r0['batch']:2d} {r0['dtype']:5s} {r0['routing'][:3]:4s} {r0['mode']:7s} "
+            f"{r0['lora_rank']:>2d}/{r0['ranks']:<3d} {_fmt(r0.get('median_ms'), '8.3f')} {_fmt(spread, '4.0f')}"
+        )
+        for p in shown:
+            r = by[(c, p)]
+            cell = {"unavailable": "n/a", "error": "ERROR"}.get(r["status"])
+            if cell is None:
+                cell = f"{r['median_ms']:.3f}ms" if r["ratio_to_base"] is None else f"{r['ratio_to_base']:.2f}x"
+            line += f" {cell:>10s}"
+        mor = [by[(c, p)] for p in shown if p.startswith("mor:") and by[(c, p)]["status"] == "ok"]
+        best = min(mor, key=lambda r: r["median_ms"]) if mor else None
+        if best:
+            line += f" {best['achieved_gbps']:13.1f} {best['copy_fraction'] * 100:5.0f} {best['useful_gflop']:6.2f}/{best['executed_gflop']:<7.2f}"
+        print(line)
+    print("-" * len(head))
+    notes = {}
+    for r in rows:
+        if r["status"] != "ok":
+            notes.setdefault((r["provider"], r["status"], r["reason"]), 0)
+            notes[(r["provider"], r["status"], r["reason"])] += 1
+    for (p, status, reason), n in notes.items():
+        print(f"{p}: {status} ({n} cases): {reason}")
+
+
+def header(meta: dict) -> str:
+    lines = [
+        f"MoR layer benchmark on {meta['device']} ({meta['device_name']}), {meta['torch_threads']} threads; torch "
+        f"{meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; commit {(meta['git_commit'] or '?')[:10]}"
+        f"{' (dirty)' if meta['git_dirty'] else ''}; {meta['time_utc']}",
+        f"copy ceiling {meta['copy_GBps']:.1f} GB/s; MoR S={meta['shared']} E={meta['routed']} Z={meta['zero']} k={meta['top_k']}, "
+        f"{meta['zero_picked']} zero slots picked (act/R = active ranks / total; dense LoRA rank = active ranks)",
+    ]
+    if meta["token_scale"] != 1.0:
+        lines.append(
+            f"REDUCED SIZES: token counts x{meta['token_scale']} (conv images {math.sqrt(meta['token_scale']):.2g}x per side) "
+            "for a quick CPU run; --full or --token-scale 1 for the SD 2.1 sizes"
+        )
+    lines.append("columns: ratio = provider median / base median (same run); ±% = half the p20-p80 spread of base")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install matplotlib)"
+    ok = [r for r in rows if r["status"] == "ok" and r["provider"] != "base" and r.get("ratio_to_base")]
+    cases = list(dict.fromkeys(r["case"] for r in ok))
+    provs = list(dict.fromkeys(r["provider"] for r in ok))
+    fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(cases) * max(1, len(provs)) / 2), 5))
+    width = 0.8 / max(1, len(provs))
+    for j, p in enumerate(provs):
+        vals = {r["case"]: r["ratio_to_base"] for r in ok if r["provider"] == p}
+        ax.bar([i + j * width for i in range(len(cases))], [vals.get(c, 0) for c in cases], width, label=p)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+    ax.set_xticklabels(cases, rotation=75, ha="right", fontsize=6)
+    ax.set_ylabel("time / bare base layer")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = args.device
+    providers = ["base"] + [p for p in (args.providers or PROVIDERS) if p != "base"]
+    flop_ops = flops.register_flop_formulas()
+    meta = common.environment(device)
+    meta.update(common.copy_ceiling(device))
+    meta.update(
+        dtypes=args.dtypes, modes=args.modes, routing=args.routing, batch=args.batch, shared=args.shared,
+        routed=args.routed, zero=args.zero, top_k=args.top_k, zero_picked=args.zero_picked, token_scale=args.token_scale,
+        budget_s=args.budget, cuda_graphs=device.type == "cuda" and not args.no_graphs, full=args.full,
+        flop_formulas=flop_ops,
+    )  # fmt: skip
+    print(header(meta), flush=True)
+    rows = []
+    for case in build_cases(args):
+        rows += measure_case(case, providers, device, args, meta["copy_GBps"])
+    print()
+    print_table(rows, providers, meta)
+    stem = f"bench_mor_lora-{device.type}-{meta['time_utc'].replace(':', '').replace('+0000', 'Z')}"
+    paths = common.write_outputs(args.out, stem, meta, rows, FIELDS)
+    print(f"wrote {paths['csv']} and {paths['json']}")
+    if args.plot:
+        msg = plot(rows, os.path.join(args.out, f"{stem}.png"))
+        paths["png"] = msg.split(": ", 1)[1] if msg.startswith("plot:") else None
+        print(msg)
+    return {"meta": meta, "rows": rows, "paths": paths}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""FLOP and byte formulas for the MoR ops, the bare base layers and a dense (PEFT-style) LoRA.
+
+One module, used by the benchmarks (``benchmarks/bench_mor_lora.py``) and, through
+:func:`register_flop_formulas`, by ``torch.utils.flop_counter.FlopCounterMode`` for the ``mor``
+custom ops that exist at run time.
+
+Conventions (the same as ``torch.utils.flop_counter``):
+
+- FLOPs count the matrix products and convolutions only, 2 per multiply-add; bias adds, gates,
+  scaling and other elementwise work are left out.
+- Every layer is seen as an implicit GEMM: ``rows`` output positions (``B * T`` for a Linear,
+  ``B * H_out * W_out`` for a conv), a reduction length ``d_in`` (``C_in * kh * kw`` for a conv)
+  and ``d_out`` output channels. A rank is one row of ``lora_a`` (a ``kh x kw`` filter for a conv)
+  and one column of ``lora_b`` (a 1x1 up-projection).
+- LoRA work is counted in **rank-rows**: the sum over output rows of the ranks applied to that row.
+  *Useful* FLOPs use the active ranks (shared + distinct routed ranks picked; a zero slot costs
+  nothing); *executed* FLOPs use what a backend actually computes (the reference computes all
+  ``R`` ranks and multiplies the unused ones by a zero gate).
+- Backward assumes a frozen base weight (no ``dW`` unless ``weight_grad=True``), ``x`` needing its
+  gradient (an adapter inside a network), and gradients for ``lora_a``/``lora_b``: the LoRA part
+  costs twice its forward (``dh = dy B``, ``dB = dy^T h``, ``dA = dh^T x``, ``dx += dh A``).
+- Minimal bytes: every input read once and every output written once (nothing re-read, no
+  intermediate round trip), which is what a perfectly fused kernel would move.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger("mor_kernels")
+
+#: backends that skip the ranks a unit did not pick when routing is per sample (KERNEL_NOTES: a
+#: sample's active ranks are gathered); with per-token routing they run a dense tile over all R.
+GATHERING_BACKENDS = ("triton", "cuda", "cpp")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A Linear or Conv2d layer seen as an implicit GEMM (see the module docstring)."""
+
+    kind: str  # "linear" or "conv2d"
+    batch: int
+    tokens: int  # output positions per sample: T, or H_out * W_out
+    d_in: int  # reduction length: d_in, or C_in * kh * kw
+    d_out: int
+    x_numel: int  # elements of the input x (for a conv B * C_in * H * W, not the unfolded view)
+    bias: bool = True
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.tokens
+
+    @property
+    def weight_numel(self) -> int:
+        return self.d_out * self.d_in
+
+    @property
+    def y_numel(self) -> int:
+        return self.rows * self.d_out
+
+
+def linear_layer(batch: int, tokens: int, d_in: int, d_out: int, bias: bool = True) -> Layer:
+    """``x (batch, tokens, d_in) -> (batch, tokens, d_out)``."""
+    return Layer("linear", batch, tokens, d_in, d_out, batch * tokens * d_in, bias)
+
+
+def conv_out_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
+    """``F.conv2d``'s output size along one spatial dimension."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv2d_layer(
+    batch: int,
+    c_in: int,
+    c_out: int,
+    hw: tuple[int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    bias: bool = True,
+) -> Layer:
+    """``x (batch, c_in, H, W)`` convolved by a ``(c_out, c_in, kh, kw)`` filter (groups = 1)."""
+    h_out = conv_out_size(hw[0], kernel[0], stride[0], padding[0], dilation[0])
+    w_out = conv_out_size(hw[1], kernel[1], stride[1], padding[1], dilation[1])
+    return Layer(
+        "conv2d", batch, h_out * w_out, c_in * kernel[0] * kernel[1], c_out, batch * c_in * hw[0] * hw[1], bias
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranks
+
+
+def active_ranks(idx: torch.Tensor, num_shared: int) -> torch.Tensor:
+    """Active ranks per routing unit: ``num_shared`` plus the distinct routed ranks picked.
+
+    ``idx`` is ``(B, k)`` (sample routing) or ``(B, T, k)`` (token routing), ``-1`` for a zero slot;
+    returns an int64 tensor of shape ``idx.shape[:-1]``. A rank picked twice counts once.
+    """
+    srt = idx.long().sort(dim=-1).values
+    new = torch.ones_like(srt, dtype=torch.bool)
+    new[..., 1:] = srt[..., 1:] != srt[..., :-1]
+    return (new & (srt >= 0)).sum(-1) + num_shared
+
+
+def active_rank_rows(idx: torch.Tensor, num_shared: int, tokens: int) -> int:
+    """Useful rank-rows: the sum over output rows of the active ranks (``tokens`` rows per sample)."""
+    act = active_ranks(idx, num_shared)
+    if idx.dim() == 2:  # sample routing: every row of the sample uses the sample's ranks
+        return int(act.sum().item()) * tokens
+    return int(act.sum().item())
+
+
+def ranks_touched(idx: torch.Tensor, num_shared: int) -> int:
+    """Distinct ranks used anywhere in the batch (the ``lora_a`` rows a kernel must read)."""
+    routed = idx[idx >= 0].long().unique().numel()
+    return num_shared + routed
+
+
+def executed_rank_rows(backend: str, layer: Layer, ranks: int, useful_rank_rows: int, token_routing: bool) -> int:
+    """Rank-rows a backend computes: the reference computes all ``ranks`` for every row; the fused
+    backends (``GATHERING_BACKENDS``) gather the active ranks of each sample under sample routing and
+    run a dense tile over all ranks under token routing (their documented design, KERNEL_NOTES)."""
+    if backend in GATHERING_BACKENDS and not token_routing:
+        return useful_rank_rows
+    return layer.rows * ranks
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def base_flops(layer: Layer, *, backward: bool = False, weight_grad: bool = False) -> int:
+    """The bare layer: forward ``2 rows d_in d_out``; backward adds ``dx`` (and ``dW`` if asked)."""
+    fwd = 2 * layer.rows * layer.d_in * layer.d_out
+    if not backward:
+        return fwd
+    return fwd + fwd + (fwd if weight_grad else 0)
+
+
+def lora_flops(layer: Layer, rank_rows: int, *, backward: bool = False) -> int:
+    """The low-rank branch: forward ``2 rank_rows (d_in + d_out)`` (down then up projection);
+    with ``backward`` the total of forward and backward (3x the forward)."""
+    fwd = 2 * rank_rows * (layer.d_in + layer.d_out)
+    return 3 * fwd if backward else fwd
+
+
+def op_flops(op: str, layer: Layer, rank_rows: int = 0, *, backward: bool = False) -> int:
+    """FLOPs of one call (forward, or forward + backward) of ``op``:
+
+    - ``"base"``: the bare ``F.linear`` / ``F.conv2d``;
+    - ``"mor_lora"``: the low-rank branch alone (``base`` is an input, not computed);
+    - ``"mor_linear"``, ``"mor_conv2d"``, ``"lora"`` (dense LoRA, ``rank_rows = rows * r``): base + branch.
+    """
+    if op == "base":
+        return base_flops(layer, backward=backward)
+    if op == "mor_lora":
+        return lora_flops(layer, rank_rows, backward=backward)
+    if op in ("mor_linear", "mor_conv2d", "lora"):
+        return base_flops(layer, backward=backward) + lora_flops(layer, rank_rows, backward=backward)
+    raise ValueError(f"op must be base, lora, mor_lora, mor_linear or mor_conv2d, got {op!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Bytes
+
+
+def min_bytes(
+    op: str,
+    layer: Layer,
+    dtype: torch.dtype,
+    *,
+    ranks_read: int = 0,
+    ranks: int | None = None,
+    routing_numel: int = 0,
+    backward: bool = False,
+) -> int:
+    """Minimal bytes moved by one call of ``op`` (see :func:`op_flops` for the op names).
+
+    Args:
+        ranks_read: ranks whose ``lora_a`` row and ``lora_b`` column must be read (the distinct
+            ranks used, :func:`ranks_touched`; ``r`` for a dense LoRA).
+        ranks: ``R``, the size of the ``lora_a``/``lora_b`` gradients written in backward
+            (default ``ranks_read``).
+        routing_numel: elements of ``idx`` (int32) and of ``gate`` (float32) each (0 for no routing).
+        backward: forward + backward: the backward reads ``dy``, ``x`` (for ``dA``), the weights and
+            the routing, and writes ``dx``, ``dA``, ``dB`` and ``dgate`` (the base weight is frozen).
+    """
+    e = torch.empty((), dtype=dtype).element_size()
+    ranks = ranks_read if ranks is None else ranks
+    lora = op != "base"
+    with_base = op != "mor_lora"
+    w = (layer.weight_numel + (layer.d_out if layer.bias else 0)) if with_base else 0
+    a_b = ranks_read * (layer.d_in + layer.d_out) if lora else 0
+    route = routing_numel * 8 if op.startswith("mor") else 0  # int32 idx + float32 gate
+    base_in = layer.y_numel if op == "mor_lora" else 0  # mor_lora reads ``base``
+    fwd = e * (layer.x_numel + w + a_b + base_in + layer.y_numel) + route
+    if op not in ("base", "lora", "mor_lora", "mor_linear", "mor_conv2d"):
+        raise ValueError(f"op must be base, lora, mor_lora, mor_linear or mor_conv2d, got {op!r}")
+    if not backward:
+        return fwd
+    x_read = layer.x_numel if lora else 0
+    grads = ranks * (layer.d_in + layer.d_out) if lora else 0
+    dbase = layer.y_numel if op == "mor_lora" else 0  # d(base) = dy, written out
+    bwd = e * (layer.y_numel + x_read + w + a_b + layer.x_numel + grads + dbase) + 2 * route
+    return fwd + bwd
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.utils.flop_counter registration for the ``mor`` custom ops
+
+_REGISTERED: dict[str, str] = {}
+
+
+def _mor_op_names() -> list[str]:
+    """Names (without the namespace) of the ``mor::`` ops registered in this process."""
+    names = torch._C._dispatch_get_all_op_names()
+    return sorted({n.split("::", 1)[1].split(".", 1)[0] for n in names if n.startswith("mor::")})
+
+
+def _load_op_libraries() -> dict[str, str]:
+    """Imports what registers ``mor`` ops (the extension, the Triton backend); returns why not."""
+    import importlib
+    import importlib.util
+
+    from . import _extension
+
+    notes = {}
+    _, why = _extension.load()
+    if why is not None:
+        notes["extension"] = why
+    path = "mor_kernels.ops.triton_backend"
+    try:
+        if importlib.util.find_spec(path) is None:
+            notes["triton_backend"] = f"{path} is missing"
+        else:
+            importlib.import_module(path)
+    except Exception as err:  # an import-time failure of another module must not break counting
+        notes["triton_backend"] = f"{path} could not be imported: {type(err).__name__}: {err}"
+    return notes
+
+
+def _prod(xs) -> int:
+    out = 1
+    for v in xs:
+        out *= int(v)
+    return out
+
+
+def _formula_for(name: str, arg_names: list[str]):
+    """A shape-only FLOP formula for ``mor::<name>`` bound through its schema's argument names."""
+    backward = any(t in name for t in ("bwd", "backward", "grad"))
+    conv = "conv" in name
+
+    def formula(*args, out_shape=None, **kwargs) -> int:
+        a = dict(zip(arg_names, args, strict=False))
+        a.update(kwargs)
+        x, lora_a, idx = a["x"], a["lora_a"], a["idx"]
+        ranks = int(lora_a[0])
+        num_shared = int(a.get("num_shared", 0) or 0)
+        d_out = int(a["lora_b"][0]) if "lora_b" in a else int(a["weight"][0])
+        if conv:
+            out = out_shape[0] if out_shape and isinstance(out_shape[0], (list, tuple, torch.Size)) else out_shape
+            if backward or out is None or len(out) != 4:  # no output shape to read: assume "same" padding
+                tokens = _prod(x[2:])
+            else:
+                tokens = _prod(out[2:])
+            layer = Layer("conv2d", int(x[0]), tokens, _prod(lora_a[1:]), d_out, _prod(x), True)
+        else:
+            layer = Layer("linear", int(x[0]), _prod(x[1:-1]), int(x[-1]), d_out, _prod(x), True)
+        token_routing = len(idx) == 3
+        per_row = ranks if token_routing else min(ranks, num_shared + int(idx[-1]))
+        lora = 2 * layer.rows * per_row * (layer.d_in + layer.d_out)
+        base = 2 * layer.rows * layer.d_in * layer.d_out if "weight" in a and a["weight"] is not None else 0
+        # a backward op alone: 2x the branch's forward, and dx of the frozen base (1x its forward)
+        return 2 * lora + base if backward else lora + base
+
+    return formula
+
+
+def register_flop_formulas() -> dict[str, str]:
+    """Registers FLOP formulas with ``torch.utils.flop_counter`` for the ``mor`` ops that exist.
+
+    Loads the compiled extension and the Triton backend when they import (``mor::<op>`` and
+    ``mor::triton_<op>``), then registers every op whose schema names ``x``, ``lora_a`` and ``idx``
+    (plus ``lora_b`` or ``weight``). Shapes alone cannot say which slots are zero slots, so the
+    count assumes every selected slot is a real rank under sample routing (the upper bound for a
+    kernel that skips zero slots) and all ``R`` ranks under token routing (a dense tile). Safe to
+    call repeatedly; never raises. Returns ``{op name: "registered" or the reason it was skipped}``.
+    """
+    from torch.utils import flop_counter
+
+    for lib, why in _load_op_libraries().items():
+        _REGISTERED.setdefault(f"<{lib}>", f"not loaded: {why}")
+    for name in _mor_op_names():
+        if _REGISTERED.get(name) == "registered":
+            continue
+        try:
+            packet = getattr(torch.ops.mor, name)
+            overload = packet.default if "default" in packet.overloads() else getattr(packet, packet.overloads()[0])
+            arg_names = [arg.name for arg in overload._schema.arguments]
+        except Exception as err:
+            _REGISTERED[name] = f"skipped: schema unreadable ({type(err).__name__}: {err})"
+            continue
+        needed = {"x", "lora_a", "idx"}
+        if not needed <= set(arg_names) or not ({"lora_b", "weight"} & set(arg_names)):
+            _REGISTERED[name] = f"skipped: no matmul formula for arguments {arg_names}"
+            continue
+        if packet in flop_counter.flop_registry:
+            _REGISTERED[name] = "registered"  # by an earlier call or by the op's own module
+            continue
+        try:
+            flop_counter.register_flop_formula(packet)(_formula_for(name, arg_names))
+        except Exception as err:
+            _REGISTERED[name] = f"skipped: registration failed ({type(err).__name__}: {err})"
+            continue
+        _REGISTERED[name] = "registered"
+    return dict(_REGISTERED)
