@@ -1,0 +1,286 @@
+"""Image files in and out for the CLI: collect inputs, load to tensors, plan and write outputs safely.
+
+- ``collect_images(inputs)``: files and folders (``recursive=True`` descends) -> image files with a
+  supported extension (png, jpg, jpeg, webp, bmp, tif, tiff; any case), in a stable order, plus a list
+  of problems (missing paths, unsupported files given by name) instead of an exception.
+- ``load_image(path)``: RGB float32 (3, H, W) in ``[0, 1]``; grey, grey+alpha, palette, RGBA, CMYK,
+  16-bit grey (full precision), 32-bit integer (read as 16-bit data) and float images (``[0, 1]``, or
+  rescaled from 0-255/0-65535 when larger values occur) are converted; alpha is dropped (the colour
+  channels are kept as stored); the EXIF orientation is applied. Pillow decodes 16-bit *RGB* files
+  to 8 bits, so those are read at 8-bit precision. Unreadable or
+  corrupt files raise ``ImageReadError`` (a ``ValueError``) naming the file.
+- ``plan_outputs(files, out_dir, ...)``: one output path per input that never equals an input file,
+  never collides with another output, and keeps sub-folders of folder inputs; existing outputs are
+  marked to be skipped unless ``overwrite``.
+- ``save_image(img, path)``: 8-bit PNG/JPEG/WebP/BMP/TIFF written to a temporary file in the same
+  folder and moved into place with ``os.replace`` (readers never see a half-written file; a failed
+  write leaves no partial file).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageReadError",
+    "CollectedImages",
+    "OutputPlan",
+    "collect_images",
+    "load_image",
+    "iter_images",
+    "plan_outputs",
+    "save_image",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
+
+
+def _pil():
+    try:
+        from PIL import Image, ImageOps
+    except ImportError as e:  # pragma: no cover - pillow is in the [model] extra
+        raise ImportError("image I/O needs Pillow: pip install 'mor-sr[model]' (or pip install pillow)") from e
+    return Image, ImageOps
+
+
+class ImageReadError(ValueError):
+    """An input image could not be read; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: Path | str, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"cannot read image {str(path)!r}: {reason}")
+
+
+@dataclass
+class CollectedImages:
+    """Result of ``collect_images``: ``files`` to process, ``roots[i]`` the folder argument ``files[i]`` came
+    from (None for a file given directly; used to keep sub-folders in the output), ``errors`` as
+    ``(path, reason)`` pairs."""
+
+    files: list[Path] = field(default_factory=list)
+    roots: list[Path | None] = field(default_factory=list)
+    errors: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def is_image_file(path: Path | str) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def collect_images(inputs: Iterable[str | os.PathLike], *, recursive: bool = False) -> CollectedImages:
+    """Expand files and folders into image files (see the module docstring).
+
+    Folders are listed in sorted order (hidden files skipped); a file given by name must have a
+    supported extension; the same file given twice is kept once.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    result = CollectedImages()
+    seen: set[Path] = set()
+
+    def add(p: Path, root: Path | None) -> None:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            result.files.append(p)
+            result.roots.append(root)
+
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            pattern = p.rglob("*") if recursive else p.iterdir()
+            found = sorted(
+                q
+                for q in pattern
+                if q.is_file() and is_image_file(q) and not any(part.startswith(".") for part in q.relative_to(p).parts)
+            )
+            if not found:
+                result.errors.append((p, f"folder has no images ({', '.join(IMAGE_EXTENSIONS)})"))
+            for q in found:
+                add(q, p)
+        elif p.is_file():
+            if is_image_file(p):
+                add(p, None)
+            else:
+                result.errors.append((p, f"unsupported file type {p.suffix!r} (expected one of {IMAGE_EXTENSIONS})"))
+        else:
+            result.errors.append((p, "no such file or folder"))
+    return result
+
+
+def _to_float_array(img) -> np.ndarray:
+    """PIL image (orientation applied) -> float32 (H, W, 3) in [0, 1]."""
+    Image, _ = _pil()
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img).astype(np.float32) / 65535.0
+    elif mode == "I":
+        # 32-bit integer mode: 16-bit data widened by the decoder (PNG/TIFF); read on the 16-bit scale
+        arr = np.asarray(img).astype(np.float32) / 65535.0
+    elif mode == "F":
+        arr = np.asarray(img).astype(np.float32)
+        peak = float(arr.max(initial=0))
+        if peak > 1.0:  # float data stored on a 0-255 or 0-65535 scale
+            arr = arr / (255.0 if peak <= 255.0 else 65535.0)
+    else:
+        if mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        elif mode in ("LA", "La", "PA"):
+            img = img.convert("L")
+        if img.mode not in ("RGB", "L"):
+            img = img.convert("RGB")  # RGBA/RGBa/CMYK/YCbCr/LAB/1 -> RGB (alpha dropped)
+        arr = np.asarray(img).astype(np.float32) / 255.0
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"unexpected decoded image shape {arr.shape} (mode {mode})")
+    return np.clip(arr, 0.0, 1.0)
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """Read an image file as an RGB float32 tensor (3, H, W) in ``[0, 1]``; raises ``ImageReadError``."""
+    Image, ImageOps = _pil()
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now, so truncated/corrupt data fails here
+            img = ImageOps.exif_transpose(img)
+            arr = _to_float_array(img)
+    except FileNotFoundError:
+        raise ImageReadError(path, "no such file") from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(path, f"image too large ({e})") from None
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as e:
+        raise ImageReadError(path, f"{type(e).__name__}: {e}") from None
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageReadError(path, "image is empty (0 pixels)")
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def iter_images(
+    paths: Iterable[str | os.PathLike],
+) -> Iterator[tuple[Path, torch.Tensor | None, ImageReadError | None]]:
+    """Yield ``(path, image, None)`` for readable files and ``(path, None, error)`` for the others."""
+    for p in paths:
+        try:
+            yield Path(p), load_image(p), None
+        except ImageReadError as e:
+            yield Path(p), None, e
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    input: Path
+    output: Path
+    skip: bool  # the output exists and overwrite is off
+
+
+def plan_outputs(
+    files: list[Path] | CollectedImages,
+    out_dir: str | os.PathLike,
+    *,
+    roots: list[Path | None] | None = None,
+    suffix: str = "",
+    ext: str = ".png",
+    overwrite: bool = False,
+) -> list[OutputPlan]:
+    """Choose an output path for every input file.
+
+    The output is ``out_dir / <sub-folder under its root> / <stem><suffix><ext>``. When that path is an
+    input file, or another input already maps to it (``a.png`` and ``a.jpg``), the input's extension
+    is added to the stem (``a_jpg<suffix><ext>``), then a counter (``_1``, ``_2``...) until the name is
+    free. With ``overwrite=False`` an output that already exists on disk is marked ``skip``.
+    """
+    if isinstance(files, CollectedImages):
+        roots = files.roots if roots is None else roots
+        files = files.files
+    if roots is None:
+        roots = [None] * len(files)
+    if len(roots) != len(files):
+        raise ValueError(f"roots must have one entry per file ({len(files)}), got {len(roots)}")
+    ext = ext if ext.startswith(".") else "." + ext
+    if ext.lower() not in _FORMATS:
+        raise ValueError(f"ext must be one of {tuple(_FORMATS)}, got {ext!r}")
+    out_dir = Path(out_dir)
+    inputs = {Path(f).resolve() for f in files}
+    taken: set[Path] = set()
+    plans = []
+    for f, root in zip(files, roots, strict=True):
+        f = Path(f)
+        sub = f.parent.relative_to(root) if root is not None else Path()
+        folder = out_dir / sub
+        tag = f.suffix.lstrip(".").lower()
+        names = itertools.chain(
+            [f"{f.stem}{suffix}{ext}", f"{f.stem}_{tag}{suffix}{ext}"],
+            (f"{f.stem}_{tag}_{i}{suffix}{ext}" for i in itertools.count(1)),
+        )
+        for name in names:
+            out = folder / name
+            key = out.resolve()
+            if key not in inputs and key not in taken:
+                break
+        taken.add(key)
+        plans.append(OutputPlan(f, out, skip=(not overwrite) and out.exists()))
+    return plans
+
+
+def save_image(img: torch.Tensor, path: str | os.PathLike, *, quality: int = 95) -> Path:
+    """Write an RGB image in ``[0, 1]`` ((3, H, W) or (1, 3, H, W), any float dtype or uint8) atomically.
+
+    The format comes from the extension; values are clamped and rounded to 8 bits; JPEG/WebP use
+    ``quality``. Parent folders are created. Returns the path.
+    """
+    Image, _ = _pil()
+    path = Path(path)
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"path must end with one of {tuple(_FORMATS)}, got {str(path)!r}")
+    if not isinstance(img, torch.Tensor):
+        raise TypeError(f"img must be a torch.Tensor (3, H, W), got {type(img).__name__}")
+    if img.dim() == 4 and img.shape[0] == 1:
+        img = img[0]
+    if img.dim() != 3 or img.shape[0] not in (1, 3):
+        raise ValueError(f"img must have shape (3, H, W) or (1, 3, H, W), got {tuple(img.shape)}")
+    if img.dtype == torch.uint8:
+        arr = img.detach().cpu()
+    else:
+        arr = (img.detach().to("cpu", torch.float32).clamp(0, 1) * 255.0).round().to(torch.uint8)
+    arr = arr.expand(3, -1, -1).permute(1, 2, 0).contiguous().numpy()
+    pil = Image.fromarray(arr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a hidden temporary name in the same folder (same file system, so os.replace is atomic); created
+    # with O_EXCL and the usual 0o666 & ~umask permissions (mkstemp would make it 0o600)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            kwargs = {"quality": int(quality)} if fmt in ("JPEG", "WEBP") else {}
+            pil.save(fh, format=fmt, **kwargs)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path

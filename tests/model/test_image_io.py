@@ -1,0 +1,208 @@
+"""Collecting, loading, naming and atomically writing images."""
+
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+Image = pytest.importorskip("PIL.Image", reason="image I/O needs Pillow (the [model] extra)")
+
+from mor_model.image_io import (  # noqa: E402
+    ImageReadError,
+    collect_images,
+    iter_images,
+    load_image,
+    plan_outputs,
+    save_image,
+)
+
+
+def _rgb(h=6, w=7, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _png16(path, arr: np.ndarray) -> None:
+    """Write a 16-bit PNG by hand (Pillow cannot write 16-bit RGB)."""
+    h, w, c = arr.shape
+    color_type = {1: 0, 3: 2}[c]
+    raw = b"".join(b"\x00" + arr[i].astype(">u2").tobytes() for i in range(h))
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_collect_files_and_folders_case_insensitive(tmp_path):
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    for name in ["b.PNG", "a.jpg", "c.JpEg", "d.webp", "e.BMP", "f.tif", "g.TIFF", "notes.txt", ".hidden.png"]:
+        (d / name).write_bytes(b"x")
+    (d / "sub" / "h.png").write_bytes(b"x")
+    single = tmp_path / "single.Png"
+    single.write_bytes(b"x")
+    res = collect_images([d, single, d / "a.jpg", tmp_path / "missing.png", d / "notes.txt"])
+    names = [p.name for p in res.files]
+    assert names == ["a.jpg", "b.PNG", "c.JpEg", "d.webp", "e.BMP", "f.tif", "g.TIFF", "single.Png"]
+    assert res.roots[0] == d and res.roots[-1] is None
+    reasons = {p.name: r for p, r in res.errors}
+    assert "no such file" in reasons["missing.png"] and "unsupported" in reasons["notes.txt"]
+    rec = collect_images(d, recursive=True)
+    assert [p.name for p in rec.files][-1] == "h.png" and len(rec.files) == 8
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert collect_images([empty]).errors and not collect_images([empty]).files
+
+
+def test_load_rgb_grey_rgba_palette(tmp_path):
+    rgb = _rgb()
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")
+    rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 7, np.uint8)], axis=2)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(tmp_path / "pal.png")
+    Image.fromarray(rgb[..., 0]).convert("LA").save(tmp_path / "la.png")
+
+    x = load_image(tmp_path / "rgb.png")
+    assert x.shape == (3, 6, 7) and x.dtype == torch.float32
+    assert torch.equal((x * 255).round().to(torch.uint8).permute(1, 2, 0), torch.from_numpy(rgb))
+    g = load_image(tmp_path / "grey.png")
+    assert g.shape == (3, 6, 7) and torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])
+    assert torch.allclose(g[0] * 255, torch.from_numpy(rgb[..., 0]).float())
+    assert torch.equal(load_image(tmp_path / "rgba.png"), x)  # alpha dropped, colours as stored
+    p = load_image(tmp_path / "pal.png")
+    assert p.shape == (3, 6, 7) and 0 <= p.min() and p.max() <= 1
+    la = load_image(tmp_path / "la.png")
+    assert torch.allclose(la, g)
+
+
+def test_load_16bit(tmp_path):
+    grey = np.arange(6 * 7, dtype=np.uint16).reshape(6, 7, 1) * 1500
+    _png16(tmp_path / "g16.png", grey)
+    g = load_image(tmp_path / "g16.png")
+    assert g.shape == (3, 6, 7)
+    torch.testing.assert_close(g[0], torch.from_numpy(grey[..., 0].astype(np.float32) / 65535.0))
+    rgb = np.arange(6 * 7 * 3, dtype=np.uint16).reshape(6, 7, 3) * 700
+    _png16(tmp_path / "c16.png", rgb)
+    c = load_image(tmp_path / "c16.png")  # Pillow gives 8-bit precision for 16-bit RGB
+    assert c.shape == (3, 6, 7)
+    assert (c.permute(1, 2, 0) - torch.from_numpy(rgb.astype(np.float32) / 65535.0)).abs().max() < 1 / 255 + 1e-6
+
+
+def test_load_float_and_exif_orientation(tmp_path):
+    f = np.linspace(0, 1, 42, dtype=np.float32).reshape(6, 7)
+    Image.fromarray(f).save(tmp_path / "f.tiff")
+    t = load_image(tmp_path / "f.tiff")
+    torch.testing.assert_close(t[1], torch.from_numpy(f))
+    rgb = _rgb(4, 9)
+    im = Image.fromarray(rgb)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    im.save(tmp_path / "rot.jpg", exif=exif, quality=100)
+    r = load_image(tmp_path / "rot.jpg")
+    assert r.shape == (3, 9, 4)
+
+
+def test_corrupt_files_are_reported_and_others_still_load(tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(_rgb()).save(good)
+    trunc = tmp_path / "trunc.png"
+    trunc.write_bytes(good.read_bytes()[:60])
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not an image at all")
+    (tmp_path / "dir.png").mkdir()
+    results = list(iter_images([trunc, good, junk, tmp_path / "gone.png", tmp_path / "dir.png"]))
+    assert [r[0].name for r in results] == ["trunc.png", "good.png", "junk.jpg", "gone.png", "dir.png"]
+    assert results[1][1] is not None and results[1][2] is None
+    for i in (0, 2, 3, 4):
+        assert results[i][1] is None and isinstance(results[i][2], ImageReadError)
+        assert results[i][0].name in str(results[i][2])
+    with pytest.raises(ValueError, match="junk.jpg"):
+        load_image(junk)
+
+
+def test_plan_outputs_never_overwrites_inputs_and_avoids_collisions(tmp_path):
+    d = tmp_path / "imgs"
+    (d / "sub").mkdir(parents=True)
+    for name in ["a.png", "a.jpg", "b.webp", "sub/c.png"]:
+        Image.fromarray(_rgb()).save(d / name)
+    col = collect_images([d], recursive=True)
+    # writing next to the inputs, no suffix: a.png would be an input -> renamed
+    plans = plan_outputs(col, d)
+    outs = {p.input.name: p.output for p in plans}
+    inputs = {p.resolve() for p in col.files}
+    assert all(p.output.resolve() not in inputs for p in plans)
+    assert len({p.output for p in plans}) == len(plans)
+    assert outs["a.png"] == d / "a_png.png" and outs["a.jpg"] == d / "a_jpg.png"
+    assert outs["b.webp"] == d / "b.png" and outs["c.png"] == d / "sub" / "c_png.png"
+    # to another folder: plain names, sub-folders kept, the second "a" gets its extension
+    o = tmp_path / "out"
+    plans = plan_outputs(col, o, suffix="_x4")
+    assert [p.output.relative_to(o).as_posix() for p in plans] == [
+        "a_x4.png",
+        "a_png_x4.png",
+        "b_x4.png",
+        "sub/c_x4.png",
+    ]
+    assert not any(p.skip for p in plans)
+    save_image(torch.rand(3, 4, 4), plans[0].output)
+    again = plan_outputs(col, o, suffix="_x4")
+    assert [p.skip for p in again] == [True, False, False, False]
+    assert not any(p.skip for p in plan_outputs(col, o, suffix="_x4", overwrite=True))
+    # a name a previous rule would pick is itself an input: the counter takes over
+    e = tmp_path / "e"
+    e.mkdir()
+    for name in ["x.png", "x_png.png"]:
+        Image.fromarray(_rgb()).save(e / name)
+    outs = [p.output.name for p in plan_outputs(collect_images([e]), e)]
+    assert "x.png" not in outs and "x_png.png" not in outs and len(set(outs)) == 2
+    with pytest.raises(ValueError, match="ext"):
+        plan_outputs(col, o, ext=".gif")
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".webp", ".bmp", ".tiff"])
+def test_save_roundtrip_and_atomic(tmp_path, ext):
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 16), torch.linspace(0, 1, 17), indexing="ij")
+    img = torch.stack([yy, xx, 0.5 * (yy + xx)]).unsqueeze(0)  # smooth, so lossy formats stay close
+    img0 = img.clone()
+    path = save_image(img, tmp_path / "deep" / f"out{ext}")
+    assert path.exists() and torch.equal(img, img0)
+    back = load_image(path)
+    if ext in (".png", ".bmp", ".tiff"):
+        torch.testing.assert_close(back, (img[0] * 255).round() / 255, atol=1e-6, rtol=0)
+    else:
+        assert back.shape == img[0].shape and (back - img[0]).abs().mean() < 0.02
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+    mode = os.stat(path).st_mode & 0o777
+    assert mode & 0o044  # readable by others (not mkstemp's 0o600), subject to the umask
+    save_image(torch.zeros(3, 2, 2), path)  # replacing an existing file works
+    assert load_image(path).max() == 0
+
+
+def test_save_failure_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "o.png"
+    save_image(torch.ones(3, 4, 4), target)
+    before = target.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_image(torch.zeros(3, 4, 4), target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["o.png"]
+
+
+def test_save_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="end with"):
+        save_image(torch.rand(3, 4, 4), tmp_path / "x.gif")
+    with pytest.raises(ValueError, match="\\(3, H, W\\)"):
+        save_image(torch.rand(2, 3, 4, 4), tmp_path / "x.png")
+    with pytest.raises(TypeError):
+        save_image(np.zeros((4, 4, 3)), tmp_path / "x.png")
