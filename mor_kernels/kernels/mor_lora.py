@@ -1,13 +1,13 @@
 """Triton kernels for the fused MoR linear / LoRA path (MOR_SPEC 2.2), forward and backward.
 
-Ranks are handled as a "rank list" of ``RP`` positions (a constexpr multiple of 16, as ``tl.dot``
-needs), computed in registers from the compact ``(idx, gate)`` pairs:
+Ranks are handled as a "rank list" of ``RP`` positions (a constexpr power of two >= 16, as
+``tl.arange`` and ``tl.dot`` need), computed in registers from the compact ``(idx, gate)`` pairs:
 
 - sample routing: position ``p < S`` is shared rank ``p``; position ``S + j`` is the rank picked by
   slot ``j`` (``S + idx[b, j]``), inactive for a zero slot (any index outside ``[0, E)``); the rest
   is padding. Only active ranks of ``lora_a``/``lora_b`` are loaded (a Punica/S-LoRA-style segment per
-  sample); ``RP = pad16(S + k)``.
-- token routing: position ``p`` is rank ``p`` (``RP = pad16(R)``), a dense tile over all ranks with the
+  sample); ``RP = pad(S + k)``.
+- token routing: position ``p`` is rank ``p`` (``RP = pad(R)``), a dense tile over all ranks with the
   per-token gates expanded in registers from ``(idx, gate)``.
 
 Forward (after LoRAFusion / vLLM shrink-expand): ``_shrink_kernel`` writes the rank activations
@@ -36,8 +36,8 @@ TOKEN_CHUNK = 512  # tokens per partial sum in the dA/dB reductions
 
 
 def rank_pad(n: int) -> int:
-    """Ranks padded to the multiple of 16 that ``tl.dot`` needs."""
-    return max(16, triton.cdiv(n, 16) * 16)
+    """Ranks padded to a power of two (``tl.arange``) of at least 16 (``tl.dot``)."""
+    return max(16, triton.next_power_of_2(n))
 
 
 def padded_ranks(ranks: int, num_shared: int, top_k: int, token_routing: bool) -> int:
@@ -326,7 +326,9 @@ def _rank_grad_kernel(
             mask=mask_m[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc = tl.dot(lt.to(rt.dtype), rt, acc, input_precision="ieee")
+        # float32 operands: these sums run over every token, so rounding ``L`` to 16 bits would cost
+        # more than the float16 tolerance allows (a small GEMM next to the base layer's).
+        acc = tl.dot(lt, rt.to(tl.float32), acc, input_precision="ieee")
     out = ((pid_b * n_chunks + pid_c) * RP + p[:, None]) * N + offs_n[None, :]
     tl.store(out_ptr + out, acc, mask=mask_n[None, :])
 

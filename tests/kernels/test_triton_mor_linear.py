@@ -1,0 +1,193 @@
+"""Triton ``mor_lora``/``mor_linear`` against the reference (MOR_SPEC section 7): forward and every
+gradient, sample and token routing, float32/float16 (bfloat16 on GPU), odd sizes, zero-slot corners,
+duplicates, strides, determinism. On CPU the kernels run under ``TRITON_INTERPRET=1``."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton or the kernels are imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import mor_kernels  # noqa: E402
+from mor_kernels import dispatch  # noqa: E402
+from mor_kernels import reference as ref_ops  # noqa: E402
+from mor_kernels.testing import assert_parity, poison_allocations, random_case  # noqa: E402
+
+dispatch.clear_cache()
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+BF16_SKIP = "bf16 tl.dot is wrong under triton 3.8's CPU interpreter; the bf16 cases run on a GPU"
+
+
+def _dtype_param(dtype):
+    if dtype is torch.bfloat16:
+        return pytest.param(dtype, marks=pytest.mark.skipif(DEVICE == "cpu", reason=BF16_SKIP), id="bf16")
+    return pytest.param(dtype, id=str(dtype).replace("torch.", ""))
+
+
+DTYPES = [_dtype_param(d) for d in (torch.float32, torch.float16, torch.bfloat16)]
+
+
+def _call(op, c, *, backend, upcast=None, base=None):
+    if op == "linear":
+        args = (c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx, c.gate, c.num_shared, c.scaling)
+        if backend is None:
+            return ref_ops.mor_linear(*args, upcast=upcast)
+        return mor_kernels.mor_linear(*args, backend=backend)
+    args = (c.x, c.lora_a, c.lora_b, c.idx, c.gate, c.num_shared, c.scaling)
+    if backend is None:
+        return ref_ops.mor_lora(*args, base=base, upcast=upcast)
+    return mor_kernels.mor_lora(*args, base=base, backend=backend)
+
+
+def check_parity(case, dtype, op="linear", with_base=False, grads=True, seed=1):
+    """Forward and gradients of the Triton op vs the float64 reference, and vs the reference's own
+    error in ``dtype`` (upcast=False). All three see the same inputs, rounded to ``dtype`` first."""
+    case = case.to(dtype)
+    oracle = case.to(torch.float64, requires_grad=True)
+    lowp = case.to(dtype, device=DEVICE, requires_grad=True)
+    test = case.to(dtype, device=DEVICE, requires_grad=True)
+    gen = torch.Generator().manual_seed(seed)
+    base_shape = (*case.x.shape[:-1], case.lora_b.shape[0])
+    base64 = torch.randn(base_shape, generator=gen).to(dtype).double() if with_base else None
+    bases = (
+        [None] * 3
+        if base64 is None
+        else [base64.clone().requires_grad_(True)]
+        + [base64.to(dtype=dtype, device=DEVICE).requires_grad_(True) for _ in range(2)]
+    )
+    want = _call(op, oracle, backend=None, upcast=True, base=bases[0])
+    want_lowp = _call(op, lowp, backend=None, upcast=False, base=bases[1])
+    with poison_allocations():
+        got = _call(op, test, backend="triton", base=bases[2])
+    assert got.dtype == dtype and got.device.type == DEVICE
+    assert_parity(got, want, dtype=dtype, lowp=want_lowp, name="y")
+    if not grads:
+        return
+    names = ["x", "lora_a", "lora_b", "gate"] + (["weight"] + (["bias"] if case.bias is not None else []))[
+        : 2 if op == "linear" else 0
+    ]
+    dy = torch.randn(got.shape, generator=gen).to(dtype).double()
+
+    def grads_of(out, c, base, dy_):
+        inputs = [getattr(c, n) for n in names] + ([base] if base is not None else [])
+        return torch.autograd.grad(out, inputs, dy_)
+
+    g_want = grads_of(want, oracle, bases[0], dy)
+    g_lowp = grads_of(want_lowp, lowp, bases[1], dy.to(dtype=dtype, device=DEVICE))
+    with poison_allocations():
+        g_got = grads_of(got, test, bases[2], dy.to(dtype=dtype, device=DEVICE))
+    for name, a, w, lp in zip(names + ["base"] * with_base, g_got, g_want, g_lowp, strict=True):
+        assert_parity(a, w, dtype=dtype, lowp=lp, name=f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_linear_parity(routing, dtype):
+    check_parity(random_case(routing=routing, tokens=17, zero_only_unit=True, seed=3), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_lora_with_base_parity(routing, dtype):
+    check_parity(random_case(routing=routing, tokens=17, seed=4), dtype, op="lora", with_base=True)
+
+
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_lora_without_base_parity(routing):
+    check_parity(random_case(routing=routing, tokens=17, seed=5), torch.float32, op="lora")
+
+
+ODD = {
+    "T1": dict(tokens=1),
+    "T130_d320": dict(tokens=130, d_in=320, d_out=65),
+    "R1_shared_only": dict(num_shared=1, num_routed=0, num_zero=2, top_k=1),
+    "R1_routed_only": dict(num_shared=0, num_routed=1, num_zero=1, top_k=2),
+    "R40_paper": dict(num_shared=8, num_routed=32, num_zero=4, top_k=8, tokens=9),
+    "k_eq_E_plus_Z": dict(top_k=8, zero_only_unit=True),
+    "zero_slots_only": dict(top_k=2, num_zero=2, zero_only_unit=True),
+    "S0": dict(num_shared=0, zero_only_unit=True),
+    "no_bias": dict(bias=False),
+}
+
+
+@pytest.mark.parametrize("routing", ["sample", "token"])
+@pytest.mark.parametrize("name", list(ODD))
+def test_odd_shapes(name, routing):
+    dtype = torch.float16 if name == "T130_d320" else torch.float32
+    check_parity(random_case(routing=routing, seed=6, **ODD[name]), dtype)
+
+
+def test_zero_only_sample_uses_base_only():
+    """A sample whose k slots are all zero slots gets exactly the shared ranks (here: none)."""
+    c = random_case(num_shared=0, top_k=2, num_zero=2, zero_only_unit=True, seed=7)
+    assert (c.idx[0] == -1).all()
+    got = mor_kernels.mor_linear(
+        c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx, c.gate, 0, c.scaling, backend="triton"
+    )
+    base = torch.nn.functional.linear(c.x[:1].double(), c.weight.double(), c.bias.double())
+    assert_parity(got[:1], base, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_duplicate_ranks_sum_gates(routing):
+    """A routed rank picked by two slots (hand-made idx) contributes the sum of both gates."""
+    c = random_case(routing=routing, seed=8)
+    c.idx = torch.zeros_like(c.idx)  # every slot picks routed rank 0
+    c.idx[..., -1] = -1
+    check_parity(c, torch.float32)
+
+
+def test_strided_inputs_and_extra_token_dims():
+    c = random_case(routing="token", tokens=12, seed=9)
+    x4 = c.x.reshape(2, 3, 4, -1).transpose(1, 2)  # (B, 4, 3, d_in), non-contiguous
+    idx4 = c.idx.reshape(2, 3, 4, -1).transpose(1, 2)
+    gate4 = c.gate.reshape(2, 3, 4, -1).transpose(1, 2)
+    w_t = c.weight.T.contiguous().T
+    got = mor_kernels.mor_linear(x4, w_t, c.bias, c.lora_a, c.lora_b, idx4, gate4, 2, 0.5, backend="triton")
+    want = ref_ops.mor_linear(x4.double(), c.weight.double(), c.bias.double(), c.lora_a.double(),
+                              c.lora_b.double(), idx4, gate4, 2, 0.5)  # fmt: skip
+    assert got.shape == (2, 4, 3, c.weight.shape[0])
+    assert_parity(got, want, dtype=torch.float32)
+
+
+def test_base_is_not_modified_and_no_grad_path():
+    c = random_case(routing="sample", seed=10)
+    base = torch.randn(*c.x.shape[:-1], c.lora_b.shape[0])
+    before = base.clone()
+    with torch.no_grad():
+        got = mor_kernels.mor_lora(c.x, c.lora_a, c.lora_b, c.idx, c.gate, 2, 0.75, base=base, backend="triton")
+    assert torch.equal(base, before)
+    want = ref_ops.mor_lora(c.x.double(), c.lora_a.double(), c.lora_b.double(), c.idx, c.gate, 2, 0.75,
+                            base=base.double())  # fmt: skip
+    assert_parity(got, want, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_deterministic_bitwise(routing):
+    c = random_case(routing=routing, tokens=70, seed=11)
+
+    def run():
+        t = c.to(torch.float32, device=DEVICE, requires_grad=True)
+        y = mor_kernels.mor_linear(t.x, t.weight, t.bias, t.lora_a, t.lora_b, t.idx, t.gate, 2, 0.75,
+                                   backend="triton")  # fmt: skip
+        dy = torch.linspace(-1, 1, y.numel(), device=DEVICE).reshape(y.shape)
+        grads = torch.autograd.grad(y, [t.x, t.weight, t.bias, t.lora_a, t.lora_b, t.gate], dy)
+        return (y, *grads)
+
+    first, second = run(), run()
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA device, not the interpreter")
+@pytest.mark.parametrize("routing", ["sample", "token"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_sd_shapes(routing, dtype):
+    """GPU: the paper's rank setting at an SD 2.1 shape, forward and gradients."""
+    case = random_case(routing=routing, batch=2, tokens=1024, d_in=640, d_out=640, num_shared=8, num_routed=32,
+                       num_zero=4, top_k=8, seed=12)  # fmt: skip
+    check_parity(case, dtype)
