@@ -1,7 +1,44 @@
 """Model layer for MoR adapters: layers, injection into diffusers models, degradation-aware routing,
 losses, adapter files, and the one-step super-resolution pipeline (built on ``mor_kernels``).
 
-Nothing here is kernel code; every MoR computation goes through ``mor_kernels``.
+Nothing here is kernel code; every MoR computation goes through ``mor_kernels``. Importing this
+package does not import diffusers, open_clip or matplotlib (they load on first use).
 """
 
+from .adapter_io import load_adapter, save_adapter
+from .config import OSEDIFF_UNET_TARGETS, MoRConfig
+from .control import clear_routing, degradation, set_degradation
+from .estimator import DEFAULT_PROMPT_PAIRS, DegradationEstimator
+from .inject import InjectionReport, inject_mor, remove_mor
+from .layers import MoRConv2d, MoRLayer, MoRLinear, mor_layers, trainable_parameters
+from .losses import balance_loss, degradation_aware_balance_loss
+from .router import MoRRouter
+from .stats import RoutingStats, routing_stats, save_routing_heatmap
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_PROMPT_PAIRS",
+    "OSEDIFF_UNET_TARGETS",
+    "DegradationEstimator",
+    "InjectionReport",
+    "MoRConfig",
+    "MoRConv2d",
+    "MoRLayer",
+    "MoRLinear",
+    "MoRRouter",
+    "RoutingStats",
+    "balance_loss",
+    "clear_routing",
+    "degradation",
+    "degradation_aware_balance_loss",
+    "inject_mor",
+    "load_adapter",
+    "mor_layers",
+    "remove_mor",
+    "routing_stats",
+    "save_adapter",
+    "save_routing_heatmap",
+    "set_degradation",
+    "trainable_parameters",
+]

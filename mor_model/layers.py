@@ -1,0 +1,154 @@
+"""MoR adapter layers wrapping a frozen ``nn.Linear`` / ``nn.Conv2d`` (MOR_SPEC section 2).
+
+The frozen module is kept, untouched, as ``base_layer`` (PEFT's layout), so removing the adapter
+restores the very same module object. Its parameters therefore appear as ``<name>.base_layer.weight``
+in the injected model's state dict; a pre-load hook maps the original keys (``<name>.weight``)
+there, so a base-model state dict still loads into an injected model
+(``model.load_state_dict(sd, strict=False)`` then reports only the adapter keys as missing).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import mor_kernels
+
+from .config import MoRConfig
+from .router import MoRRouter
+
+
+def _map_base_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """``<prefix>weight`` / ``<prefix>bias`` (the unwrapped layer's keys) -> ``<prefix>base_layer.*``."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix) :]
+        if "." not in rest and not rest.startswith(("lora_", "router")):
+            new = prefix + "base_layer." + rest
+            if new not in state_dict:
+                state_dict[new] = state_dict.pop(key)
+
+
+class MoRLayer(nn.Module):
+    """Common part of :class:`MoRLinear` and :class:`MoRConv2d`: ``lora_a``, ``lora_b``, ``router``."""
+
+    base_layer: nn.Module
+
+    def __init__(self, base_layer: nn.Module, config: MoRConfig, a_shape: tuple[int, ...], d_out: int, d_in: int):
+        super().__init__()
+        if not isinstance(config, MoRConfig):
+            raise TypeError(f"config must be a MoRConfig, got {type(config).__name__}")
+        self.base_layer = base_layer
+        self.config = config
+        self.num_shared = config.num_shared
+        self.scaling = config.scaling
+        w = base_layer.weight
+        self.lora_a = nn.Parameter(torch.empty(config.num_ranks, *a_shape, device=w.device, dtype=w.dtype))
+        self.lora_b = nn.Parameter(torch.zeros(d_out, config.num_ranks, device=w.device, dtype=w.dtype))
+        # PEFT's LoRA init: A Kaiming-uniform with a = sqrt(5) (nn.Linear's default), B zero, so the
+        # adapted layer starts as the base layer.
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.router = MoRRouter(config, d_in, token_routing_allowed=isinstance(self, MoRLinear))
+        self.router.to(device=w.device)
+        self._register_load_state_dict_pre_hook(_map_base_keys, with_module=True)
+
+    # Code that reads ``layer.weight`` / ``layer.bias`` (e.g. for the dtype) keeps working.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters (adapter and router), by name relative to this layer."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("base_layer.")}
+
+    def _lora(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
+
+
+class MoRLinear(MoRLayer):
+    """``y = base(x) + scaling * B (g * (A x))`` with ``g`` from the router; any ``(B, *tokens, d_in)``."""
+
+    def __init__(self, base_layer: nn.Linear, config: MoRConfig):
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"MoRLinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        super().__init__(base_layer, config, (base_layer.in_features,), base_layer.out_features, base_layer.in_features)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            raise ValueError(f"MoRLinear expects x of shape (B, *tokens, {self.in_features}) with a batch dimension")
+        idx, gate = self.router(x)
+        a, b = self._lora(x)
+        base = self.base_layer
+        return mor_kernels.mor_linear(
+            x, base.weight, base.bias, a, b, idx, gate, self.num_shared, self.scaling, backend=self.config.backend
+        )
+
+
+class MoRConv2d(MoRLayer):
+    """MoR convolution (sample routing): ``conv(x, W0) + b + scaling * B (g * conv(x, A))``."""
+
+    def __init__(self, base_layer: nn.Conv2d, config: MoRConfig):
+        if not isinstance(base_layer, nn.Conv2d):
+            raise TypeError(f"MoRConv2d wraps an nn.Conv2d, got {type(base_layer).__name__}")
+        why = conv_unsupported_reason(base_layer)
+        if why is not None:
+            raise ValueError(f"cannot wrap this Conv2d: {why}")
+        c_out, c_in, kh, kw = base_layer.weight.shape
+        super().__init__(base_layer, config, (c_in, kh, kw), c_out, c_in)
+        self.in_channels, self.out_channels = c_in, c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"MoRConv2d expects x of shape (B, {self.in_channels}, H, W)")
+        idx, gate = self.router(x, channels_last=False)
+        a, b = self._lora(x)
+        base = self.base_layer
+        return mor_kernels.mor_conv2d(
+            x,
+            base.weight,
+            base.bias,
+            a,
+            b,
+            idx,
+            gate,
+            self.num_shared,
+            self.scaling,
+            base.stride,
+            base.padding,
+            base.dilation,
+            backend=self.config.backend,
+        )
+
+
+def conv_unsupported_reason(conv: nn.Conv2d) -> str | None:
+    """Why ``conv`` cannot get a MoR adapter (None when it can)."""
+    if conv.groups != 1:
+        return f"groups={conv.groups} (only groups=1 is supported)"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (only 'zeros' is supported)"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r} (string padding is not supported; use explicit ints)"
+    return None
+
+
+def mor_layers(module: nn.Module) -> dict[str, MoRLayer]:
+    """Every MoR layer under ``module`` (``module`` itself included), by qualified name."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, MoRLayer)}
+
+
+def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter and router parameters of every MoR layer under ``module``, by qualified name.
+
+    Base weights are never included, whatever their ``requires_grad``.
+    """
+    out = {}
+    for name, layer in mor_layers(module).items():
+        prefix = f"{name}." if name else ""
+        out.update({prefix + n: p for n, p in layer.adapter_parameters().items()})
+    return out
