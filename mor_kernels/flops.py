@@ -251,33 +251,139 @@ def _prod(xs) -> int:
     return out
 
 
-def _formula_for(name: str, arg_names: list[str]):
-    """A shape-only FLOP formula for ``mor::<name>`` bound through its schema's argument names."""
+def _rows(shape) -> int:
+    """Rows of a ``(B, T, N)`` (or ``(B, *tokens, N)``) shape."""
+    return _prod(shape[:-1])
+
+
+def _outs(out_shape) -> list:
+    """The output shapes of an op as a list (one entry for a single-output op)."""
+    if out_shape is None:
+        return []
+    if len(out_shape) and isinstance(out_shape[0], (list, tuple, torch.Size)):
+        return list(out_shape)
+    return [out_shape]
+
+
+def _listed_ranks(a: dict, out_shape, ranks: int, top_k: int, token_routing: bool) -> int:
+    """Ranks a stage computes per row: the width of its rank-list output when it has one (the kernel's
+    padded list), else ``num_shared + k`` (sample routing) or ``R`` (token routing)."""
+    outs = [o for o in _outs(out_shape) if len(o) == 3 and o[-1] > 0]
+    if outs:
+        return int(outs[0][-1])
+    return ranks if token_routing else min(ranks, int(a.get("num_shared", 0) or 0) + top_k)
+
+
+# Per-stage formulas of the known ``mor`` ops: ``f(args by schema name, out_shape) -> flops``. Rank-list
+# tensors (``h``, ``u``, ``du``: ``(B, T, RP)``) carry the number of ranks the kernel actually runs.
+def _triton_shrink(a, out):
+    return 2 * _rows(a["x"]) * _listed_ranks(a, out, a["lora_a"][0], a["idx"][-1], len(a["idx"]) == 3) * a["x"][-1]
+
+
+def _triton_expand(a, out):
+    rows, d_out = _rows(a["x"]), a["lora_b"][0]
+    base = 2 * rows * a["x"][-1] * d_out if a.get("weight") is not None else 0
+    return 2 * rows * a["h"][-1] * d_out + base
+
+
+def _triton_bwd_dh(a, out):
+    return 2 * _rows(a["dy"]) * a["u"][-1] * a["lora_b"][0]
+
+
+def _triton_bwd_dx(a, out):
+    rows, d_in = _rows(a["du"]), a["lora_a"][1]
+    base = 2 * rows * a["weight"][0] * d_in if a.get("weight") is not None and a.get("dy") is not None else 0
+    return 2 * rows * a["du"][-1] * d_in + base
+
+
+def _triton_rank_grad(a, out):
+    return 2 * _rows(a["lhs"]) * a["lhs"][-1] * a["rhs"][-1]
+
+
+def _conv_up(a, out):  # z/out (B, C_out + R, H, W): the gated 1x1 up-projection
+    z = a.get("z", a.get("out"))
+    c_out, ranks = a["lora_b"]
+    listed = [o for o in _outs(out) if len(o) == 3 and o[-1] > 0]
+    per_row = int(listed[0][-1]) if listed else min(ranks, int(a.get("num_shared", 0) or 0) + a["idx"][-1])
+    return 2 * z[0] * _prod(z[2:]) * per_row * c_out
+
+
+def _lora_fwd(a, out):  # C++/CUDA: active ranks gathered under sample routing, all R under token routing
+    ranks, token = a["lora_a"][0], len(a["idx"]) == 3
+    per_row = ranks if token else min(ranks, int(a.get("num_shared", 0) or 0) + a["idx"][-1])
+    return 2 * _rows(a["x"]) * per_row * (a["x"][-1] + a["lora_b"][0])
+
+
+def _lora_bwd(a, out):
+    ranks, token = a["lora_a"][0], len(a["idx"]) == 3
+    per_row = ranks if token else min(ranks, int(a.get("num_shared", 0) or 0) + a["idx"][-1])
+    rows, d_in, d_out = _rows(a["x"]), a["x"][-1], a["lora_b"][0]
+    need_x, need_a, need_b, need_g = (list(a.get("output_mask") or [True] * 4) + [True] * 4)[:4]
+    flop = 2 * rows * per_row * d_out if (need_x or need_a or need_g) else 0  # dh = dy B
+    flop += 2 * rows * per_row * d_in * (int(bool(need_x)) + int(bool(need_a)))  # dx += dh A, dA = dh^T x
+    flop += 2 * rows * per_row * d_out if need_b else 0  # dB = dy^T h
+    return flop
+
+
+_STAGES = {
+    "triton_lora_shrink": _triton_shrink,
+    "triton_lora_expand": _triton_expand,
+    "triton_lora_bwd_dh": _triton_bwd_dh,
+    "triton_lora_bwd_dx": _triton_bwd_dx,
+    "triton_lora_rank_grad": _triton_rank_grad,
+    "triton_conv_up": _conv_up,
+    "conv_up": _conv_up,
+    "lora_fwd": _lora_fwd,
+    "lora_bwd": _lora_bwd,
+}
+
+
+def _generic(name: str):
+    """For an op not in ``_STAGES`` whose schema names ``x``, ``lora_a``, ``idx`` and ``lora_b`` or
+    ``weight``: the whole layer (base GEMM when ``weight`` is given, plus the low-rank branch)."""
     backward = any(t in name for t in ("bwd", "backward", "grad"))
     conv = "conv" in name
 
-    def formula(*args, out_shape=None, **kwargs) -> int:
-        a = dict(zip(arg_names, args, strict=False))
-        a.update(kwargs)
+    def formula(a, out_shape) -> int:
         x, lora_a, idx = a["x"], a["lora_a"], a["idx"]
         ranks = int(lora_a[0])
         num_shared = int(a.get("num_shared", 0) or 0)
         d_out = int(a["lora_b"][0]) if "lora_b" in a else int(a["weight"][0])
+        outs = _outs(out_shape)
         if conv:
-            out = out_shape[0] if out_shape and isinstance(out_shape[0], (list, tuple, torch.Size)) else out_shape
-            if backward or out is None or len(out) != 4:  # no output shape to read: assume "same" padding
-                tokens = _prod(x[2:])
-            else:
-                tokens = _prod(out[2:])
+            out = outs[0] if outs else None
+            tokens = _prod(out[2:]) if (not backward and out is not None and len(out) == 4) else _prod(x[2:])
             layer = Layer("conv2d", int(x[0]), tokens, _prod(lora_a[1:]), d_out, _prod(x), True)
         else:
             layer = Layer("linear", int(x[0]), _prod(x[1:-1]), int(x[-1]), d_out, _prod(x), True)
-        token_routing = len(idx) == 3
-        per_row = ranks if token_routing else min(ranks, num_shared + int(idx[-1]))
+        per_row = ranks if len(idx) == 3 else min(ranks, num_shared + int(idx[-1]))
         lora = 2 * layer.rows * per_row * (layer.d_in + layer.d_out)
-        base = 2 * layer.rows * layer.d_in * layer.d_out if "weight" in a and a["weight"] is not None else 0
+        base = 2 * layer.rows * layer.d_in * layer.d_out if a.get("weight") is not None else 0
         # a backward op alone: 2x the branch's forward, and dx of the frozen base (1x its forward)
         return 2 * lora + base if backward else lora + base
+
+    return formula
+
+
+def _formula_for(name: str, arg_names: list[str]):
+    """A shape-only FLOP formula for ``mor::<name>``, arguments bound by its schema's names; None when
+    there is no matmul to count (routing, gates) or the arguments are not recognised."""
+    stage = _STAGES.get(name)
+    if stage is None:
+        if not ({"x", "lora_a", "idx"} <= set(arg_names) and {"lora_b", "weight"} & set(arg_names)):
+            return None
+        stage = _generic(name)
+
+    def formula(*args, out_shape=None, **kwargs) -> int:
+        a = dict(zip(arg_names, args, strict=False))
+        a.update(kwargs)
+        try:
+            return int(stage(a, out_shape))
+        except Exception as err:  # a schema that changed under us must not break the user's counting
+            logger.warning(
+                "mor_kernels.flops: no FLOP count for mor::%s (%s: %s); counted as 0", name, type(err).__name__, err
+            )
+            return 0
 
     return formula
 
@@ -286,11 +392,14 @@ def register_flop_formulas() -> dict[str, str]:
     """Registers FLOP formulas with ``torch.utils.flop_counter`` for the ``mor`` ops that exist.
 
     Loads the compiled extension and the Triton backend when they import (``mor::<op>`` and
-    ``mor::triton_<op>``), then registers every op whose schema names ``x``, ``lora_a`` and ``idx``
-    (plus ``lora_b`` or ``weight``). Shapes alone cannot say which slots are zero slots, so the
-    count assumes every selected slot is a real rank under sample routing (the upper bound for a
-    kernel that skips zero slots) and all ``R`` ranks under token routing (a dense tile). Safe to
-    call repeatedly; never raises. Returns ``{op name: "registered" or the reason it was skipped}``.
+    ``mor::triton_<op>``), then registers a formula for every stage it knows (``_STAGES``: the Triton
+    shrink/expand/backward launches, ``conv_up``, ``lora_fwd``/``lora_bwd``) and for any other op
+    whose schema names ``x``, ``lora_a``, ``idx`` and ``lora_b`` or ``weight``. A stage with a
+    rank-list tensor (``(B, T, RP)``) is counted at the ``RP`` ranks it runs; otherwise shapes alone
+    cannot say which slots are zero slots, so the count assumes every selected slot is a real rank
+    under sample routing (the upper bound for a kernel that skips zero slots) and all ``R`` ranks under
+    token routing (a dense tile). Routing and gate ops have no matmul and are skipped. Safe to call
+    repeatedly; never raises. Returns ``{op name: "registered" or the reason it was skipped}``.
     """
     from torch.utils import flop_counter
 
@@ -306,15 +415,15 @@ def register_flop_formulas() -> dict[str, str]:
         except Exception as err:
             _REGISTERED[name] = f"skipped: schema unreadable ({type(err).__name__}: {err})"
             continue
-        needed = {"x", "lora_a", "idx"}
-        if not needed <= set(arg_names) or not ({"lora_b", "weight"} & set(arg_names)):
+        formula = _formula_for(name, arg_names)
+        if formula is None:
             _REGISTERED[name] = f"skipped: no matmul formula for arguments {arg_names}"
             continue
         if packet in flop_counter.flop_registry:
             _REGISTERED[name] = "registered"  # by an earlier call or by the op's own module
             continue
         try:
-            flop_counter.register_flop_formula(packet)(_formula_for(name, arg_names))
+            flop_counter.register_flop_formula(packet)(formula)
         except Exception as err:
             _REGISTERED[name] = f"skipped: registration failed ({type(err).__name__}: {err})"
             continue

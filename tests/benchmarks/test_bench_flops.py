@@ -1,0 +1,213 @@
+"""mor_kernels.flops: hand-computed values, and FlopCounterMode on the reference path and the providers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+import mor_kernels
+from mor_kernels import flops
+
+
+def counted(fn) -> int:
+    with FlopCounterMode(display=False) as mode:
+        fn()
+    return mode.get_total_flops()
+
+
+def test_layers_and_hand_computed_flops():
+    lin = flops.linear_layer(2, 64, 48, 32)
+    assert (lin.rows, lin.weight_numel, lin.y_numel, lin.x_numel) == (128, 1536, 4096, 6144)
+    assert flops.base_flops(lin) == 2 * 128 * 48 * 32 == 393216
+    assert flops.base_flops(lin, backward=True) == 2 * 393216  # forward + dx (frozen weight)
+    assert flops.base_flops(lin, backward=True, weight_grad=True) == 3 * 393216
+    assert flops.lora_flops(lin, 128 * 5) == 2 * 640 * (48 + 32) == 102400
+    assert flops.lora_flops(lin, 128 * 5, backward=True) == 3 * 102400
+    assert flops.op_flops("mor_linear", lin, 640) == 393216 + 102400
+    assert flops.op_flops("mor_lora", lin, 640) == 102400
+    assert flops.op_flops("lora", lin, 640, backward=True) == 2 * 393216 + 3 * 102400
+    with pytest.raises(ValueError, match="op must be"):
+        flops.op_flops("matmul", lin)
+    conv = flops.conv2d_layer(1, 4, 6, (5, 5), (3, 3), padding=(1, 1))
+    assert (conv.tokens, conv.d_in, conv.x_numel, conv.weight_numel) == (25, 36, 100, 216)
+    assert flops.base_flops(conv) == 2 * 25 * 36 * 6
+    strided = flops.conv2d_layer(1, 4, 6, (5, 5), (3, 3), stride=(2, 2), padding=(0, 0))
+    assert strided.tokens == 2 * 2 and flops.conv_out_size(5, 3, 2, 1) == 3
+
+
+def test_min_bytes_hand_computed():
+    lin = flops.linear_layer(1, 2, 3, 4)
+    # x 6 + W 12 + bias 4 + y 8 elements, fp32
+    assert flops.min_bytes("base", lin, torch.float32) == 30 * 4
+    assert flops.min_bytes("base", lin, torch.bfloat16) == 30 * 2
+    # + 2 ranks of A (3) and B (4), + idx int32 and gate fp32 for 2 slots
+    assert flops.min_bytes("mor_linear", lin, torch.float32, ranks_read=2, routing_numel=2) == 44 * 4 + 16
+    # mor_lora: no W/bias, reads base (8) instead
+    assert flops.min_bytes("mor_lora", lin, torch.float32, ranks_read=2, routing_numel=2) == (6 + 14 + 8 + 8) * 4 + 16
+    # backward of the bare layer: read dy (8) and W + bias (16), write dx (6)
+    assert flops.min_bytes("base", lin, torch.float32, backward=True) == (30 + 8 + 16 + 6) * 4
+    # dense LoRA r=2, gradients of A/B written in full
+    fwd = 44 * 4
+    bwd = (8 + 6 + 16 + 14 + 6 + 14) * 4
+    assert flops.min_bytes("lora", lin, torch.float32, ranks_read=2, backward=True) == fwd + bwd
+
+
+def test_active_ranks_and_executed_rank_rows():
+    idx = torch.tensor([[0, 1, -1, 3], [2, -1, -1, 2]], dtype=torch.int32)  # rank 2 picked twice counts once
+    assert flops.active_ranks(idx, 4).tolist() == [7, 5]
+    assert flops.active_rank_rows(idx, 4, tokens=10) == (7 + 5) * 10
+    assert flops.ranks_touched(idx, 4) == 4 + 4
+    tok = torch.tensor([[[0, -1], [-1, -1], [5, 6]]], dtype=torch.int32)
+    assert flops.active_ranks(tok, 2).tolist() == [[3, 2, 4]]
+    assert flops.active_rank_rows(tok, 2, tokens=3) == 9
+    lin = flops.linear_layer(2, 10, 8, 8)
+    assert flops.executed_rank_rows("reference", lin, 40, 120, False) == 20 * 40
+    assert flops.executed_rank_rows("triton", lin, 40, 120, False) == 120
+    assert flops.executed_rank_rows("cpp", lin, 40, 120, True) == 20 * 40
+
+
+def _linear_case(requires_grad: bool):
+    gen = torch.Generator().manual_seed(1)
+    B, T, d_in, d_out, R, S = 2, 24, 40, 56, 12, 4
+    t = dict(
+        x=torch.randn(B, T, d_in, generator=gen),
+        weight=torch.randn(d_out, d_in, generator=gen),
+        bias=torch.randn(d_out, generator=gen),
+        lora_a=torch.randn(R, d_in, generator=gen),
+        lora_b=torch.randn(d_out, R, generator=gen),
+        idx=torch.tensor([[0, 5, -1], [7, -1, 2]], dtype=torch.int32),
+        gate=torch.rand(B, 3, generator=gen),
+    )
+    if requires_grad:
+        for name in ("x", "lora_a", "lora_b", "gate"):
+            t[name].requires_grad_(True)
+    return t, flops.linear_layer(B, T, d_in, d_out), R, S
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_flop_counter_matches_reference_linear(backward):
+    t, layer, R, S = _linear_case(backward)
+
+    def run():
+        y = mor_kernels.mor_linear(
+            t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["idx"], t["gate"], S, 0.5,
+            backend="reference",
+        )  # fmt: skip
+        if backward:
+            y.sum().backward()
+
+    # the reference computes every rank: executed = R ranks for every row
+    assert counted(run) == flops.op_flops("mor_linear", layer, layer.rows * R, backward=backward)
+
+    def run_lora():
+        y = mor_kernels.mor_lora(t["x"], t["lora_a"], t["lora_b"], t["idx"], t["gate"], S, 0.5, backend="reference")
+        if backward:
+            y.sum().backward()
+
+    assert counted(run_lora) == flops.op_flops("mor_lora", layer, layer.rows * R, backward=backward)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 0), (1, 1, 0)])
+def test_flop_counter_matches_reference_conv(backward, kernel, stride, padding):
+    gen = torch.Generator().manual_seed(2)
+    B, C_in, C_out, H, R, S = 2, 6, 10, 9, 8, 2
+    x = torch.randn(B, C_in, H, H, generator=gen, requires_grad=backward)
+    w = torch.randn(C_out, C_in, kernel, kernel, generator=gen)
+    bias = torch.randn(C_out, generator=gen)
+    a = torch.randn(R, C_in, kernel, kernel, generator=gen, requires_grad=backward)
+    b = torch.randn(C_out, R, generator=gen, requires_grad=backward)
+    idx = torch.tensor([[0, -1], [3, 4]], dtype=torch.int32)
+    gate = torch.rand(B, 2, generator=gen, requires_grad=backward)
+    layer = flops.conv2d_layer(B, C_in, C_out, (H, H), (kernel, kernel), (stride,) * 2, (padding,) * 2)
+
+    def run():
+        y = mor_kernels.mor_conv2d(x, w, bias, a, b, idx, gate, S, 1.0, stride, padding, backend="reference")
+        assert y.shape[-2] * y.shape[-1] == layer.tokens
+        if backward:
+            y.sum().backward()
+
+    assert counted(run) == flops.op_flops("mor_conv2d", layer, layer.rows * R, backward=backward)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("shape", ["lin64x1280", "conv3x3-8x8x1280"])
+def test_flop_counter_matches_benchmark_providers(bench, mode, shape):
+    """The benchmark's base and dense-LoRA providers execute exactly the FLOPs their rows report."""
+    s = bench.scaled(bench.SHAPES[shape], 0.25)
+    s = bench.replace(s, c_in=24, c_out=40)
+    case = bench.Case(s, 2, 4, 8, 2, 4, 1, "sample", mode, "fp32")
+    t = bench.make_inputs(case, torch.device("cpu"))
+    layer = case.layer()
+    for provider, op, rank_rows in (("base", "base", 0), ("lora", "lora", layer.rows * case.active)):
+        fn, _, _ = bench.prepare(case, provider, t)
+        with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+            assert counted(fn) == flops.op_flops(op, layer, rank_rows, backward=mode == "fwd+bwd"), provider
+
+
+def test_register_flop_formulas_is_safe_and_idempotent():
+    first = flops.register_flop_formulas()
+    second = flops.register_flop_formulas()
+    assert first == second
+    for name, status in first.items():
+        assert status == "registered" or status.startswith(("skipped", "not loaded")), (name, status)
+    if "route" in first:
+        assert first["route"].startswith("skipped")  # no matmul in routing
+
+
+def test_registered_stage_formulas_hand_computed():
+    status = flops.register_flop_formulas()
+    meta = dict(device="meta")
+    B, T, d_in, d_out, R, S, k, RP = 2, 10, 48, 32, 40, 8, 8, 16
+    x = torch.empty(B, T, d_in, **meta)
+    a = torch.empty(R, d_in, **meta)
+    b = torch.empty(d_out, R, **meta)
+    w = torch.empty(d_out, d_in, **meta)
+    idx = torch.empty(B, k, dtype=torch.int32, **meta)
+    gate = torch.empty(B, k, **meta)
+    h = torch.empty(B, T, RP, **meta)
+    checked = 0
+    if status.get("triton_lora_shrink") == "registered":
+        f = flop_registry[torch.ops.mor.triton_lora_shrink]
+        assert f(x, a, idx, gate, S, 1.0, False, out_val=(h, torch.empty(0, **meta))) == 2 * B * T * RP * d_in
+        f = flop_registry[torch.ops.mor.triton_lora_expand]
+        assert f(x, w, None, b, h, idx, None, S, out_val=torch.empty(B, T, d_out, **meta)) == 2 * B * T * (
+            RP * d_out + d_in * d_out
+        )
+        f = flop_registry[torch.ops.mor.triton_lora_rank_grad]
+        assert f(h, x, idx, S, R, out_val=torch.empty(R, d_in, **meta)) == 2 * B * T * RP * d_in
+        checked += 1
+    if status.get("lora_fwd") == "registered":
+        f = flop_registry[torch.ops.mor.lora_fwd]
+        out = (torch.empty(B, T, d_out, **meta), torch.empty(B, T, R, **meta))
+        assert f(x, a, b, idx, gate, S, 1.0, None, out_val=out) == 2 * B * T * (S + k) * (d_in + d_out)
+        tok_idx = torch.empty(B, T, k, dtype=torch.int32, **meta)
+        assert f(x, a, b, tok_idx, tok_idx.float(), S, 1.0, None, out_val=out) == 2 * B * T * R * (d_in + d_out)
+        f = flop_registry[torch.ops.mor.lora_bwd]
+        grads = (x, a, b, gate)
+        full = f(out[0], x, a, b, idx, gate, out[1], S, 1.0, [True] * 4, out_val=grads)
+        assert full == 2 * 2 * B * T * (S + k) * (d_in + d_out)
+        only_b = f(out[0], x, a, b, idx, gate, out[1], S, 1.0, [False, False, True, False], out_val=grads)
+        assert only_b == 2 * B * T * (S + k) * d_out
+        checked += 1
+    if not checked:
+        pytest.skip(f"no mor matmul op is registered in this build: {status}")
+
+
+def test_flop_counter_counts_cpp_backend():
+    if "cpp" not in mor_kernels.available_backends("cpu", "mor_linear"):
+        pytest.skip(
+            f"cpp backend unavailable: {mor_kernels.dispatch.unavailable_reason('cpp', 'mor_linear', torch.device('cpu'))}"
+        )
+    flops.register_flop_formulas()
+    t, layer, R, S = _linear_case(False)
+    t["idx"] = torch.tensor([[0, 5, 6], [7, 1, 2]], dtype=torch.int32)  # no zero slot: bound = useful
+    useful = flops.active_rank_rows(t["idx"], S, layer.tokens)
+
+    def run():
+        mor_kernels.mor_linear(
+            t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["idx"], t["gate"], S, 1.0, backend="cpp"
+        )
+
+    assert counted(run) == flops.op_flops("mor_linear", layer, useful)
