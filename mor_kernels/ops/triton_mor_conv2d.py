@@ -43,6 +43,14 @@ def _(z, lora_b, bias, idx, gate, num_shared, scaling, store_u):
     return z.new_empty((batch, c_out, height, width)), z.new_empty(u_shape, dtype=torch.float32)
 
 
+def _grad_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the torch conv gradients: the input's on GPU (cuDNN accumulates in float32), float32
+    for 16-bit inputs on CPU (the interpreter test path), whose half convolutions round partial sums."""
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return x.dtype
+
+
 class _MoRConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, conv, store_u):
@@ -71,18 +79,17 @@ class _MoRConv2dFn(torch.autograd.Function):
             if need_x or need_a:  # du over the rank list -> the gradient of the rank channels of z
                 onehot = torch.zeros(batch, du.shape[2], ranks + 1, dtype=du.dtype, device=du.device)
                 onehot.scatter_(2, _active_ranks(idx, s, ranks, du.shape[2])[..., None], 1.0)
-                dz_rank = torch.einsum("btp,bpr->brt", du, onehot[..., :ranks])
-                dz_rank = dz_rank.reshape(batch, ranks, height, width).to(x.dtype)
-        if need_x:
-            dz = torch.cat([dy.to(x.dtype), dz_rank], 1)
-            dx = conv2d_input(x.shape, torch.cat([weight, lora_a], 0), dz, *conv)
-        if need_w and need_a:
-            dwa = conv2d_weight(x, (c_out + ranks, *weight.shape[1:]), torch.cat([dy.to(x.dtype), dz_rank], 1), *conv)
-            dw, da = dwa[:c_out], dwa[c_out:]
-        elif need_w:
-            dw = conv2d_weight(x, weight.shape, dy.to(x.dtype), *conv)
-        elif need_a:
-            da = conv2d_weight(x, lora_a.shape, dz_rank, *conv)
+                dz_rank = torch.einsum("btp,bpr->brt", du, onehot[..., :ranks]).reshape(batch, ranks, height, width)
+        gt = _grad_dtype(x)
+        if need_x:  # one conv-input gradient for the base and the rank channels together
+            dz = torch.cat([dy.to(gt), dz_rank.to(gt)], 1)
+            dx = conv2d_input(x.shape, torch.cat([weight, lora_a], 0).to(gt), dz, *conv).to(x.dtype)
+        if need_w:
+            dw = conv2d_weight(x.to(gt), weight.shape, dy.to(gt), *conv).to(weight.dtype)
+        if need_a:
+            # float32: dA sums over every pixel of the batch, and rounding dz_rank to 16 bits first costs
+            # more than the float16 tolerance allows (a rank-sized weight gradient, R << C_out).
+            da = conv2d_weight(x.float(), lora_a.shape, dz_rank, *conv).to(lora_a.dtype)
         if need_bias:
             dbias = dy.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
         return dx, dw, dbias, da, db, None, dgate, None, None, None, None

@@ -1,0 +1,79 @@
+"""Triton routing kernel against the reference router (MOR_SPEC 2.1): same selections (ties to the
+lower slot), gates/probs within the float32 tolerance, gradients w.r.t. the logits."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton or the kernels are imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import mor_kernels  # noqa: E402
+from mor_kernels import dispatch  # noqa: E402
+from mor_kernels.reference import route as reference_route  # noqa: E402
+from mor_kernels.testing import assert_parity, poison_allocations  # noqa: E402
+
+dispatch.clear_cache()
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+
+
+def _check(logits, top_k, num_zero, renormalize=True, grads=True):
+    logits = logits.to(DEVICE)
+    with poison_allocations():
+        idx, gate, probs = mor_kernels.route(logits, top_k, num_zero, renormalize, backend="triton")
+    r_idx, r_gate, r_probs = reference_route(logits.double(), top_k, num_zero, renormalize)
+    assert idx.dtype == torch.int32 and gate.dtype == torch.float32 and probs.dtype == torch.float32
+    assert idx.shape == r_idx.shape and probs.shape == logits.shape
+    assert torch.equal(idx.cpu(), r_idx.cpu())
+    assert_parity(gate, r_gate, dtype=torch.float32, name="gate")
+    assert_parity(probs, r_probs, dtype=torch.float32, name="probs")
+    if grads:
+        lg = logits.detach().double().requires_grad_(True)
+        lt = logits.detach().clone().requires_grad_(True)
+        gen = torch.Generator().manual_seed(0)
+        wg = torch.randn(gate.shape, generator=gen, dtype=torch.float64)
+        wp = torch.randn(probs.shape, generator=gen, dtype=torch.float64)
+        _, g1, p1 = mor_kernels.route(lt, top_k, num_zero, renormalize, backend="triton")
+        (want,) = torch.autograd.grad(
+            [reference_route(lg, top_k, num_zero, renormalize)[i] for i in (1, 2)], lg, [wg, wp]
+        )
+        (got,) = torch.autograd.grad([g1, p1], lt, [wg.float().to(DEVICE), wp.float().to(DEVICE)])
+        assert got.dtype == logits.dtype
+        assert_parity(got.float(), want, dtype=torch.float32, name="dlogits")
+
+
+@pytest.mark.parametrize(
+    "shape,top_k,num_zero",
+    [((5, 10), 3, 2), ((2, 3, 36), 8, 4), ((4, 8), 8, 2), ((3, 6), 2, 0), ((2, 1), 1, 0), ((1000, 12), 4, 4)],
+)
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_route_matches_reference(shape, top_k, num_zero, renormalize):
+    gen = torch.Generator().manual_seed(sum(shape) + top_k)
+    _check(torch.randn(*shape, generator=gen), top_k, num_zero, renormalize, grads=shape[0] < 1000)
+
+
+def test_ties_go_to_the_lower_slot():
+    logits = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.5, 2.0], [0.0] * 6])
+    idx, gate, _ = mor_kernels.route(logits.to(DEVICE), 3, 2, backend="triton")
+    assert idx.cpu().tolist() == [[1, 2, 3], [0, 1, 2]]
+    torch.testing.assert_close(gate.cpu(), torch.full((2, 3), 1 / 3))
+
+
+def test_zero_slots_map_to_minus_one():
+    logits = torch.tensor([[0.0, 0.0, 5.0, 4.0]])  # E = 2, Z = 2: both zero slots win
+    idx, gate, _ = mor_kernels.route(logits.to(DEVICE), 3, 2, backend="triton")
+    assert idx.cpu().tolist() == [[-1, -1, 0]]
+    assert gate.sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_low_and_high_precision_logits(dtype):
+    gen = torch.Generator().manual_seed(3)
+    _check(torch.randn(6, 12, generator=gen).to(dtype), 4, 2, grads=False)
+
+
+def test_empty_rows():
+    idx, gate, probs = mor_kernels.route(torch.randn(0, 6, device=DEVICE), 2, 1, backend="triton")
+    assert idx.shape == (0, 2) and gate.shape == (0, 2) and probs.shape == (0, 6)
