@@ -1,0 +1,486 @@
+"""Real-ESRGAN second-order degradation model in plain torch (no basicsr), seeded and reproducible.
+
+``degrade(hr, scale=4, config=DegradationConfig(), generator=g)`` turns a batch of clean images into
+realistic low-quality inputs the way Real-ESRGAN (Wang et al. 2021, ``RealESRGANModel.feed_data``)
+and the one-step SR systems trained with it (OSEDiff, S3Diff, ...) do:
+
+1. blur with a random kernel (isotropic/anisotropic Gaussian, generalised Gaussian, plateau, or a
+   2-D sinc with probability ``sinc_prob``), sampled per image;
+2. random resize (up / down / keep, area / bilinear / bicubic), one choice per batch;
+3. Gaussian or Poisson noise (one choice per batch; strength per image; grey with ``gray_noise_prob``
+   per image);
+4. JPEG compression with a random quality per image;
+5. a second pass of 1-4 with its own probabilities and ranges (the blur only with
+   ``second_blur_prob``; the resize is relative to the final size);
+6. the final resize to ``HR / scale``, a sinc filter (with ``final_sinc_prob``, else identity) and
+   JPEG, in one of the two orders (resize+sinc then JPEG, or JPEG then resize+sinc) with equal odds;
+7. clamp to [0, 1] and round to 8-bit levels.
+
+Defaults are those of Real-ESRGAN's ``train_realesrgan_x4plus.yml`` (see ``DegradationConfig``).
+The kernel formulas follow BasicSR's ``degradations.py`` (re-implemented here); JPEG goes through
+Pillow (libjpeg, 4:2:0 chroma subsampling like Real-ESRGAN's DiffJPEG) with an integer quality, on CPU.
+
+Randomness: every random draw comes from the ``generator`` argument (a ``torch.Generator``), in a
+fixed order, so the same seed gives the same LR on the same device and torch version. Scalars are
+drawn on the generator's device; noise is drawn on the generator's device and moved to the images'
+device (pass a CUDA generator for CUDA images to keep the noise on the GPU).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "KERNEL_TYPES",
+    "DegradationConfig",
+    "degrade",
+    "gaussian_kernel",
+    "generalized_gaussian_kernel",
+    "plateau_kernel",
+    "sinc_kernel",
+    "random_mixed_kernel",
+    "random_blur_kernel",
+    "filter2d",
+    "add_gaussian_noise",
+    "add_poisson_noise",
+    "jpeg_compress",
+    "random_resize",
+]
+
+KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
+_DEFAULT_KERNEL_PROB = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
+
+
+@dataclass
+class DegradationConfig:
+    """Probabilities and ranges of the second-order model (Real-ESRGAN x4plus defaults).
+
+    ``*2`` fields are the second stage's. Sigmas are in pixels, noise sigmas on the 0-255 scale,
+    ``resize_prob`` is (up, down, keep), ``resize_range`` the (min, max) scale factor.
+    """
+
+    blur_kernel_size: int = 21  # kernels are sampled with odd sizes 7..21 and zero-padded to this
+    kernel_list: tuple[str, ...] = KERNEL_TYPES
+    kernel_prob: tuple[float, ...] = _DEFAULT_KERNEL_PROB
+    sinc_prob: float = 0.1
+    blur_sigma: tuple[float, float] = (0.2, 3.0)
+    betag_range: tuple[float, float] = (0.5, 4.0)
+    betap_range: tuple[float, float] = (1.0, 2.0)
+
+    kernel_list2: tuple[str, ...] = KERNEL_TYPES
+    kernel_prob2: tuple[float, ...] = _DEFAULT_KERNEL_PROB
+    sinc_prob2: float = 0.1
+    blur_sigma2: tuple[float, float] = (0.2, 1.5)
+    betag_range2: tuple[float, float] = (0.5, 4.0)
+    betap_range2: tuple[float, float] = (1.0, 2.0)
+
+    final_sinc_prob: float = 0.8
+
+    resize_prob: tuple[float, float, float] = (0.2, 0.7, 0.1)
+    resize_range: tuple[float, float] = (0.15, 1.5)
+    gaussian_noise_prob: float = 0.5
+    noise_range: tuple[float, float] = (1.0, 30.0)
+    poisson_scale_range: tuple[float, float] = (0.05, 3.0)
+    gray_noise_prob: float = 0.4
+    jpeg_range: tuple[float, float] = (30.0, 95.0)
+
+    second_blur_prob: float = 0.8
+    resize_prob2: tuple[float, float, float] = (0.3, 0.4, 0.3)
+    resize_range2: tuple[float, float] = (0.3, 1.2)
+    gaussian_noise_prob2: float = 0.5
+    noise_range2: tuple[float, float] = (1.0, 25.0)
+    poisson_scale_range2: tuple[float, float] = (0.05, 2.5)
+    gray_noise_prob2: float = 0.4
+    jpeg_range2: tuple[float, float] = (30.0, 95.0)
+
+    resize_modes: tuple[str, ...] = field(default=("area", "bilinear", "bicubic"))
+
+    def __post_init__(self) -> None:
+        for name in ("kernel_list", "kernel_list2"):
+            bad = [k for k in getattr(self, name) if k not in KERNEL_TYPES]
+            if bad:
+                raise ValueError(f"{name} has unknown kernel types {bad}; expected a subset of {KERNEL_TYPES}")
+        for lst, prob in (("kernel_list", "kernel_prob"), ("kernel_list2", "kernel_prob2")):
+            if len(getattr(self, lst)) != len(getattr(self, prob)):
+                raise ValueError(f"{prob} must have one probability per entry of {lst}")
+        if self.blur_kernel_size < 7 or self.blur_kernel_size % 2 == 0:
+            raise ValueError(f"blur_kernel_size must be odd and >= 7, got {self.blur_kernel_size}")
+        bad = [m for m in self.resize_modes if m not in ("area", "bilinear", "bicubic", "nearest")]
+        if bad or not self.resize_modes:
+            raise ValueError(f"resize_modes must be a non-empty subset of area/bilinear/bicubic/nearest, got {bad}")
+        for name in ("jpeg_range", "jpeg_range2"):
+            lo, hi = getattr(self, name)
+            if not 1 <= lo <= hi <= 100:
+                raise ValueError(f"{name} must satisfy 1 <= min <= max <= 100, got {(lo, hi)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# random draws, all from one torch.Generator
+
+
+class _Rng:
+    def __init__(self, generator: torch.Generator):
+        self.g = generator
+        self.device = generator.device
+
+    def uniform(self, lo: float, hi: float, n: int | None = None):
+        u = torch.rand(1 if n is None else n, generator=self.g, device=self.device, dtype=torch.float64)
+        v = (lo + (hi - lo) * u).tolist()
+        return v[0] if n is None else v
+
+    def choice(self, items, probs=None):
+        p = torch.tensor(probs if probs is not None else [1.0] * len(items), dtype=torch.float64)
+        cdf = (p / p.sum()).cumsum(0)
+        u = self.uniform(0.0, 1.0)
+        return items[min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64)).item()), len(items) - 1)]
+
+    def odd_kernel_size(self, max_size: int) -> int:
+        sizes = list(range(7, max_size + 1, 2))  # Real-ESRGAN: 2 * v + 1 for v in 3..10
+        return self.choice(sizes)
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels (float64, (k, k), summing to 1)
+
+
+def _grid(k: int) -> torch.Tensor:
+    ax = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
+    yy, xx = torch.meshgrid(ax, ax, indexing="ij")
+    return torch.stack([xx, yy], dim=-1)  # (k, k, 2): (x, y) per pixel
+
+
+def _quad_form(k: int, sig_x: float, sig_y: float, theta: float) -> torch.Tensor:
+    """x^T Sigma^-1 x on the grid, Sigma = R diag(sig_x^2, sig_y^2) R^T with R the rotation by theta.
+
+    Closed form: Sigma^-1 = R diag(1 / sig_x^2, 1 / sig_y^2) R^T.
+    """
+    c, s = math.cos(theta), math.sin(theta)
+    ix, iy = 1.0 / sig_x**2, 1.0 / sig_y**2
+    a = c * c * ix + s * s * iy  # (0, 0)
+    b = c * s * (ix - iy)  # (0, 1) == (1, 0)
+    d = s * s * ix + c * c * iy  # (1, 1)
+    g = _grid(k)
+    x, y = g[..., 0], g[..., 1]
+    return a * x * x + 2 * b * x * y + d * y * y
+
+
+def _normalise(kernel: torch.Tensor) -> torch.Tensor:
+    return kernel / kernel.sum()
+
+
+def gaussian_kernel(k: int, sig_x: float, sig_y: float | None = None, theta: float = 0.0) -> torch.Tensor:
+    """Bivariate Gaussian ``exp(-x^T Sigma^-1 x / 2)``; isotropic when ``sig_y`` is None."""
+    sig_y = sig_x if sig_y is None else sig_y
+    return _normalise(torch.exp(-0.5 * _quad_form(k, sig_x, sig_y, theta)))
+
+
+def generalized_gaussian_kernel(k: int, sig_x: float, sig_y: float | None, theta: float, beta: float) -> torch.Tensor:
+    """Generalised Gaussian ``exp(-(x^T Sigma^-1 x)^beta / 2)`` (beta = 1: Gaussian)."""
+    sig_y = sig_x if sig_y is None else sig_y
+    return _normalise(torch.exp(-0.5 * _quad_form(k, sig_x, sig_y, theta).pow(beta)))
+
+
+def plateau_kernel(k: int, sig_x: float, sig_y: float | None, theta: float, beta: float) -> torch.Tensor:
+    """Plateau-shaped ``1 / ((x^T Sigma^-1 x)^beta + 1)``."""
+    sig_y = sig_x if sig_y is None else sig_y
+    return _normalise(1.0 / (_quad_form(k, sig_x, sig_y, theta).pow(beta) + 1.0))
+
+
+def sinc_kernel(k: int, cutoff: float, pad_to: int = 0) -> torch.Tensor:
+    """2-D sinc (ideal circular low-pass, cutoff in radians/pixel) ``w J1(w r) / (2 pi r)``, centre ``w^2 / (4 pi)``.
+
+    Models ringing and overshoot artifacts. Zero-padded to ``pad_to`` when that is larger.
+    """
+    if k % 2 == 0:
+        raise ValueError(f"sinc kernel size must be odd, got {k}")
+    r = _grid(k).norm(dim=-1)
+    safe = torch.where(r == 0, torch.ones_like(r), r)
+    kernel = cutoff * torch.special.bessel_j1(cutoff * safe) / (2 * math.pi * safe)
+    kernel = torch.where(r == 0, torch.full_like(r, cutoff**2 / (4 * math.pi)), kernel)
+    kernel = _normalise(kernel)
+    return _pad_kernel(kernel, pad_to)
+
+
+def _pad_kernel(kernel: torch.Tensor, size: int) -> torch.Tensor:
+    k = kernel.shape[-1]
+    if size > k:
+        p = (size - k) // 2
+        kernel = F.pad(kernel, (p, p, p, p))
+    return kernel
+
+
+def _random_beta(rng: _Rng, beta_range: tuple[float, float]) -> float:
+    # BasicSR: half the time in [beta_min, 1], otherwise in [1, beta_max]
+    if rng.uniform(0.0, 1.0) < 0.5:
+        return rng.uniform(beta_range[0], 1.0)
+    return rng.uniform(1.0, beta_range[1])
+
+
+def random_mixed_kernel(
+    rng_or_generator,
+    kernel_size: int,
+    kernel_list=KERNEL_TYPES,
+    kernel_prob=_DEFAULT_KERNEL_PROB,
+    sigma_range: tuple[float, float] = (0.2, 3.0),
+    betag_range: tuple[float, float] = (0.5, 4.0),
+    betap_range: tuple[float, float] = (1.0, 2.0),
+) -> torch.Tensor:
+    """One kernel of a type drawn from ``kernel_list`` with ``kernel_prob`` (BasicSR ``random_mixed_kernels``)."""
+    rng = rng_or_generator if isinstance(rng_or_generator, _Rng) else _Rng(rng_or_generator)
+    kind = rng.choice(list(kernel_list), list(kernel_prob))
+    iso = kind.endswith("iso") and not kind.endswith("aniso")
+    sig_x = rng.uniform(*sigma_range)
+    if iso:
+        sig_y, theta = sig_x, 0.0
+    else:
+        sig_y = rng.uniform(*sigma_range)
+        theta = rng.uniform(-math.pi, math.pi)
+    if kind.startswith("generalized"):
+        return generalized_gaussian_kernel(kernel_size, sig_x, sig_y, theta, _random_beta(rng, betag_range))
+    if kind.startswith("plateau"):
+        return plateau_kernel(kernel_size, sig_x, sig_y, theta, _random_beta(rng, betap_range))
+    return gaussian_kernel(kernel_size, sig_x, sig_y, theta)
+
+
+def random_blur_kernel(rng: _Rng, cfg: DegradationConfig, second: bool) -> torch.Tensor:
+    """A first- or second-stage kernel, padded to ``cfg.blur_kernel_size`` (RealESRGANDataset.__getitem__)."""
+    size = rng.odd_kernel_size(cfg.blur_kernel_size)
+    sinc_prob = cfg.sinc_prob2 if second else cfg.sinc_prob
+    if rng.uniform(0.0, 1.0) < sinc_prob:
+        cutoff = rng.uniform(math.pi / 3, math.pi) if size < 13 else rng.uniform(math.pi / 5, math.pi)
+        kernel = sinc_kernel(size, cutoff)
+    else:
+        kernel = random_mixed_kernel(
+            rng,
+            size,
+            cfg.kernel_list2 if second else cfg.kernel_list,
+            cfg.kernel_prob2 if second else cfg.kernel_prob,
+            cfg.blur_sigma2 if second else cfg.blur_sigma,
+            cfg.betag_range2 if second else cfg.betag_range,
+            cfg.betap_range2 if second else cfg.betap_range,
+        )
+    return _pad_kernel(kernel, cfg.blur_kernel_size)
+
+
+def _final_sinc_kernel(rng: _Rng, cfg: DegradationConfig) -> torch.Tensor:
+    if rng.uniform(0.0, 1.0) < cfg.final_sinc_prob:
+        size = rng.odd_kernel_size(cfg.blur_kernel_size)
+        return sinc_kernel(size, rng.uniform(math.pi / 3, math.pi), pad_to=cfg.blur_kernel_size)
+    pulse = torch.zeros(cfg.blur_kernel_size, cfg.blur_kernel_size, dtype=torch.float64)
+    pulse[cfg.blur_kernel_size // 2, cfg.blur_kernel_size // 2] = 1.0
+    return pulse
+
+
+# --------------------------------------------------------------------------------------------------
+# operations on image batches (B, C, H, W) in [0, 1]
+
+
+def filter2d(img: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Convolve each image with its own kernel: img (B, C, H, W), kernels (B, k, k) or (k, k), k odd.
+
+    Reflect padding (replicate when the image is too small to reflect), like BasicSR's ``filter2D``.
+    """
+    b, c, h, w = img.shape
+    if kernels.dim() == 2:
+        kernels = kernels.expand(b, -1, -1)
+    k = kernels.shape[-1]
+    if k % 2 == 0 or kernels.shape[0] != b:
+        raise ValueError(f"kernels must be (B={b}, k, k) or (k, k) with k odd, got {tuple(kernels.shape)}")
+    p = k // 2
+    mode = "reflect" if p < h and p < w else "replicate"
+    x = F.pad(img, (p, p, p, p), mode=mode)
+    weight = kernels.to(img.dtype).to(img.device).repeat_interleave(c, dim=0).unsqueeze(1)  # (B*C, 1, k, k)
+    # correlation (conv2d) with the kernel as in BasicSR; all our kernels are point-symmetric anyway
+    out = F.conv2d(x.reshape(1, b * c, h + 2 * p, w + 2 * p), weight, groups=b * c)
+    return out.view(b, c, h, w)
+
+
+def _interpolate(img: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    size = (max(1, int(size[0])), max(1, int(size[1])))
+    if mode in ("bilinear", "bicubic"):
+        return F.interpolate(img, size=size, mode=mode, align_corners=False)
+    return F.interpolate(img, size=size, mode=mode)
+
+
+def random_resize(img: torch.Tensor, rng: _Rng, prob, scale_range, base_size: tuple[int, int], modes) -> torch.Tensor:
+    """Resize by a random factor (up / down / keep with ``prob``) relative to ``base_size``, random mode."""
+    kind = rng.choice(["up", "down", "keep"], list(prob))
+    if kind == "up":
+        s = rng.uniform(1.0, scale_range[1])
+    elif kind == "down":
+        s = rng.uniform(scale_range[0], 1.0)
+    else:
+        s = 1.0
+    mode = rng.choice(list(modes))
+    return _interpolate(img, (int(base_size[0] * s), int(base_size[1] * s)), mode)
+
+
+def _noise_tensor(rng: _Rng, shape, device, dtype) -> torch.Tensor:
+    return torch.randn(shape, generator=rng.g, device=rng.device, dtype=torch.float32).to(device, dtype)
+
+
+def add_gaussian_noise(img: torch.Tensor, rng: _Rng, sigma_range, gray_prob: float) -> torch.Tensor:
+    """Additive Gaussian noise, sigma (0-255 scale) and grey/colour drawn per image; clipped to [0, 1]."""
+    b = img.shape[0]
+    sigma = torch.tensor(rng.uniform(*sigma_range, n=b), dtype=img.dtype, device=img.device).view(b, 1, 1, 1) / 255.0
+    gray = torch.tensor([u < gray_prob for u in rng.uniform(0.0, 1.0, n=b)], dtype=img.dtype, device=img.device)
+    gray = gray.view(b, 1, 1, 1)
+    noise = _noise_tensor(rng, img.shape, img.device, img.dtype) * sigma
+    noise_gray = _noise_tensor(rng, (b, 1) + tuple(img.shape[2:]), img.device, img.dtype) * sigma
+    noise = noise_gray * gray + noise * (1 - gray)
+    return (img + noise).clamp(0, 1)
+
+
+def _rgb_to_gray(img: torch.Tensor) -> torch.Tensor:
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=img.dtype, device=img.device).view(1, 3, 1, 1)
+    return (img * w).sum(dim=1, keepdim=True)
+
+
+def _poisson_noise(img: torch.Tensor, rng: _Rng) -> torch.Tensor:
+    # BasicSR generate_poisson_noise_pt: the photon count scale is the number of distinct 8-bit levels,
+    # rounded up to a power of two, per image
+    img = (img * 255.0).round().clamp(0, 255) / 255.0
+    vals = torch.tensor(
+        [2.0 ** math.ceil(math.log2(max(len(torch.unique(img[i])), 1))) for i in range(img.shape[0])],
+        dtype=img.dtype,
+        device=img.device,
+    ).view(-1, 1, 1, 1)
+    rate = (img * vals).to(rng.device, torch.float32)
+    out = torch.poisson(rate, generator=rng.g).to(img.device, img.dtype) / vals
+    return out - img
+
+
+def add_poisson_noise(img: torch.Tensor, rng: _Rng, scale_range, gray_prob: float) -> torch.Tensor:
+    """Poisson (shot) noise scaled by a per-image factor, grey or colour per image; clipped to [0, 1]."""
+    b = img.shape[0]
+    scale = torch.tensor(rng.uniform(*scale_range, n=b), dtype=img.dtype, device=img.device).view(b, 1, 1, 1)
+    gray = torch.tensor([u < gray_prob for u in rng.uniform(0.0, 1.0, n=b)], dtype=img.dtype, device=img.device)
+    gray = gray.view(b, 1, 1, 1)
+    noise = _poisson_noise(img, rng)
+    noise_gray = _poisson_noise(_rgb_to_gray(img), rng).expand_as(img)
+    noise = (noise_gray * gray + noise * (1 - gray)) * scale
+    return (img + noise).clamp(0, 1)
+
+
+def jpeg_compress(img: torch.Tensor, quality) -> torch.Tensor:
+    """JPEG round trip through Pillow, per image: img (B, 3, H, W) in [0, 1], quality a number or one per image.
+
+    Values are rounded to 8 bits before encoding; the result is on 8-bit levels, same dtype/device.
+    """
+    from PIL import Image
+
+    b = img.shape[0]
+    qs = [quality] * b if isinstance(quality, (int, float)) else list(quality)
+    if len(qs) != b:
+        raise ValueError(f"quality must be a number or have one entry per image ({b}), got {len(qs)}")
+    arr = (img.detach().clamp(0, 1) * 255.0).round().to("cpu", torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = np.empty_like(arr)
+    for i in range(b):
+        buf = io.BytesIO()
+        Image.fromarray(arr[i]).save(buf, format="JPEG", quality=int(round(qs[i])))
+        buf.seek(0)
+        with Image.open(buf) as dec:
+            out[i] = np.asarray(dec.convert("RGB"))
+    res = torch.from_numpy(out).permute(0, 3, 1, 2).to(img.device, img.dtype) / 255.0
+    return res
+
+
+def _random_noise(img, rng, cfg, second):
+    if rng.uniform(0.0, 1.0) < (cfg.gaussian_noise_prob2 if second else cfg.gaussian_noise_prob):
+        return add_gaussian_noise(
+            img,
+            rng,
+            cfg.noise_range2 if second else cfg.noise_range,
+            cfg.gray_noise_prob2 if second else cfg.gray_noise_prob,
+        )
+    return add_poisson_noise(
+        img,
+        rng,
+        cfg.poisson_scale_range2 if second else cfg.poisson_scale_range,
+        cfg.gray_noise_prob2 if second else cfg.gray_noise_prob,
+    )
+
+
+def _random_jpeg(img, rng, jpeg_range):
+    qualities = rng.uniform(*jpeg_range, n=img.shape[0])
+    return jpeg_compress(img.clamp(0, 1), qualities)
+
+
+@torch.no_grad()
+def degrade(
+    hr: torch.Tensor,
+    scale: int = 4,
+    config: DegradationConfig | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Real-ESRGAN second-order degradation of a batch (see the module docstring for the steps).
+
+    Args:
+        hr: (B, 3, H, W) float images in [0, 1]; H and W multiples of ``scale``; not modified.
+        scale: the downscaling factor of the result.
+        config: probabilities and ranges (``DegradationConfig()``: Real-ESRGAN's defaults).
+        generator: the source of all randomness; ``None`` uses a fresh unseeded CPU generator
+            (not reproducible). Its state advances.
+
+    Returns:
+        (B, 3, H / scale, W / scale) in [0, 1], on 8-bit levels, dtype and device of ``hr``.
+    """
+    if not isinstance(hr, torch.Tensor):
+        raise TypeError(f"hr must be a torch.Tensor (B, 3, H, W), got {type(hr).__name__}")
+    if hr.dim() != 4 or hr.shape[1] != 3:
+        raise ValueError(f"hr must have shape (B, 3, H, W), got {tuple(hr.shape)}")
+    if not hr.is_floating_point():
+        raise TypeError(f"hr must be a float tensor in [0, 1], got {hr.dtype}")
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be a positive int, got {scale!r}")
+    h, w = hr.shape[-2:]
+    if h % scale or w % scale:
+        raise ValueError(f"hr height and width must be multiples of scale={scale}, got {(h, w)}")
+    cfg = config if config is not None else DegradationConfig()
+    if generator is None:
+        generator = torch.Generator()
+        generator.seed()
+    rng = _Rng(generator)
+    b = hr.shape[0]
+    in_dtype = hr.dtype
+    out = hr.to(torch.float32)
+
+    # kernels are drawn per image, as the dataset does (first, second, final sinc for each sample)
+    k1, k2, ks = [], [], []
+    for _ in range(b):
+        k1.append(random_blur_kernel(rng, cfg, second=False))
+        k2.append(random_blur_kernel(rng, cfg, second=True))
+        ks.append(_final_sinc_kernel(rng, cfg))
+    k1, k2, ks = torch.stack(k1), torch.stack(k2), torch.stack(ks)
+
+    # first stage
+    out = filter2d(out, k1)
+    out = random_resize(out, rng, cfg.resize_prob, cfg.resize_range, (h, w), cfg.resize_modes)
+    out = _random_noise(out, rng, cfg, second=False)
+    out = _random_jpeg(out, rng, cfg.jpeg_range)
+
+    # second stage
+    if rng.uniform(0.0, 1.0) < cfg.second_blur_prob:
+        out = filter2d(out, k2)
+    out = random_resize(out, rng, cfg.resize_prob2, cfg.resize_range2, (h // scale, w // scale), cfg.resize_modes)
+    out = _random_noise(out, rng, cfg, second=True)
+
+    # final resize + sinc and JPEG, in random order
+    final_size = (h // scale, w // scale)
+    if rng.uniform(0.0, 1.0) < 0.5:
+        out = _interpolate(out, final_size, rng.choice(list(cfg.resize_modes)))
+        out = filter2d(out, ks)
+        out = _random_jpeg(out, rng, cfg.jpeg_range2)
+    else:
+        out = _random_jpeg(out, rng, cfg.jpeg_range2)
+        out = _interpolate(out, final_size, rng.choice(list(cfg.resize_modes)))
+        out = filter2d(out, ks)
+
+    out = (out * 255.0).round().clamp(0, 255) / 255.0
+    return out.to(in_dtype)
