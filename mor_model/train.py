@@ -445,10 +445,29 @@ class Trainer:
         return rec
 
     # -- the loop --------------------------------------------------------------------------------
-    def train(self) -> dict:
-        """Runs to ``max_steps``; returns the last log record."""
+    def train_step(self, lq: torch.Tensor, hr: torch.Tensor) -> tuple[dict[str, float], torch.Tensor | None]:
+        """One micro-step on a batch (``lq``, ``hr`` in ``[0, 1]`` on the device): forward, losses, backward,
+        and (when the accumulation window is complete) clipping and the optimiser step. Returns the
+        unweighted loss values (plus ``loss``, the weighted total, and ``severity``) and the gradient norm
+        (None unless clipped this micro-step). Does not advance the step counter or the LR schedule."""
         from .train_losses import LossInputs, compute_losses
 
+        acc, cfg = self.accelerator, self.cfg
+        with acc.accumulate(self.model):
+            pred, scores = self.model(lq)
+            inputs = LossInputs(pred=pred, hr=hr * 2 - 1, lq=lq, scores=scores, model=self.model)
+            with acc.autocast():
+                loss, values = compute_losses(self.terms, inputs)
+            acc.backward(loss)
+            grad_norm = None
+            if acc.sync_gradients and cfg.max_grad_norm is not None:
+                grad_norm = acc.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return {**values, "loss": float(loss.detach()), "severity": float(scores.mean())}, grad_norm
+
+    def train(self) -> dict:
+        """Runs to ``max_steps``; returns the last log record."""
         cfg, acc = self.cfg, self.accelerator
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -468,18 +487,8 @@ class Trainer:
         for lq, hr in self.dataloader():
             lq = lq.to(acc.device, non_blocking=True)
             hr = hr.to(acc.device, non_blocking=True)
-            with acc.accumulate(self.model):
-                pred, scores = self.model(lq)
-                inputs = LossInputs(pred=pred, hr=hr * 2 - 1, lq=lq, scores=scores, model=self.model)
-                with acc.autocast():
-                    loss, values = compute_losses(self.terms, inputs)
-                acc.backward(loss)
-                grad_norm = None
-                if acc.sync_gradients and cfg.max_grad_norm is not None:
-                    grad_norm = acc.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            for k, v in {**values, "loss": float(loss.detach()), "severity": float(scores.mean())}.items():
+            values, grad_norm = self.train_step(lq, hr)
+            for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             micro += 1
             if not acc.sync_gradients:
