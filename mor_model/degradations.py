@@ -129,6 +129,26 @@ class _Rng:
         self.g = generator
         self.device = generator.device
 
+    @staticmethod
+    def wrap(source) -> _Rng:
+        """A ``_Rng`` from a ``torch.Generator``, an int seed, a ``numpy.random.Generator`` (one 63-bit seed
+        is drawn from it), or None (a fresh unseeded generator: not reproducible)."""
+        if isinstance(source, _Rng):
+            return source
+        if isinstance(source, torch.Generator):
+            return _Rng(source)
+        if source is None:
+            g = torch.Generator()
+            g.seed()
+            return _Rng(g)
+        if isinstance(source, np.random.Generator):
+            source = int(source.integers(0, 2**63 - 1))
+        if isinstance(source, (int, np.integer)) and not isinstance(source, bool):
+            return _Rng(torch.Generator().manual_seed(int(source)))
+        raise TypeError(
+            f"generator must be a torch.Generator, an int seed, a numpy.random.Generator or None, got {type(source).__name__}"
+        )
+
     def uniform(self, lo: float, hi: float, n: int | None = None):
         u = torch.rand(1 if n is None else n, generator=self.g, device=self.device, dtype=torch.float64)
         v = (lo + (hi - lo) * u).tolist()
@@ -223,7 +243,7 @@ def _random_beta(rng: _Rng, beta_range: tuple[float, float]) -> float:
 
 
 def random_mixed_kernel(
-    rng_or_generator,
+    rng_or_generator: torch.Generator | int,
     kernel_size: int,
     kernel_list=KERNEL_TYPES,
     kernel_prob=_DEFAULT_KERNEL_PROB,
@@ -232,7 +252,7 @@ def random_mixed_kernel(
     betap_range: tuple[float, float] = (1.0, 2.0),
 ) -> torch.Tensor:
     """One kernel of a type drawn from ``kernel_list`` with ``kernel_prob`` (BasicSR ``random_mixed_kernels``)."""
-    rng = rng_or_generator if isinstance(rng_or_generator, _Rng) else _Rng(rng_or_generator)
+    rng = _Rng.wrap(rng_or_generator)
     kind = rng.choice(list(kernel_list), list(kernel_prob))
     iso = kind.endswith("iso") and not kind.endswith("aniso")
     sig_x = rng.uniform(*sigma_range)
@@ -248,8 +268,9 @@ def random_mixed_kernel(
     return gaussian_kernel(kernel_size, sig_x, sig_y, theta)
 
 
-def random_blur_kernel(rng: _Rng, cfg: DegradationConfig, second: bool) -> torch.Tensor:
+def random_blur_kernel(generator: torch.Generator | int, cfg: DegradationConfig, second: bool = False) -> torch.Tensor:
     """A first- or second-stage kernel, padded to ``cfg.blur_kernel_size`` (RealESRGANDataset.__getitem__)."""
+    rng = _Rng.wrap(generator)
     size = rng.odd_kernel_size(cfg.blur_kernel_size)
     sinc_prob = cfg.sinc_prob2 if second else cfg.sinc_prob
     if rng.uniform(0.0, 1.0) < sinc_prob:
@@ -308,8 +329,9 @@ def _interpolate(img: torch.Tensor, size: tuple[int, int], mode: str) -> torch.T
     return F.interpolate(img, size=size, mode=mode)
 
 
-def random_resize(img: torch.Tensor, rng: _Rng, prob, scale_range, base_size: tuple[int, int], modes) -> torch.Tensor:
+def random_resize(img: torch.Tensor, generator, prob, scale_range, base_size: tuple[int, int], modes) -> torch.Tensor:
     """Resize by a random factor (up / down / keep with ``prob``) relative to ``base_size``, random mode."""
+    rng = _Rng.wrap(generator)
     kind = rng.choice(["up", "down", "keep"], list(prob))
     if kind == "up":
         s = rng.uniform(1.0, scale_range[1])
@@ -325,8 +347,9 @@ def _noise_tensor(rng: _Rng, shape, device, dtype) -> torch.Tensor:
     return torch.randn(shape, generator=rng.g, device=rng.device, dtype=torch.float32).to(device, dtype)
 
 
-def add_gaussian_noise(img: torch.Tensor, rng: _Rng, sigma_range, gray_prob: float) -> torch.Tensor:
+def add_gaussian_noise(img: torch.Tensor, generator, sigma_range, gray_prob: float) -> torch.Tensor:
     """Additive Gaussian noise, sigma (0-255 scale) and grey/colour drawn per image; clipped to [0, 1]."""
+    rng = _Rng.wrap(generator)
     b = img.shape[0]
     sigma = torch.tensor(rng.uniform(*sigma_range, n=b), dtype=img.dtype, device=img.device).view(b, 1, 1, 1) / 255.0
     gray = torch.tensor([u < gray_prob for u in rng.uniform(0.0, 1.0, n=b)], dtype=img.dtype, device=img.device)
@@ -356,8 +379,9 @@ def _poisson_noise(img: torch.Tensor, rng: _Rng) -> torch.Tensor:
     return out - img
 
 
-def add_poisson_noise(img: torch.Tensor, rng: _Rng, scale_range, gray_prob: float) -> torch.Tensor:
+def add_poisson_noise(img: torch.Tensor, generator, scale_range, gray_prob: float) -> torch.Tensor:
     """Poisson (shot) noise scaled by a per-image factor, grey or colour per image; clipped to [0, 1]."""
+    rng = _Rng.wrap(generator)
     b = img.shape[0]
     scale = torch.tensor(rng.uniform(*scale_range, n=b), dtype=img.dtype, device=img.device).view(b, 1, 1, 1)
     gray = torch.tensor([u < gray_prob for u in rng.uniform(0.0, 1.0, n=b)], dtype=img.dtype, device=img.device)
@@ -417,7 +441,7 @@ def degrade(
     hr: torch.Tensor,
     scale: int = 4,
     config: DegradationConfig | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | np.random.Generator | None = None,
 ) -> torch.Tensor:
     """Real-ESRGAN second-order degradation of a batch (see the module docstring for the steps).
 
@@ -425,8 +449,9 @@ def degrade(
         hr: (B, 3, H, W) float images in [0, 1]; H and W multiples of ``scale``; not modified.
         scale: the downscaling factor of the result.
         config: probabilities and ranges (``DegradationConfig()``: Real-ESRGAN's defaults).
-        generator: the source of all randomness; ``None`` uses a fresh unseeded CPU generator
-            (not reproducible). Its state advances.
+        generator: the source of all randomness: a ``torch.Generator`` (its state advances), an int
+            seed, a ``numpy.random.Generator`` (one seed is drawn from it), or ``None`` (a fresh
+            unseeded CPU generator: not reproducible).
 
     Returns:
         (B, 3, H / scale, W / scale) in [0, 1], on 8-bit levels, dtype and device of ``hr``.
@@ -443,10 +468,9 @@ def degrade(
     if h % scale or w % scale:
         raise ValueError(f"hr height and width must be multiples of scale={scale}, got {(h, w)}")
     cfg = config if config is not None else DegradationConfig()
-    if generator is None:
-        generator = torch.Generator()
-        generator.seed()
-    rng = _Rng(generator)
+    if not isinstance(cfg, DegradationConfig):
+        raise TypeError(f"config must be a DegradationConfig or None, got {type(cfg).__name__}")
+    rng = _Rng.wrap(generator)
     b = hr.shape[0]
     in_dtype = hr.dtype
     out = hr.to(torch.float32)

@@ -120,6 +120,7 @@ def tiled_apply(
     weight: str = "cosine",
     pad_mode: str = "replicate",
     progress: Callable[[int, int], None] | None = None,
+    out_device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Apply ``fn`` to overlapping tiles of ``x`` and blend the results.
 
@@ -135,6 +136,8 @@ def tiled_apply(
         weight: ``"cosine"``, ``"gaussian"`` or ``"uniform"`` (see the module docstring).
         pad_mode: ``F.pad`` mode for that padding (``"replicate"``, ``"reflect"``, ``"constant"``).
         progress: called as ``progress(done, total)`` after each tile.
+        out_device: where the float32 accumulation buffers and the result live (default: ``x``'s
+            device); ``"cpu"`` keeps a huge output (e.g. 8192x8192 pixels, 0.8 GB in float32) off the GPU.
 
     Returns:
         (B, C_out, ceil(H * scale), ceil(W * scale)) in the dtype ``fn`` returns (blending in float32);
@@ -168,9 +171,11 @@ def tiled_apply(
     out_h, out_w = _scaled(hp, sc, "padded height"), _scaled(wp, sc, "padded width")
 
     acc = None
-    norm = torch.zeros(out_h, out_w, dtype=torch.float32, device=x.device)
+    dev = x.device if out_device is None else torch.device(out_device)
+    norm = torch.zeros(out_h, out_w, dtype=torch.float32, device=dev)
     out_dtype = None
     total, done = len(ys) * len(xs), 0
+    weights: dict[tuple, torch.Tensor] = {}  # blending weights by the tile's overlaps (few distinct ones)
     for iy, y0 in enumerate(ys):
         for ix, x0 in enumerate(xs):
             tile_out = fn(x[..., y0 : y0 + th, x0 : x0 + tw])
@@ -181,15 +186,18 @@ def tiled_apply(
                 )
             if acc is None:
                 out_dtype = tile_out.dtype
-                acc = torch.zeros(b, tile_out.shape[1], out_h, out_w, dtype=torch.float32, device=x.device)
+                acc = torch.zeros(b, tile_out.shape[1], out_h, out_w, dtype=torch.float32, device=dev)
             # overlap actually shared with the neighbour on each side (in output pixels), for "cosine"
             ov_y = _scaled(th - (ys[iy + 1] - y0), sc, "overlap") if iy + 1 < len(ys) else 0
             ov_x = _scaled(tw - (xs[ix + 1] - x0), sc, "overlap") if ix + 1 < len(xs) else 0
             ov_yp = _scaled(th - (y0 - ys[iy - 1]), sc, "overlap") if iy > 0 else 0
             ov_xp = _scaled(tw - (x0 - xs[ix - 1]), sc, "overlap") if ix > 0 else 0
-            wt = _tile_weight_asym(oth, otw, weight, (ov_yp, ov_y, ov_xp, ov_x)).to(x.device)
+            key = (ov_yp, ov_y, ov_xp, ov_x) if weight == "cosine" else ()
+            if key not in weights:
+                weights[key] = _tile_weight_asym(oth, otw, weight, (ov_yp, ov_y, ov_xp, ov_x)).to(dev)
+            wt = weights[key]
             oy, ox = _scaled(y0, sc, "tile start"), _scaled(x0, sc, "tile start")
-            acc[..., oy : oy + oth, ox : ox + otw] += tile_out.to(torch.float32) * wt
+            acc[..., oy : oy + oth, ox : ox + otw] += tile_out.to(dev, torch.float32) * wt
             norm[oy : oy + oth, ox : ox + otw] += wt
             done += 1
             if progress is not None:

@@ -13,7 +13,6 @@ pytest.importorskip("PIL", reason="JPEG compression goes through Pillow (the [mo
 from mor_model.degradations import (  # noqa: E402
     KERNEL_TYPES,
     DegradationConfig,
-    _Rng,
     add_gaussian_noise,
     add_poisson_noise,
     degrade,
@@ -131,9 +130,9 @@ def test_filter2d_per_image_kernels():
 
 def test_gaussian_noise_strength_and_gray():
     img = torch.full((2, 3, 64, 64), 0.5)
-    out = add_gaussian_noise(img, _Rng(_gen(0)), (10.0, 10.0), gray_prob=0.0)
+    out = add_gaussian_noise(img, _gen(0), (10.0, 10.0), gray_prob=0.0)
     assert (out - img).std().item() == pytest.approx(10 / 255, rel=0.05)
-    gray = add_gaussian_noise(img, _Rng(_gen(0)), (10.0, 10.0), gray_prob=1.0)
+    gray = add_gaussian_noise(img, _gen(0), (10.0, 10.0), gray_prob=1.0)
     assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
     assert not torch.equal(out[:, 0], out[:, 1])
 
@@ -141,11 +140,11 @@ def test_gaussian_noise_strength_and_gray():
 def test_poisson_noise_unbiased_and_scaled():
     img = torch.full((1, 3, 64, 64), 0.5)
     img[..., :32] = 0.25  # two distinct levels -> 2 photon levels: strong noise
-    small = add_poisson_noise(img, _Rng(_gen(1)), (0.1, 0.1), gray_prob=0.0)
-    big = add_poisson_noise(img, _Rng(_gen(1)), (1.0, 1.0), gray_prob=0.0)
+    small = add_poisson_noise(img, _gen(1), (0.1, 0.1), gray_prob=0.0)
+    big = add_poisson_noise(img, _gen(1), (1.0, 1.0), gray_prob=0.0)
     assert (small - img).abs().mean() < (big - img).abs().mean()
     assert abs((small - img).mean().item()) < 0.01
-    gray = add_poisson_noise(img, _Rng(_gen(2)), (1.0, 1.0), gray_prob=1.0)
+    gray = add_poisson_noise(img, _gen(2), (1.0, 1.0), gray_prob=1.0)
     assert torch.equal(gray[:, 0], gray[:, 1])
     assert 0 <= big.min() and big.max() <= 1
 
@@ -241,3 +240,28 @@ def test_degrade_bad_input():
         degrade(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), generator=_gen(0))
     with pytest.raises(ValueError, match="scale"):
         degrade(torch.rand(1, 3, 32, 32), scale=0, generator=_gen(0))
+
+
+def test_generator_forms():
+    hr = _hr(1, 32, 32)
+    by_gen = degrade(hr, generator=_gen(7))
+    assert torch.equal(degrade(hr, generator=7), by_gen)  # an int seed == a generator seeded with it
+    a = degrade(hr, generator=np.random.default_rng(1))
+    b = degrade(hr, generator=np.random.default_rng(1))
+    assert torch.equal(a, b)
+    assert degrade(hr).shape == (1, 3, 8, 8)  # None: unseeded, still valid
+    with pytest.raises(TypeError, match="generator"):
+        degrade(hr, generator="seed")
+    with pytest.raises(TypeError, match="config"):
+        degrade(hr, config={"sinc_prob": 0.0}, generator=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_degrade_cuda_reproducible_and_on_device():
+    hr = _hr(2, 64, 64).cuda()
+    a = degrade(hr, generator=torch.Generator("cuda").manual_seed(3))
+    b = degrade(hr, generator=torch.Generator("cuda").manual_seed(3))
+    assert a.device.type == "cuda" and torch.equal(a, b)
+    c = degrade(hr, generator=_gen(3))  # CPU generator with CUDA images: noise made on CPU, moved over
+    assert c.device.type == "cuda" and torch.equal(c, degrade(hr, generator=_gen(3)))

@@ -221,3 +221,19 @@ def test_choose_tile_size_cuda():
     free, _ = torch.cuda.mem_get_info()
     t = choose_tile_size(1024.0, device="cuda", multiple=8, max_tile=1 << 20)
     assert t * t * 1024 <= 0.6 * free and (t + 8) ** 2 * 1024 > 0.6 * free * 0.95
+
+
+def test_out_device_cpu():
+    x = _rand((1, 2, 40, 40), 7)
+    out = tiled_apply(lambda t: t * 2, x, tile_size=16, overlap=4, out_device="cpu")
+    assert out.device.type == "cpu"
+    torch.testing.assert_close(out, x * 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tiles_with_cpu_accumulation():
+    x = _rand((1, 4, 50, 70), 8).cuda()
+    out = tiled_apply(lambda t: F.interpolate(t, scale_factor=8), x, tile_size=16, overlap=8, scale=8, out_device="cpu")
+    assert out.device.type == "cpu"
+    torch.testing.assert_close(out, F.interpolate(x, scale_factor=8).cpu())
