@@ -220,8 +220,10 @@ def plan_outputs(
     if ext.lower() not in _FORMATS:
         raise ValueError(f"ext must be one of {tuple(_FORMATS)}, got {ext!r}")
     out_dir = Path(out_dir)
-    inputs = {Path(f).resolve() for f in files}
-    taken: set[Path] = set()
+    # compared case-insensitively, so a case-insensitive file system (macOS, Windows) cannot make an
+    # output land on an input or on another output (on Linux this only renames a few more outputs)
+    inputs = {str(Path(f).resolve()).casefold() for f in files}
+    taken: set[str] = set()
     plans = []
     for f, root in zip(files, roots, strict=True):
         f = Path(f)
@@ -234,7 +236,7 @@ def plan_outputs(
         )
         for name in names:
             out = folder / name
-            key = out.resolve()
+            key = str(out.resolve()).casefold()
             if key not in inputs and key not in taken:
                 break
         taken.add(key)

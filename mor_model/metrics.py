@@ -66,7 +66,7 @@ def _prepare(pred: torch.Tensor, target: torch.Tensor, crop_border: int, y_chann
     if 2 * crop_border >= h or 2 * crop_border >= w:
         raise ValueError(f"crop_border={crop_border} leaves nothing of a {h}x{w} image")
     pred = pred.detach().to(torch.float64)
-    target = target.detach().to(target.device, torch.float64)
+    target = target.detach().to(pred.device, torch.float64)
     if y_channel:
         pred, target = rgb_to_y(pred), rgb_to_y(target)
     else:

@@ -161,6 +161,11 @@ def test_plan_outputs_never_overwrites_inputs_and_avoids_collisions(tmp_path):
         Image.fromarray(_rgb()).save(e / name)
     outs = [p.output.name for p in plan_outputs(collect_images([e]), e)]
     assert "x.png" not in outs and "x_png.png" not in outs and len(set(outs)) == 2
+    # names differing only in case count as the same file (case-insensitive file systems)
+    u = tmp_path / "u"
+    u.mkdir()
+    Image.fromarray(_rgb()).save(u / "P.PNG")
+    assert plan_outputs(collect_images([u]), u)[0].output.name == "P_png.png"
     with pytest.raises(ValueError, match="ext"):
         plan_outputs(col, o, ext=".gif")
 
