@@ -73,18 +73,19 @@ def save_routing_heatmap(stats: RoutingStats, path: str | os.PathLike, *, title:
     data = stats.active_ranks.numpy()
     num_layers, num_samples = data.shape
     fig_h = min(2 + 0.18 * num_layers, 60)
-    fig = Figure(figsize=(max(4, 1 + 0.5 * num_samples), fig_h))
+    label_w = 0.06 * max(len(n) for n in stats.layers) if num_layers <= 120 else 0.5
+    fig = Figure(figsize=(min(60, 3 + label_w + 0.35 * num_samples), fig_h))
     ax = fig.add_subplot()
     vmax = max(stats.max_ranks.values())
     im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=vmax)
     ax.set_xlabel("sample")
     ax.set_ylabel("MoR layer")
-    ax.set_xticks(range(num_samples))
+    ax.set_xticks(range(num_samples) if num_samples <= 64 else range(0, num_samples, max(1, num_samples // 16)))
     if num_layers <= 120:
         ax.set_yticks(range(num_layers))
         ax.set_yticklabels(stats.layers, fontsize=6)
-    ax.set_title(title or "active real ranks per layer and sample")
-    fig.colorbar(im, ax=ax, label="active real ranks (S + selected non-zero slots)")
+    ax.set_title(title or "active real ranks", fontsize=9)
+    fig.colorbar(im, ax=ax, label="active real ranks (S + selected non-zero slots)", shrink=min(1.0, 6 / fig_h + 0.2))
     fig.tight_layout()
     fig.savefig(os.fspath(path), dpi=100)
     return os.fspath(path)
