@@ -311,8 +311,17 @@ def filter2d(img: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     if kernels.dim() == 2:
         kernels = kernels.expand(b, -1, -1)
     k = kernels.shape[-1]
-    if k % 2 == 0 or kernels.shape[0] != b:
+    if k % 2 == 0 or kernels.shape[0] != b or kernels.shape[-2] != k:
         raise ValueError(f"kernels must be (B={b}, k, k) or (k, k) with k odd, got {tuple(kernels.shape)}")
+    # drop the all-zero border the kernels were padded with (sampled sizes are 7..21, the pulse is 1x1):
+    # the result is the same, the depthwise convolution much cheaper
+    nz = (kernels != 0).any(dim=0)
+    if nz.any():
+        rows, cols = nz.any(dim=1).nonzero(), nz.any(dim=0).nonzero()
+        c0 = k // 2
+        r = int(max(c0 - rows.min(), rows.max() - c0, c0 - cols.min(), cols.max() - c0))
+        kernels = kernels[:, c0 - r : c0 + r + 1, c0 - r : c0 + r + 1]
+        k = 2 * r + 1
     p = k // 2
     mode = "reflect" if p < h and p < w else "replicate"
     x = F.pad(img, (p, p, p, p), mode=mode)
@@ -355,8 +364,9 @@ def add_gaussian_noise(img: torch.Tensor, generator, sigma_range, gray_prob: flo
     gray = torch.tensor([u < gray_prob for u in rng.uniform(0.0, 1.0, n=b)], dtype=img.dtype, device=img.device)
     gray = gray.view(b, 1, 1, 1)
     noise = _noise_tensor(rng, img.shape, img.device, img.dtype) * sigma
-    noise_gray = _noise_tensor(rng, (b, 1) + tuple(img.shape[2:]), img.device, img.dtype) * sigma
-    noise = noise_gray * gray + noise * (1 - gray)
+    if gray.any():  # like BasicSR, the grey noise is only drawn when some image uses it
+        noise_gray = _noise_tensor(rng, (b, 1) + tuple(img.shape[2:]), img.device, img.dtype) * sigma
+        noise = noise_gray * gray + noise * (1 - gray)
     return (img + noise).clamp(0, 1)
 
 
@@ -387,8 +397,10 @@ def add_poisson_noise(img: torch.Tensor, generator, scale_range, gray_prob: floa
     gray = torch.tensor([u < gray_prob for u in rng.uniform(0.0, 1.0, n=b)], dtype=img.dtype, device=img.device)
     gray = gray.view(b, 1, 1, 1)
     noise = _poisson_noise(img, rng)
-    noise_gray = _poisson_noise(_rgb_to_gray(img), rng).expand_as(img)
-    noise = (noise_gray * gray + noise * (1 - gray)) * scale
+    if gray.any():
+        noise_gray = _poisson_noise(_rgb_to_gray(img), rng).expand_as(img)
+        noise = noise_gray * gray + noise * (1 - gray)
+    noise = noise * scale
     return (img + noise).clamp(0, 1)
 
 
