@@ -28,7 +28,7 @@ def test_descending_order_and_probs_sum_to_one(backend):
         left_out = [probs[row, j] for j in range(8) if j not in real]
         assert all(p <= gate[row, -1] for p in left_out)
         zero_probs = sorted(probs[row, 8:].tolist(), reverse=True)
-        assert sorted(g for g, i in zip(gate[row].tolist(), idx[row].tolist()) if i < 0) == sorted(
+        assert sorted(g for g, i in zip(gate[row].tolist(), idx[row].tolist(), strict=True) if i < 0) == sorted(
             zero_probs[: int((idx[row] < 0).sum())]
         )
 
