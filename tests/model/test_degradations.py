@@ -121,6 +121,14 @@ def test_filter2d_per_image_kernels():
         F.pad(img[1:], (2, 2, 2, 2), mode="reflect"), gaussian_kernel(5, 1.0).float().expand(3, 1, 5, 5), groups=3
     )
     assert torch.allclose(out[1:], ref, atol=1e-6)
+    # zero-padded kernels (as sampled: 7x7 and 9x9 inside 21x21) give the full 21x21 convolution's result
+    padded = torch.stack([F.pad(gaussian_kernel(7, 1.0), (7,) * 4), F.pad(sinc_kernel(9, 2.0), (6,) * 4)])
+    full = F.conv2d(
+        F.pad(img, (10,) * 4, mode="reflect").reshape(1, 6, 44, 44),
+        padded.float().repeat_interleave(3, 0).unsqueeze(1),
+        groups=6,
+    ).view(2, 3, 24, 24)
+    assert torch.allclose(filter2d(img, padded), full, atol=1e-6)
     tiny = filter2d(torch.rand(1, 3, 4, 4), gaussian_kernel(21, 2.0))  # too small to reflect: replicate
     assert tiny.shape == (1, 3, 4, 4) and torch.isfinite(tiny).all()
 
