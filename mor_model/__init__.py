@@ -10,7 +10,7 @@ from .config import OSEDIFF_UNET_TARGETS, MoRConfig
 from .control import clear_routing, degradation, set_degradation
 from .estimator import DEFAULT_PROMPT_PAIRS, DegradationEstimator
 from .inject import InjectionReport, inject_mor, remove_mor
-from .layers import MoRConv2d, MoRLayer, MoRLinear, mor_layers, trainable_parameters
+from .layers import MoRConv2d, MoRLayer, MoRLinear, base_state_dict, mor_layers, trainable_parameters
 from .losses import balance_loss, degradation_aware_balance_loss
 from .router import MoRRouter
 from .stats import RoutingStats, routing_stats, save_routing_heatmap
@@ -29,6 +29,7 @@ __all__ = [
     "MoRRouter",
     "RoutingStats",
     "balance_loss",
+    "base_state_dict",
     "clear_routing",
     "degradation",
     "degradation_aware_balance_loss",

@@ -66,8 +66,18 @@ class MoRLayer(nn.Module):
         """The trainable parameters (adapter and router), by name relative to this layer."""
         return {n: p for n, p in self.named_parameters() if not n.startswith("base_layer.")}
 
-    def _lora(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
+    def _operands(self, x: torch.Tensor):
+        """``x, weight, bias, lora_a, lora_b`` in one compute dtype: the autocast dtype inside
+        ``torch.autocast`` (as nn.Linear/Conv2d would run), else ``x.dtype`` for the adapter (the base
+        weights must then match ``x``, as for the plain layer)."""
+        base = self.base_layer
+        weight, bias = base.weight, base.bias
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            dt = torch.get_autocast_dtype(device)
+            x, weight = x.to(dt), weight.to(dt)
+            bias = None if bias is None else bias.to(dt)
+        return x, weight, bias, self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
 
 
 class MoRLinear(MoRLayer):
@@ -83,10 +93,9 @@ class MoRLinear(MoRLayer):
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise ValueError(f"MoRLinear expects x of shape (B, *tokens, {self.in_features}) with a batch dimension")
         idx, gate = self.router(x)
-        a, b = self._lora(x)
-        base = self.base_layer
+        x, weight, bias, a, b = self._operands(x)
         return mor_kernels.mor_linear(
-            x, base.weight, base.bias, a, b, idx, gate, self.num_shared, self.scaling, backend=self.config.backend
+            x, weight, bias, a, b, idx, gate, self.num_shared, self.scaling, backend=self.config.backend
         )
 
 
@@ -107,12 +116,12 @@ class MoRConv2d(MoRLayer):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"MoRConv2d expects x of shape (B, {self.in_channels}, H, W)")
         idx, gate = self.router(x, channels_last=False)
-        a, b = self._lora(x)
+        x, weight, bias, a, b = self._operands(x)
         base = self.base_layer
         return mor_kernels.mor_conv2d(
             x,
-            base.weight,
-            base.bias,
+            weight,
+            bias,
             a,
             b,
             idx,
@@ -140,6 +149,20 @@ def conv_unsupported_reason(conv: nn.Conv2d) -> str | None:
 def mor_layers(module: nn.Module) -> dict[str, MoRLayer]:
     """Every MoR layer under ``module`` (``module`` itself included), by qualified name."""
     return {name: m for name, m in module.named_modules() if isinstance(m, MoRLayer)}
+
+
+def base_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` without the adapters and with the original layer keys
+    (``<name>.base_layer.weight`` -> ``<name>.weight``): what the model saves as without MoR."""
+    layers = {f"{n}." if n else "" for n in mor_layers(module)}
+    out = {}
+    for key, value in module.state_dict().items():
+        prefix = next((p for p in layers if key.startswith(p)), None)
+        if prefix is None:
+            out[key] = value
+        elif key.startswith(prefix + "base_layer."):
+            out[prefix + key[len(prefix) + len("base_layer.") :]] = value
+    return out
 
 
 def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:

@@ -205,6 +205,30 @@ def test_base_state_dict_keys_load_into_wrapped_layer():
     layer.load_state_dict(layer.state_dict())  # its own keys still load strictly
 
 
+def test_base_state_dict_has_the_original_keys():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    mor_model.inject_mor(model, small_config(target_modules=("0",)))
+    exported = mor_model.base_state_dict(model)
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[k], original[k]) for k in original)
+
+
+def test_autocast_runs_in_the_autocast_dtype_like_the_base_layer():
+    torch.manual_seed(6)
+    lin, conv = nn.Linear(8, 6), nn.Conv2d(3, 4, 3, padding=1)
+    layers = MoRLinear(lin, small_config()), MoRConv2d(conv, small_config())
+    inputs = torch.randn(2, 5, 8), torch.randn(2, 3, 6, 6)
+    for layer, base, x in zip(layers, (lin, conv), inputs, strict=True):
+        set_degradation(layer, torch.rand(2, 7))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, ref = layer(x), base(x)
+            y.float().sum().backward()
+        assert y.dtype == ref.dtype == torch.bfloat16
+        assert torch.equal(y, ref)  # lora_b = 0 at init
+        assert layer.lora_b.grad.dtype == torch.float32 and layer.lora_b.grad.abs().sum() > 0
+
+
 def test_gradients_reach_adapters_and_router_not_base():
     layer = MoRLinear(nn.Linear(4, 3), small_config())
     layer.base_layer.requires_grad_(False)
