@@ -40,6 +40,17 @@ def rank_pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def gemm_config(device: torch.device, dtype: torch.dtype, tokens: int, n: int) -> dict:
+    """Tiles of the GEMM-shaped launches (expand, dx) from a fixed table (no autotuning, so nothing is
+    ever tuned inside a CUDA-graph capture): small tiles under the interpreter and for float32 (IEEE
+    dots); tensor-core tiles for 16-bit inputs on a GPU, larger at SD-sized shapes."""
+    if device.type != "cuda" or dtype == torch.float32:
+        return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=2)
+    if tokens >= 512 and n >= 256:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
 def padded_ranks(ranks: int, num_shared: int, top_k: int, token_routing: bool) -> int:
     return rank_pad(ranks if token_routing else num_shared + top_k)
 
@@ -375,13 +386,14 @@ def expand(x, weight, bias, lora_b, h, idx, base, num_shared: int):
         return y
     w = weight if weight is not None else lora_b
     s = base.stride() if base is not None else (0, 0, 0)
-    grid = (triton.cdiv(tokens, BLOCK_M), triton.cdiv(d_out, BLOCK_N), batch)
+    cfg = gemm_config(x.device, x.dtype, tokens, d_out)
+    grid = (triton.cdiv(tokens, cfg["BLOCK_M"]), triton.cdiv(d_out, cfg["BLOCK_N"]), batch)
     _expand_kernel[grid](
         x, w, bias if bias is not None else y, lora_b, h, idx, base if base is not None else y, y,
         tokens, d_in, d_out, num_shared, ranks - num_shared,
         *x.stride(), w.stride(0), w.stride(1), *lora_b.stride(), stride_ib, *s, *y.stride(),
         TOP_K=idx.shape[-1], RP=h.shape[-1], TOKEN_ROUTING=token, HAS_W=weight is not None,
-        HAS_BIAS=bias is not None, HAS_BASE=base is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        HAS_BIAS=bias is not None, HAS_BASE=base is not None, **cfg,
     )  # fmt: skip
     return y
 
@@ -421,13 +433,16 @@ def backward_dx(du, lora_a, idx, num_shared: int, dy, weight, dtype: torch.dtype
     d_out = weight.shape[0] if has_w else 0
     ys = dy.stride() if has_w else (0, 0, 0)
     ws = weight.stride() if has_w else (0, 0)
-    grid = (triton.cdiv(tokens, BLOCK_M), triton.cdiv(d_in, BLOCK_N), batch)
+    cfg = gemm_config(du.device, dtype, tokens, d_in)
+    grid = (triton.cdiv(tokens, cfg["BLOCK_M"]), triton.cdiv(d_in, cfg["BLOCK_N"]), batch)
     _bwd_dx_kernel[grid](
         du, lora_a, idx, dy if has_w else du, weight if has_w else lora_a, dx,
         tokens, d_in, d_out, num_shared, ranks - num_shared,
         *lora_a.stride(), stride_ib, *ys, *ws,
         TOP_K=idx.shape[-1], RP=rp, TOKEN_ROUTING=token, HAS_W=has_w,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_K, BLOCK_K=BLOCK_N,
+        # the kernel reduces over d_out in BLOCK_N steps and tiles d_in with BLOCK_K
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_K"], BLOCK_K=cfg["BLOCK_N"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return dx
 

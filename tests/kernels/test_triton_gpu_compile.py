@@ -16,6 +16,7 @@ import pytest
 
 SCRIPT = textwrap.dedent(
     """
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -23,7 +24,7 @@ SCRIPT = textwrap.dedent(
 
     failures = []
 
-    def comp(fn, ptrs, consts, label):
+    def comp(fn, ptrs, consts, label, num_warps=4, num_stages=3):
         sig = {}
         for name in fn.arg_names:
             if name in consts:
@@ -33,7 +34,9 @@ SCRIPT = textwrap.dedent(
             else:
                 sig[name] = "fp32" if name == "scaling" else "i32"
         try:
-            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+            src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+            opts = {"num_warps": num_warps, "num_stages": num_stages}
+            triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
         except Exception as err:  # report every failure, not just the first
             failures.append(f"{label}: {type(err).__name__}: {str(err)[:1500]}")
 
@@ -48,16 +51,19 @@ SCRIPT = textwrap.dedent(
             comp(L._shrink_kernel, dict(x_ptr=dt, a_ptr=dt, h_ptr=f32, u_ptr=f32, **rt),
                  dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, STORE_U=True, BLOCK_M=L.BLOCK_M, BLOCK_K=L.BLOCK_K),
                  "shrink " + tag)
-            comp(L._expand_kernel, dict(x_ptr=dt, w_ptr=dt, bias_ptr=dt, b_ptr=dt, h_ptr=f32, base_ptr=dt, y_ptr=dt,
-                                        **rt),
-                 dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, HAS_W=True, HAS_BIAS=True, HAS_BASE=True,
-                      BLOCK_M=L.BLOCK_M, BLOCK_N=L.BLOCK_N, BLOCK_K=L.BLOCK_K), "expand " + tag)
+            for tokens in (64, 4096):  # the launchers' small and large GPU tiles
+                cfg = L.gemm_config(torch.device("cuda"), torch.float32 if dt == "*fp32" else torch.float16, tokens, 640)
+                warps = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+                comp(L._expand_kernel, dict(x_ptr=dt, w_ptr=dt, bias_ptr=dt, b_ptr=dt, h_ptr=f32, base_ptr=dt,
+                                            y_ptr=dt, **rt),
+                     dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, HAS_W=True, HAS_BIAS=True, HAS_BASE=True, **cfg),
+                     f"expand {tag} {cfg}", **warps)
+                comp(L._bwd_dx_kernel, dict(du_ptr=f32, a_ptr=dt, dy_ptr=dt, w_ptr=dt, dx_ptr=dt, **rt),
+                     dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, HAS_W=True, BLOCK_M=cfg["BLOCK_M"],
+                          BLOCK_N=cfg["BLOCK_K"], BLOCK_K=cfg["BLOCK_N"]), f"bwd_dx {tag} {cfg}", **warps)
             comp(L._bwd_dh_kernel, dict(dy_ptr=dt, b_ptr=dt, u_ptr=f32, du_ptr=f32, h_ptr=f32, dgate_ptr=f32, **rt),
                  dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, STORE_H=True, BLOCK_M=L.BLOCK_M, BLOCK_N=L.BLOCK_N),
                  "bwd_dh " + tag)
-            comp(L._bwd_dx_kernel, dict(du_ptr=f32, a_ptr=dt, dy_ptr=dt, w_ptr=dt, dx_ptr=dt, **rt),
-                 dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, HAS_W=True, BLOCK_M=L.BLOCK_M, BLOCK_N=L.BLOCK_K,
-                      BLOCK_K=L.BLOCK_N), "bwd_dx " + tag)
             comp(L._rank_grad_kernel, dict(l_ptr=f32, r_ptr=dt, out_ptr=f32),
                  dict(RP=rp, CHUNK=L.TOKEN_CHUNK, BLOCK_M=L.BLOCK_M, BLOCK_N=L.BLOCK_N), "rank_grad " + tag)
         comp(C._conv_up_kernel, dict(z_ptr=dt, b_ptr=dt, bias_ptr=dt, y_ptr=dt, u_ptr=f32, **rt),
