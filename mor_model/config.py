@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
 from dataclasses import dataclass, field
 
 #: OSEDiff's UNet LoRA targets (MOR_SPEC section 5). A plain entry matches a module whose qualified
@@ -100,6 +101,12 @@ class MoRConfig:
         self.target_modules = tuple(self.target_modules)
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise ValueError(f"MoRConfig.target_modules must be non-empty strings, got {self.target_modules!r}")
+        for pattern in self.target_modules:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as err:
+                    raise ValueError(f"MoRConfig.target_modules: bad regular expression {pattern!r}: {err}") from None
         if isinstance(self.balance_alpha, bool) or not isinstance(self.balance_alpha, numbers.Real):
             raise TypeError(f"MoRConfig.balance_alpha must be a real number, got {type(self.balance_alpha).__name__}")
         if self.balance_alpha < 0:

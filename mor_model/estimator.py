@@ -105,7 +105,7 @@ class DegradationEstimator(nn.Module):
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self._text_cache: tuple[torch.device, torch.Tensor] | None = None
+        self._text_cache: tuple[tuple, torch.Tensor] | None = None  # ((device, dtype), (P, 2, e))
 
     def train(self, mode: bool = True):
         """The CLIP model stays in eval mode (it is frozen)."""
@@ -198,13 +198,13 @@ class DegradationEstimator(nn.Module):
 
     def text_embeddings(self) -> torch.Tensor:
         """``(P, 2, e)`` normalised float32 text embeddings (positive, negative), computed once per device."""
-        device = self.clip.logit_scale.device
-        if self._text_cache is None or self._text_cache[0] != device:
+        key = (self.clip.logit_scale.device, self.clip.logit_scale.dtype)
+        if self._text_cache is None or self._text_cache[0] != key:
             prompts = [p for pair in self.prompt_pairs for p in pair]
             with torch.no_grad():
-                tokens = self.tokenizer(prompts).to(device)
+                tokens = self.tokenizer(prompts).to(key[0])
                 emb = F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
-            self._text_cache = (device, emb.reshape(len(self.prompt_pairs), 2, -1))
+            self._text_cache = (key, emb.reshape(len(self.prompt_pairs), 2, -1))
         return self._text_cache[1]
 
     @property

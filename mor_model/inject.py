@@ -84,7 +84,7 @@ def inject_mor(module: nn.Module, config: MoRConfig | None = None) -> InjectionR
     for name, mod in module.named_modules():
         if any(name.startswith(p + ".") or (p == "" and name) for p in existing):
             continue  # inside an existing MoR layer
-        is_leaf = isinstance(mod, (nn.Linear, nn.Conv2d))
+        is_leaf = isinstance(mod, (nn.Linear, nn.Conv2d, MoRLayer))
         peft_base = name == "base_layer" or name.endswith(".base_layer")
         logical = _split(name)[0] if (is_leaf and peft_base) else name
         if not match_target(logical, config.target_modules):

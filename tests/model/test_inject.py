@@ -46,6 +46,8 @@ def test_config_defaults_and_validation():
         MoRConfig(backend="gpu")
     with pytest.raises(TypeError, match="target_modules"):
         MoRConfig(target_modules="to_q")
+    with pytest.raises(ValueError, match="bad regular expression"):
+        MoRConfig(target_modules=("re:conv(",))
     with pytest.raises(ValueError, match="unknown MoRConfig fields"):
         MoRConfig.from_dict({"rank": 4})
 
@@ -163,8 +165,8 @@ def test_peft_wrapped_layers_and_unsupported_convs():
     assert "groups=4" in report.skipped["conv_dw"] and "reflect" in report.skipped["conv_reflect"]
     set_degradation(block, torch.rand(2, 7))
     assert torch.equal(peft(x), y0)
-    again = inject_mor(block, small_config(target_modules=("to_k",)))
-    assert not again.replaced and "already" in again.skipped["to_k"]
+    again = inject_mor(block, small_config(target_modules=("to_k", "to_q")))
+    assert not again.replaced and "already" in again.skipped["to_k"] and "already" in again.skipped["to_q.base_layer"]
     remove_mor(block)
     assert isinstance(peft.base_layer, nn.Linear) and not isinstance(peft.base_layer, MoRLayer)
 
