@@ -493,6 +493,7 @@ class Trainer:
             micro += 1
             if not acc.sync_gradients:
                 continue
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
             if not acc.optimizer_step_was_skipped:
                 self.lr_scheduler.step()
             self.progress.step += 1
@@ -501,7 +502,7 @@ class Trainer:
                 means = torch.tensor([sums[k] / micro for k in sorted(sums)], device=acc.device)
                 means = acc.reduce(means, reduction="mean")
                 last = {"step": step, **{k: float(v) for k, v in zip(sorted(sums), means.tolist(), strict=True)}}
-                last["lr"] = self.optimizer.param_groups[0]["lr"]
+                last["lr"] = lr
                 if grad_norm is not None:
                     last["grad_norm"] = float(grad_norm)
                 with_layers = bool(cfg.layer_stats_every) and step % cfg.layer_stats_every == 0

@@ -1,0 +1,231 @@
+"""mor_model.train: config validation, LPIPS from local weights, a few steps on the tiny model, save and
+exact resume, frozen base weights, falling loss on a fixed batch, and agreement with the pipeline.
+
+Runtime on the 2-core CI machine: about a minute (tiny model, 32 px crops, a handful of steps)."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate")
+pytest.importorskip("diffusers")
+pytest.importorskip("open_clip")
+skdata = pytest.importorskip("skimage.data")
+
+from PIL import Image  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from mor_model import train as train_mod  # noqa: E402
+from mor_model.testing import tiny_model  # noqa: E402
+from mor_model.train_config import TrainConfig, load_config  # noqa: E402
+from mor_model.train_losses import LPIPSWeightsError, build_lpips  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def hr_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hr")
+    Image.fromarray(skdata.astronaut()[::4, ::4]).save(root / "astronaut.png")
+    Image.fromarray(skdata.chelsea()[::2, ::2]).save(root / "chelsea.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def alex_weights(tmp_path_factory):
+    """A local 'torchvision alexnet' checkpoint (random weights: only the loading path matters)."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    features = tv.models.alexnet(weights=None).features
+    path = tmp_path_factory.mktemp("lpips") / "alexnet-local.pth"
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
+    return path
+
+
+def write_config(path, tiny, hr_dir, **overrides):
+    cfg = {
+        "model": str(tiny),
+        "output_dir": "run",
+        "data": {"hr": [str(hr_dir)], "crop_size": 32, "degradation": "bicubic", "num_workers": 0},
+        "batch_size": 2,
+        "max_steps": 2,
+        "checkpoint_every": 1,
+        "losses": {"l2": 1.0, "balance": 1.0},
+        "seed": 0,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+# -- config -------------------------------------------------------------------------------------------
+def test_config_validation_names_the_key(tmp_path, tiny, hr_dir, capsys):
+    good = write_config(tmp_path / "good.json", tiny, hr_dir)
+    cfg = load_config(good, overrides={"max_steps": 7}, sets=["data.crop_size=64", "losses.lpips=0.5"])
+    assert cfg.max_steps == 7 and cfg.data.crop_size == 64 and cfg.losses["lpips"] == 0.5
+    assert cfg.output_dir == str(tmp_path / "run")  # relative to the config file
+    assert cfg.learning_rate == 5e-5 and cfg.vae_lora_rank == 4 and cfg.lpips.net == "vgg"
+
+    cases = [
+        ({"epochs": 3}, ValueError, "unknown key"),
+        ({"data": {"crop_size": "big"}}, TypeError, "data.crop_size must be an int"),
+        ({"data": {"crop_size": 30}}, ValueError, "multiple of data.scale"),
+        ({"mixed_precision": "fp8"}, ValueError, "mixed_precision must be one of"),
+        ({"losses": {"l1": 1.0}}, ValueError, "losses key must be one of"),
+        ({"mor": {"top_k": 99}}, ValueError, "top_k"),
+        ({"lpips": {"net": "squeeze"}}, ValueError, "lpips.net"),
+    ]
+    for override, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            load_config(write_config(tmp_path / "bad.json", tiny, hr_dir, **override))
+    data = json.loads(good.read_text())
+    del data["data"]
+    with pytest.raises(ValueError, match="missing required key 'data'"):
+        TrainConfig.from_dict(data)
+    # the command line turns config errors into exit code 2 with the message
+    assert train_mod.main([str(write_config(tmp_path / "bad.json", tiny, hr_dir, batch_size=0))]) == 2
+    assert "batch_size must be > 0" in capsys.readouterr().err
+    assert train_mod.main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_yaml_config(tmp_path, tiny, hr_dir):
+    pytest.importorskip("yaml")
+    text = f"model: {tiny}\noutput_dir: out\ndata:\n  hr: {hr_dir}\n  crop_size: 32\nmax_steps: 5\n"
+    (tmp_path / "c.yaml").write_text(text)
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.data.hr == [str(hr_dir)] and cfg.max_steps == 5 and cfg.output_dir == str(tmp_path / "out")
+
+
+# -- LPIPS ----------------------------------------------------------------------------------------------
+def test_lpips_loads_the_local_backbone(alex_weights):
+    model = build_lpips("alex", alex_weights)
+    saved = torch.load(alex_weights, weights_only=True)
+    trunk = model.net.state_dict()
+    assert torch.equal(trunk["slice1.0.weight"], saved["features.0.weight"])
+    assert torch.equal(trunk["slice5.10.weight"], saved["features.10.weight"])
+    assert not any(p.requires_grad for p in model.parameters())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert float(model(x, x).abs().max()) == 0
+    assert float(model(x, x.flip(-1)).min()) > 0
+
+
+def test_missing_lpips_weights(tmp_path, tiny, hr_dir, capsys):
+    with pytest.raises(LPIPSWeightsError, match="backbone_weights"):
+        build_lpips("vgg", None)
+    with pytest.raises(LPIPSWeightsError, match="does not exist"):
+        build_lpips("vgg", tmp_path / "vgg16.pth")
+    path = write_config(tmp_path / "c.json", tiny, hr_dir, losses={"lpips": 2.0})
+    assert train_mod.main([str(path)]) == 2
+    assert "lpips.allow_missing" in capsys.readouterr().err
+    # allowed: the run goes on without the LPIPS term and says so
+    cfg = load_config(path, sets=["lpips.allow_missing=true"])
+    messages = []
+    terms = train_mod.build_loss_terms(cfg, log=messages.append)
+    assert [t.name for t in terms] == ["l2", "balance"]
+    assert any("WITHOUT the LPIPS loss" in m for m in messages)
+
+
+# -- the training forward ----------------------------------------------------------------------------------
+def test_forward_matches_the_pipeline(tmp_path, tiny, hr_dir):
+    from mor_model.pipeline import MoRSRPipeline
+
+    cfg = load_config(write_config(tmp_path / "c.json", tiny, hr_dir), sets=['vae_adapter="none"'])
+    model, params = train_mod.build_model(cfg, log=lambda m: None)
+    assert params and all(k.startswith("unet.") for k in params)
+    lq = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pred, scores = model(lq)
+    pipe = MoRSRPipeline.from_pretrained(tiny, vae_adapter=False, device="cpu")
+    ref = pipe(lq, color_fix="none", tile=0)
+    assert pred.shape == (2, 3, 32, 32) and scores.shape == (2, 7)
+    torch.testing.assert_close((pred + 1) / 2, ref, atol=1e-5, rtol=0)
+
+
+# -- training ---------------------------------------------------------------------------------------------
+def _adapters(run_dir):
+    out = {}
+    for sub in ("mor_adapter", "vae_encoder_adapter"):
+        out.update({f"{sub}/{k}": v for k, v in load_file(str(run_dir / sub / "mor_adapter.safetensors")).items()})
+    return out
+
+
+def _log(run):
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_train_save_and_resume_exactly(tmp_path, tiny, hr_dir, alex_weights):
+    common = dict(
+        batch_size=1,
+        gradient_accumulation_steps=2,
+        losses={"l2": 1.0, "lpips": 2.0, "balance": 1.0},
+        lpips={"net": "alex", "backbone_weights": str(alex_weights)},
+        learning_rate=1e-3,
+        lr_schedule="warmup",
+        warmup_steps=2,
+    )
+    a = write_config(tmp_path / "a.json", tiny, hr_dir, output_dir="a", keep_checkpoints=1, **common)
+    assert train_mod.main([str(a)]) == 0
+    run_a = tmp_path / "a"
+    assert [d.name for d in train_mod.checkpoint_dirs(run_a)] == ["step-00000002"]  # keep_checkpoints=1
+    ckpt = run_a / "checkpoints" / "step-00000002"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
+    assert (ckpt / "optimizer.bin").is_file() and not list(ckpt.glob("model*.safetensors"))  # no base weights
+    log_a = _log(run_a)
+    assert [r["step"] for r in log_a] == [1, 2]
+    for r in log_a:
+        assert {"l2", "lpips", "balance", "loss", "lr", "grad_norm", "active_ranks_mean"} <= set(r)
+        assert len(r["active_ranks_per_layer"]) == len(json.loads((run_a / "routing_layers.json").read_text()))
+    assert [r["lr"] for r in log_a] == [5e-4, 1e-3]  # linear warm-up over 2 steps
+
+    b = write_config(tmp_path / "b.json", tiny, hr_dir, output_dir="b", **common)
+    assert train_mod.main([str(b), "--max-steps", "1"]) == 0
+    run_b = tmp_path / "b"
+    after_one = _adapters(run_b / "final")
+    assert train_mod.main([str(b), "--max-steps", "2", "--resume"]) == 0
+    log_b = _log(run_b)
+    assert [r["step"] for r in log_b] == [1, 2]
+    assert [d.name for d in train_mod.checkpoint_dirs(run_b)] == ["step-00000001", "step-00000002"]
+    # the resumed run ends exactly where the uninterrupted one did: weights, lr and losses
+    final_a, final_b = _adapters(run_a / "final"), _adapters(run_b / "final")
+    assert final_a.keys() == final_b.keys()
+    for k in final_a:
+        assert torch.equal(final_a[k], final_b[k]), k
+    assert any(not torch.equal(after_one[k], final_b[k]) for k in final_b)  # step 2 did change the weights
+    for ra, rb in zip(log_a, log_b, strict=True):
+        assert ra["lr"] == rb["lr"] and ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=0)
+    # an explicit checkpoint path resumes too, and nothing is left to do at max_steps
+    assert train_mod.main([str(b), "--max-steps", "2", "--resume", str(run_b / "checkpoints" / "step-00000002")]) == 0
+    assert [r["step"] for r in _log(run_b)] == [1, 2]
+
+
+def test_only_adapters_train_and_the_loss_falls(tmp_path, tiny, hr_dir):
+    path = write_config(tmp_path / "c.json", tiny, hr_dir, learning_rate=3e-3, max_grad_norm=None, weight_decay=0.0)
+    trainer = train_mod.Trainer(load_config(path), log=lambda m: None)
+    core = trainer.core
+    before = {k: v.clone() for k, v in core.state_dict().items()}
+    trainable = {id(p) for p in trainer.params.values()}
+    names = {k for k, p in core.named_parameters() if id(p) in trainable}
+    assert names == {k for k, p in core.named_parameters() if p.requires_grad}
+    assert any(".lora_a" in k for k in names) and any(".router." in k for k in names)
+    assert any(k.startswith("vae.encoder.") for k in names) and any(k.startswith("vae.quant_conv.") for k in names)
+    assert not any(k.startswith(("vae.decoder", "vae.post_quant_conv", "estimator")) for k in names)
+
+    ds = trainer.dataloader().dataset
+    lq, hr = (torch.stack(t) for t in zip(*[ds[i] for i in range(2)], strict=True))
+    losses = [trainer.train_step(lq, hr)[0]["l2"] for _ in range(15)]
+    assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses
+
+    after = core.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "no parameter changed"
+    assert changed <= names, sorted(changed - names)[:5]
+    assert any(k.startswith("unet.") and k.endswith("lora_b") for k in changed)
+    assert any(k.startswith("vae.encoder.") and k.endswith("lora_b") for k in changed)
