@@ -3,6 +3,15 @@ losses, adapter files, and the one-step super-resolution pipeline (built on ``mo
 
 Nothing here is kernel code; every MoR computation goes through ``mor_kernels``. Importing this
 package does not import diffusers, open_clip or matplotlib (they load on first use).
+
+Typical use (MOR_SPEC sections 2-6)::
+
+    report = mor_model.inject_mor(unet, mor_model.MoRConfig())        # OSEDiff targets, 8+32 ranks, 4 zero slots
+    estimator = mor_model.DegradationEstimator.from_local("clip_dir")  # frozen open_clip, (B, 7) scores
+    with mor_model.degradation(unet, estimator(lq_images)):            # scores reach every router
+        eps = unet(latents, t, text).sample
+    loss = task_loss + mor_model.balance_loss(unet)                     # degradation-aware balance loss
+    mor_model.save_adapter(unet, "out/mor_adapter")                     # safetensors + JSON config
 """
 
 from .adapter_io import load_adapter, save_adapter
