@@ -60,12 +60,15 @@ def _clear_grads(tensors):
         t.grad = None
 
 
-def time_cpu(fn: Callable[[], object], *, grad_to_none=(), budget_s: float = 0.25, min_samples: int = 7) -> Timing:
-    """Median/p20/p80 milliseconds per call of ``fn`` on CPU (see the module docstring)."""
+def time_cpu(
+    fn: Callable[[], object], *, grad_to_none=(), budget_s: float = 0.25, min_samples: int = 5, warm: bool = False
+) -> Timing:
+    """Median/p20/p80 milliseconds per call of ``fn`` on CPU (see the module docstring); ``warm``: ``fn``
+    was just timed (a later interleaved round), so one call of warm-up is enough."""
     # Warm-up: at least 2 calls and ~10% of the budget (allocator, lazy init, oneDNN primitives).
     t0 = time.perf_counter()
     calls = 0
-    while calls < 2 or time.perf_counter() - t0 < 0.1 * budget_s:
+    while calls < (1 if warm else 2) or (not warm and time.perf_counter() - t0 < 0.1 * budget_s):
         _clear_grads(grad_to_none)
         fn()
         calls += 1
@@ -135,10 +138,11 @@ def time_cuda(fn: Callable[[], object], *, grad_to_none=(), use_graph: bool = Fa
     return Timing(med, p20, p80, n, timer, raw)
 
 
-def time_fn(fn, device: torch.device, *, grad_to_none=(), use_graph=False, budget_s=0.25) -> Timing:
+def time_fn(fn, device: torch.device, *, grad_to_none=(), use_graph=False, budget_s=0.25, warm=False, min_samples=5):
+    """:func:`time_cuda` on a CUDA device (about ``budget_s`` of measurement), else :func:`time_cpu`."""
     if device.type == "cuda":
         return time_cuda(fn, grad_to_none=grad_to_none, use_graph=use_graph, rep_ms=budget_s * 400)
-    return time_cpu(fn, grad_to_none=grad_to_none, budget_s=budget_s)
+    return time_cpu(fn, grad_to_none=grad_to_none, budget_s=budget_s, warm=warm, min_samples=min_samples)
 
 
 def copy_ceiling(device: torch.device, *, budget_s: float = 0.3) -> dict:
@@ -186,6 +190,7 @@ def environment(device: torch.device) -> dict:
         "device_name": name,
         "compute_capability": cap,
         "cpu_count": os.cpu_count(),
+        "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "triton": triton_version,

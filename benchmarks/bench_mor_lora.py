@@ -283,7 +283,7 @@ def measure_case(case: Case, providers, device, args, copy_gbps: float) -> list[
             row.update(status="error", reason=f"{type(err).__name__}: {err}"[:300])
     # Interleaved rounds: every provider sees the same machine load (other processes on a shared CPU).
     timings: dict[str, list] = {p: [] for p in ready}
-    for _ in range(args.rounds):
+    for rnd in range(args.rounds):
         for provider, (row, fn, grads, graph) in list(ready.items()):
             try:
                 with torch.no_grad() if case.mode == "fwd" else contextlib.nullcontext():
@@ -294,6 +294,8 @@ def measure_case(case: Case, providers, device, args, copy_gbps: float) -> list[
                             grad_to_none=grads,
                             use_graph=graph and not args.no_graphs,
                             budget_s=args.budget / args.rounds,
+                            warm=rnd > 0,
+                            min_samples=max(2, 6 // args.rounds),
                         )
                     )
             except Exception as err:
@@ -569,6 +571,11 @@ def header(meta: dict) -> str:
         f"copy ceiling {meta['copy_GBps']:.1f} GB/s; MoR S={meta['shared']} E={meta['routed']} Z={meta['zero']} k={meta['top_k']}, "
         f"{meta['zero_picked']} zero slots picked (act/R = active ranks / total; dense LoRA rank = active ranks)",
     ]
+    if meta.get("load_avg_1min") is not None and meta["load_avg_1min"] > 0.75 * (meta["cpu_count"] or 1):
+        lines.append(
+            f"WARNING: load average {meta['load_avg_1min']:.1f} on {meta['cpu_count']} cores: other processes are "
+            "running, timings are noisy (compare ratios, rerun on an idle machine)"
+        )
     if meta["token_scale"] != 1.0:
         lines.append(
             f"REDUCED SIZES: token counts x{meta['token_scale']} (conv images {math.sqrt(meta['token_scale']):.2g}x per side) "
@@ -606,7 +613,15 @@ def plot(rows: list[dict], path: str) -> str:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    """Runs the benchmark (``argv`` as on the command line); returns ``{"meta", "rows", "paths"}``."""
+    threads = torch.get_num_threads()
+    try:
+        return _run(parse_args(argv))
+    finally:
+        torch.set_num_threads(threads)  # --threads must not leak into a caller (tests run in-process)
+
+
+def _run(args) -> dict:
     device = args.device
     providers = ["base"] + [p for p in (args.providers or PROVIDERS) if p != "base"]
     flop_ops = flops.register_flop_formulas()

@@ -1,0 +1,168 @@
+"""benchmarks/bench_mor_lora.py: a tiny sweep runs and writes valid CSV/JSON with every field (no timed
+assertions), routing construction, flags, and failing/missing providers reported instead of crashing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mor_kernels import dispatch
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
+TINY = [
+    "--device",
+    "cpu",
+    "--token-scale",
+    "0.25",
+    "--budget",
+    "0.004",
+    "--rounds",
+    "1",
+    "--batch",
+    "2",
+    "--threads",
+    "1",
+]
+META_KEYS = ("device", "device_name", "torch", "triton", "cuda", "git_commit", "time_utc", "torch_threads", "copy_GBps")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = TINY + [
+        "--shapes",
+        "lin64x1280,conv1x1-8x8x1280",
+        "--sweep",
+        "zero",
+        "--sweep-shape",
+        "lin64x1280",
+        "--out",
+        str(out),
+        "--plot",
+    ]
+    return bench.main(argv), out
+
+
+def test_tiny_sweep_writes_valid_csv_and_json(bench, tiny_run):
+    result, out = tiny_run
+    rows, meta = result["rows"], result["meta"]
+    # 2 shapes x 2 modes + zero sweep (k=8: 0, 2, 4, 6, 8 zero slots) x fwd, every provider listed
+    cases = {r["case"] for r in rows}
+    assert len(cases) == 2 * 2 + 5
+    assert len(rows) == len(cases) * len(bench.PROVIDERS)
+    for key in META_KEYS:
+        assert key in meta, key
+    assert meta["device"] == "cpu" and meta["token_scale"] == 0.25
+    with open(result["paths"]["json"]) as f:
+        data = json.load(f)
+    assert data["fields"] == list(bench.FIELDS) and len(data["rows"]) == len(rows)
+    assert {k: data["meta"][k] for k in META_KEYS} == {k: meta[k] for k in META_KEYS}
+    with open(result["paths"]["csv"], newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows)
+    assert set(bench.FIELDS) | set(META_KEYS) <= set(table[0])
+    for r in table:  # metadata repeated in every CSV row
+        assert r["device"] == "cpu" and r["torch"] == torch.__version__ and r["dtype"] == "fp32"
+    for r in data["rows"]:
+        assert r["status"] in ("ok", "unavailable", "error"), r
+        if r["status"] != "ok":
+            assert r["reason"], r
+            continue
+        for key in ("median_ms", "p20_ms", "p80_ms", "ratio_to_base", "useful_gflop", "executed_gflop",
+                    "min_mb", "achieved_gbps", "copy_fraction", "useful_tflops"):  # fmt: skip
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["useful_gflop"] <= r["executed_gflop"] + 1e-12
+        assert r["samples"] >= 2 and r["timer"]
+    base = [r for r in data["rows"] if r["provider"] == "base"]
+    assert base and all(r["status"] == "ok" and r["ratio_to_base"] == 1.0 for r in base)
+    ref = [r for r in data["rows"] if r["provider"] == "mor:reference"]
+    assert ref and all(r["status"] == "ok" for r in ref)
+    if "png" in result["paths"] and result["paths"]["png"]:
+        assert os.path.getsize(result["paths"]["png"]) > 0
+
+
+def test_rows_carry_routing_and_flops(bench, tiny_run):
+    rows = tiny_run[0]["rows"]
+    sweep = [r for r in rows if r["sweep"] == "zero" and r["provider"] == "mor:reference"]
+    assert [r["zero_picked"] for r in sweep] == [0, 2, 4, 6, 8]
+    assert [r["active_ranks"] for r in sweep] == [16, 14, 12, 10, 8]  # S + k - zero slots picked
+    assert [r["lora_rank"] for r in sweep] == [16, 14, 12, 10, 8]
+    # the reference computes all R ranks whatever was picked; useful work falls with active ranks
+    executed = {r["executed_gflop"] for r in sweep}
+    assert len(executed) == 1
+    useful = [r["useful_gflop"] for r in sweep]
+    assert useful == sorted(useful, reverse=True) and useful[0] > useful[-1]
+    lora = [r for r in rows if r["sweep"] == "zero" and r["provider"] == "lora"]
+    assert [r["useful_gflop"] for r in lora] == pytest.approx(useful)
+
+
+def test_unavailable_providers_say_why(bench, tiny_run):
+    rows = tiny_run[0]["rows"]
+    cpu = torch.device("cpu")
+    for r in rows:
+        if r["provider"] in ("mor:cuda", "mor:triton"):
+            assert r["status"] == "unavailable"
+        if r["status"] == "unavailable" and r["provider"] == "mor:cuda":
+            assert r["reason"] == dispatch.unavailable_reason("cuda", "mor_linear", cpu, torch.float32) or "mor_conv2d"
+
+
+def test_routing_construction(bench):
+    s = bench.replace(bench.SHAPES["lin64x1280"], tokens=7)
+    gen = torch.Generator().manual_seed(0)
+    for routing, lead in (("sample", (3,)), ("token", (3, 7))):
+        case = bench.Case(s, 3, 8, 32, 4, 8, 3, routing, "fwd", "fp32")
+        idx, gate = bench.make_routing(case, "cpu", gen)
+        assert idx.dtype == torch.int32 and idx.shape == (*lead, 8) and gate.shape == (*lead, 8)
+        assert ((idx == -1).sum(-1) == 3).all()
+        assert ((idx >= -1) & (idx < 32)).all()
+        real = idx.reshape(-1, 8)
+        for row in real:
+            picked = row[row >= 0].tolist()
+            assert len(picked) == len(set(picked)) == 5
+        torch.testing.assert_close(gate.sum(-1), torch.ones(lead))
+
+
+def test_build_cases_flags(bench):
+    args = bench.parse_args(["--device", "cpu", "--shapes", "conv", "--routing", "sample,token", "--sweep", "ranks,k"])
+    cases = bench.build_cases(args)
+    main = [c for c in cases if c.sweep == "main"]
+    assert main and all(c.shape.kind == "conv2d" and c.routing == "sample" for c in main)  # no token-routed conv
+    assert {c.num_shared + c.num_routed for c in cases if c.sweep == "ranks"} == {20, 40, 72, 80}
+    assert {c.top_k for c in cases if c.sweep == "k"} == {2, 4, 8, 16}
+    full = bench.parse_args(["--device", "cpu", "--full"])
+    assert full.token_scale == 1.0 and full.dtypes == ["fp32", "fp16", "bf16"] and full.batch == [1, 2, 8]
+    for bad in (["--dtypes", "fp8"], ["--shapes", "nope"], ["--providers", "mor:nope"], ["--zero-picked", "9"]):
+        with pytest.raises(SystemExit):
+            bench.build_cases(bench.parse_args(["--device", "cpu", *bad]))
+
+
+def test_failing_provider_is_reported_not_fatal(bench, monkeypatch, tmp_path):
+    real = bench.provider_fn
+
+    def broken(case, provider, t):
+        if provider == "mor:reference":
+            raise RuntimeError("kernel exploded")
+        return real(case, provider, t)
+
+    monkeypatch.setattr(bench, "provider_fn", broken)
+    result = bench.main(TINY + ["--shapes", "lin64x1280", "--modes", "fwd", "--sweep", "none", "--out", str(tmp_path)])
+    by = {r["provider"]: r for r in result["rows"]}
+    assert by["mor:reference"]["status"] == "error" and "kernel exploded" in by["mor:reference"]["reason"]
+    assert by["base"]["status"] == "ok" and by["lora"]["status"] == "ok"
+
+
+def test_script_runs_as_a_command(tmp_path):
+    cmd = [sys.executable, os.path.join(BENCH_DIR, "bench_mor_lora.py"), *TINY, "--shapes", "lin64x1280"]
+    cmd += ["--modes", "fwd", "--sweep", "none", "--providers", "base,lora,mor:reference", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "REDUCED SIZES" in proc.stdout and "mor:ref" in proc.stdout
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".csv", ".json"]
