@@ -1,0 +1,224 @@
+"""``mor-sr eval``: full-reference and no-reference metrics of SR outputs against ground truth.
+
+Pairs: every image of ``pred_dir`` is matched with the ground-truth image of ``gt_dir`` that has the
+same stem (after removing ``suffix`` from the prediction's stem, e.g. ``"_out"``); any extension.
+Unmatched files are reported. PSNR and SSIM (:mod:`mor_model.metrics`) are computed on the BT.601
+Y channel with a border crop of ``crop_border`` pixels (the scale factor, 4 by default), as in the SR
+literature. Other metric names are pyiqa metrics (``lpips`` = AlexNet LPIPS, ``lpips-vgg``, ``dists``,
+``musiq``, ``maniqa`` (KonIQ) vs ``maniqa-pipal`` (the OSEDiff tables), ``clipiqa``...): they run
+only when pyiqa is installed AND its weights are already on disk (nothing is downloaded: a missing
+weight file makes the metric "unavailable" with the reason, the other metrics still run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["BUILTIN_METRICS", "EvalResult", "evaluate", "format_summary", "write_csv"]
+
+BUILTIN_METRICS = ("psnr", "ssim")
+
+
+class MetricUnavailable(RuntimeError):
+    """A metric cannot run here (package or weights missing); the message says why."""
+
+
+@dataclass
+class EvalResult:
+    """Per-image ``rows`` (``{"name", "pred", "gt", metric: value}``), per-metric ``summary`` means,
+    ``unavailable`` ``{metric: reason}`` and ``errors`` ``[(path, reason)]`` (unmatched or unreadable)."""
+
+    metrics: list[str]
+    rows: list[dict] = field(default_factory=list)
+    summary: dict[str, float] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _no_downloads():
+    """Makes pyiqa's weight download functions raise instead of downloading (weights must be local)."""
+    patched = []
+
+    def refuse(url, dst=None, *args, **kwargs):
+        raise MetricUnavailable(f"its weights are not on disk (would download {url}); place them in pyiqa's cache")
+
+    import importlib
+
+    for mod_name in ("pyiqa.utils.download_util", "pyiqa.archs.arch_util"):
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            continue
+        if hasattr(mod, "download_url_to_file"):
+            patched.append((mod, mod.download_url_to_file))
+            mod.download_url_to_file = refuse
+    old_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    try:
+        yield
+    finally:
+        for mod, fn in patched:
+            mod.download_url_to_file = fn
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _pyiqa_metric(name: str, device: torch.device):
+    try:
+        import pyiqa
+    except ImportError:
+        raise MetricUnavailable(
+            "pyiqa is not installed (pip install pyiqa, then put its weights in its cache)"
+        ) from None
+    if name not in pyiqa.list_models():
+        raise MetricUnavailable(f"unknown metric (pyiqa knows {len(pyiqa.list_models())} names, e.g. lpips, musiq)")
+    with _no_downloads():
+        try:
+            metric = pyiqa.create_metric(name, device=device, as_loss=False)
+        except MetricUnavailable:
+            raise
+        except Exception as e:  # pyiqa raises many kinds when offline; say which
+            raise MetricUnavailable(f"pyiqa could not create it offline: {type(e).__name__}: {e}") from None
+    return metric
+
+
+def _pair(pred_dir: Path, gt_dir: Path, suffix: str, result: EvalResult) -> list[tuple[str, Path, Path]]:
+    from .image_io import collect_images
+
+    preds = collect_images([pred_dir], recursive=True)
+    gts = collect_images([gt_dir], recursive=True)
+    result.errors += [(str(p), why) for p, why in preds.errors + gts.errors]
+    by_stem: dict[str, Path] = {}
+    for g in gts.files:
+        key = str(g.relative_to(gt_dir).with_suffix(""))
+        if key in by_stem:
+            result.errors.append((str(g), f"two ground-truth files share the name {key!r}; using {by_stem[key].name}"))
+            continue
+        by_stem[key] = g
+    pairs, used = [], set()
+    for p in preds.files:
+        key = str(p.relative_to(pred_dir).with_suffix(""))
+        if suffix and key.endswith(suffix):
+            key = key[: -len(suffix)]
+        g = by_stem.get(key)
+        if g is None:
+            result.errors.append((str(p), f"no ground truth named {key}.* in {gt_dir}"))
+        else:
+            pairs.append((key, p, g))
+            used.add(key)
+    result.errors += [(str(g), "no prediction for this ground truth") for k, g in by_stem.items() if k not in used]
+    return pairs
+
+
+def evaluate(
+    pred_dir: str | os.PathLike,
+    gt_dir: str | os.PathLike,
+    *,
+    metrics=BUILTIN_METRICS,
+    crop_border: int = 4,
+    y_channel: bool = True,
+    suffix: str = "",
+    device: str | torch.device = "cpu",
+    progress=None,
+) -> EvalResult:
+    """Computes ``metrics`` for every matched (prediction, ground truth) pair; see the module docstring.
+
+    Full-reference metrics need equal sizes (a mismatch is an error for that image); pyiqa metrics get
+    ``(1, 3, H, W)`` tensors in ``[0, 1]``; no-reference ones see the prediction only.
+    """
+    from .image_io import ImageReadError, load_image
+    from .metrics import psnr, ssim
+
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    for name, d in (("pred", pred_dir), ("gt", gt_dir)):
+        if not d.is_dir():
+            raise FileNotFoundError(f"--{name} {d} is not a folder")
+    if isinstance(crop_border, bool) or not isinstance(crop_border, int) or crop_border < 0:
+        raise ValueError(f"crop_border must be a non-negative int, got {crop_border!r}")
+    metrics = [m.strip().lower() for m in metrics if m.strip()]
+    if not metrics:
+        raise ValueError("metrics must name at least one metric")
+    device = torch.device(device)
+    result = EvalResult(metrics=list(metrics))
+    iqa = {}
+    for m in metrics:
+        if m in BUILTIN_METRICS:
+            continue
+        try:
+            iqa[m] = _pyiqa_metric(m, device)
+        except MetricUnavailable as e:
+            result.unavailable[m] = str(e)
+    active = [m for m in metrics if m in BUILTIN_METRICS or m in iqa]
+    pairs = _pair(pred_dir, gt_dir, suffix, result)
+    for i, (key, p, g) in enumerate(pairs):
+        try:
+            pred, gt = load_image(p), load_image(g)
+        except ImageReadError as e:
+            result.errors.append((str(e.path), e.reason))
+            continue
+        if pred.shape != gt.shape:
+            result.errors.append(
+                (str(p), f"size {tuple(pred.shape[1:])} differs from the ground truth's {tuple(gt.shape[1:])}")
+            )
+            continue
+        row = {"name": key, "pred": str(p), "gt": str(g)}
+        for m in active:
+            if m == "psnr":
+                row[m] = float(psnr(pred, gt, crop_border=crop_border, y_channel=y_channel))
+            elif m == "ssim":
+                row[m] = float(ssim(pred, gt, crop_border=crop_border, y_channel=y_channel))
+            else:
+                metric = iqa[m]
+                with torch.no_grad():
+                    args = (pred[None].to(device),)
+                    if not getattr(metric, "metric_mode", "FR") == "NR":
+                        args = args + (gt[None].to(device),)
+                    row[m] = float(metric(*args))
+        result.rows.append(row)
+        if progress is not None:
+            progress(i + 1, len(pairs))
+    for m in active:
+        vals = [r[m] for r in result.rows]
+        finite = [v for v in vals if math.isfinite(v)]
+        result.summary[m] = sum(finite) / len(finite) if finite else float("nan")
+    return result
+
+
+def write_csv(result: EvalResult, path: str | os.PathLike) -> Path:
+    """One row per image (name, pred, gt, then the metrics), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = ["name", "pred", "gt"] + [m for m in result.metrics if m in result.summary]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for row in result.rows:
+            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def format_summary(result: EvalResult, *, crop_border: int, y_channel: bool) -> str:
+    """A plain-text summary table (metric, mean, images, notes)."""
+    where = f"{'Y' if y_channel else 'RGB'}, crop {crop_border}"
+    notes = {"psnr": f"dB, {where}", "ssim": where, "lpips": "pyiqa lpips (AlexNet)"}
+    lines = [f"{'metric':<16}{'mean':>12}  {'images':>6}  notes", "-" * 60]
+    n = len(result.rows)
+    for m in result.metrics:
+        if m in result.summary:
+            lines.append(f"{m:<16}{result.summary[m]:>12.4f}  {n:>6}  {notes.get(m, 'pyiqa')}")
+        else:
+            lines.append(f"{m:<16}{'n/a':>12}  {0:>6}  unavailable: {result.unavailable.get(m, '?')}")
+    return "\n".join(lines)
