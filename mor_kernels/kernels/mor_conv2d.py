@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .mor_lora import _gates, _rank_list, padded_ranks
+from .mor_lora import _dot, _gates, _rank_list, padded_ranks
 
 BLOCK_M = 32  # pixels per program
 BLOCK_N = 64  # output channels per program
@@ -51,7 +51,7 @@ def _conv_up_kernel(
         mask=active[:, None] & mask_n[None, :],
         other=0.0,
     )
-    acc = tl.dot((u * g).to(bt.dtype), bt, input_precision="ieee")
+    acc = _dot((u * g).to(bt.dtype), bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
     mask = mask_m[:, None] & mask_n[None, :]
     acc += tl.load(z_b + offs_n[None, :] * stride_zc + offs_m[:, None] * stride_zp, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:

@@ -19,11 +19,13 @@ writes ``y`` once. Backward: ``_bwd_dh_kernel`` reads ``dy`` once for ``dh = dy 
 (for ``dA = du^T x`` and ``dB^T = h^T dy``) that the launcher sums in a fixed order: no atomics, so
 results are bitwise repeatable.
 
-All offsets are int64; every ``tl.dot`` accumulates in float32 with ``input_precision="ieee"`` (no
+All offsets are int64; every dot (``_dot``) accumulates in float32 with ``input_precision="ieee"`` (no
 TF32 for float32 inputs, so float32 results meet the float32 tolerance).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -55,8 +57,23 @@ def padded_ranks(ranks: int, num_shared: int, top_k: int, token_routing: bool) -
     return rank_pad(ranks if token_routing else num_shared + top_k)
 
 
+#: Under ``TRITON_INTERPRET=1`` (CPU tests) triton 3.8's ``tl.dot`` returns garbage for bfloat16
+#: operands; there they are widened to float32 first, which computes the same exact products with float32
+#: accumulation that a GPU's bf16 MMA does. Compiled kernels never take this branch.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
 # ---------------------------------------------------------------------------------------------
 # shared @triton.jit helpers
+
+
+@triton.jit
+def _dot(a, b, acc):
+    """``acc + a @ b`` in float32, IEEE precision (no TF32 for float32 operands)."""
+    if _INTERPRETED:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee")
 
 
 @triton.jit
@@ -156,7 +173,7 @@ def _shrink_kernel(
             mask=mask_k[:, None] & active[None, :],
             other=0.0,
         )
-        acc = tl.dot(xt, at, acc, input_precision="ieee")
+        acc = _dot(xt, at, acc)
     g = _gates(idx_ptr, gate_ptr, stride_ib, stride_it, pid_b, offs_m, mask_m, num_shared, num_routed, scaling,
                TOP_K, RP, TOKEN_ROUTING, BLOCK_M)  # fmt: skip
     out = (pid_b * T + offs_m[:, None]) * RP + p[None, :]
@@ -192,7 +209,7 @@ def _expand_kernel(
         other=0.0,
     )
     # The accumulator starts from the low-rank term, then the base GEMM runs on top of it.
-    acc = tl.dot(h.to(bt.dtype), bt, input_precision="ieee")
+    acc = _dot(h.to(bt.dtype), bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
     if HAS_W:
         x_row = x_ptr + pid_b * stride_xb + offs_m[:, None] * stride_xt
         for k0 in range(0, d_in, BLOCK_K):
@@ -204,7 +221,7 @@ def _expand_kernel(
                 mask=mask_k[:, None] & mask_n[None, :],
                 other=0.0,
             )
-            acc = tl.dot(xt, wt, acc, input_precision="ieee")
+            acc = _dot(xt, wt, acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -251,7 +268,7 @@ def _bwd_dh_kernel(
             mask=mask_n[:, None] & active[None, :],
             other=0.0,
         )
-        dh = tl.dot(dyt, bt, dh, input_precision="ieee")
+        dh = _dot(dyt, bt, dh)
     out = (pid_b * T + offs_m[:, None]) * RP + p[None, :]
     u = tl.load(u_ptr + out, mask=mask_m[:, None], other=0.0)
     g = _gates(idx_ptr, gate_ptr, stride_ib, stride_it, pid_b, offs_m, mask_m, num_shared, num_routed, scaling,
@@ -296,7 +313,7 @@ def _bwd_dx_kernel(
         mask=active[:, None] & mask_k[None, :],
         other=0.0,
     )
-    acc = tl.dot(du.to(at.dtype), at, input_precision="ieee")
+    acc = _dot(du.to(at.dtype), at, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32))
     if HAS_W:
         dy_row = dy_ptr + pid_b * stride_yb + offs_m[:, None] * stride_yt
         for n0 in range(0, d_out, BLOCK_N):
@@ -308,7 +325,7 @@ def _bwd_dx_kernel(
                 mask=mask_n[:, None] & mask_k[None, :],
                 other=0.0,
             )
-            acc = tl.dot(dyt, wt, acc, input_precision="ieee")
+            acc = _dot(dyt, wt, acc)
     dx_ptrs = dx_ptr + (pid_b * T + offs_m[:, None]) * d_in + offs_k[None, :]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
@@ -339,7 +356,7 @@ def _rank_grad_kernel(
         )
         # float32 operands: these sums run over every token, so rounding ``L`` to 16 bits would cost
         # more than the float16 tolerance allows (a small GEMM next to the base layer's).
-        acc = tl.dot(lt, rt.to(tl.float32), acc, input_precision="ieee")
+        acc = _dot(lt, rt.to(tl.float32), acc)
     out = ((pid_b * n_chunks + pid_c) * RP + p[:, None]) * N + offs_n[None, :]
     tl.store(out_ptr + out, acc, mask=mask_n[None, :])
 

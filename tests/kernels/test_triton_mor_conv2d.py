@@ -1,5 +1,5 @@
 """Triton ``mor_conv2d`` (one torch conv with ``[W0; A]`` + the Triton gate/up/add pass) against the
-reference (MOR_SPEC section 7): forward and every gradient, float32/float16 (bfloat16 on GPU), odd
+reference (MOR_SPEC section 7): forward and every gradient, float32/float16/bfloat16, odd
 sizes, stride/padding/dilation, zero-slot corners, channels_last."""
 
 import os
@@ -18,7 +18,6 @@ dispatch.clear_cache()
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
-BF16_SKIP = "bf16 tl.dot is wrong under triton 3.8's CPU interpreter; the bf16 cases run on a GPU"
 NAMES = ("x", "weight", "bias", "lora_a", "lora_b", "gate")
 
 
@@ -51,11 +50,7 @@ def check_conv(case, dtype, channels_last=False, seed=1):
 
 @pytest.mark.parametrize(
     "dtype",
-    [
-        torch.float32,
-        torch.float16,
-        pytest.param(torch.bfloat16, marks=pytest.mark.skipif(DEVICE == "cpu", reason=BF16_SKIP)),
-    ],
+    [torch.float32, torch.float16, torch.bfloat16],
 )
 @pytest.mark.parametrize("conv", [{}, dict(stride=2, padding=1), dict(padding=2, dilation=2)])
 def test_conv_parity(conv, dtype):
