@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from ..kernels.mor_conv2d import conv_up
@@ -29,6 +30,7 @@ def triton_conv_up(
     store_u: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """z ``(B, C_out + R, H, W)`` -> ``y (B, C_out, H, W)`` and ``u`` float32 ``(B, H*W, RP)`` (or ``(0,)``)."""
+    bias = None if bias is None else bias.contiguous()  # the kernel reads bias with unit stride
     return conv_up(z, lora_b, bias, idx.contiguous(), gate.contiguous(), num_shared, scaling, store_u)
 
 
@@ -62,6 +64,7 @@ class _MoRConv2dFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, weight, lora_a, lora_b, idx, gate, u = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b, _, need_gate = ctx.needs_input_grad[:7]

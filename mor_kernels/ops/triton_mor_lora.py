@@ -11,6 +11,7 @@ synchronisation and no data-dependent grid: the forward can be captured in a CUD
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..kernels import mor_lora as K
 
@@ -52,6 +53,7 @@ def triton_lora_expand(
     num_shared: int,
 ) -> torch.Tensor:
     """``y (B, T, d_out) = h B^T (+ x W^T) (+ bias) (+ base)`` in ``x.dtype``; ``base`` is only read."""
+    bias = None if bias is None else bias.contiguous()  # the kernel reads bias with unit stride
     return K.expand(x, weight, bias, lora_b, h, idx.contiguous(), base, num_shared)
 
 
@@ -161,6 +163,7 @@ class _MoRLinearFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, weight, lora_a, lora_b, idx, gate, u = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b, _, need_gate, need_base = ctx.needs_input_grad[:8]

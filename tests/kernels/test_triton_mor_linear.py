@@ -141,7 +141,8 @@ def test_strided_inputs_and_extra_token_dims():
     idx4 = c.idx.reshape(2, 3, 4, -1).transpose(1, 2)
     gate4 = c.gate.reshape(2, 3, 4, -1).transpose(1, 2)
     w_t = c.weight.T.contiguous().T
-    got = mor_kernels.mor_linear(x4, w_t, c.bias, c.lora_a, c.lora_b, idx4, gate4, 2, 0.5, backend="triton")
+    bias_s = torch.stack([c.bias, -c.bias], 1)[:, 0]  # stride 2
+    got = mor_kernels.mor_linear(x4, w_t, bias_s, c.lora_a, c.lora_b, idx4, gate4, 2, 0.5, backend="triton")
     want = ref_ops.mor_linear(x4.double(), c.weight.double(), c.bias.double(), c.lora_a.double(),
                               c.lora_b.double(), idx4, gate4, 2, 0.5)  # fmt: skip
     assert got.shape == (2, 4, 3, c.weight.shape[0])
