@@ -509,6 +509,11 @@ class Trainer:
                 last.update(self._routing_record(with_layers))
                 last["time_s"] = round(time.time() - start, 3)
                 self._write_log(last)
+                terms = " ".join(f"{t.name} {last[t.name]:.4g}" for t in self.terms if t.name in last)
+                self._log(
+                    f"step {step}/{cfg.max_steps} loss {last['loss']:.4g} ({terms}) lr {lr:.3g} "
+                    f"active ranks {last['active_ranks_mean']:.2f} [{last['time_s']:.0f} s]"
+                )
             sums, micro = {}, 0
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 self.save_checkpoint()
@@ -532,11 +537,42 @@ class Trainer:
 
 
 # -- command line ----------------------------------------------------------------------------------
+CONFIG_HELP = """\
+CONFIG (JSON; YAML with PyYAML; relative paths are relative to the file). Required keys: model,
+output_dir, data.hr. Example with every default spelled out:
+
+  {"model": "sd21-base",              # diffusers dir: unet/ vae/ text_encoder/ tokenizer/ scheduler/
+   "output_dir": "runs/mor-x4",
+   "data": {"hr": ["LSDIR/HR", "ffhq10k.txt"], "crop_size": 512, "scale": 4, "flip": true,
+            "degradation": "realesrgan", "degradation_options": {}, "num_workers": 4},
+   "adapter": null,                   # start from this MoR adapter dir (default: model/mor_adapter if present)
+   "mor": null,                       # or: MoRConfig fields of a fresh UNet adapter, e.g. {"num_shared": 8}
+   "clip": null,                      # degradation CLIP dir (default: model/degradation_clip)
+   "vae_adapter": "lora", "vae_lora_rank": 4,    # "lora" | "mor" (model/vae_encoder_adapter) | "none"
+   "prompt": "", "timestep": 999, "backend": "auto",
+   "batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 25000,
+   "learning_rate": 5e-5, "lr_schedule": "constant", "warmup_steps": 0,   # constant | warmup | cosine
+   "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "weight_decay": 0.01,
+   "max_grad_norm": 1.0, "mixed_precision": "no", "gradient_checkpointing": false, "seed": 0,
+   "losses": {"l2": 1.0, "lpips": 2.0, "balance": 1.0},
+   "lpips": {"net": "vgg", "backbone_weights": "weights/vgg16-397923af.pth",
+             "linear_weights": null, "allow_missing": false},
+   "checkpoint_every": 500, "keep_checkpoints": 3, "log_every": 1, "layer_stats_every": 1,
+   "resume": null, "cpu": false}
+
+Outputs: output_dir/checkpoints/step-N/ (adapters + optimizer/scheduler/RNG state), output_dir/final/
+(mor_adapter/, vae_encoder_adapter/: `mor-sr upscale --model MODEL --adapter output_dir/final/mor_adapter
+--vae-adapter output_dir/final/vae_encoder_adapter`), output_dir/train_log.jsonl (one JSON line per step).
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mor-sr train",
         description="Train the MoR adapters (UNet) and the VAE-encoder LoRA of the one-step SR model. "
         "Launch on several GPUs with `accelerate launch -m mor_model train CONFIG`.",
+        epilog=CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", metavar="CONFIG", help="training config (.json, or .yaml/.yml with PyYAML)")
     p.add_argument("--output-dir", help="override output_dir")
@@ -546,10 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="override mixed_precision")
     p.add_argument(
         "--resume",
-        nargs="?",
+        action="store_const",
         const="latest",
-        help="resume from the latest checkpoint of output_dir (no value) or from the given checkpoint directory",
+        help="resume from the newest complete checkpoint in output_dir/checkpoints (a fresh start if there is none)",
     )
+    p.add_argument("--resume-from", metavar="CHECKPOINT_DIR", help="resume from this checkpoint directory")
     p.add_argument("--cpu", action="store_true", default=None, help="train on the CPU")
     p.add_argument(
         "--set",
@@ -572,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         "mixed_precision": args.mixed_precision,
         "cpu": args.cpu,
         "output_dir": os.path.abspath(args.output_dir) if args.output_dir else None,
-        "resume": args.resume if args.resume in (None, "latest") else os.path.abspath(args.resume),
+        "resume": os.path.abspath(args.resume_from) if args.resume_from else args.resume,
     }
     try:
         cfg = load_config(args.config, overrides=overrides, sets=args.set)

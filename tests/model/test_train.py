@@ -202,7 +202,8 @@ def test_train_save_and_resume_exactly(tmp_path, tiny, hr_dir, alex_weights):
     for ra, rb in zip(log_a, log_b, strict=True):
         assert ra["lr"] == rb["lr"] and ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=0)
     # an explicit checkpoint path resumes too, and nothing is left to do at max_steps
-    assert train_mod.main([str(b), "--max-steps", "2", "--resume", str(run_b / "checkpoints" / "step-00000002")]) == 0
+    explicit = run_b / "checkpoints" / "step-00000002"
+    assert train_mod.main([str(b), "--max-steps", "2", "--resume-from", str(explicit)]) == 0
     assert [r["step"] for r in _log(run_b)] == [1, 2]
 
 
