@@ -21,9 +21,11 @@ def test_auto_on_cpu_runs_an_available_backend_and_explains_the_rest():
     text = mor_kernels.explain_backend("cpu")
     assert f"backend {choice.backend!r}" in text
     skipped = dict(choice.skipped)
-    assert "triton" in skipped  # never auto on CPU: either no interpreter or "for testing"
-    if choice.backend == "reference":
-        assert "cpp" in skipped and skipped["cpp"]
+    if choice.backend == "reference":  # every faster CPU backend is listed with its reason
+        assert set(skipped) == {"cpp", "triton"} and all(skipped.values())
+        assert "not 'triton'" in text
+    else:
+        assert skipped == {}
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
