@@ -23,4 +23,8 @@ def unavailable_reason(op: str, device: torch.device, dtype: torch.dtype) -> str
     """Why the Triton kernels cannot run ``op`` for ``dtype`` inputs (None when they can)."""
     if op != "route" and dtype not in _DOT_DTYPES:
         return f"the Triton kernels support float32, float16 and bfloat16 inputs (tl.dot), not {dtype}"
+    if device.type == "cuda" and dtype == torch.bfloat16 and op != "route":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"bfloat16 tl.dot needs a GPU of compute capability 8.0 or newer, this one is {major}.{minor}"
     return None

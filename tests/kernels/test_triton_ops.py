@@ -115,6 +115,17 @@ def test_route_and_mor_conv2d_compile_fullgraph():
     torch._dynamo.reset()
     got = torch.compile(fn, fullgraph=True)(*args)
     torch.testing.assert_close(got, fn(*args), rtol=1e-5, atol=1e-5)
+    # and the backward through the compiled graph, into the router logits as well
+    leaves = [t.detach().clone().requires_grad_(True) for t in (c.x, c.lora_a, c.lora_b, logits)]
+    compiled = torch.compile(fn, fullgraph=True)
+    out = compiled(leaves[0], c.weight, c.bias, leaves[1], leaves[2], leaves[3])
+    eager_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    eager = fn(eager_leaves[0], c.weight, c.bias, eager_leaves[1], eager_leaves[2], eager_leaves[3])
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got_grads = torch.autograd.grad(out, leaves, dy)
+    want_grads = torch.autograd.grad(eager, eager_leaves, dy)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_float64_is_unavailable_and_auto_skips_it():
