@@ -6,7 +6,8 @@ Ranks are handled as a "rank list" of ``RP`` positions (a constexpr power of two
 - sample routing: position ``p < S`` is shared rank ``p``; position ``S + j`` is the rank picked by
   slot ``j`` (``S + idx[b, j]``), inactive for a zero slot (any index outside ``[0, E)``); the rest
   is padding. Only active ranks of ``lora_a``/``lora_b`` are loaded (a Punica/S-LoRA-style segment per
-  sample); ``RP = pad(S + k)``.
+  sample); ``RP = pad(S + k)``. A sample that picks zero slots saves those loads, not dot FLOPs: the
+  rank tile keeps its constexpr width (16 in the paper's 8 shared + top-8 setting, one MMA tile).
 - token routing: position ``p`` is rank ``p`` (``RP = pad(R)``), a dense tile over all ranks with the
   per-token gates expanded in registers from ``(idx, gate)``.
 
@@ -16,8 +17,8 @@ accumulator from ``h B^T`` and continues with the base GEMM ``x W^T``, adds bias
 writes ``y`` once. Backward: ``_bwd_dh_kernel`` reads ``dy`` once for ``dh = dy B`` and produces
 ``du = g * dh``, ``h`` and the gate gradient; ``_bwd_dx_kernel`` computes ``du A`` (+ ``dy W``);
 ``_rank_grad_kernel`` reduces ``L^T R`` over tokens into per-(sample, token chunk) float32 partials
-(for ``dA = du^T x`` and ``dB^T = h^T dy``) that the launcher sums in a fixed order: no atomics, so
-results are bitwise repeatable.
+(for ``dA = du^T x`` and ``dB^T = h^T dy``, with float32 operands: these sums run over every token)
+that the launcher sums in a fixed order: no atomics, so results are bitwise repeatable.
 
 All offsets are int64; every dot (``_dot``) accumulates in float32 with ``input_precision="ieee"`` (no
 TF32 for float32 inputs, so float32 results meet the float32 tolerance).
