@@ -226,7 +226,8 @@ def build_loss_terms(cfg: TrainConfig, log=print) -> list:
         if name == "l2":
             terms.append(LossTerm("l2", weight, l2_loss))
         elif name == "balance":
-            terms.append(LossTerm("balance", weight, balance_term("unet")))
+            # a routed VAE-encoder adapter ("mor") is balanced too; the plain LoRA has nothing to balance
+            terms.append(LossTerm("balance", weight, balance_term(None if cfg.vae_adapter == "mor" else "unet")))
         elif name == "lpips":
             try:
                 net = build_lpips(cfg.lpips.net, cfg.lpips.backbone_weights, cfg.lpips.linear_weights)

@@ -78,13 +78,14 @@ def l2_loss(inputs: LossInputs) -> torch.Tensor:
     return F.mse_loss(inputs.pred.float(), inputs.hr.float())
 
 
-def balance_term(model_attr: str = "unet") -> Callable[[LossInputs], torch.Tensor]:
-    """The MoR balance loss of ``inputs.model.<model_attr>`` (mean over its MoR layers)."""
+def balance_term(model_attr: str | None = "unet") -> Callable[[LossInputs], torch.Tensor]:
+    """The MoR balance loss (mean over the MoR layers) of ``inputs.model.<model_attr>``, or of the whole
+    model when ``model_attr`` is None."""
     from .losses import balance_loss
 
     def fn(inputs: LossInputs) -> torch.Tensor:
         model = getattr(inputs.model, "module", inputs.model)  # unwrap DDP
-        return balance_loss(getattr(model, model_attr))
+        return balance_loss(model if model_attr is None else getattr(model, model_attr))
 
     return fn
 

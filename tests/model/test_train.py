@@ -258,3 +258,20 @@ def test_bf16_mixed_precision_step(tmp_path, tiny, hr_dir):
         assert any(not torch.equal(before[k], p) for k, p in trainer.params.items())
     finally:
         AcceleratorState._reset_state(True)
+
+
+def test_routed_vae_adapter_is_trained_and_balanced(tmp_path, tiny, hr_dir):
+    """vae_adapter 'mor' trains the model's routed VAE-encoder adapter (routers included) and balances it."""
+    from mor_model.losses import balance_loss
+    from mor_model.train_losses import LossInputs
+
+    cfg = load_config(write_config(tmp_path / "c.json", tiny, hr_dir, vae_adapter="mor"))
+    model, params = train_mod.build_model(cfg, log=lambda m: None)
+    assert any(k.startswith("vae.") and ".router." in k for k in params)
+    lq = torch.rand(1, 3, 8, 8)
+    pred, scores = model(lq)
+    (term,) = [t for t in train_mod.build_loss_terms(cfg) if t.name == "balance"]
+    value = term.fn(LossInputs(pred=pred, hr=pred.detach(), lq=lq, scores=scores, model=model))
+    assert torch.equal(value, balance_loss(model)) and not torch.equal(value, balance_loss(model.unet))
+    value.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for k, p in params.items() if ".router." in k)
