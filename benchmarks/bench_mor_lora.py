@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common, when imported from tests
 
 import bench_common as common  # noqa: E402
+from bench_mor_lora_report import header, plot, print_table  # noqa: E402
 
 import mor_kernels  # noqa: E402
 from mor_kernels import dispatch, flops  # noqa: E402
@@ -508,108 +509,6 @@ def parse_args(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     return args
-
-
-# ----------------------------------------------------------------------------------------------
-# Report
-
-
-def _fmt(v, spec):
-    return format(v, spec) if isinstance(v, (int, float)) else "-"
-
-
-def print_table(rows: list[dict], providers: list[str], meta: dict) -> None:
-    shown = [
-        p for p in providers if p != "base" and any(r["provider"] == p and r["status"] != "unavailable" for r in rows)
-    ]
-    cases = list(dict.fromkeys(r["case"] for r in rows))
-    by = {(r["case"], r["provider"]): r for r in rows}
-    head = f"{'layer':19s} {'T':>5s} {'B':>2s} {'dtype':5s} {'rout':4s} {'mode':7s} {'act/R':>6s} {'base ms':>8s} {'±%':>4s}"
-    head += (
-        "".join(f" {p.replace('reference', 'ref'):>10s}" for p in shown)
-        + f" {'best MoR GB/s':>13s} {'%copy':>5s} {'GFLOP use/exe':>14s}"
-    )
-    print(head)
-    print("-" * len(head))
-    sweep = "main"
-    for c in cases:
-        r0 = by[(c, "base")]
-        if r0["sweep"] != sweep:
-            sweep = r0["sweep"]
-            print(f"-- {sweep} sweep ({r0['layer']}, {r0['dtype']}, B{r0['batch']}):")
-        spread = (r0["p80_ms"] - r0["p20_ms"]) / 2 / r0["median_ms"] * 100 if r0.get("median_ms") else None
-        line = (
-            f"{r0['layer']:19s} {r0['tokens']:5d} {r0['batch']:2d} {r0['dtype']:5s} {r0['routing'][:3]:4s} {r0['mode']:7s} "
-            f"{r0['lora_rank']:>2d}/{r0['ranks']:<3d} {_fmt(r0.get('median_ms'), '8.3f')} {_fmt(spread, '4.0f')}"
-        )
-        for p in shown:
-            r = by[(c, p)]
-            cell = {"unavailable": "n/a", "error": "ERROR"}.get(r["status"])
-            if cell is None:
-                cell = f"{r['median_ms']:.3f}ms" if r["ratio_to_base"] is None else f"{r['ratio_to_base']:.2f}x"
-            line += f" {cell:>10s}"
-        mor = [by[(c, p)] for p in shown if p.startswith("mor:") and by[(c, p)]["status"] == "ok"]
-        best = min(mor, key=lambda r: r["median_ms"]) if mor else None
-        if best:
-            line += f" {best['achieved_gbps']:13.1f} {best['copy_fraction'] * 100:5.0f} {best['useful_gflop']:6.2f}/{best['executed_gflop']:<7.2f}"
-        print(line)
-    print("-" * len(head))
-    notes = {}
-    for r in rows:
-        if r["status"] != "ok":
-            notes.setdefault((r["provider"], r["status"], r["reason"]), 0)
-            notes[(r["provider"], r["status"], r["reason"])] += 1
-    for (p, status, reason), n in notes.items():
-        print(f"{p}: {status} ({n} cases): {reason}")
-
-
-def header(meta: dict) -> str:
-    lines = [
-        f"MoR layer benchmark on {meta['device']} ({meta['device_name']}), {meta['torch_threads']} threads; torch "
-        f"{meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; commit {(meta['git_commit'] or '?')[:10]}"
-        f"{' (dirty)' if meta['git_dirty'] else ''}; {meta['time_utc']}",
-        f"copy ceiling {meta['copy_GBps']:.1f} GB/s; MoR S={meta['shared']} E={meta['routed']} Z={meta['zero']} k={meta['top_k']}, "
-        f"{meta['zero_picked']} zero slots picked (act/R = active ranks / total; dense LoRA rank = active ranks)",
-    ]
-    if meta.get("load_avg_1min") is not None and meta["load_avg_1min"] > 0.75 * (meta["cpu_count"] or 1):
-        lines.append(
-            f"WARNING: load average {meta['load_avg_1min']:.1f} on {meta['cpu_count']} cores: other processes are "
-            "running, timings are noisy (compare ratios, rerun on an idle machine)"
-        )
-    if meta["token_scale"] != 1.0:
-        lines.append(
-            f"REDUCED SIZES: token counts x{meta['token_scale']} (conv images {math.sqrt(meta['token_scale']):.2g}x per side) "
-            "for a quick CPU run; --full or --token-scale 1 for the SD 2.1 sizes"
-        )
-    lines.append("columns: ratio = provider median / base median (same run); ±% = half the p20-p80 spread of base")
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], path: str) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "no plot: matplotlib is not installed (pip install matplotlib)"
-    ok = [r for r in rows if r["status"] == "ok" and r["provider"] != "base" and r.get("ratio_to_base")]
-    cases = list(dict.fromkeys(r["case"] for r in ok))
-    provs = list(dict.fromkeys(r["provider"] for r in ok))
-    fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(cases) * max(1, len(provs)) / 2), 5))
-    width = 0.8 / max(1, len(provs))
-    for j, p in enumerate(provs):
-        vals = {r["case"]: r["ratio_to_base"] for r in ok if r["provider"] == p}
-        ax.bar([i + j * width for i in range(len(cases))], [vals.get(c, 0) for c in cases], width, label=p)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
-    ax.set_xticklabels(cases, rotation=75, ha="right", fontsize=6)
-    ax.set_ylabel("time / bare base layer")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return f"plot: {path}"
 
 
 def main(argv=None) -> dict:
