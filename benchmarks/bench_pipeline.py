@@ -18,7 +18,10 @@ embedding are shared by all):
 - ``estimator``: the CLIP degradation estimator (ViT-L/14-sized random open_clip model; ViT-B/32 on
   the reduced size), text embeddings cached as in use.
 
-Reports median / p20 / p80 latency, peak GPU memory and the ratio to ``none`` (CSV/JSON like
+Reports median / p20 / p80 latency, the ratio to ``none``, the weights of the models a call uses
+(``weights_mb``) and the peak GPU memory a call adds on top of what was allocated before it
+(``peak_act_mb``: activations and workspaces; all variants stay resident, so the absolute peak would
+mix them) (CSV/JSON like
 bench_mor_lora.py, into ``benchmarks/out``).
 """
 
@@ -209,7 +212,7 @@ def parse_args(argv=None):
 
 
 FIELDS = ("variant", "part", "note", "status", "reason", "batch", "resolution", "dtype", "full_size", "timer",
-          "median_ms", "p20_ms", "p80_ms", "samples", "ratio_to_none", "peak_mem_mb")  # fmt: skip
+          "median_ms", "p20_ms", "p80_ms", "samples", "ratio_to_none", "weights_mb", "peak_act_mb")  # fmt: skip
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -260,6 +263,18 @@ def _run(args) -> dict:
     if "estimator" in args.variants:
         est = estimator_model(args, device, dtype)
         jobs[("estimator", "estimator")] = ((lambda: est(lq)), None, "ViT-L/14" if args.full_size else "ViT-B/32")
+
+    def nbytes(*mods):
+        return sum(t.numel() * t.element_size() for m in mods for t in [*m.parameters(), *m.buffers()]) / 1e6
+
+    weights = {}
+    for key, (_, m, _) in jobs.items():
+        if key[1] == "unet":
+            weights[key] = nbytes(m)
+        elif key[1] == "pipeline":
+            weights[key] = nbytes(m, vae)
+        else:
+            weights[key] = nbytes(est)
     rows = {key: {"variant": key[0], "part": key[1], "note": note, "status": "ok", "reason": ""}
             for key, (_, _, note) in jobs.items()}  # fmt: skip
     timings: dict = {key: [] for key in jobs}
@@ -278,15 +293,17 @@ def _run(args) -> dict:
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                         torch.cuda.reset_peak_memory_stats()
+                        before = torch.cuda.memory_allocated()
                     timings[key].append(common.time_fn(fn, device, budget_s=args.budget / args.rounds, warm=rnd > 0,
                                                        min_samples=max(2, 4 // args.rounds)))  # fmt: skip
                     if device.type == "cuda":
-                        peak[key] = max(peak.get(key, 0), torch.cuda.max_memory_allocated() / 1e6)
+                        peak[key] = max(peak.get(key, 0), (torch.cuda.max_memory_allocated() - before) / 1e6)
             except Exception as err:  # one failing variant must not stop the others; the row says why
                 rows[key].update(status="error", reason=f"{type(err).__name__}: {err}"[:300])
     for key, row in rows.items():
         row.update(batch=args.batch, resolution=args.resolution, dtype=args.dtype, full_size=args.full_size)
-        row["peak_mem_mb"] = peak.get(key)
+        row["peak_act_mb"] = peak.get(key)
+        row["weights_mb"] = weights.get(key)
         if row["status"] == "ok":
             tm = common.merge(timings[key])
             row.update(timer=tm.timer, median_ms=tm.median_ms, p20_ms=tm.p20_ms, p80_ms=tm.p80_ms, samples=tm.samples)
@@ -297,17 +314,20 @@ def _run(args) -> dict:
     out_rows = list(rows.values())
     for b, why in skipped.items():
         out_rows.append({"variant": f"mor:{b}", "part": "-", "status": "unavailable", "reason": why})
-    print(f"\n{'variant':22s} {'part':10s} {'median ms':>10s} {'p20-p80 ms':>17s} {'x none':>7s} {'peak MB':>8s}  note")
+    print(
+        f"\n{'variant':22s} {'part':10s} {'median ms':>10s} {'p20-p80 ms':>17s} {'x none':>7s} {'weights MB':>10s} "
+        f"{'peak+ MB':>8s}  note"
+    )
     for r in out_rows:
         if r["status"] != "ok":
             print(f"{r['variant']:22s} {r['part']:10s} {r['status']}: {r['reason']}")
             continue
         ratio = f"{r['ratio_to_none']:.3f}" if r.get("ratio_to_none") else "-"
-        mem = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") else "-"
+        mem = f"{r['peak_act_mb']:.0f}" if r.get("peak_act_mb") is not None else "-"
         print(f"{r['variant']:22s} {r['part']:10s} {r['median_ms']:10.2f} {r['p20_ms']:8.2f}-{r['p80_ms']:<8.2f} "
-              f"{ratio:>7s} {mem:>8s}  {r['note']}")  # fmt: skip
+              f"{ratio:>7s} {r['weights_mb']:10.1f} {mem:>8s}  {r['note']}")  # fmt: skip
     if device.type != "cuda":
-        print("peak memory is measured on CUDA devices only")
+        print("peak+ (memory a call adds) is measured on CUDA devices only")
     stem = f"bench_pipeline-{device.type}-{meta['time_utc'].replace(':', '').replace('+0000', 'Z')}"
     paths = common.write_outputs(args.out, stem, meta, out_rows, FIELDS)
     print(f"wrote {paths['csv']} and {paths['json']}")
