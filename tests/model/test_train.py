@@ -275,3 +275,23 @@ def test_routed_vae_adapter_is_trained_and_balanced(tmp_path, tiny, hr_dir):
     assert torch.equal(value, balance_loss(model)) and not torch.equal(value, balance_loss(model.unet))
     value.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for k, p in params.items() if ".router." in k)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny, hr_dir):
+    """The UNet's gradient checkpointing recomputes the routing in backward; gradients (balance loss included)
+    must not change."""
+    from mor_model.losses import balance_loss
+
+    grads = []
+    for flag in (False, True):
+        cfg = load_config(write_config(tmp_path / "c.json", tiny, hr_dir, gradient_checkpointing=flag))
+        torch.manual_seed(0)  # the fresh VAE LoRA's init
+        model, params = train_mod.build_model(cfg, log=lambda m: None)
+        model.train()
+        pred, _ = model(torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)))
+        (pred.square().mean() + balance_loss(model.unet)).backward()
+        grads.append({k: p.grad for k, p in params.items()})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(g is not None for g in grads[0].values())
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)
