@@ -211,3 +211,35 @@ def test_flop_counter_counts_cpp_backend():
         )
 
     assert counted(run) == flops.op_flops("mor_linear", layer, useful)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_flop_counter_counts_triton_stages(backward):
+    """The registered per-stage formulas on the real Triton ops (interpreter on CPU): the forward is
+    shrink (``x A^T`` over the padded rank list) + expand (base GEMM + ``h B^T``)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "triton" not in mor_kernels.available_backends(device, "mor_linear"):
+        pytest.skip(f"triton unavailable: {mor_kernels.dispatch.unavailable_reason('triton', 'mor_linear', device)}")
+    from mor_kernels.kernels.mor_lora import padded_ranks
+
+    status = flops.register_flop_formulas()
+    assert status.get("triton_lora_shrink") == "registered", status
+    t, layer, R, S = _linear_case(False)
+    t = {k: v.to(device) for k, v in t.items()}
+    for name in ("x", "lora_a", "lora_b", "gate"):
+        t[name].requires_grad_(backward)
+    k = t["idx"].shape[-1]
+    rp = padded_ranks(R, S, k, False)
+    rows, d_in, d_out = layer.rows, layer.d_in, layer.d_out
+
+    def run():
+        y = mor_kernels.mor_linear(
+            t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["idx"], t["gate"], S, 1.0, backend="triton"
+        )
+        if backward:
+            y.sum().backward()
+
+    fwd = 2 * rows * rp * d_in + 2 * rows * (rp * d_out + d_in * d_out)
+    # backward: dh (dy B over the list), dx (du A + dy W), dA (du^T x), dB (h^T dy)
+    bwd = 2 * rows * rp * d_out + 2 * rows * (rp * d_in + d_out * d_in) + 2 * rows * rp * d_in + 2 * rows * rp * d_out
+    assert counted(run) == fwd + (bwd if backward else 0)
