@@ -12,7 +12,8 @@ Ranks are handled as a "rank list" of ``RP`` positions (a constexpr power of two
   per-token gates expanded in registers from ``(idx, gate)``.
 
 Forward (after LoRAFusion / vLLM shrink-expand): ``_shrink_kernel`` writes the rank activations
-``u = x A^T`` and ``h = scaling * g * u`` (float32, ``(B, T, RP)``); ``_expand_kernel`` starts its
+``u = x A^T`` (float32, for the backward) and ``h = scaling * g * u`` (in x's dtype, which is what the
+expand's dot consumes), both ``(B, T, RP)``; ``_expand_kernel`` starts its
 accumulator from ``h B^T`` and continues with the base GEMM ``x W^T``, adds bias and/or ``base`` and
 writes ``y`` once. Backward: ``_bwd_dh_kernel`` reads ``dy`` once for ``dh = dy B`` and produces
 ``du = g * dh``, ``h`` and the gate gradient; ``_bwd_dx_kernel`` computes ``du A`` (+ ``dy W``);
@@ -156,7 +157,7 @@ def _shrink_kernel(
     TOP_K: tl.constexpr, RP: tl.constexpr, TOKEN_ROUTING: tl.constexpr, STORE_U: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """x ``(B, T, d_in)``, lora_a ``(R, d_in)`` -> h, u ``(B, T, RP)`` float32. Grid ``(cdiv(T, BLOCK_M), B)``."""
+    """x ``(B, T, d_in)``, lora_a ``(R, d_in)`` -> h ``(B, T, RP)`` in x's dtype, u float32. Grid ``(cdiv(T, BLOCK_M), B)``."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -178,7 +179,7 @@ def _shrink_kernel(
     g = _gates(idx_ptr, gate_ptr, stride_ib, stride_it, pid_b, offs_m, mask_m, num_shared, num_routed, scaling,
                TOP_K, RP, TOKEN_ROUTING, BLOCK_M)  # fmt: skip
     out = (pid_b * T + offs_m[:, None]) * RP + p[None, :]
-    tl.store(h_ptr + out, acc * g, mask=mask_m[:, None])
+    tl.store(h_ptr + out, (acc * g).to(h_ptr.dtype.element_ty), mask=mask_m[:, None])
     if STORE_U:
         tl.store(u_ptr + out, acc, mask=mask_m[:, None])
 
@@ -374,13 +375,13 @@ def _routing_strides(idx: torch.Tensor) -> tuple[int, int, bool]:
 
 
 def shrink(x, lora_a, idx, gate, num_shared: int, scaling: float, store_u: bool):
-    """x ``(B, T, d_in)`` -> ``h, u`` float32 ``(B, T, RP)`` (``u`` empty unless ``store_u``)."""
+    """x ``(B, T, d_in)`` -> ``h`` (x's dtype) and ``u`` (float32), ``(B, T, RP)`` (``u`` empty unless ``store_u``)."""
     assert idx.is_contiguous() and gate.is_contiguous() and idx.dtype == torch.int32
     batch, tokens, d_in = x.shape
     ranks = lora_a.shape[0]
     stride_ib, stride_it, token = _routing_strides(idx)
     rp = padded_ranks(ranks, num_shared, idx.shape[-1], token)
-    h = torch.empty((batch, tokens, rp), dtype=torch.float32, device=x.device)
+    h = torch.empty((batch, tokens, rp), dtype=x.dtype, device=x.device)  # expand's dot takes it in x.dtype
     u = torch.empty((batch, tokens, rp) if store_u else (0,), dtype=torch.float32, device=x.device)
     if h.numel() == 0:
         return h, u

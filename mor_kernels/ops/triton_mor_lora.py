@@ -29,8 +29,8 @@ def triton_lora_shrink(
     scaling: float,
     store_u: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x ``(B, T, d_in)``, idx/gate ``(B, k)`` or ``(B, T, k)`` -> ``h = scaling g (x A^T)`` and ``u = x A^T``,
-    float32 ``(B, T, RP)`` over the rank list (``u`` is ``(0,)`` unless ``store_u``)."""
+    """x ``(B, T, d_in)``, idx/gate ``(B, k)`` or ``(B, T, k)`` -> ``h = scaling g (x A^T)`` in ``x.dtype`` and
+    ``u = x A^T`` in float32, ``(B, T, RP)`` over the rank list (``u`` is ``(0,)`` unless ``store_u``)."""
     return K.shrink(x, lora_a, idx.contiguous(), gate.contiguous(), num_shared, scaling, store_u)
 
 
@@ -38,7 +38,7 @@ def triton_lora_shrink(
 def _(x, lora_a, idx, gate, num_shared, scaling, store_u):
     rp = K.padded_ranks(lora_a.shape[0], num_shared, idx.shape[-1], idx.dim() == 3)
     shape = (x.shape[0], x.shape[1], rp)
-    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape if store_u else (0,), dtype=torch.float32)
+    return x.new_empty(shape), x.new_empty(shape if store_u else (0,), dtype=torch.float32)
 
 
 @torch.library.custom_op("mor::triton_lora_expand", mutates_args=())

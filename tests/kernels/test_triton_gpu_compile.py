@@ -48,13 +48,13 @@ SCRIPT = textwrap.dedent(
         for tok in (False, True):
             rp = L.padded_ranks(40, 8, 8, tok)
             tag = f"{dt} token={tok}"
-            comp(L._shrink_kernel, dict(x_ptr=dt, a_ptr=dt, h_ptr=f32, u_ptr=f32, **rt),
+            comp(L._shrink_kernel, dict(x_ptr=dt, a_ptr=dt, h_ptr=dt, u_ptr=f32, **rt),
                  dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, STORE_U=True, BLOCK_M=L.BLOCK_M, BLOCK_K=L.BLOCK_K),
                  "shrink " + tag)
             for tokens in (64, 4096):  # the launchers' small and large GPU tiles
                 cfg = L.gemm_config(torch.device("cuda"), torch.float32 if dt == "*fp32" else torch.float16, tokens, 640)
                 warps = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-                comp(L._expand_kernel, dict(x_ptr=dt, w_ptr=dt, bias_ptr=dt, b_ptr=dt, h_ptr=f32, base_ptr=dt,
+                comp(L._expand_kernel, dict(x_ptr=dt, w_ptr=dt, bias_ptr=dt, b_ptr=dt, h_ptr=dt, base_ptr=dt,
                                             y_ptr=dt, **rt),
                      dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, HAS_W=True, HAS_BIAS=True, HAS_BASE=True, **cfg),
                      f"expand {tag} {cfg}", **warps)
