@@ -265,7 +265,13 @@ def measure_case(case: Case, providers, device, args, copy_gbps: float) -> list[
         else:
             op, ranks_read, route = case.op, touched, t["idx"].numel()
             rank_rows = flops.executed_rank_rows(
-                provider.split(":")[1], layer, case.ranks, useful_rr, case.routing == "token"
+                provider.split(":")[1],
+                layer,
+                case.ranks,
+                useful_rr,
+                case.routing == "token",
+                num_shared=case.num_shared,
+                top_k=case.top_k,
             )
         row["useful_flop"] = flops.op_flops(op, layer, useful_rr if op != "base" else 0, backward=backward)
         row["executed_flop"] = flops.op_flops(op, layer, rank_rows, backward=backward)

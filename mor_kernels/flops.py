@@ -32,10 +32,6 @@ import torch
 
 logger = logging.getLogger("mor_kernels")
 
-#: backends that skip the ranks a unit did not pick when routing is per sample (KERNEL_NOTES: a
-#: sample's active ranks are gathered); with per-token routing they run a dense tile over all R.
-GATHERING_BACKENDS = ("triton", "cuda", "cpp")
-
 
 @dataclass(frozen=True)
 class Layer:
@@ -121,13 +117,42 @@ def ranks_touched(idx: torch.Tensor, num_shared: int) -> int:
     return num_shared + routed
 
 
-def executed_rank_rows(backend: str, layer: Layer, ranks: int, useful_rank_rows: int, token_routing: bool) -> int:
-    """Rank-rows a backend computes: the reference computes all ``ranks`` for every row; the fused
-    backends (``GATHERING_BACKENDS``) gather the active ranks of each sample under sample routing and
-    run a dense tile over all ranks under token routing (their documented design, KERNEL_NOTES)."""
-    if backend in GATHERING_BACKENDS and not token_routing:
-        return useful_rank_rows
-    return layer.rows * ranks
+def triton_rank_list(n: int) -> int:
+    """The Triton kernels' rank-list width for ``n`` ranks: a power of two, at least 16 (``tl.dot``)."""
+    return max(16, 1 << (max(n, 1) - 1).bit_length())
+
+
+def executed_rank_rows(
+    backend: str,
+    layer: Layer,
+    ranks: int,
+    useful_rank_rows: int,
+    token_routing: bool,
+    *,
+    num_shared: int = 0,
+    top_k: int = 0,
+) -> int | tuple[int, int]:
+    """Rank-rows a backend computes, from each backend's documented design: an int, or a pair
+    ``(down, up)`` when the down- and up-projections differ.
+
+    - ``reference``: all ``R`` ranks for every row;
+    - ``triton``: a rank list of ``triton_rank_list(S + k)`` positions per sample (zero slots save
+      loads, not dot FLOPs), ``triton_rank_list(R)`` under token routing; a conv runs its down-projection
+      as extra output channels of the base conv (all ``R``) and the up-projection over the list;
+    - ``cpp``: the active ranks only (per sample or per token); a conv: all ``R`` down, active up;
+    - ``cuda``: the active ranks under sample routing, all ``R`` under token routing (an upper bound);
+      a conv: all ``R`` down, active up;
+    - anything else: all ``R``.
+    """
+    rows = layer.rows
+    conv = layer.kind == "conv2d"
+    if backend == "triton":
+        listed = rows * triton_rank_list(ranks if token_routing else num_shared + top_k)
+        return (rows * ranks, listed) if conv else listed
+    if backend in ("cpp", "cuda"):
+        active = rows * ranks if (backend == "cuda" and token_routing) else useful_rank_rows
+        return (rows * ranks, active) if conv else active
+    return rows * ranks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,14 +167,16 @@ def base_flops(layer: Layer, *, backward: bool = False, weight_grad: bool = Fals
     return fwd + fwd + (fwd if weight_grad else 0)
 
 
-def lora_flops(layer: Layer, rank_rows: int, *, backward: bool = False) -> int:
-    """The low-rank branch: forward ``2 rank_rows (d_in + d_out)`` (down then up projection);
-    with ``backward`` the total of forward and backward (3x the forward)."""
-    fwd = 2 * rank_rows * (layer.d_in + layer.d_out)
+def lora_flops(layer: Layer, rank_rows: int | tuple[int, int], *, backward: bool = False) -> int:
+    """The low-rank branch: forward ``2 rank_rows (d_in + d_out)`` (down then up projection), or
+    ``2 (down d_in + up d_out)`` for a pair ``rank_rows = (down, up)``; with ``backward`` the total of
+    forward and backward (3x the forward: ``dh``, ``dB`` on the up side, ``dA``, ``dx`` on the down side)."""
+    down, up = rank_rows if isinstance(rank_rows, tuple) else (rank_rows, rank_rows)
+    fwd = 2 * (down * layer.d_in + up * layer.d_out)
     return 3 * fwd if backward else fwd
 
 
-def op_flops(op: str, layer: Layer, rank_rows: int = 0, *, backward: bool = False) -> int:
+def op_flops(op: str, layer: Layer, rank_rows: int | tuple[int, int] = 0, *, backward: bool = False) -> int:
     """FLOPs of one call (forward, or forward + backward) of ``op``:
 
     - ``"base"``: the bare ``F.linear`` / ``F.conv2d``;
@@ -300,12 +327,16 @@ def _triton_rank_grad(a, out):
     return 2 * _rows(a["lhs"]) * a["lhs"][-1] * a["rhs"][-1]
 
 
-def _conv_up(a, out):  # z/out (B, C_out + R, H, W): the gated 1x1 up-projection
-    z = a.get("z", a.get("out"))
+def _conv_up(a, out):  # out (B, C_out + R, H, W): the gated 1x1 up-projection over the active ranks
+    z = a["out"]
     c_out, ranks = a["lora_b"]
-    listed = [o for o in _outs(out) if len(o) == 3 and o[-1] > 0]
-    per_row = int(listed[0][-1]) if listed else min(ranks, int(a.get("num_shared", 0) or 0) + a["idx"][-1])
-    return 2 * z[0] * _prod(z[2:]) * per_row * c_out
+    return 2 * z[0] * _prod(z[2:]) * min(ranks, int(a.get("num_shared", 0) or 0) + a["idx"][-1]) * c_out
+
+
+def _triton_conv_up(a, out):  # z (B, C_out + R, H, W): the same over the padded rank list
+    z = a["z"]
+    listed = triton_rank_list(int(a.get("num_shared", 0) or 0) + a["idx"][-1])
+    return 2 * z[0] * _prod(z[2:]) * listed * a["lora_b"][0]
 
 
 def _lora_fwd(a, out):  # C++/CUDA: active ranks gathered under sample routing, all R under token routing
@@ -331,7 +362,7 @@ _STAGES = {
     "triton_lora_bwd_dh": _triton_bwd_dh,
     "triton_lora_bwd_dx": _triton_bwd_dx,
     "triton_lora_rank_grad": _triton_rank_grad,
-    "triton_conv_up": _conv_up,
+    "triton_conv_up": _triton_conv_up,
     "conv_up": _conv_up,
     "lora_fwd": _lora_fwd,
     "lora_bwd": _lora_bwd,

@@ -63,8 +63,19 @@ def test_active_ranks_and_executed_rank_rows():
     assert flops.active_rank_rows(tok, 2, tokens=3) == 9
     lin = flops.linear_layer(2, 10, 8, 8)
     assert flops.executed_rank_rows("reference", lin, 40, 120, False) == 20 * 40
-    assert flops.executed_rank_rows("triton", lin, 40, 120, False) == 120
-    assert flops.executed_rank_rows("cpp", lin, 40, 120, True) == 20 * 40
+    assert flops.executed_rank_rows("triton", lin, 40, 120, False, num_shared=8, top_k=8) == 20 * 16
+    assert flops.executed_rank_rows("triton", lin, 40, 120, False, num_shared=8, top_k=9) == 20 * 32
+    assert flops.executed_rank_rows("triton", lin, 40, 120, True) == 20 * 64
+    assert flops.executed_rank_rows("cpp", lin, 40, 120, True) == 120
+    assert flops.executed_rank_rows("cuda", lin, 40, 120, False) == 120
+    assert flops.executed_rank_rows("cuda", lin, 40, 120, True) == 20 * 40
+    conv = flops.conv2d_layer(2, 8, 8, (5, 2), (3, 3), padding=(1, 1))  # 20 rows
+    assert flops.executed_rank_rows("cpp", conv, 40, 120, False) == (20 * 40, 120)
+    assert flops.executed_rank_rows("triton", conv, 40, 120, False, num_shared=8, top_k=8) == (20 * 40, 20 * 16)
+    assert [flops.triton_rank_list(n) for n in (1, 16, 17, 40)] == [16, 16, 32, 64]
+    # a (down, up) pair: down-projection over d_in, up over d_out
+    assert flops.lora_flops(lin, (10, 4)) == 2 * (10 * 8 + 4 * 8)
+    assert flops.lora_flops(lin, (10, 4), backward=True) == 3 * 2 * (10 * 8 + 4 * 8)
 
 
 def _linear_case(requires_grad: bool):
@@ -243,3 +254,27 @@ def test_flop_counter_counts_triton_stages(backward):
     # backward: dh (dy B over the list), dx (du A + dy W), dA (du^T x), dB (h^T dy)
     bwd = 2 * rows * rp * d_out + 2 * rows * (rp * d_in + d_out * d_in) + 2 * rows * rp * d_in + 2 * rows * rp * d_out
     assert counted(run) == fwd + (bwd if backward else 0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_flop_counter_counts_fused_conv_forward(backend):
+    """Fused conv backends: one conv with ``[W0; A]`` (all R ranks down) + ``conv_up`` (the executed
+    up-projection of :func:`flops.executed_rank_rows`)."""
+    device = torch.device("cuda" if torch.cuda.is_available() and backend == "triton" else "cpu")
+    if backend not in mor_kernels.available_backends(device, "mor_conv2d"):
+        pytest.skip(f"{backend} unavailable: {mor_kernels.dispatch.unavailable_reason(backend, 'mor_conv2d', device)}")
+    status = flops.register_flop_formulas()
+    assert status.get("triton_conv_up" if backend == "triton" else "conv_up") == "registered", status
+    gen = torch.Generator().manual_seed(3)
+    B, C_in, C_out, H, R, S = 2, 6, 10, 5, 12, 4
+    x = torch.randn(B, C_in, H, H, generator=gen).to(device)
+    w = torch.randn(C_out, C_in, 3, 3, generator=gen).to(device)
+    a = torch.randn(R, C_in, 3, 3, generator=gen).to(device)
+    b = torch.randn(C_out, R, generator=gen).to(device)
+    idx = torch.tensor([[0, 3], [5, 7]], dtype=torch.int32, device=device)  # distinct, no zero slot
+    gate = torch.rand(B, 2, generator=gen).to(device)
+    layer = flops.conv2d_layer(B, C_in, C_out, (H, H), (3, 3), padding=(1, 1))
+    useful = flops.active_rank_rows(idx.cpu(), S, layer.tokens)
+    executed = flops.executed_rank_rows(backend, layer, R, useful, False, num_shared=S, top_k=2)
+    n = counted(lambda: mor_kernels.mor_conv2d(x, w, None, a, b, idx, gate, S, 1.0, 1, 1, backend=backend))
+    assert n == flops.op_flops("mor_conv2d", layer, executed)
