@@ -202,6 +202,21 @@ def test_train_save_and_resume_exactly(tmp_path, tiny, hr_dir, alex_weights):
     for ra, rb in zip(log_a, log_b, strict=True):
         assert ra["lr"] == rb["lr"] and ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=0)
     # an explicit checkpoint path resumes too, and nothing is left to do at max_steps
+    # the exported adapters (the VAE LoRA included) load into the inference pipeline
+    from mor_model.pipeline import MoRSRPipeline
+
+    final = run_a / "final"
+    pipe = MoRSRPipeline.from_pretrained(
+        tiny, adapter=final / "mor_adapter", vae_adapter=final / "vae_encoder_adapter", device="cpu"
+    )
+    lora_b = {k: v for k, v in final_a.items() if k.startswith("vae_encoder_adapter/") and k.endswith("lora_b")}
+    assert any(v.abs().sum() > 0 for v in lora_b.values())  # the VAE LoRA trained (it starts at zero)
+    vae_state = pipe.vae.state_dict()
+    for k, v in lora_b.items():
+        assert torch.equal(vae_state[k.split("/", 1)[1]], v)
+    out = pipe(torch.rand(1, 3, 8, 8), tile=0)
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+
     explicit = run_b / "checkpoints" / "step-00000002"
     assert train_mod.main([str(b), "--max-steps", "2", "--resume-from", str(explicit)]) == 0
     assert [r["step"] for r in _log(run_b)] == [1, 2]
