@@ -207,6 +207,12 @@ def build_model(cfg: TrainConfig, log=print) -> tuple[OneStepSR, dict[str, nn.Pa
         scale=cfg.data.scale,
         timestep=cfg.timestep,
     )
+    multiple = model.vae_factor * model.unet_factor
+    if cfg.data.crop_size % multiple:
+        raise ValueError(
+            f"data.crop_size ({cfg.data.crop_size}) must be a multiple of {multiple} for this model "
+            f"(VAE factor {model.vae_factor} x UNet factor {model.unet_factor})"
+        )
     model.requires_grad_(False)
     params = {f"unet.{k}": p for k, p in trainable_parameters(unet).items()}
     params.update({f"vae.{k}": p for k, p in vae_params.items()})

@@ -94,6 +94,9 @@ def test_config_validation_names_the_key(tmp_path, tiny, hr_dir, capsys):
     assert train_mod.main([str(write_config(tmp_path / "bad.json", tiny, hr_dir, batch_size=0))]) == 2
     assert "batch_size must be > 0" in capsys.readouterr().err
     assert train_mod.main([str(tmp_path / "missing.json")]) == 2
+    # a crop the model cannot take (tiny model: VAE factor 4 x UNet factor 2 = 8) is refused before training
+    assert train_mod.main([str(good), "--set", "data.crop_size=36"]) == 2
+    assert "must be a multiple of 8" in capsys.readouterr().err
 
 
 def test_yaml_config(tmp_path, tiny, hr_dir):
