@@ -62,8 +62,15 @@ def _conv_up_kernel(
         tl.store(u_ptr + (pid_b * P + offs_m[:, None]) * RP + p[None, :], u, mask=mask_m[:, None] & (pid_n == 0))
 
 
+def out_format(z: torch.Tensor) -> torch.memory_format:
+    """``y`` keeps the convolution output's layout (channels_last stays channels_last)."""
+    if z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def conv_up(z, lora_b, bias, idx, gate, num_shared: int, scaling: float, store_u: bool):
-    """z ``(B, C_out + R, H, W)`` -> ``y (B, C_out, H, W)`` (contiguous, ``z.dtype``) and ``u`` float32
+    """z ``(B, C_out + R, H, W)`` -> ``y (B, C_out, H, W)`` (``z.dtype``, z's memory format) and ``u`` float32
     ``(B, H*W, RP)`` (``(0,)`` unless ``store_u``)."""
     batch, channels, height, width = z.shape
     c_out, ranks = lora_b.shape
@@ -72,7 +79,7 @@ def conv_up(z, lora_b, bias, idx, gate, num_shared: int, scaling: float, store_u
     if z.stride(2) != z.stride(3) * width:  # H and W must flatten into one pixel stride
         z = z.contiguous()
     rp = padded_ranks(ranks, num_shared, idx.shape[1], False)
-    y = torch.empty((batch, c_out, height, width), dtype=z.dtype, device=z.device)
+    y = torch.empty((batch, c_out, height, width), dtype=z.dtype, device=z.device, memory_format=out_format(z))
     u = torch.empty((batch, n_pix, rp) if store_u else (0,), dtype=torch.float32, device=z.device)
     if y.numel() == 0:
         return y, u.zero_()

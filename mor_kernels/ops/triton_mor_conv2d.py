@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from ..kernels.mor_conv2d import conv_up
+from ..kernels.mor_conv2d import conv_up, out_format
 from .triton_mor_lora import _active_ranks, triton_lora_bwd_dh, triton_lora_rank_grad
 
 
@@ -42,7 +42,8 @@ def _(z, lora_b, bias, idx, gate, num_shared, scaling, store_u):
     c_out, ranks = lora_b.shape
     rp = padded_ranks(ranks, num_shared, idx.shape[1], False)
     u_shape = (batch, height * width, rp) if store_u else (0,)
-    return z.new_empty((batch, c_out, height, width)), z.new_empty(u_shape, dtype=torch.float32)
+    y = torch.empty((batch, c_out, height, width), dtype=z.dtype, device=z.device, memory_format=out_format(z))
+    return y, z.new_empty(u_shape, dtype=torch.float32)
 
 
 def _grad_dtype(x: torch.Tensor) -> torch.dtype:

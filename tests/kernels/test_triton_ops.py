@@ -68,6 +68,8 @@ def _op_cases():
     z = _r(2, 18 + 6, 3, 4, seed=9)
     _, _, bias, _, bb, idx, gate, s = _lora_inputs(False)
     cases.append(("conv_up", conv_ops.triton_conv_up, (z, bb, bias, idx, gate, s, 0.5, True)))
+    z_cl = z.to(memory_format=torch.channels_last)
+    cases.append(("conv_up-channels_last", conv_ops.triton_conv_up, (z_cl, bb, None, idx, gate, s, 0.5, False)))
     return cases
 
 
