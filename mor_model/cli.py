@@ -204,12 +204,31 @@ def _run_kwargs(args) -> dict:
     }
 
 
+def _without_outputs(collected, out_dir: Path):
+    """Drops files found inside the output folder (``-o`` inside a scanned input folder), so earlier
+    results are never taken as new inputs."""
+    from .image_io import CollectedImages
+
+    out_dir = out_dir.resolve()
+    keep = CollectedImages(errors=list(collected.errors))
+    dropped = 0
+    for f, root in zip(collected.files, collected.roots, strict=True):
+        if root is not None and out_dir != root.resolve() and out_dir in f.resolve().parents:
+            dropped += 1
+            continue
+        keep.files.append(f)
+        keep.roots.append(root)
+    if dropped:
+        _err(f"ignoring {dropped} files inside the output folder {out_dir}")
+    return keep
+
+
 def _upscale(args) -> int:
     import torch
 
     from .image_io import ImageReadError, collect_images, load_image, plan_outputs, save_image
 
-    collected = collect_images(args.inputs, recursive=args.recursive)
+    collected = _without_outputs(collect_images(args.inputs, recursive=args.recursive), Path(args.output))
     failures = 0
     for path, why in collected.errors:
         _err(f"skipping {path}: {why}")

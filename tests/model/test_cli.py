@@ -92,6 +92,13 @@ def test_upscale_next_to_inputs_and_errors(model_dir, inputs, tmp_path):
     after = digest(inputs)
     assert {p: after[p] for p in before} == before  # inputs intact; the output got another name
     assert Image.open(inputs / "a_png.png").size == (64, 64)
+    # an output folder inside a scanned input folder: earlier results are not taken as inputs
+    single = tmp_path / "single"
+    single.mkdir()
+    photo((8, 8)).save(single / "p.png")
+    for _ in range(2):
+        assert main(["upscale", str(single), "-r", "-o", str(single / "out"), "--model", str(model_dir), "-q"]) == 0
+    assert sorted(p.relative_to(single).as_posix() for p in single.rglob("*.png")) == ["out/p.png", "p.png"]
     # missing input and a model folder that is not one
     assert main(["upscale", str(tmp_path / "nope.png"), "-o", str(tmp_path / "o"), "--model", str(model_dir)]) == 1
     assert main(["upscale", str(inputs / "b.jpg"), "-o", str(tmp_path / "o"), "--model", str(tmp_path)]) == 2
