@@ -294,9 +294,17 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 class Trainer:
-    """Runs the training described by a :class:`TrainConfig` (see the module docstring)."""
+    """Runs the training described by a :class:`TrainConfig` (see the module docstring).
 
-    def __init__(self, cfg: TrainConfig, *, log=None):
+    Args:
+        cfg: the validated configuration.
+        log: ``log(message)`` for progress messages (default: print on the main process).
+        extra_terms: more :class:`~mor_model.train_losses.LossTerm` entries added to the configured ones
+            (the place for GAN/VSD terms; a term's ``module`` is moved to the device; a term that trains
+            parameters of its own, such as a discriminator, steps its own optimiser inside ``fn``).
+    """
+
+    def __init__(self, cfg: TrainConfig, *, log=None, extra_terms=None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -310,7 +318,10 @@ class Trainer:
         self._log = log or (lambda msg: self.accelerator.print(msg))
         set_seed(cfg.seed)
         self.model, self.params = build_model(cfg, log=self._log)
-        self.terms = build_loss_terms(cfg, log=self._log)
+        self.terms = build_loss_terms(cfg, log=self._log) + list(extra_terms or [])
+        names = [t.name for t in self.terms]
+        if len(set(names)) != len(names) or not names:
+            raise ValueError(f"loss terms need distinct names and at least one term, got {names}")
         self.optimizer = torch.optim.AdamW(
             list(self.params.values()),
             lr=cfg.learning_rate,

@@ -226,6 +226,8 @@ def test_train_save_and_resume_exactly(tmp_path, tiny, hr_dir, alex_weights):
 
 
 def test_only_adapters_train_and_the_loss_falls(tmp_path, tiny, hr_dir):
+    from mor_model.train_losses import LossTerm
+
     path = write_config(
         tmp_path / "c.json",
         tiny,
@@ -235,7 +237,14 @@ def test_only_adapters_train_and_the_loss_falls(tmp_path, tiny, hr_dir):
         weight_decay=0.0,
         data={"crop_size": 16},
     )
-    trainer = train_mod.Trainer(load_config(path), log=lambda m: None)
+    seen = []  # an extra term (the GAN/VSD extension point) sees every batch and adds to the total
+
+    def extra(inputs):
+        seen.append(tuple(inputs.pred.shape))
+        return inputs.pred.new_zeros(())
+
+    extra_terms = [LossTerm("extra", 0.5, extra)]
+    trainer = train_mod.Trainer(load_config(path), log=lambda m: None, extra_terms=extra_terms)
     core = trainer.core
     before = {k: v.clone() for k, v in core.state_dict().items()}
     trainable = {id(p) for p in trainer.params.values()}
@@ -249,6 +258,7 @@ def test_only_adapters_train_and_the_loss_falls(tmp_path, tiny, hr_dir):
     lq, hr = (torch.stack(t) for t in zip(*[ds[i] for i in range(2)], strict=True))
     losses = [trainer.train_step(lq, hr)[0]["l2"] for _ in range(12)]
     assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses
+    assert seen == [(2, 3, 16, 16)] * 12
 
     after = core.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
