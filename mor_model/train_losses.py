@@ -8,8 +8,9 @@ Each term is a callable ``term(batch: LossInputs) -> scalar tensor``. The built-
 - ``"balance"``: the degradation-aware load-balancing loss of the last forward
   (:func:`mor_model.balance_loss`, already scaled by ``MoRConfig.balance_alpha``), weight 1.
 
-GAN and VSD terms are a later step: they plug in as more entries of the list (a term may own
-trainable parameters and an optimiser of its own; see :class:`LossTerm`).
+GAN and VSD terms are a later step: they plug in as more entries of the list, e.g.
+``Trainer(cfg, extra_terms=[LossTerm("gan", 0.5, gan_fn, discriminator)])`` (a term's ``module`` is
+moved to the device; a term that trains parameters of its own steps its own optimiser inside ``fn``).
 """
 
 from __future__ import annotations
