@@ -16,7 +16,7 @@ def print_table(rows: list[dict], providers: list[str], meta: dict) -> None:
     ]
     cases = list(dict.fromkeys(r["case"] for r in rows))
     by = {(r["case"], r["provider"]): r for r in rows}
-    head = f"{'layer':19s} {'T':>5s} {'B':>2s} {'dtype':5s} {'rout':4s} {'mode':7s} {'act/R':>6s} {'base ms':>8s} {'±%':>4s}"
+    head = f"{'layer':19s} {'T':>5s} {'B':>2s} {'dtype':5s} {'rout':4s} {'mode':7s} {'k':>2s} {'z':>2s} {'act/R':>6s} {'base ms':>8s} {'±%':>4s}"
     head += (
         "".join(f" {p.replace('reference', 'ref'):>10s}" for p in shown)
         + f" {'best MoR GB/s':>13s} {'%copy':>5s} {'GFLOP use/exe':>14s}"
@@ -32,7 +32,8 @@ def print_table(rows: list[dict], providers: list[str], meta: dict) -> None:
         spread = (r0["p80_ms"] - r0["p20_ms"]) / 2 / r0["median_ms"] * 100 if r0.get("median_ms") else None
         line = (
             f"{r0['layer']:19s} {r0['tokens']:5d} {r0['batch']:2d} {r0['dtype']:5s} {r0['routing'][:3]:4s} {r0['mode']:7s} "
-            f"{r0['lora_rank']:>2d}/{r0['ranks']:<3d} {_fmt(r0.get('median_ms'), '8.3f')} {_fmt(spread, '4.0f')}"
+            f"{r0['top_k']:2d} {r0['zero_picked']:2d} {r0['lora_rank']:>2d}/{r0['ranks']:<3d} "
+            f"{_fmt(r0.get('median_ms'), '8.3f')} {_fmt(spread, '4.0f')}"
         )
         for p in shown:
             r = by[(c, p)]
@@ -61,12 +62,12 @@ def header(meta: dict) -> str:
         f"{meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; commit {(meta['git_commit'] or '?')[:10]}"
         f"{' (dirty)' if meta['git_dirty'] else ''}; {meta['time_utc']}",
         f"copy ceiling {meta['copy_GBps']:.1f} GB/s; MoR S={meta['shared']} E={meta['routed']} Z={meta['zero']} k={meta['top_k']}, "
-        f"{meta['zero_picked']} zero slots picked (act/R = active ranks / total; dense LoRA rank = active ranks)",
+        f"{meta['zero_picked']} zero slots picked (z = zero slots picked per unit, act/R = active ranks / total ranks; dense LoRA rank = active)",
     ]
     if meta.get("load_avg_1min") is not None and meta["load_avg_1min"] > 0.75 * (meta["cpu_count"] or 1):
         lines.append(
             f"WARNING: load average {meta['load_avg_1min']:.1f} on {meta['cpu_count']} cores: other processes are "
-            "running, timings are noisy (compare ratios, rerun on an idle machine)"
+            "running, timings are noisy (rerun on an idle machine, or try --threads 1)"
         )
     if meta["token_scale"] != 1.0:
         lines.append(

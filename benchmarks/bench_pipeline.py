@@ -233,6 +233,9 @@ def _run(args) -> dict:
     size = "SD 2.1-base size" if args.full_size else "REDUCED size (UNet channels 32-128, VAE 32-64, 1 layer/block)"
     print(f"one-step SR pipeline on {device.type} ({meta['device_name']}), {size}, {args.resolution}px, B{args.batch}, "
           f"{args.dtype}; torch {meta['torch']}; commit {(meta['git_commit'] or '?')[:10]}", flush=True)  # fmt: skip
+    load = meta.get("load_avg_1min")
+    if load is not None and load > 0.75 * (meta["cpu_count"] or 1):
+        print(f"WARNING: load average {load:.1f} on {meta['cpu_count']} cores: timings are noisy", flush=True)
     unet, vae, unet_cfg = build(args, device, dtype)
     models, skipped = variants(args, unet, device, dtype)
     gen = torch.Generator().manual_seed(0)
