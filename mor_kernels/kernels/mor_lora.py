@@ -335,8 +335,8 @@ def _bwd_dx_kernel(
 @triton.jit
 def _rank_grad_kernel(
     l_ptr, r_ptr, out_ptr,
-    T, N, n_chunks, stride_rb, stride_rt, stride_rn,
-    RP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    T, N, n_chunks, chunk, stride_rb, stride_rt, stride_rn,
+    RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """out[b, c] ``(RP, N)`` f32 = sum over tokens t of chunk c of ``L[b, t]^T R[b, t]``; L ``(B, T, RP)`` f32
     contiguous, R ``(B, T, N)``. Grid ``(cdiv(N, BLOCK_N), n_chunks, B)``."""
@@ -347,8 +347,8 @@ def _rank_grad_kernel(
     mask_n = offs_n < N
     p = tl.arange(0, RP)
     acc = tl.zeros((RP, BLOCK_N), dtype=tl.float32)
-    for m0 in range(0, CHUNK, BLOCK_M):
-        offs_m = pid_c * CHUNK + m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    for m0 in range(0, chunk, BLOCK_M):  # a runtime chunk (a multiple of BLOCK_M): no recompile per T
+        offs_m = pid_c * chunk + m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         mask_m = offs_m < T
         lt = tl.load(l_ptr + (pid_b * T + offs_m[None, :]) * RP + p[:, None], mask=mask_m[None, :], other=0.0)
         rt = tl.load(
@@ -478,7 +478,7 @@ def rank_grad_partials(lhs, rhs):
         return out
     grid = (triton.cdiv(n, BLOCK_N), n_chunks, batch)
     _rank_grad_kernel[grid](
-        lhs, rhs, out, tokens, n, n_chunks, *rhs.stride(),
-        RP=rp, CHUNK=chunk, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        lhs, rhs, out, tokens, n, n_chunks, chunk, *rhs.stride(),
+        RP=rp, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     return out

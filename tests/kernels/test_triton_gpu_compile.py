@@ -65,7 +65,7 @@ SCRIPT = textwrap.dedent(
                  dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, STORE_H=True, BLOCK_M=L.BLOCK_M, BLOCK_N=L.BLOCK_N),
                  "bwd_dh " + tag)
             comp(L._rank_grad_kernel, dict(l_ptr=f32, r_ptr=dt, out_ptr=f32),
-                 dict(RP=rp, CHUNK=L.TOKEN_CHUNK, BLOCK_M=L.BLOCK_M, BLOCK_N=L.BLOCK_N), "rank_grad " + tag)
+                 dict(RP=rp, BLOCK_M=L.BLOCK_M, BLOCK_N=L.BLOCK_N), "rank_grad " + tag)
         comp(C._conv_up_kernel, dict(z_ptr=dt, b_ptr=dt, bias_ptr=dt, y_ptr=dt, u_ptr=f32, **rt),
              dict(TOP_K=8, RP=16, HAS_BIAS=True, STORE_U=True, BLOCK_M=C.BLOCK_M, BLOCK_N=C.BLOCK_N), "conv_up " + dt)
     print("\\n".join(failures) if failures else "all kernels compiled")

@@ -250,3 +250,13 @@ def test_marginal_random_case_meets_the_table():
     """The strict-xfail case above still meets the float32 table for the output and every gradient."""
     config = _random_config(104)
     check_parity(random_case(**config), torch.float32, lowp_rule=False)
+
+
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_dA_dB_reduction_over_several_token_chunks(routing, monkeypatch):
+    """The dA/dB partial sums are split into token chunks (512 tokens on a GPU); small chunks here so
+    that T = 130 spans five of them, including a ragged last one."""
+    from mor_kernels.kernels import mor_lora as kernels
+
+    monkeypatch.setattr(kernels, "TOKEN_CHUNK", 32)
+    check_parity(random_case(routing=routing, tokens=130, seed=13), torch.float32)
