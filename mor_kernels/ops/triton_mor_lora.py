@@ -54,7 +54,7 @@ def triton_lora_expand(
 ) -> torch.Tensor:
     """``y (B, T, d_out) = h B^T (+ x W^T) (+ bias) (+ base)`` in ``x.dtype``; ``base`` is only read."""
     bias = None if bias is None else bias.contiguous()  # the kernel reads bias with unit stride
-    return K.expand(x, weight, bias, lora_b, h, idx.contiguous(), base, num_shared)
+    return K.expand(x, weight, bias, lora_b, h.contiguous(), idx.contiguous(), base, num_shared)
 
 
 @triton_lora_expand.register_fake
@@ -97,7 +97,7 @@ def triton_lora_bwd_dh(
     """dy ``(B, T, d_out)``, u ``(B, T, RP)`` -> ``du = scaling g (dy B)``, ``h = scaling g u`` (float32
     ``(B, T, RP)``; ``h`` is ``(0,)`` unless ``store_h``) and ``dgate`` float32 of idx's shape."""
     idx, gate = idx.contiguous(), gate.contiguous()
-    du, h, dgate = K.backward_dh(dy, lora_b, u, idx, gate, num_shared, scaling, store_h)
+    du, h, dgate = K.backward_dh(dy, lora_b, u.contiguous(), idx, gate, num_shared, scaling, store_h)
     if idx.dim() == 2:  # sample routing: sum the per-block partials in a fixed order
         k = idx.shape[1]
         dgate = dgate.sum(1)[:, num_shared : num_shared + k]
@@ -121,7 +121,7 @@ def triton_lora_bwd_dx(
     weight: torch.Tensor | None,
 ) -> torch.Tensor:
     """``dx (B, T, d_in) = du A (+ dy W)`` in ``lora_a.dtype``."""
-    return K.backward_dx(du, lora_a, idx.contiguous(), num_shared, dy, weight, lora_a.dtype)
+    return K.backward_dx(du.contiguous(), lora_a, idx.contiguous(), num_shared, dy, weight, lora_a.dtype)
 
 
 @triton_lora_bwd_dx.register_fake
