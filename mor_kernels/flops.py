@@ -15,7 +15,8 @@ Conventions (the same as ``torch.utils.flop_counter``):
 - LoRA work is counted in **rank-rows**: the sum over output rows of the ranks applied to that row.
   *Useful* FLOPs use the active ranks (shared + distinct routed ranks picked; a zero slot costs
   nothing); *executed* FLOPs use what a backend actually computes (the reference computes all
-  ``R`` ranks and multiplies the unused ones by a zero gate).
+  ``R`` ranks and multiplies the unused ones by a zero gate; :func:`executed_rank_rows` has each
+  backend's).
 - Backward assumes a frozen base weight (no ``dW`` unless ``weight_grad=True``), ``x`` needing its
   gradient (an adapter inside a network), and gradients for ``lora_a``/``lora_b``: the LoRA part
   costs twice its forward (``dh = dy B``, ``dB = dy^T h``, ``dA = dh^T x``, ``dx += dh A``).
@@ -217,6 +218,8 @@ def min_bytes(
         backward: forward + backward: the backward reads ``dy``, ``x`` (for ``dA``), the weights and
             the routing, and writes ``dx``, ``dA``, ``dB`` and ``dgate`` (the base weight is frozen).
     """
+    if op not in ("base", "lora", "mor_lora", "mor_linear", "mor_conv2d"):
+        raise ValueError(f"op must be base, lora, mor_lora, mor_linear or mor_conv2d, got {op!r}")
     e = torch.empty((), dtype=dtype).element_size()
     ranks = ranks_read if ranks is None else ranks
     lora = op != "base"
@@ -226,8 +229,6 @@ def min_bytes(
     route = routing_numel * 8 if op.startswith("mor") else 0  # int32 idx + float32 gate
     base_in = layer.y_numel if op == "mor_lora" else 0  # mor_lora reads ``base``
     fwd = e * (layer.x_numel + w + a_b + base_in + layer.y_numel) + route
-    if op not in ("base", "lora", "mor_lora", "mor_linear", "mor_conv2d"):
-        raise ValueError(f"op must be base, lora, mor_lora, mor_linear or mor_conv2d, got {op!r}")
     if not backward:
         return fwd
     x_read = layer.x_numel if lora else 0
