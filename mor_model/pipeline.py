@@ -144,7 +144,8 @@ class MoRSRPipeline:
     """One-step MoR super-resolution; build it with :meth:`from_pretrained`.
 
     Call it with ``images (B, 3, h, w)`` in ``[0, 1]`` (any float dtype, any device); it returns
-    ``(B, 3, round(scale h), round(scale w))`` float32 in ``[0, 1]`` on the pipeline's device.
+    ``(B, 3, round(scale h), round(scale w))`` float32 in ``[0, 1]`` on the pipeline's device (on the
+    CPU for tiled calls: only tiles visit the device, so device memory is bounded by the tile size).
     """
 
     def __init__(
@@ -363,7 +364,8 @@ class MoRSRPipeline:
             progress: called as ``progress(stage, done, total)`` after each tile of each stage.
 
         Returns:
-            ``(B, 3, H, W)`` float32 in ``[0, 1]``.
+            ``(B, 3, H, W)`` float32 in ``[0, 1]``, on the pipeline's device, or on the CPU when the
+            call was tiled (the full-resolution tensors then live in host memory).
         """
         from .tiling import tiled_apply
 
@@ -383,13 +385,18 @@ class MoRSRPipeline:
         out_h, out_w = round(h * scale), round(w * scale)
         if out_h < 1 or out_w < 1:
             raise ValueError(f"scale {scale} makes an empty output from a {h}x{w} input")
-        up = F.interpolate(lq, size=(out_h, out_w), mode="bicubic", align_corners=False).clamp(0, 1)
         ph, pw = _round_up(out_h, self.multiple), _round_up(out_w, self.multiple)
-        x = (
-            F.pad(up * 2 - 1, (0, pw - out_w, 0, ph - out_h), mode="replicate")
-            if (ph, pw) != (out_h, out_w)
-            else up * 2 - 1
-        )
+        lat_h, lat_w = ph // self.vae_scale_factor, pw // self.vae_scale_factor
+        if tile is None:
+            tile = self.auto_tile_size()
+        tiled = tile != 0 and (tile < lat_h or tile < lat_w)
+        # Tiled on an accelerator: the full-resolution images (upscaled input, output) stay in host
+        # memory and only tiles visit the device, so device memory is bounded by the tile size.
+        pixel_device = torch.device("cpu") if tiled else self.device
+        up = F.interpolate(lq.to(pixel_device), size=(out_h, out_w), mode="bicubic", align_corners=False).clamp(0, 1)
+        x = up * 2 - 1
+        if (ph, pw) != (out_h, out_w):
+            x = F.pad(x, (0, pw - out_w, 0, ph - out_h), mode="replicate")
 
         generator = None
         if sample_posterior:
@@ -399,22 +406,19 @@ class MoRSRPipeline:
         for m in self.routed_modules:
             set_degradation(m, scores)
         try:
-            if tile is None:
-                tile = self.auto_tile_size()
-            lat_h, lat_w = ph // self.vae_scale_factor, pw // self.vae_scale_factor
-            if tile == 0 or (tile >= lat_h and tile >= lat_w):
+            if not tiled:
                 z = self._encode(x, generator)
                 z0 = self._denoise(z, embeds)
                 out = self._decode(z0).float()
             else:
                 ov = self._tile_overlap(tile, tile_overlap)
-                f = self.vae_scale_factor
+                f, dev = self.vae_scale_factor, self.device
 
                 def report(stage):
                     return None if progress is None else (lambda done, total: progress(stage, done, total))
 
                 z = tiled_apply(
-                    lambda t: self._encode(t, generator).float(),
+                    lambda t: self._encode(t.to(dev), generator).float().to(pixel_device),
                     x,
                     tile_size=tile * f,
                     overlap=ov * f,
@@ -424,15 +428,15 @@ class MoRSRPipeline:
                 )
                 z0 = tiled_apply(
                     lambda t: self._denoise(t, embeds),
-                    z,
+                    z.to(dev),
                     tile_size=tile,
                     overlap=ov,
                     multiple=self.unet_factor,
                     progress=report("unet"),
                 )
                 out = tiled_apply(
-                    lambda t: self._decode(t).float(),
-                    z0,
+                    lambda t: self._decode(t.to(dev)).float().to(pixel_device),
+                    z0.to(pixel_device),
                     tile_size=tile,
                     overlap=ov,
                     scale=f,
