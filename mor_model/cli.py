@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mor-sr",
         description="One-step Mixture-of-Ranks super-resolution: upscale images, inspect routing, evaluate, train.",
-        epilog="Try it without weights: python -c \"from mor_model.testing import tiny_model; tiny_model('tiny')\" "
-        "then mor-sr upscale IMAGE -o out --model tiny",
+        epilog="Exit codes: 0 success, 1 some inputs failed (the rest was processed), 2 bad arguments or a model that "
+        'cannot be loaded. Try it without weights: python -c "from mor_model.testing import tiny_model; '
+        "tiny_model('tiny')\" then mor-sr upscale IMAGE -o out --model tiny",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -179,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
 # -- upscale --------------------------------------------------------------------------------------
 def _load_pipeline(args):
     from .pipeline import MoRSRPipeline
+
+    if getattr(args, "quiet", False):  # the CLI process owns these global switches
+        import diffusers
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()
 
     return MoRSRPipeline.from_pretrained(
         args.model,

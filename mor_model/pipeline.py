@@ -254,7 +254,9 @@ class MoRSRPipeline:
             estimator = _load_estimator(clip_path, device)
 
         for m in (unet, vae, text_encoder):
-            m.requires_grad_(False).eval().to(device=device, dtype=torch_dtype)
+            # nn.Module.to: diffusers' override warns about fp32-kept modules on every dtype cast, even
+            # when there are none (diffusers 0.42); these models have none
+            nn.Module.to(m.requires_grad_(False).eval(), device=device, dtype=torch_dtype)
         return cls(unet, vae, text_encoder, tokenizer, scheduler, estimator, device=device, dtype=torch_dtype)
 
     # -- pieces ----------------------------------------------------------------------------------
