@@ -1,9 +1,16 @@
 // Argument checks shared by the CPU and CUDA kernels; messages name the argument like the Python ones.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <string>
+
+// The kernel dtypes (float32, float16, bfloat16; float64 stays on the reference path).
+#define MOR_DISPATCH_KERNEL_TYPES(TYPE, NAME, ...)                               \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)       \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                \
+                             AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace mor {
 

@@ -1,5 +1,6 @@
 // CPU kernel for mor::conv_up (see csrc/registration.cpp): the gated 1x1 up-projection of the rank channels
-// of conv(x, [weight; lora_a]) added to its base channels, float32 accumulation.
+// of conv(x, [weight; lora_a]) added to its base channels, float64
+// accumulation (float32 storage).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,23 +21,23 @@ at::Tensor conv_up_cpu(const at::Tensor& out, const at::Tensor& lora_b, const at
   auto y = at::empty({s.batch, c_out, out.size(2), out.size(3)}, out.options());
   const UnitGates ug(idx, gate, num_shared, ranks, scaling);
   const float* bp = b32.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "mor_conv_up_cpu", [&] {
+  MOR_DISPATCH_KERNEL_TYPES(out.scalar_type(), "mor_conv_up_cpu", [&] {
     const scalar_t* op = oc.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, s.batch * c_out, 4, [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(pixels);
+      std::vector<double> acc(pixels);
       for (int64_t job = begin; job < end; ++job) {
         const int64_t b = job / c_out, o = job % c_out;
         const scalar_t* base = op + (b * channels + o) * pixels;
-        for (int64_t p = 0; p < pixels; ++p) acc[p] = static_cast<float>(base[p]);
+        for (int64_t p = 0; p < pixels; ++p) acc[p] = static_cast<double>(base[p]);
         for (int32_t a = 0; a < ug.count[b]; ++a) {
           const int64_t r = ug.rank[b * ranks + a];
-          const float c = ug.coef[b * ranks + a] * bp[o * ranks + r];
+          const double c = static_cast<double>(ug.coef[b * ranks + a]) * bp[o * ranks + r];
           const scalar_t* hr = op + (b * channels + c_out + r) * pixels;
           for (int64_t p = 0; p < pixels; ++p) acc[p] += c * static_cast<float>(hr[p]);
         }
         scalar_t* yr = yp + (b * c_out + o) * pixels;
-        for (int64_t p = 0; p < pixels; ++p) yr[p] = static_cast<scalar_t>(acc[p]);
+        for (int64_t p = 0; p < pixels; ++p) yr[p] = static_cast<scalar_t>(static_cast<float>(acc[p]));
       }
     });
   });

@@ -1,9 +1,10 @@
-// CPU kernels for mor::lora_fwd and mor::lora_bwd (see csrc/registration.cpp), float32 accumulation.
+// CPU kernels for mor::lora_fwd and mor::lora_bwd (see csrc/registration.cpp): float32 storage, float64
+// accumulation.
 //
 // Forward, one token per iteration: u = A x at the unit's active ranks only (so zero slots save work),
 // y = base + sum_a (scaling g_a u_a) B[:, r_a]. Backward: per token dyB = B^T dy at the active ranks, then
 // dx, dA = sum_n dh x^T and dB = sum_n dy hg^T, each parallel over its own output elements with the token sum
-// in a fixed order, so results do not depend on the thread count.
+// in a fixed order (double partial sums), so results do not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,10 +17,17 @@
 namespace mor {
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+// Dot product with 8 independent float64 partial sums. The CPU kernels are the exact twin of the GPU ones
+// and the reference for machines without a GPU, so they accumulate in float64 (stored as float32): their error
+// is one final rounding, never more than the reference path's own float32 error.
+inline double dot(const float* a, const float* b, int64_t n) {
+  double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) acc[j] += static_cast<double>(a[i + j]) * b[i + j];
+  }
+  for (; i < n; ++i) acc[i % 8] += static_cast<double>(a[i]) * b[i];
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
 // out (rows, cols) float = sum_n p[n, row] * q[n, col] over n in [0, n_total), p (n_total, rows),
@@ -35,14 +43,14 @@ at::Tensor sum_outer(const float* p, const float* q, int64_t n_total, int64_t ro
       const int64_t row = job / blocks;
       const int64_t c0 = (job % blocks) * kBlock;
       const int64_t c1 = std::min(cols, c0 + kBlock);
-      float acc[kBlock] = {0.f};
+      double acc[kBlock] = {0.0};  // long sums over tokens: double partials, rounded once
       for (int64_t n = 0; n < n_total; ++n) {
-        const float c = p[n * rows + row];
-        if (c == 0.f) continue;
+        const double c = p[n * rows + row];
+        if (c == 0.0) continue;
         const float* qn = q + n * cols;
         for (int64_t i = c0; i < c1; ++i) acc[i - c0] += c * qn[i];
       }
-      for (int64_t i = c0; i < c1; ++i) op[row * cols + i] = acc[i - c0];
+      for (int64_t i = c0; i < c1; ++i) op[row * cols + i] = static_cast<float>(acc[i - c0]);
     }
   });
   return out;
@@ -66,25 +74,26 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_cpu(const at::Tensor& x, const at::T
   const float* ap = a32.data_ptr<float>();
   const float* btp = bt32.data_ptr<float>();
   float* hp = h.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mor_lora_fwd_cpu", [&] {
+  MOR_DISPATCH_KERNEL_TYPES(x.scalar_type(), "mor_lora_fwd_cpu", [&] {
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     const scalar_t* bp = basec.defined() ? basec.data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, n_total, 16, [&](int64_t begin, int64_t end) {
-      std::vector<float> xr(d_in), acc(d_out);
+      std::vector<float> xr(d_in);
+      std::vector<double> acc(d_out);
       for (int64_t n = begin; n < end; ++n) {
         const int64_t unit = s.token_routing ? n : n / s.tokens;
         for (int64_t i = 0; i < d_in; ++i) xr[i] = static_cast<float>(xp[n * d_in + i]);
-        for (int64_t o = 0; o < d_out; ++o) acc[o] = bp ? static_cast<float>(bp[n * d_out + o]) : 0.f;
+        for (int64_t o = 0; o < d_out; ++o) acc[o] = bp ? static_cast<double>(bp[n * d_out + o]) : 0.0;
         for (int32_t a = 0; a < ug.count[unit]; ++a) {
           const int64_t r = ug.rank[unit * ranks + a];
-          const float u = dot(xr.data(), ap + r * d_in, d_in);
-          hp[n * ranks + r] = u;
-          const float c = ug.coef[unit * ranks + a] * u;
+          const double u = dot(xr.data(), ap + r * d_in, d_in);
+          hp[n * ranks + r] = static_cast<float>(u);
+          const double c = ug.coef[unit * ranks + a] * u;
           const float* bt = btp + r * d_out;
           for (int64_t o = 0; o < d_out; ++o) acc[o] += c * bt[o];
         }
-        for (int64_t o = 0; o < d_out; ++o) yp[n * d_out + o] = static_cast<scalar_t>(acc[o]);
+        for (int64_t o = 0; o < d_out; ++o) yp[n * d_out + o] = static_cast<scalar_t>(static_cast<float>(acc[o]));
       }
     });
   });
@@ -106,22 +115,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd_cpu(
   // Per token and rank (zero at inactive ranks): dh = scaling g dyB, hg = scaling g h, q = dyB h.
   auto dh = at::zeros({n_total, ranks}, f32);
   auto hg = at::zeros({n_total, ranks}, f32);
-  auto q = at::zeros({n_total, ranks}, f32);
+  auto q = at::zeros({n_total, ranks}, x.options().dtype(at::kDouble));
   const float* dyp = dy.data_ptr<float>();
   const float* btp = bt32.data_ptr<float>();
   const float* hp = hc.data_ptr<float>();
   float* dhp = dh.data_ptr<float>();
   float* hgp = hg.data_ptr<float>();
-  float* qp = q.data_ptr<float>();
+  double* qp = q.data_ptr<double>();
   at::parallel_for(0, n_total, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t unit = s.token_routing ? n : n / s.tokens;
       for (int32_t a = 0; a < ug.count[unit]; ++a) {
         const int64_t r = ug.rank[unit * ranks + a];
-        const float c = ug.coef[unit * ranks + a];
-        const float dyb = dot(dyp + n * d_out, btp + r * d_out, d_out);
-        dhp[n * ranks + r] = c * dyb;
-        hgp[n * ranks + r] = c * hp[n * ranks + r];
+        const double c = ug.coef[unit * ranks + a];
+        const double dyb = dot(dyp + n * d_out, btp + r * d_out, d_out);
+        dhp[n * ranks + r] = static_cast<float>(c * dyb);
+        hgp[n * ranks + r] = static_cast<float>(c * hp[n * ranks + r]);
         qp[n * ranks + r] = dyb * hp[n * ranks + r];
       }
     }
@@ -134,16 +143,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd_cpu(
     float* dxp = dx.data_ptr<float>();
     const float* ap = a32.data_ptr<float>();
     at::parallel_for(0, n_total, 16, [&](int64_t begin, int64_t end) {
+      std::vector<double> acc(d_in);
       for (int64_t n = begin; n < end; ++n) {
         const int64_t unit = s.token_routing ? n : n / s.tokens;
-        float* row = dxp + n * d_in;
-        for (int64_t i = 0; i < d_in; ++i) row[i] = 0.f;
+        std::fill(acc.begin(), acc.end(), 0.0);
         for (int32_t a = 0; a < ug.count[unit]; ++a) {
           const int64_t r = ug.rank[unit * ranks + a];
-          const float c = dhp[n * ranks + r];
+          const double c = dhp[n * ranks + r];
           const float* ar = ap + r * d_in;
-          for (int64_t i = 0; i < d_in; ++i) row[i] += c * ar[i];
+          for (int64_t i = 0; i < d_in; ++i) acc[i] += c * ar[i];
         }
+        for (int64_t i = 0; i < d_in; ++i) dxp[n * d_in + i] = static_cast<float>(acc[i]);
       }
     });
     grad_x = dx.to(x.scalar_type());
@@ -169,12 +179,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd_cpu(
       for (int64_t u = begin; u < end; ++u) {
         for (int64_t j = 0; j < k; ++j) {
           const int64_t slot = ip[u * k + j];
-          float acc = 0.f;
+          double acc = 0.0;
           if (slot >= 0 && slot < num_routed) {
             const int64_t r = num_shared + slot;
             for (int64_t t = 0; t < per_unit; ++t) acc += qp[(u * per_unit + t) * ranks + r];
           }
-          gp[u * k + j] = sc * acc;
+          gp[u * k + j] = sc * static_cast<float>(acc);
         }
       }
     });

@@ -28,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(const at::T
   int32_t* sp = slots.data_ptr<int32_t>();
   float* gp = gate.data_ptr<float>();
   float* pp = probs.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "mor_route_cpu", [&] {
+  MOR_DISPATCH_KERNEL_TYPES(logits.scalar_type(), "mor_route_cpu", [&] {
     const scalar_t* lp = lc.data_ptr<scalar_t>();
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       std::vector<uint8_t> taken(n);

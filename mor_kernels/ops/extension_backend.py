@@ -150,7 +150,6 @@ class _MoRLoRA(torch.autograd.Function):
         y, h = torch.ops.mor.lora_fwd(x, lora_a, lora_b, idx, gate, num_shared, scaling, base)
         ctx.num_shared, ctx.scaling = num_shared, scaling
         ctx.save_for_backward(x, lora_a, lora_b, idx, gate, h)
-        ctx.mark_non_differentiable(h)
         return y
 
     @staticmethod
@@ -179,9 +178,22 @@ def mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, *, base=None):
     return y
 
 
+def _dense_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the base GEMM / convolution: CPU half-precision GEMMs may accumulate in half precision
+    (their backward does), so on CPU they run in float32 and round once; CUDA accumulates in float32 anyway."""
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return x.dtype
+
+
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
 def mor_linear(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling):
     """Canonical ``mor_linear``: the base GEMM by ``F.linear``, the low-rank path added by ``mor::lora_fwd``."""
-    base = F.linear(x, weight, bias)
+    dt = _dense_dtype(x)
+    base = F.linear(x.to(dt), weight.to(dt), _cast(bias, dt)).to(x.dtype)
     return mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, base=base)
 
 
@@ -223,7 +235,8 @@ class _ConvUp(torch.autograd.Function):
 def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation):
     """Canonical ``mor_conv2d``: one convolution with ``[weight; lora_a]``, then ``mor::conv_up``."""
     ranks = lora_a.shape[0]
-    w = torch.cat([weight, lora_a], dim=0)
-    b = None if bias is None else torch.cat([bias, bias.new_zeros(ranks)])
-    out = F.conv2d(x, w, b, tuple(stride), tuple(padding), tuple(dilation))
+    dt = _dense_dtype(x)
+    w = torch.cat([weight, lora_a], dim=0).to(dt)
+    b = None if bias is None else torch.cat([bias, bias.new_zeros(ranks)]).to(dt)
+    out = F.conv2d(x.to(dt), w, b, tuple(stride), tuple(padding), tuple(dilation)).to(x.dtype)
     return _ConvUp.apply(out, lora_b, idx.to(torch.int32), _gate32(gate), int(num_shared), float(scaling))

@@ -1,0 +1,88 @@
+// CUDA kernel for mor::lora_fwd (see csrc/registration.cpp): the fused MoR low-rank path.
+//
+// One block per (tile of kTile tokens, sample), launched on the current stream. In one pass the block
+// projects its tokens onto the active ranks (U = x A_act^T, staged through shared memory in kChunk-wide
+// slices), writes U to h for the backward, scales U by the gates, and expands it through lora_b into
+// y = base + U B_act^T. Sample routing reads only the rows of lora_a / lora_b of active ranks, so zero slots
+// save both loads and FLOPs. SIMT float32 math (no tensor cores yet).
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "tile.cuh"
+
+namespace mor {
+namespace cuda {
+namespace {
+
+template <typename scalar_t, bool TOKEN>
+__global__ void __launch_bounds__(kThreads)
+    lora_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ lora_a,
+                    const scalar_t* __restrict__ lora_bt, const int32_t* __restrict__ idx,
+                    const float* __restrict__ gate, const scalar_t* __restrict__ base, scalar_t* __restrict__ y,
+                    float* __restrict__ h, int64_t tokens, int64_t d_in, int64_t d_out, int ranks, int num_shared,
+                    int k, float scaling) {
+  extern __shared__ float smem[];
+  __shared__ int n_act_s;
+  TileSmem sm(smem, ranks, TOKEN);
+  const int64_t b = blockIdx.y;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int valid = static_cast<int>(min(static_cast<int64_t>(kTile), tokens - t0));
+  const int64_t n0 = b * tokens + t0;
+  int n_act;
+  if (TOKEN) {
+    build_token_gates(idx, gate, n0, valid, k, num_shared, ranks, scaling, sm.rank, sm.gt);
+    n_act = ranks;
+  } else {
+    if (threadIdx.x == 0) build_active(idx + b * k, gate + b * k, k, num_shared, ranks, scaling, sm.rank, sm.coef, &n_act_s);
+    __syncthreads();
+    n_act = n_act_s;
+  }
+  project_tile(x, n0, valid, d_in, lora_a, sm.rank, n_act, sm.xs, sm.ws, sm.U);
+  for (int p = threadIdx.x; p < kTile * n_act; p += blockDim.x) {
+    const int t = p / n_act, a = p % n_act;
+    if (t < valid) h[(n0 + t) * ranks + sm.rank[a]] = sm.U[p];
+    sm.U[p] *= TOKEN ? sm.gt[t * ranks + a] : sm.coef[a];
+  }
+  __syncthreads();
+  expand_tile(sm.U, sm.rank, n_act, lora_bt, d_out, n0, valid, base, y);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                            const at::Tensor& idx, const at::Tensor& gate, int64_t num_shared,
+                                            double scaling, const std::optional<at::Tensor>& base) {
+  const auto s = check_lora_args("mor::lora_fwd", x, lora_a, lora_b, idx, gate, num_shared, base);
+  check_cuda_limits("mor::lora_fwd", s.batch, s.ranks);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto xc = x.contiguous();
+  auto ac = lora_a.contiguous();
+  auto btc = lora_b.t().contiguous();  // (R, d_out): coalesced rows for the expansion
+  auto idx_c = idx.contiguous();
+  auto gate_c = gate.contiguous();
+  at::Tensor basec = base.has_value() ? base->contiguous() : at::Tensor();
+  auto y = at::empty({s.batch, s.tokens, s.d_out}, x.options());
+  auto h = at::zeros({s.batch, s.tokens, s.ranks}, x.options().dtype(at::kFloat));
+  if (s.batch * s.tokens == 0) return {y, h};
+  const dim3 grid(static_cast<unsigned>((s.tokens + kTile - 1) / kTile), static_cast<unsigned>(s.batch));
+  const size_t smem = tile_smem_bytes(s.ranks, s.token_routing);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  MOR_DISPATCH_KERNEL_TYPES(x.scalar_type(), "mor_lora_fwd_cuda", [&] {
+    auto kernel = s.token_routing ? lora_fwd_kernel<scalar_t, true> : lora_fwd_kernel<scalar_t, false>;
+    allow_smem(kernel, smem);
+    kernel<<<grid, kThreads, smem, stream>>>(
+        xc.data_ptr<scalar_t>(), ac.data_ptr<scalar_t>(), btc.data_ptr<scalar_t>(), idx_c.data_ptr<int32_t>(),
+        gate_c.data_ptr<float>(), basec.defined() ? basec.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
+        h.data_ptr<float>(), s.tokens, s.d_in, s.d_out, static_cast<int>(s.ranks), static_cast<int>(num_shared),
+        static_cast<int>(s.top_k), static_cast<float>(scaling));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {y, h};
+}
+
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(mor, CUDA, m) { m.impl("lora_fwd", &cuda::lora_fwd); }
+
+}  // namespace mor

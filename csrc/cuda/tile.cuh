@@ -1,0 +1,157 @@
+// Device helpers shared by the MoR CUDA kernels: per-block routing tables and the two SIMT tile loops
+// (down-projection onto the active ranks, expansion back to a wide output). float32 accumulation.
+//
+// A block owns kTile consecutive tokens of one sample. With sample routing the block first gathers the
+// sample's active ranks (shared, then the routed ranks picked by a slot; zero slots and out-of-range indices
+// add nothing), so only those rows of lora_a / lora_b are ever read. With token routing every rank is
+// listed and a (kTile, R) table holds each token's scaled dense gate.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAException.h>
+
+namespace mor {
+namespace cuda {
+
+constexpr int kThreads = 256;  // threads per block of the tile kernels
+constexpr int kTile = 32;      // tokens per block
+constexpr int kChunk = 32;     // reduction chunk staged in shared memory
+constexpr int kPad = kChunk + 1;
+constexpr int64_t kMaxRanks = 256;
+
+// Sample routing: the unit's active ranks into rank[0..count) with coef = scaling * g (a rank picked by two
+// slots gets both gates). One thread builds it (R and k are small); the caller syncs.
+__device__ inline void build_active(const int32_t* __restrict__ idx_row, const float* __restrict__ gate_row, int k,
+                                    int num_shared, int ranks, float scaling, int* rank, float* coef, int* count) {
+  int n = 0;
+  for (int r = 0; r < num_shared; ++r) {
+    rank[n] = r;
+    coef[n++] = scaling;
+  }
+  const int num_routed = ranks - num_shared;
+  for (int j = 0; j < k; ++j) {
+    const int slot = idx_row[j];
+    if (slot < 0 || slot >= num_routed) continue;  // zero slot, or an index outside [0, E): ignored
+    const int r = num_shared + slot;
+    int a = num_shared;
+    while (a < n && rank[a] != r) ++a;
+    if (a == n) {
+      rank[n] = r;
+      coef[n++] = 0.f;
+    }
+    coef[a] += scaling * gate_row[j];
+  }
+  *count = n;
+}
+
+// Token routing: rank[a] = a for all ranks and gt[t * R + r] = scaling * g_r of token n0 + t.
+__device__ inline void build_token_gates(const int32_t* __restrict__ idx, const float* __restrict__ gate, int64_t n0,
+                                         int valid, int k, int num_shared, int ranks, float scaling, int* rank,
+                                         float* gt) {
+  for (int r = threadIdx.x; r < ranks; r += blockDim.x) rank[r] = r;
+  for (int e = threadIdx.x; e < kTile * ranks; e += blockDim.x) {
+    gt[e] = (e % ranks) < num_shared && (e / ranks) < valid ? scaling : 0.f;
+  }
+  __syncthreads();
+  const int num_routed = ranks - num_shared;
+  for (int t = threadIdx.x; t < valid; t += blockDim.x) {  // one thread per token row: no races
+    for (int j = 0; j < k; ++j) {
+      const int64_t e = (n0 + t) * k + j;
+      const int slot = idx[e];
+      if (slot >= 0 && slot < num_routed) gt[t * ranks + num_shared + slot] += scaling * gate[e];
+    }
+  }
+  __syncthreads();
+}
+
+// U[t * n_act + a] = sum_i src[(n0 + t) * dim + i] * w[rank[a] * dim + i] for t < valid (0 for the other rows).
+// xs: kTile * kPad floats, ws: n_act * kPad floats of shared memory. Ends with a barrier.
+template <typename TS, typename TW>
+__device__ void project_tile(const TS* __restrict__ src, int64_t n0, int valid, int64_t dim, const TW* __restrict__ w,
+                             const int* rank, int n_act, float* xs, float* ws, float* U) {
+  const int total = kTile * n_act;
+  for (int p = threadIdx.x; p < total; p += blockDim.x) U[p] = 0.f;
+  for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {
+    __syncthreads();  // the previous chunk has been consumed
+    for (int e = threadIdx.x; e < kTile * kChunk; e += blockDim.x) {
+      const int t = e / kChunk, kk = e % kChunk;
+      xs[t * kPad + kk] = (t < valid && k0 + kk < dim) ? static_cast<float>(src[(n0 + t) * dim + k0 + kk]) : 0.f;
+    }
+    for (int e = threadIdx.x; e < n_act * kChunk; e += blockDim.x) {
+      const int a = e / kChunk, kk = e % kChunk;
+      ws[a * kPad + kk] = k0 + kk < dim ? static_cast<float>(w[static_cast<int64_t>(rank[a]) * dim + k0 + kk]) : 0.f;
+    }
+    __syncthreads();
+    for (int p = threadIdx.x; p < total; p += blockDim.x) {
+      const float* xr = xs + (p / n_act) * kPad;
+      const float* wr = ws + (p % n_act) * kPad;
+      float s = U[p];
+#pragma unroll 8
+      for (int kk = 0; kk < kChunk; ++kk) s += xr[kk] * wr[kk];
+      U[p] = s;
+    }
+  }
+  __syncthreads();
+}
+
+// out[(n0 + t) * dim + c] = base[...] (or 0) + sum_a C[t * n_act + a] * w[rank[a] * dim + c], t < valid.
+// One thread per output column, kTile accumulators in registers.
+template <typename TO, typename TW>
+__device__ void expand_tile(const float* C, const int* rank, int n_act, const TW* __restrict__ w, int64_t dim,
+                            int64_t n0, int valid, const TO* __restrict__ base, TO* __restrict__ out) {
+  for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) {
+    float acc[kTile];
+#pragma unroll
+    for (int t = 0; t < kTile; ++t) acc[t] = (base != nullptr && t < valid) ? static_cast<float>(base[(n0 + t) * dim + c]) : 0.f;
+    for (int a = 0; a < n_act; ++a) {
+      const float wv = static_cast<float>(w[static_cast<int64_t>(rank[a]) * dim + c]);
+#pragma unroll
+      for (int t = 0; t < kTile; ++t) acc[t] += C[t * n_act + a] * wv;
+    }
+#pragma unroll
+    for (int t = 0; t < kTile; ++t) {
+      if (t < valid) out[(n0 + t) * dim + c] = static_cast<TO>(acc[t]);
+    }
+  }
+}
+
+// Shared memory of the tile kernels: rank list, coefficients / token gate table, x and w chunks, U.
+inline size_t tile_smem_bytes(int64_t ranks, bool token_routing) {
+  const int64_t floats = ranks /*rank*/ + ranks /*coef*/ + (token_routing ? kTile * ranks : 0) + kTile * kPad +
+                         ranks * kPad + kTile * ranks;
+  return static_cast<size_t>(floats) * sizeof(float);
+}
+
+template <typename Kernel>
+inline void allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+// Carves the dynamic shared memory of a tile kernel (layout of tile_smem_bytes).
+struct TileSmem {
+  int* rank;
+  float* coef;
+  float* gt;
+  float* xs;
+  float* ws;
+  float* U;
+  __device__ TileSmem(float* smem, int ranks, bool token_routing) {
+    rank = reinterpret_cast<int*>(smem);
+    coef = smem + ranks;
+    gt = coef + ranks;
+    xs = gt + (token_routing ? kTile * ranks : 0);
+    ws = xs + kTile * kPad;
+    U = ws + ranks * kPad;
+  }
+};
+
+inline void check_cuda_limits(const char* op, int64_t batch, int64_t ranks) {
+  TORCH_CHECK(ranks <= kMaxRanks, op, ": the CUDA kernels support up to ", kMaxRanks, " ranks, got R = ", ranks);
+  TORCH_CHECK(batch <= 65535, op, ": the CUDA kernels support a batch of up to 65535, got ", batch);
+}
+
+}  // namespace cuda
+}  // namespace mor

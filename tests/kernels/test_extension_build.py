@@ -1,0 +1,74 @@
+"""The compiled extension mor_kernels._C: it loads, its kernels are registered, the backend explains itself.
+
+With ``MOR_REQUIRE_CUDA_BUILD=1`` (set by ``.ci/run``) a build without the CUDA kernels fails here, so a CUDA
+compile problem cannot hide behind a CPU-only build.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mor_kernels import _extension, dispatch
+
+OPS = ("dense_gate", "route", "lora_fwd", "lora_bwd", "conv_up")
+REQUIRE_CUDA = os.environ.get("MOR_REQUIRE_CUDA_BUILD", "0") not in ("", "0")
+
+_C, WHY = _extension.load()
+needs_extension = pytest.mark.skipif(_C is None and not REQUIRE_CUDA, reason=f"the extension is not built here ({WHY})")
+
+
+def test_extension_loads_when_required():
+    if not REQUIRE_CUDA:
+        pytest.skip("MOR_REQUIRE_CUDA_BUILD is not set (only CI demands the CUDA build)")
+    assert _C is not None, WHY
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_kernels_registered_when_required(op):
+    if not REQUIRE_CUDA:
+        pytest.skip("MOR_REQUIRE_CUDA_BUILD is not set (only CI demands the CUDA build)")
+    assert _C is not None, WHY
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mor::{op}", "CUDA"), (
+        f"mor::{op} has no CUDA kernel: mor_kernels._C was built without its CUDA sources"
+    )
+
+
+@needs_extension
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_kernels_registered(op):
+    assert _C is not None, WHY
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mor::{op}", "CPU")
+    assert _extension.has_kernel(op, "CPU")
+
+
+@needs_extension
+def test_cpp_backend_is_auto_on_cpu():
+    dispatch.clear_cache()
+    for op in dispatch.OPS:
+        assert dispatch.resolve(op, "auto", torch.device("cpu"), torch.float32).backend == "cpp"
+        assert "cpp" in dispatch.available_backends("cpu", op)
+
+
+@needs_extension
+def test_unavailable_reasons():
+    from mor_kernels.ops import extension_backend as eb
+
+    assert eb.unavailable_reason("mor_lora", torch.device("cpu"), torch.float32) is None
+    assert eb.unavailable_reason("mor_conv2d", torch.device("cpu"), torch.bfloat16) is None
+    why = eb.unavailable_reason("mor_linear", torch.device("cpu"), torch.float64)
+    assert why is not None and "float64 unsupported" in why
+    why = eb.unavailable_reason("route", torch.device("meta"), torch.float32)
+    assert why is not None and "meta" in why
+    dispatch.clear_cache()
+    # float64 on CPU falls back to the reference, and says why
+    choice = dispatch.resolve("mor_lora", "auto", torch.device("cpu"), torch.float64)
+    assert choice.backend == "reference"
+    assert any(name == "cpp" and "float64" in why for name, why in choice.skipped)
+    with pytest.raises(dispatch.BackendUnavailableError, match="float64 unsupported"):
+        dispatch.resolve("mor_lora", "cpp", torch.device("cpu"), torch.float64)
+    if not _extension.has_kernel("lora_fwd", "CUDA"):
+        why = eb.unavailable_reason("mor_lora", torch.device("cuda"), torch.float32)
+        assert why is not None and "CUDA kernels not compiled in" in why

@@ -1,0 +1,239 @@
+"""The raw ``torch.ops.mor.*`` C++ ops: clear errors on bad input (never a crash or an out-of-bounds read),
+``torch.library.opcheck`` (schema, fake implementation, dispatch) and a ``torch.compile`` smoke test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mor_kernels import _extension
+from mor_kernels.ops import extension_backend  # noqa: F401  (registers the fake implementations)
+from mor_kernels.testing import random_case
+
+_C, WHY = _extension.load()
+pytestmark = pytest.mark.skipif(_C is None, reason=f"the compiled extension is not built here ({WHY})")
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels need a CUDA device"),
+        ],
+    ),
+]
+
+
+def _lora_args(device="cpu", routing="sample", dtype=torch.float32):
+    c = random_case(routing=routing, seed=2).to(dtype, device=device)
+    return c, [c.x, c.lora_a, c.lora_b, c.idx, c.gate, c.num_shared, c.scaling, None]
+
+
+def _bwd_args(device="cpu", routing="sample"):
+    c, args = _lora_args(device, routing)
+    y, h = torch.ops.mor.lora_fwd(*args)
+    return [torch.randn_like(y), c.x, c.lora_a, c.lora_b, c.idx, c.gate, h, c.num_shared, c.scaling, [True] * 4]
+
+
+def _conv_out(c):
+    w = torch.cat([c.weight, c.lora_a])
+    return torch.nn.functional.conv2d(c.x, w, padding=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad inputs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_fwd_bad_inputs(device):
+    c, args = _lora_args(device)
+    op = torch.ops.mor.lora_fwd
+
+    def call(**changes):
+        a = list(args)
+        names = ["x", "lora_a", "lora_b", "idx", "gate", "num_shared", "scaling", "base"]
+        for k, v in changes.items():
+            a[names.index(k)] = v
+        return op(*a)
+
+    with pytest.raises(RuntimeError, match=r"x must have shape \(B, T, d_in\)"):
+        call(x=c.x[0])
+    with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
+        call(x=c.x.double(), lora_a=c.lora_a.double(), lora_b=c.lora_b.double())
+    with pytest.raises(RuntimeError, match=r"lora_a must have shape \(R, 41\)"):
+        call(lora_a=c.lora_a[:, :5])
+    with pytest.raises(RuntimeError, match=r"lora_b must have shape \(d_out, 8\)"):
+        call(lora_b=c.lora_b[:, :3])
+    with pytest.raises(RuntimeError, match="must have the dtype of x"):
+        call(lora_a=c.lora_a.half())
+    with pytest.raises(RuntimeError, match="idx must be int32"):
+        call(idx=c.idx.long())
+    with pytest.raises(RuntimeError, match="gate must be float32"):
+        call(gate=c.gate.half())
+    with pytest.raises(RuntimeError, match="gate must have the shape of idx"):
+        call(gate=c.gate[:, :1])
+    with pytest.raises(RuntimeError, match=r"idx must have shape \(2, k\) for sample routing or \(2, 17, k\)"):
+        call(idx=c.idx[:1], gate=c.gate[:1])
+    with pytest.raises(RuntimeError, match=r"num_shared must be in \[0, 8\]"):
+        call(num_shared=9)
+    with pytest.raises(RuntimeError, match=r"base must have shape \(2, 17, 33\)"):
+        call(base=torch.zeros(2, 17, 32, device=device))
+    with pytest.raises(RuntimeError, match="at least one slot"):
+        call(idx=c.idx[:, :0], gate=c.gate[:, :0])
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="all tensors must share a device"):
+            call(lora_a=c.lora_a.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_out_of_range_indices_are_zero_slots(device, routing):
+    """idx values outside [-1, E) never read out of bounds: the kernels treat them as zero slots."""
+    c, args = _lora_args(device, routing)
+    bad = c.idx.clone()
+    flat = bad.view(-1)
+    flat[0], flat[1] = 10_000, -(2**31)
+    if flat.numel() > 2:
+        flat[2] = 6  # E = 6: one past the last routed rank
+    cleaned = torch.where((bad >= 0) & (bad < 6), bad, torch.full_like(bad, -1))
+    y_bad, h_bad = torch.ops.mor.lora_fwd(c.x, c.lora_a, c.lora_b, bad, *args[4:])
+    y_ok, h_ok = torch.ops.mor.lora_fwd(c.x, c.lora_a, c.lora_b, cleaned, *args[4:])
+    assert torch.equal(y_bad, y_ok)
+    dy = torch.randn_like(y_ok)
+    g_bad = torch.ops.mor.lora_bwd(dy, c.x, c.lora_a, c.lora_b, bad, c.gate, h_bad, c.num_shared, c.scaling, [True] * 4)
+    g_ok = torch.ops.mor.lora_bwd(
+        dy, c.x, c.lora_a, c.lora_b, cleaned, c.gate, h_ok, c.num_shared, c.scaling, [True] * 4
+    )
+    for a, b in zip(g_bad, g_ok, strict=True):
+        assert torch.equal(a, b)
+    if routing == "sample":
+        cc = random_case(kernel_size=3, d_in=3, d_out=4, seed=4).to(device=device)
+        out = _conv_out(cc)
+        bad = cc.idx.clone()
+        bad[0, 0] = 99
+        cleaned = torch.where((bad >= 0) & (bad < 6), bad, torch.full_like(bad, -1))
+        assert torch.equal(
+            torch.ops.mor.conv_up(out, cc.lora_b, bad, cc.gate, cc.num_shared, cc.scaling),
+            torch.ops.mor.conv_up(out, cc.lora_b, cleaned, cc.gate, cc.num_shared, cc.scaling),
+        )
+        d = torch.ops.mor.dense_gate(bad, cc.gate, cc.num_shared, 8)
+        assert torch.isfinite(d).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_bwd_bad_inputs(device):
+    args = _bwd_args(device)
+    op = torch.ops.mor.lora_bwd
+    with pytest.raises(RuntimeError, match=r"grad_y must have shape \(2, 17, 33\)"):
+        op(args[0][:, :3], *args[1:])
+    with pytest.raises(RuntimeError, match=r"h \(the rank activations saved by mor::lora_fwd\) must have shape"):
+        op(*args[:6], args[6][..., :2], *args[7:])
+    with pytest.raises(RuntimeError, match="h must be float32"):
+        op(*args[:6], args[6].half(), *args[7:])
+    with pytest.raises(RuntimeError, match="grad_y has dtype"):
+        op(args[0].half(), *args[1:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_route_bad_inputs(device):
+    op = torch.ops.mor.route
+    logits = torch.randn(3, 6, device=device)
+    with pytest.raises(RuntimeError, match=r"top_k must be in \[1, 6\], got 0"):
+        op(logits, 0, 2, True)
+    with pytest.raises(RuntimeError, match=r"top_k must be in \[1, 6\], got 7"):
+        op(logits, 7, 2, True)
+    with pytest.raises(RuntimeError, match=r"num_zero must be in \[0, 5\], got 6"):
+        op(logits, 2, 6, True)
+    with pytest.raises(RuntimeError, match="logits must be float32, float16 or bfloat16"):
+        op(logits.double(), 2, 2, True)
+    with pytest.raises(RuntimeError, match="at least one slot"):
+        op(logits[:, :0], 1, 0, True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_route_non_finite_logits_stay_in_range(device):
+    logits = torch.tensor([[float("nan")] * 5, [float("inf"), 0, 1, float("inf"), 2]], device=device)
+    idx, gate, probs, slots = torch.ops.mor.route(logits, 3, 1, True)
+    assert ((idx >= -1) & (idx < 4)).all()
+    assert ((slots >= 0) & (slots < 5)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_up_bad_inputs(device):
+    c = random_case(kernel_size=3, d_in=3, d_out=4, seed=4).to(device=device)
+    out = _conv_out(c)
+    op = torch.ops.mor.conv_up
+    with pytest.raises(RuntimeError, match=r"lora_b must have shape \(C_out, R\) with C_out \+ R = 12"):
+        op(out, c.lora_b[:, :3], c.idx, c.gate, c.num_shared, c.scaling)
+    with pytest.raises(RuntimeError, match=r"out must have shape \(B, C_out \+ R, H, W\)"):
+        op(out[0], c.lora_b, c.idx, c.gate, c.num_shared, c.scaling)
+    with pytest.raises(RuntimeError, match=r"idx must have shape \(2, k\) for sample routing, got"):
+        op(out, c.lora_b, c.idx[None], c.gate[None], c.num_shared, c.scaling)
+
+
+# ------------------------------------------------------------------------------------------------
+# opcheck and torch.compile
+
+
+def _opcheck_cases(device):
+    c, args = _lora_args(device)
+    ct, args_t = _lora_args(device, "token", torch.float16)
+    base = torch.randn(2, 17, 33, device=device)
+    conv = random_case(kernel_size=3, d_in=3, d_out=4, seed=4).to(device=device)
+    return {
+        "dense_gate": (torch.ops.mor.dense_gate.default, (c.idx, c.gate, c.num_shared, 8)),
+        "route": (torch.ops.mor.route.default, (torch.randn(4, 3, 9, device=device), 3, 2, True)),
+        "lora_fwd": (torch.ops.mor.lora_fwd.default, tuple(args)),
+        "lora_fwd_base": (torch.ops.mor.lora_fwd.default, tuple(args[:-1]) + (base,)),
+        "lora_fwd_token_fp16": (torch.ops.mor.lora_fwd.default, tuple(args_t)),
+        "lora_bwd": (torch.ops.mor.lora_bwd.default, tuple(_bwd_args(device))),
+        "lora_bwd_masked": (
+            torch.ops.mor.lora_bwd.default,
+            tuple(_bwd_args(device, "token")[:-1]) + ([True, False, True, False],),
+        ),
+        "conv_up": (torch.ops.mor.conv_up.default, (_conv_out(conv), conv.lora_b, conv.idx, conv.gate, 2, 0.5)),
+    }
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "name",
+    [
+        "dense_gate",
+        "route",
+        "lora_fwd",
+        "lora_fwd_base",
+        "lora_fwd_token_fp16",
+        "lora_bwd",
+        "lora_bwd_masked",
+        "conv_up",
+    ],
+)
+def test_opcheck(name, device):
+    op, args = _opcheck_cases(device)[name]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(device):
+    """The backend's functions trace without graph breaks (fake implementations + autograd.Function)."""
+    from mor_kernels.ops import extension_backend as eb
+
+    torch._dynamo.reset()
+    c = random_case(routing="token", seed=9).to(torch.float32, device=device, requires_grad=True)
+    logits = torch.randn(2, 17, 8, device=device)
+
+    def f(x, w, b, a, bb, logits):
+        idx, gate, probs = eb.route(logits, 3, 2, True)
+        y = eb.mor_linear(x, w, b, a, bb, idx, gate, 2, 0.75)
+        return y, probs
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    y, probs = compiled(c.x, c.weight, c.bias, c.lora_a, c.lora_b, logits)
+    y_eager, probs_eager = f(c.x, c.weight, c.bias, c.lora_a, c.lora_b, logits)
+    torch.testing.assert_close(y, y_eager)
+    torch.testing.assert_close(probs, probs_eager)
+    y.sum().backward()
+    assert c.x.grad is not None and c.lora_a.grad is not None and c.weight.grad is not None
