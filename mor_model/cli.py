@@ -327,7 +327,7 @@ def _route_stats(args) -> int:
     except (FileNotFoundError, ValueError, TypeError, OSError) as e:
         _err(f"cannot load the model: {e}")
         return EXIT_USAGE
-    if not pipe.routed_modules:
+    if not (mor_layers(pipe.unet) or mor_layers(pipe.vae)):
         _err("this model has no MoR layers (no adapter loaded): nothing to report")
         return EXIT_USAGE
     parts = [("unet", pipe.unet), ("vae", pipe.vae)]

@@ -136,6 +136,11 @@ def _load_estimator(clip, device: torch.device):
     raise FileNotFoundError(f"CLIP model {clip} does not exist (expected a directory or a checkpoint file)")
 
 
+def _needs_scores(module: nn.Module) -> bool:
+    """True when a MoR layer under ``module`` routes on the degradation vector."""
+    return any(layer.config.uses_degradation for layer in mor_layers(module).values())
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -169,7 +174,7 @@ class MoRSRPipeline:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.unet_factor = 2 ** (len(unet.config.block_out_channels) - 1)
         self.multiple = self.vae_scale_factor * self.unet_factor  # pixel padding multiple
-        self.routed_modules = [m for m in (unet, vae) if mor_layers(m)]
+        self.routed_modules = [m for m in (unet, vae) if _needs_scores(m)]
         if self.routed_modules and estimator is None:
             raise ValueError("the model has MoR adapters routed on degradation scores: an estimator (clip) is needed")
         if estimator is not None:
@@ -249,7 +254,7 @@ class MoRSRPipeline:
                 fold_shared_ranks(m)
 
         estimator = None
-        if mor_layers(unet) or mor_layers(vae):
+        if _needs_scores(unet) or _needs_scores(vae):
             clip_path = clip if clip is not None else model_dir / CLIP_DIR
             estimator = _load_estimator(clip_path, device)
 
