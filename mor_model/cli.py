@@ -263,12 +263,15 @@ def _upscale(args) -> int:
         bar = tqdm(total=len(todo), unit="img", disable=args.quiet, desc="upscale", file=sys.stderr)
         batch: list = []
 
+        def tiles(stage, done, total):  # large images: tile progress of the current batch
+            bar.set_postfix_str(f"{stage} tile {done}/{total}", refresh=False)
+
         def flush():
             nonlocal failures, written
             if not batch:
                 return
             try:
-                out = pipe(torch.stack([img for _, img in batch]), **_run_kwargs(args))
+                out = pipe(torch.stack([img for _, img in batch]), progress=tiles, **_run_kwargs(args))
             except (RuntimeError, ValueError, MemoryError) as e:
                 for plan, _ in batch:
                     _err(f"failed on {plan.input}: {type(e).__name__}: {e}")
