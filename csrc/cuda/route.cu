@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kRouteThreads)
   for (int off = 16; off; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, off));
   float sum = 0.f;
   for (int i = lane; i < n; i += 32) {
-    const float e = __expf(static_cast<float>(l[i]) - mx);
+    const float e = expf(static_cast<float>(l[i]) - mx);  // accurate exp, as the reference
     p[i] = e;
     sum += e;
   }

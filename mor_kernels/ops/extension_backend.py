@@ -215,10 +215,12 @@ class _ConvUp(torch.autograd.Function):
         need = ctx.needs_input_grad
         c_out, ranks = lora_b.shape
         s = ctx.num_shared
-        g = torch.ops.mor.dense_gate(idx, gate, s, ranks) * ctx.scaling  # (B, R) float32
-        dy = grad_y.float()
-        h = out[:, c_out:].float()  # (B, R, H, W), ungated rank activations
-        dyb = torch.einsum("bohw,or->brhw", dy, lora_b.float())
+        # float32 sums on CUDA; float64 on CPU, like the C++ CPU kernels
+        acc = torch.float64 if out.device.type == "cpu" else torch.float32
+        g = (torch.ops.mor.dense_gate(idx, gate, s, ranks) * ctx.scaling).to(acc)  # (B, R)
+        dy = grad_y.to(acc)
+        h = out[:, c_out:].to(acc)  # (B, R, H, W), ungated rank activations
+        dyb = torch.einsum("bohw,or->brhw", dy, lora_b.to(acc))
         grad_out = grad_b = grad_gate = None
         if need[0]:
             grad_out = torch.cat([grad_y.to(out.dtype), (dyb * g[:, :, None, None]).to(out.dtype)], dim=1)
@@ -228,15 +230,16 @@ class _ConvUp(torch.autograd.Function):
             q = (dyb * h).sum((2, 3))  # (B, R)
             valid = (idx >= 0) & (idx < ranks - s)
             rank = torch.where(valid, idx.long() + s, torch.zeros_like(idx, dtype=torch.long))
-            grad_gate = torch.where(valid, q.gather(1, rank) * ctx.scaling, torch.zeros_like(gate))
+            grad_gate = torch.where(valid, (q.gather(1, rank) * ctx.scaling).float(), torch.zeros_like(gate))
         return grad_out, grad_b, None, grad_gate, None, None
 
 
 def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation):
     """Canonical ``mor_conv2d``: one convolution with ``[weight; lora_a]``, then ``mor::conv_up``."""
     ranks = lora_a.shape[0]
-    dt = _dense_dtype(x)
+    dt = _dense_dtype(x)  # on CPU half precision: the rank channels stay float32 too, rounded once at the end
     w = torch.cat([weight, lora_a], dim=0).to(dt)
     b = None if bias is None else torch.cat([bias, bias.new_zeros(ranks)]).to(dt)
-    out = F.conv2d(x.to(dt), w, b, tuple(stride), tuple(padding), tuple(dilation)).to(x.dtype)
-    return _ConvUp.apply(out, lora_b, idx.to(torch.int32), _gate32(gate), int(num_shared), float(scaling))
+    out = F.conv2d(x.to(dt), w, b, tuple(stride), tuple(padding), tuple(dilation))
+    y = _ConvUp.apply(out, lora_b.to(dt), idx.to(torch.int32), _gate32(gate), int(num_shared), float(scaling))
+    return y.to(x.dtype)
