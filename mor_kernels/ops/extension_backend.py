@@ -241,5 +241,6 @@ def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, 
     w = torch.cat([weight, lora_a], dim=0).to(dt)
     b = None if bias is None else torch.cat([bias, bias.new_zeros(ranks)]).to(dt)
     out = F.conv2d(x.to(dt), w, b, tuple(stride), tuple(padding), tuple(dilation))
-    y = _ConvUp.apply(out, lora_b.to(dt), idx.to(torch.int32), _gate32(gate), int(num_shared), float(scaling))
+    # out.dtype, not dt: under autocast the convolution returns the autocast dtype
+    y = _ConvUp.apply(out, lora_b.to(out.dtype), idx.to(torch.int32), _gate32(gate), int(num_shared), float(scaling))
     return y.to(x.dtype)
