@@ -249,3 +249,38 @@ def test_runs_under_autocast(op, device):
     assert y.dtype == torch.float32
     assert_parity(y, y64, dtype=low, name=f"{op} under autocast")
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in c.tensors().values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_rank_picked_twice_sums_the_gates(routing, device):
+    """Hand-made idx that picks a routed rank twice: the rank's gate is the sum of both (dense_gate semantics)."""
+    c = random_case(routing=routing, seed=19, num_zero=0, top_k=3)
+    c.idx[..., 1] = c.idx[..., 0]
+    _check("lora", c, torch.float32, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_channels_last(device):
+    c = random_case(kernel_size=3, conv={"padding": (1, 1)}, d_in=6, d_out=5, seed=23)
+    t = c.to(torch.float32, device=device, requires_grad=True)
+    x = t.x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    y = mor_kernels.mor_conv2d(
+        x,
+        t.weight,
+        t.bias,
+        t.lora_a,
+        t.lora_b,
+        t.idx,
+        t.gate,
+        t.num_shared,
+        t.scaling,
+        padding=1,
+        backend=BACKEND[device],
+    )
+    y.backward(torch.ones_like(y))
+    r = c.to(torch.float64, requires_grad=True)
+    y64 = ref.mor_conv2d(r.x, r.weight, r.bias, r.lora_a, r.lora_b, r.idx, r.gate, r.num_shared, r.scaling, padding=1)
+    y64.backward(torch.ones_like(y64))
+    assert_parity(y, y64, dtype=torch.float32)
+    assert_parity(x.grad, r.x.grad, dtype=torch.float32, name="dx")
