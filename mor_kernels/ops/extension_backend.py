@@ -13,8 +13,13 @@ The C++ ops (schemas in ``csrc/registration.cpp``; CPU kernels in ``csrc/cpu``, 
   (``[weight; lora_a]``, so cuDNN/oneDNN does the implicit GEMM with ``K = C_in kh kw`` once), then
   ``mor::conv_up`` applies gate, 1x1 up-projection and the add in one pass; its backward is torch ops.
 
-Fake (meta) implementations for every ``mor::`` C++ op are registered when the extension loads, so the
-ops trace under ``torch.compile``. Importing this module never fails for want of the extension:
+Precision: the CUDA kernels accumulate in float32 (SIMT tiles, no tensor cores yet); the C++ CPU kernels
+store float32 and accumulate in float64, and on CPU the half-precision base GEMM / convolution run in float32
+(CPU half-precision GEMMs may accumulate in half precision), so the CPU twin is at least as accurate as the
+reference path. Outputs are rounded once to ``x.dtype``.
+
+Fake (meta) implementations for every ``mor::`` C++ op are registered when this module is imported (the
+dispatcher imports it for ``backend="cuda"``/``"cpp"``), so the ops trace under ``torch.compile``. Importing this module never fails for want of the extension:
 :func:`unavailable_reason` says why it cannot run instead.
 """
 
