@@ -2,10 +2,12 @@
 // over the output of conv(x, [weight; lora_a]). One block per (tile of kPixels pixels, sample); the active
 // rank channels of the tile are staged in shared memory, each thread owns one pixel and walks the output
 // channels (coalesced loads and stores along the pixels).
+#ifndef MOR_EMULATE_CUDA
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "../checks.h"
+#endif
 #include "tile.cuh"
 
 namespace mor {
@@ -19,7 +21,7 @@ __global__ void __launch_bounds__(kPixels)
     conv_up_kernel(const scalar_t* __restrict__ out, const scalar_t* __restrict__ lora_b,
                    const int32_t* __restrict__ idx, const float* __restrict__ gate, scalar_t* __restrict__ y,
                    int64_t pixels, int64_t c_out, int ranks, int num_shared, int k, float scaling) {
-  extern __shared__ float smem[];
+  MOR_DYNAMIC_SMEM(smem);
   __shared__ int n_act_s;
   int* rank = reinterpret_cast<int*>(smem);
   float* coef = smem + ranks;
@@ -46,6 +48,8 @@ __global__ void __launch_bounds__(kPixels)
 
 }  // namespace
 
+#ifndef MOR_EMULATE_CUDA  // host code; tests/kernels/extension_emulation.cpp compiles the kernels above on a CPU
+
 at::Tensor conv_up(const at::Tensor& out, const at::Tensor& lora_b, const at::Tensor& idx, const at::Tensor& gate,
                    int64_t num_shared, double scaling) {
   const auto s = check_conv_up_args(out, lora_b, idx, gate, num_shared);
@@ -71,8 +75,12 @@ at::Tensor conv_up(const at::Tensor& out, const at::Tensor& lora_b, const at::Te
   return y;
 }
 
+#endif  // MOR_EMULATE_CUDA
+
 }  // namespace cuda
 
+#ifndef MOR_EMULATE_CUDA
 TORCH_LIBRARY_IMPL(mor, CUDA, m) { m.impl("conv_up", &cuda::conv_up); }
+#endif
 
 }  // namespace mor

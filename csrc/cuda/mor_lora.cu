@@ -5,10 +5,12 @@
 // slices), writes U to h for the backward, scales U by the gates, and expands it through lora_b into
 // y = base + U B_act^T. Sample routing reads only the rows of lora_a / lora_b of active ranks, so zero slots
 // save both loads and FLOPs. SIMT float32 math (no tensor cores yet).
+#ifndef MOR_EMULATE_CUDA
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "../checks.h"
+#endif
 #include "tile.cuh"
 
 namespace mor {
@@ -22,7 +24,7 @@ __global__ void __launch_bounds__(kThreads)
                     const float* __restrict__ gate, const scalar_t* __restrict__ base, scalar_t* __restrict__ y,
                     float* __restrict__ h, int64_t tokens, int64_t d_in, int64_t d_out, int ranks, int num_shared,
                     int k, float scaling) {
-  extern __shared__ float smem[];
+  MOR_DYNAMIC_SMEM(smem);
   __shared__ int n_act_s;
   TileSmem sm(smem, ranks, TOKEN);
   const int64_t b = blockIdx.y;
@@ -49,6 +51,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 }  // namespace
+
+#ifndef MOR_EMULATE_CUDA  // host code; tests/kernels/extension_emulation.cpp compiles the kernels above on a CPU
 
 std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                                             const at::Tensor& idx, const at::Tensor& gate, int64_t num_shared,
@@ -81,8 +85,12 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tenso
   return {y, h};
 }
 
+#endif  // MOR_EMULATE_CUDA
+
 }  // namespace cuda
 
+#ifndef MOR_EMULATE_CUDA
 TORCH_LIBRARY_IMPL(mor, CUDA, m) { m.impl("lora_fwd", &cuda::lora_fwd); }
+#endif
 
 }  // namespace mor

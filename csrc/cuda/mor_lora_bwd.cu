@@ -7,10 +7,12 @@
 //  2. gate kernel (sample routing): sums the per-tile partials in tile order;
 //  3. dx kernel, per token tile: dx = dh A_act (the forward's expansion loop);
 //  4. outer-product kernels: dA = dh^T x and dB^T = hg^T dy as fixed token splits, then an ordered sum.
+#ifndef MOR_EMULATE_CUDA
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "../checks.h"
+#endif
 #include "tile.cuh"
 
 namespace mor {
@@ -29,7 +31,7 @@ __global__ void __launch_bounds__(kThreads)
                          float* __restrict__ dh, float* __restrict__ hg, float* __restrict__ qpart,
                          float* __restrict__ dgate, int64_t tokens, int64_t d_out, int ranks, int num_shared, int k,
                          float scaling) {
-  extern __shared__ float smem[];
+  MOR_DYNAMIC_SMEM(smem);
   __shared__ int n_act_s;
   TileSmem sm(smem, ranks, TOKEN);
   const int64_t b = blockIdx.y;
@@ -100,7 +102,7 @@ __global__ void __launch_bounds__(kThreads)
     lora_bwd_dx_kernel(const float* __restrict__ dh, const scalar_t* __restrict__ lora_a,
                        const int32_t* __restrict__ idx, const float* __restrict__ gate, scalar_t* __restrict__ dx,
                        int64_t tokens, int64_t d_in, int ranks, int num_shared, int k) {
-  extern __shared__ float smem[];
+  MOR_DYNAMIC_SMEM(smem);
   __shared__ int n_act_s;
   int* rank = reinterpret_cast<int*>(smem);
   float* coef = smem + ranks;  // unused values; build_active needs the room
@@ -162,6 +164,7 @@ __global__ void split_sum_kernel(const float* __restrict__ partial, scalar_t* __
   out[i] = static_cast<scalar_t>(s);
 }
 
+#ifndef MOR_EMULATE_CUDA
 // (ranks, cols) = p^T q for p (n_total, ranks) float32 and q (n_total, cols), deterministic.
 at::Tensor sum_outer(const at::Tensor& p, const at::Tensor& q, int64_t n_total, int64_t ranks, int64_t cols,
                      cudaStream_t stream) {
@@ -186,7 +189,11 @@ at::Tensor sum_outer(const at::Tensor& p, const at::Tensor& q, int64_t n_total, 
   return out;
 }
 
+#endif  // MOR_EMULATE_CUDA
+
 }  // namespace
+
+#ifndef MOR_EMULATE_CUDA  // host code; tests/kernels/extension_emulation.cpp compiles the kernels above on a CPU
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
@@ -260,8 +267,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd(
   return {grad_x, grad_a, grad_b, grad_gate};
 }
 
+#endif  // MOR_EMULATE_CUDA
+
 }  // namespace cuda
 
+#ifndef MOR_EMULATE_CUDA
 TORCH_LIBRARY_IMPL(mor, CUDA, m) { m.impl("lora_bwd", &cuda::lora_bwd); }
+#endif
 
 }  // namespace mor

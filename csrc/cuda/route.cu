@@ -4,10 +4,12 @@
 // picks the k slots one by one: pick j is the warp's best slot strictly after pick j - 1 in the order
 // (probability descending, slot ascending), so ties go to the lower slot and no selection mask is needed
 // (the idea of vLLM's topk_softmax: a warp owns a row, everything in registers and shuffles).
+#ifndef MOR_EMULATE_CUDA
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "../checks.h"
+#endif
 #include "tile.cuh"
 
 namespace mor {
@@ -83,6 +85,8 @@ __global__ void __launch_bounds__(kRouteThreads)
 
 }  // namespace
 
+#ifndef MOR_EMULATE_CUDA  // host code; tests/kernels/extension_emulation.cpp compiles the kernels above on a CPU
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route(const at::Tensor& logits, int64_t top_k,
                                                                  int64_t num_zero, bool renormalize) {
   check_route_args(logits, top_k, num_zero);
@@ -110,8 +114,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route(const at::Tenso
   return {idx, gate, probs, slots};
 }
 
+#endif  // MOR_EMULATE_CUDA
+
 }  // namespace cuda
 
+#ifndef MOR_EMULATE_CUDA
 TORCH_LIBRARY_IMPL(mor, CUDA, m) { m.impl("route", &cuda::route); }
+#endif
 
 }  // namespace mor

@@ -6,10 +6,19 @@
 // add nothing), so only those rows of lora_a / lora_b are ever read. With token routing every rank is
 // listed and a (kTile, R) table holds each token's scaled dense gate.
 #pragma once
+#include <cstddef>
+#include <cstdint>
+#ifndef MOR_EMULATE_CUDA
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
+#endif
+
+#ifndef MOR_DYNAMIC_SMEM
+// The kernel's dynamic shared memory as `float name[]` (tests/kernels/extension_emulation.cpp redefines it).
+#define MOR_DYNAMIC_SMEM(name) extern __shared__ float name[]
+#endif
 
 namespace mor {
 namespace cuda {
@@ -123,12 +132,15 @@ inline size_t tile_smem_bytes(int64_t ranks, bool token_routing) {
   return static_cast<size_t>(floats) * sizeof(float);
 }
 
+#ifndef MOR_EMULATE_CUDA
 template <typename Kernel>
 inline void allow_smem(Kernel kernel, size_t bytes) {
   if (bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   }
 }
+
+#endif
 
 // Carves the dynamic shared memory of a tile kernel (layout of tile_smem_bytes).
 struct TileSmem {
@@ -148,10 +160,12 @@ struct TileSmem {
   }
 };
 
+#ifndef MOR_EMULATE_CUDA
 inline void check_cuda_limits(const char* op, int64_t batch, int64_t ranks) {
   TORCH_CHECK(ranks <= kMaxRanks, op, ": the CUDA kernels support up to ", kMaxRanks, " ranks, got R = ", ranks);
   TORCH_CHECK(batch <= 65535, op, ": the CUDA kernels support a batch of up to 65535, got ", batch);
 }
+#endif
 
 }  // namespace cuda
 }  // namespace mor

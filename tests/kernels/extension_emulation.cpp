@@ -1,0 +1,212 @@
+// Host emulation of the MoR CUDA tile kernels (csrc/cuda/*.cu) for machines without a GPU.
+//
+// Every kernel is written so that each thread loops over its share of the work with stride blockDim.x between
+// __syncthreads() barriers. Run with blockDim.x = 1 and threadIdx.x = 0, one block after the other, a kernel
+// does all of its block's work in program order and the barriers are no-ops, so compiling the kernel bodies as
+// plain C++ checks their index arithmetic, shared-memory layout, routing tables and reductions against the CPU
+// kernels. mor::route's warps run as 32 host threads that meet at every shuffle. It cannot find races.
+// Built by tests/kernels/test_extension_emulation.py with the host C++ compiler, called through ctypes.
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#define MOR_EMULATE_CUDA 1
+#define __global__
+#define __device__
+#define __host__
+#define __shared__ static
+#define MOR_DYNAMIC_SMEM(name) float* name = ::mor::cuda::emu_smem
+#define __restrict__
+#define __launch_bounds__(...)
+#define __syncthreads()
+
+struct EmuDim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+static EmuDim3 blockIdx, blockDim{1, 1, 1}, gridDim{1, 1, 1};
+static thread_local EmuDim3 threadIdx;
+
+// Warp emulation for mor::route: 32 host threads in lock step at every shuffle / __syncwarp.
+static std::barrier<>* emu_warp_barrier = nullptr;
+static float emu_lane_f[32];
+static int emu_lane_i[32];
+static void __syncwarp() {
+  if (emu_warp_barrier) emu_warp_barrier->arrive_and_wait();
+}
+static float __shfl_xor_sync(unsigned, float v, int off) {
+  const int lane = threadIdx.x % 32;
+  emu_lane_f[lane] = v;
+  emu_warp_barrier->arrive_and_wait();
+  const float r = emu_lane_f[lane ^ off];
+  emu_warp_barrier->arrive_and_wait();
+  return r;
+}
+static int __shfl_xor_sync(unsigned, int v, int off) {
+  const int lane = threadIdx.x % 32;
+  emu_lane_i[lane] = v;
+  emu_warp_barrier->arrive_and_wait();
+  const int r = emu_lane_i[lane ^ off];
+  emu_warp_barrier->arrive_and_wait();
+  return r;
+}
+static float __int_as_float(int v) {
+  float f;
+  std::memcpy(&f, &v, sizeof f);
+  return f;
+}
+template <typename T>
+static T __ldg(const T* p) {
+  return *p;
+}
+using std::max;
+using std::min;
+
+namespace mor {
+namespace cuda {
+float emu_smem[1 << 21];  // the kernels' dynamic shared memory
+}  // namespace cuda
+}  // namespace mor
+
+#include "../../csrc/cuda/conv_up.cu"
+#include "../../csrc/cuda/mor_lora.cu"
+#include "../../csrc/cuda/mor_lora_bwd.cu"
+#include "../../csrc/cuda/route.cu"
+
+using namespace mor::cuda;
+
+template <typename F>
+static void launch(unsigned gx, unsigned gy, unsigned gz, F kernel) {
+  gridDim = {gx, gy, gz};
+  for (unsigned z = 0; z < gz; ++z)
+    for (unsigned y = 0; y < gy; ++y)
+      for (unsigned x = 0; x < gx; ++x) {
+        blockIdx = {x, y, z};
+        kernel();
+      }
+}
+
+static unsigned cdiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
+
+extern "C" {
+
+// lora_bt is lora_b transposed (R, d_out), as the host launcher passes it. h must be zero-filled.
+void emu_lora_fwd(const float* x, const float* lora_a, const float* lora_bt, const int32_t* idx, const float* gate,
+                  const float* base, float* y, float* h, int64_t batch, int64_t tokens, int64_t d_in, int64_t d_out,
+                  int ranks, int num_shared, int k, float scaling, int token) {
+  launch(cdiv(tokens, kTile), static_cast<unsigned>(batch), 1, [&] {
+    if (token)
+      lora_fwd_kernel<float, true>(x, lora_a, lora_bt, idx, gate, base, y, h, tokens, d_in, d_out, ranks, num_shared,
+                                   k, scaling);
+    else
+      lora_fwd_kernel<float, false>(x, lora_a, lora_bt, idx, gate, base, y, h, tokens, d_in, d_out, ranks, num_shared,
+                                    k, scaling);
+  });
+}
+
+// The whole of mor::lora_bwd's CUDA path: rank kernel, gate reduction, dx, and the split outer products.
+void emu_lora_bwd(const float* dy, const float* x, const float* lora_a, const float* lora_bt, const int32_t* idx,
+                  const float* gate, const float* h, float* grad_x, float* grad_a, float* grad_bt, float* grad_gate,
+                  int64_t batch, int64_t tokens, int64_t d_in, int64_t d_out, int ranks, int num_shared, int k,
+                  float scaling, int token) {
+  const int64_t n_total = batch * tokens;
+  const int64_t tiles = (tokens + kTile - 1) / kTile;
+  std::vector<float> dh(n_total * ranks, 0.f), hg(n_total * ranks, 0.f), qpart(token ? 1 : batch * tiles * ranks, 0.f);
+  launch(static_cast<unsigned>(tiles), static_cast<unsigned>(batch), 1, [&] {
+    if (token)
+      lora_bwd_rank_kernel<float, true>(dy, lora_bt, h, idx, gate, dh.data(), hg.data(), qpart.data(), grad_gate,
+                                        tokens, d_out, ranks, num_shared, k, scaling);
+    else
+      lora_bwd_rank_kernel<float, false>(dy, lora_bt, h, idx, gate, dh.data(), hg.data(), qpart.data(), grad_gate,
+                                         tokens, d_out, ranks, num_shared, k, scaling);
+  });
+  if (!token) {
+    // 128 threads per block on the GPU: emulate thread by thread (no barriers in this kernel)
+    blockDim = {128, 1, 1};
+    launch(cdiv(batch * k, 128), 1, 1, [&] {
+      for (unsigned t = 0; t < 128; ++t) {
+        threadIdx.x = t;
+        lora_bwd_gate_kernel(qpart.data(), idx, grad_gate, batch, tiles, ranks, num_shared, k, scaling);
+      }
+      threadIdx.x = 0;
+    });
+    blockDim = {1, 1, 1};
+  }
+  launch(static_cast<unsigned>(tiles), static_cast<unsigned>(batch), 1, [&] {
+    if (token)
+      lora_bwd_dx_kernel<float, true>(dh.data(), lora_a, idx, gate, grad_x, tokens, d_in, ranks, num_shared, k);
+    else
+      lora_bwd_dx_kernel<float, false>(dh.data(), lora_a, idx, gate, grad_x, tokens, d_in, ranks, num_shared, k);
+  });
+  // sum_outer, as in the host code: fixed splits, then an ordered sum
+  auto outer = [&](const float* p, const float* q, int64_t cols, float* out) {
+    const int64_t splits = std::min(kMaxSplits, (n_total + kOuterTokens - 1) / kOuterTokens);
+    const int64_t per_split = (n_total + splits - 1) / splits;
+    std::vector<float> partial(splits * ranks * cols);
+    blockDim = {kOuterThreads, 1, 1};
+    launch(cdiv(cols, kOuterThreads), cdiv(ranks, kOuterRanks), static_cast<unsigned>(splits), [&] {
+      for (unsigned t = 0; t < kOuterThreads; ++t) {
+        threadIdx.x = t;
+        outer_partial_kernel<float>(p, q, partial.data(), n_total, ranks, cols, per_split);
+      }
+    });
+    const int64_t numel = ranks * cols;
+    blockDim = {256, 1, 1};
+    launch(cdiv(numel, 256), 1, 1, [&] {
+      for (unsigned t = 0; t < 256; ++t) {
+        threadIdx.x = t;
+        split_sum_kernel<float>(partial.data(), out, numel, splits);
+      }
+    });
+    threadIdx.x = 0;
+    blockDim = {1, 1, 1};
+  };
+  if (n_total > 0) {
+    outer(dh.data(), x, d_in, grad_a);
+    outer(hg.data(), dy, d_out, grad_bt);
+  }
+}
+
+// mor::route's kernel: each warp of each block as 32 host threads.
+void emu_route(const float* logits, int32_t* idx, float* gate, float* probs, int32_t* slots, int64_t rows, int n, int k,
+               int num_real, int renormalize) {
+  constexpr int warps = kRouteThreads / 32;
+  blockDim = {kRouteThreads, 1, 1};
+  std::barrier<> bar(32);
+  emu_warp_barrier = &bar;
+  launch(cdiv(rows, warps), 1, 1, [&] {
+    for (int w = 0; w < warps; ++w) {
+      std::vector<std::thread> lanes;
+      for (int lane = 0; lane < 32; ++lane) {
+        lanes.emplace_back([&, w, lane] {
+          threadIdx.x = static_cast<unsigned>(w * 32 + lane);
+          route_kernel<float>(logits, idx, gate, probs, slots, rows, n, k, num_real, renormalize != 0);
+        });
+      }
+      for (auto& t : lanes) t.join();
+    }
+  });
+  emu_warp_barrier = nullptr;
+  blockDim = {1, 1, 1};
+}
+
+void emu_conv_up(const float* out, const float* lora_b, const int32_t* idx, const float* gate, float* y, int64_t batch,
+                 int64_t pixels, int64_t c_out, int ranks, int num_shared, int k, float scaling) {
+  // one thread per pixel and no barrier after the shared tables: emulate the threads of a block in turn, with
+  // thread 0 (which builds the rank table) first
+  constexpr int threads = 64;
+  blockDim = {threads, 1, 1};
+  launch(cdiv(pixels, threads), static_cast<unsigned>(batch), 1, [&] {
+    for (unsigned t = 0; t < threads; ++t) {
+      threadIdx.x = t;
+      conv_up_kernel<float>(out, lora_b, idx, gate, y, pixels, c_out, ranks, num_shared, k, scaling);
+    }
+  });
+  threadIdx.x = 0;
+  blockDim = {1, 1, 1};
+}
+}

@@ -1,0 +1,161 @@
+"""The CUDA tile kernels (csrc/cuda/mor_lora.cu, mor_lora_bwd.cu, conv_up.cu) run on the CPU, one emulated thread
+block after the other (see extension_emulation.cpp), against the C++ CPU kernels and the reference.
+
+This checks the CUDA kernels' index arithmetic, shared-memory layout, routing tables and ordered reductions on
+machines without a GPU (mor::route's warps run as 32 host threads meeting at every shuffle); races need the
+GPU tests (marked ``gpu``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from mor_kernels import _extension
+from mor_kernels import reference as ref
+from mor_kernels.testing import assert_parity, random_case
+
+_C, WHY = _extension.load()
+CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+pytestmark = [
+    pytest.mark.skipif(CXX is None, reason="no host C++ compiler to build the emulation"),
+    pytest.mark.skipif(_C is None, reason=f"the compiled extension is not built here ({WHY})"),
+]
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+CASES = {
+    "default": {},
+    "t1": {"tokens": 1},
+    "t70_r40": {"tokens": 70, "num_shared": 8, "num_routed": 32, "num_zero": 4, "top_k": 8, "d_in": 45, "d_out": 37},
+    "r1": {"num_shared": 0, "num_routed": 1, "num_zero": 1, "top_k": 2},
+    "zero_only_s0": {"zero_only_unit": True, "num_zero": 3, "top_k": 2, "num_shared": 0},
+    "k_all": {"num_shared": 1, "num_routed": 4, "num_zero": 2, "top_k": 6},
+}
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    lib = tmp_path_factory.mktemp("emu") / "emu.so"
+    src = os.path.join(HERE, "extension_emulation.cpp")
+    cmd = [CXX, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas", "-o", str(lib), src]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    dll = ctypes.CDLL(str(lib))
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    dll.emu_lora_fwd.argtypes = [p] * 8 + [i64] * 4 + [i32] * 3 + [f32, i32]
+    dll.emu_lora_bwd.argtypes = [p] * 11 + [i64] * 4 + [i32] * 3 + [f32, i32]
+    dll.emu_conv_up.argtypes = [p] * 5 + [i64] * 3 + [i32] * 3 + [f32]
+    dll.emu_route.argtypes = [p] * 5 + [i64] + [i32] * 4
+    return dll
+
+
+def _ptr(t):
+    """A raw pointer to ``t``'s data; the caller keeps ``t`` alive during the call."""
+    assert t is None or t.is_contiguous()
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _emu_forward(emu, c, base):
+    b, t, d_in = c.x.shape
+    d_out, ranks = c.lora_b.shape
+    bt = c.lora_b.t().contiguous()
+    y = torch.full((b, t, d_out), float("nan"))
+    h = torch.zeros(b, t, ranks)
+    idx, gate = c.idx.contiguous(), c.gate.contiguous()
+    k, token = idx.shape[-1], int(idx.dim() == 3)
+    emu.emu_lora_fwd(
+        *map(_ptr, (c.x, c.lora_a, bt, idx, gate, base, y, h)),
+        b,
+        t,
+        d_in,
+        d_out,
+        ranks,
+        c.num_shared,
+        k,
+        c.scaling,
+        token,
+    )
+    return y, h
+
+
+@pytest.mark.parametrize("routing", ["sample", "token"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_lora_kernels_emulated(emu, case, routing):
+    c = random_case(routing=routing, **CASES[case], seed=31).to(torch.float32)
+    b, t, d_in = c.x.shape
+    d_out, ranks = c.lora_b.shape
+    base = torch.randn(b, t, d_out)
+    y, h = _emu_forward(emu, c, base)
+    r = c.to(torch.float64)
+    y64 = ref.mor_lora(r.x, r.lora_a, r.lora_b, r.idx, r.gate, r.num_shared, r.scaling, base=base.double())
+    assert_parity(y, y64, dtype=torch.float32, name="emulated CUDA forward")
+
+    dy = torch.randn(b, t, d_out)
+    want = torch.ops.mor.lora_bwd(dy, c.x, c.lora_a, c.lora_b, c.idx, c.gate, h, c.num_shared, c.scaling, [True] * 4)
+    got = [torch.full_like(w, float("nan")) for w in want]
+    grad_bt = torch.full((ranks, d_out), float("nan"))
+    k, token = c.idx.shape[-1], int(c.idx.dim() == 3)
+    bt = c.lora_b.t().contiguous()  # kept alive across the call
+    emu.emu_lora_bwd(
+        *map(_ptr, (dy, c.x, c.lora_a, bt, c.idx, c.gate, h, got[0], got[1], grad_bt, got[3])),
+        b,
+        t,
+        d_in,
+        d_out,
+        ranks,
+        c.num_shared,
+        k,
+        c.scaling,
+        token,
+    )
+    got[2] = grad_bt.t()
+    for name, g, w in zip(("dx", "dlora_a", "dlora_b", "dgate"), got, want, strict=True):
+        assert_parity(g, w, dtype=torch.float32, name=f"emulated CUDA {name}")
+
+
+@pytest.mark.parametrize("case", ["default", "r1", "zero_only_s0", "t70_r40"])
+def test_cuda_conv_up_emulated(emu, case):
+    kw = {k: v for k, v in CASES[case].items() if k not in ("tokens", "d_in", "d_out")}
+    c = random_case(kernel_size=3, d_in=4, d_out=6, height=9, width=11, conv={"padding": (1, 1)}, **kw, seed=37)
+    out = torch.nn.functional.conv2d(c.x, torch.cat([c.weight, c.lora_a]), padding=1).contiguous()
+    want = torch.ops.mor.conv_up(out, c.lora_b, c.idx, c.gate, c.num_shared, c.scaling)
+    got = torch.full_like(want, float("nan"))
+    b, _, hh, ww = out.shape
+    d_out, ranks = c.lora_b.shape
+    lora_b = c.lora_b.contiguous()
+    emu.emu_conv_up(
+        *map(_ptr, (out, lora_b, c.idx, c.gate, got)),
+        b,
+        hh * ww,
+        d_out,
+        ranks,
+        c.num_shared,
+        c.idx.shape[-1],
+        c.scaling,
+    )
+    assert_parity(got, want, dtype=torch.float32, name="emulated CUDA conv_up")
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize(
+    "rows,n,k,num_zero", [(11, 7, 3, 2), (9, 36, 8, 4), (3, 70, 5, 1), (4, 2, 2, 1), (17, 5, 5, 0)]
+)
+def test_cuda_route_emulated(emu, rows, n, k, num_zero, renormalize):
+    gen = torch.Generator().manual_seed(n * k)
+    logits = torch.randn(rows, n, generator=gen) * 2
+    logits[0, : n // 2] = 1.0  # ties go to the lower slot
+    logits[0, n // 2 :] = 1.0
+    idx = torch.full((rows, k), -7, dtype=torch.int32)
+    slots = torch.full((rows, k), -7, dtype=torch.int32)
+    gate = torch.full((rows, k), float("nan"))
+    probs = torch.full((rows, n), float("nan"))
+    emu.emu_route(*map(_ptr, (logits, idx, gate, probs, slots)), rows, n, k, n - num_zero, int(renormalize))
+    want = torch.ops.mor.route(logits, k, num_zero, renormalize)
+    r_idx, r_gate, r_probs = ref.route(logits, k, num_zero, renormalize)
+    assert torch.equal(idx, r_idx) and torch.equal(idx, want[0]) and torch.equal(slots, want[3])
+    assert_parity(gate, r_gate, dtype=torch.float32, name="emulated CUDA route gate")
+    assert_parity(probs, r_probs, dtype=torch.float32, name="emulated CUDA route probs")
