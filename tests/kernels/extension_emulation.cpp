@@ -4,7 +4,8 @@
 // __syncthreads() barriers. Run with blockDim.x = 1 and threadIdx.x = 0, one block after the other, a kernel
 // does all of its block's work in program order and the barriers are no-ops, so compiling the kernel bodies as
 // plain C++ checks their index arithmetic, shared-memory layout, routing tables and reductions against the CPU
-// kernels. mor::route's warps run as 32 host threads that meet at every shuffle. It cannot find races.
+// kernels. With emu_set_block_threads(256) every CUDA thread of a block is a host thread and __syncthreads() a
+// real barrier; mor::route's warps run as 32 host threads that meet at every shuffle.
 // Built by tests/kernels/test_extension_emulation.py with the host C++ compiler, called through ctypes.
 #include <algorithm>
 #include <barrier>
@@ -23,13 +24,20 @@
 #define MOR_DYNAMIC_SMEM(name) float* name = ::mor::cuda::emu_smem
 #define __restrict__
 #define __launch_bounds__(...)
-#define __syncthreads()
 
 struct EmuDim3 {
   unsigned x = 0, y = 0, z = 0;
 };
 static EmuDim3 blockIdx, blockDim{1, 1, 1}, gridDim{1, 1, 1};
 static thread_local EmuDim3 threadIdx;
+
+// Block emulation: with emu_block_threads > 1 every thread of a block is a host thread and __syncthreads() is a
+// barrier; with 1 the block runs as one thread and the barriers are no-ops.
+static int emu_block_threads = 1;
+static std::barrier<>* emu_block_barrier = nullptr;
+static void __syncthreads() {
+  if (emu_block_barrier) emu_block_barrier->arrive_and_wait();
+}
 
 // Warp emulation for mor::route: 32 host threads in lock step at every shuffle / __syncwarp.
 static std::barrier<>* emu_warp_barrier = nullptr;
@@ -90,15 +98,44 @@ static void launch(unsigned gx, unsigned gy, unsigned gz, F kernel) {
       }
 }
 
+// Tile kernels (kThreads per block on the GPU): one host thread per block, or all of them with real barriers.
+template <typename F>
+static void launch_tile(unsigned gx, unsigned gy, F kernel) {
+  if (emu_block_threads <= 1) {
+    blockDim = {1, 1, 1};
+    launch(gx, gy, 1, kernel);
+    return;
+  }
+  const int n = emu_block_threads;
+  blockDim = {static_cast<unsigned>(n), 1, 1};
+  std::barrier<> bar(n);
+  emu_block_barrier = &bar;
+  launch(gx, gy, 1, [&] {
+    std::vector<std::thread> threads;
+    for (int t = 0; t < n; ++t) {
+      threads.emplace_back([&, t] {
+        threadIdx.x = static_cast<unsigned>(t);
+        kernel();
+      });
+    }
+    for (auto& th : threads) th.join();
+  });
+  emu_block_barrier = nullptr;
+  blockDim = {1, 1, 1};
+}
+
 static unsigned cdiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
 extern "C" {
+
+// 1: blocks run as one thread (deterministic program order); kThreads: real threads and barriers per block.
+void emu_set_block_threads(int n) { emu_block_threads = n; }
 
 // lora_bt is lora_b transposed (R, d_out), as the host launcher passes it. h must be zero-filled.
 void emu_lora_fwd(const float* x, const float* lora_a, const float* lora_bt, const int32_t* idx, const float* gate,
                   const float* base, float* y, float* h, int64_t batch, int64_t tokens, int64_t d_in, int64_t d_out,
                   int ranks, int num_shared, int k, float scaling, int token) {
-  launch(cdiv(tokens, kTile), static_cast<unsigned>(batch), 1, [&] {
+  launch_tile(cdiv(tokens, kTile), static_cast<unsigned>(batch), [&] {
     if (token)
       lora_fwd_kernel<float, true>(x, lora_a, lora_bt, idx, gate, base, y, h, tokens, d_in, d_out, ranks, num_shared,
                                    k, scaling);
@@ -116,7 +153,7 @@ void emu_lora_bwd(const float* dy, const float* x, const float* lora_a, const fl
   const int64_t n_total = batch * tokens;
   const int64_t tiles = (tokens + kTile - 1) / kTile;
   std::vector<float> dh(n_total * ranks, 0.f), hg(n_total * ranks, 0.f), qpart(token ? 1 : batch * tiles * ranks, 0.f);
-  launch(static_cast<unsigned>(tiles), static_cast<unsigned>(batch), 1, [&] {
+  launch_tile(static_cast<unsigned>(tiles), static_cast<unsigned>(batch), [&] {
     if (token)
       lora_bwd_rank_kernel<float, true>(dy, lora_bt, h, idx, gate, dh.data(), hg.data(), qpart.data(), grad_gate,
                                         tokens, d_out, ranks, num_shared, k, scaling);
@@ -136,7 +173,7 @@ void emu_lora_bwd(const float* dy, const float* x, const float* lora_a, const fl
     });
     blockDim = {1, 1, 1};
   }
-  launch(static_cast<unsigned>(tiles), static_cast<unsigned>(batch), 1, [&] {
+  launch_tile(static_cast<unsigned>(tiles), static_cast<unsigned>(batch), [&] {
     if (token)
       lora_bwd_dx_kernel<float, true>(dh.data(), lora_a, idx, gate, grad_x, tokens, d_in, ranks, num_shared, k);
     else

@@ -2,8 +2,9 @@
 block after the other (see extension_emulation.cpp), against the C++ CPU kernels and the reference.
 
 This checks the CUDA kernels' index arithmetic, shared-memory layout, routing tables and ordered reductions on
-machines without a GPU (mor::route's warps run as 32 host threads meeting at every shuffle); races need the
-GPU tests (marked ``gpu``).
+machines without a GPU: blocks run either as one thread or as 256 host threads with real barriers, and
+mor::route's warps as 32 host threads meeting at every shuffle. Timing-dependent races can still hide here; the
+GPU tests (marked ``gpu``) are the final word.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def emu(tmp_path_factory):
     dll.emu_lora_bwd.argtypes = [p] * 11 + [i64] * 4 + [i32] * 3 + [f32, i32]
     dll.emu_conv_up.argtypes = [p] * 5 + [i64] * 3 + [i32] * 3 + [f32]
     dll.emu_route.argtypes = [p] * 5 + [i64] + [i32] * 4
+    dll.emu_set_block_threads.argtypes = [i32]
     return dll
 
 
@@ -82,9 +84,13 @@ def _emu_forward(emu, c, base):
     return y, h
 
 
+# 1: each block runs as one thread in program order; 256 (the kernels' block size): one host thread per CUDA
+# thread with real barriers, which exercises the work split across threads and the __syncthreads() placement.
+@pytest.mark.parametrize("block_threads", [1, 256])
 @pytest.mark.parametrize("routing", ["sample", "token"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_cuda_lora_kernels_emulated(emu, case, routing):
+def test_cuda_lora_kernels_emulated(emu, case, routing, block_threads):
+    emu.emu_set_block_threads(block_threads)
     c = random_case(routing=routing, **CASES[case], seed=31).to(torch.float32)
     b, t, d_in = c.x.shape
     d_out, ranks = c.lora_b.shape
