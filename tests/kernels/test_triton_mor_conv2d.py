@@ -2,35 +2,15 @@
 reference (MOR_SPEC section 7): forward and every gradient, float32/float16/bfloat16, odd
 sizes, stride/padding/dilation, zero-slot corners, channels_last."""
 
-import os
-import sys
-
+import pytest
 import torch
+from triton_env import DEVICE, INTERPRETED, skip_if_triton_imported_too_late
 
-# Without CUDA the kernels run under the interpreter, which must be switched on before triton is first
-# imported (tests/conftest.py does the same before collection); with CUDA they run compiled on the GPU
-# unless TRITON_INTERPRET=1 is set. If triton came first without it, keep its mode rather than half-switch.
-_TOO_LATE = "triton" in sys.modules and "TRITON_INTERPRET" not in os.environ
-if not _TOO_LATE and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import mor_kernels
+from mor_kernels import reference as ref_ops
+from mor_kernels.testing import assert_parity, poison_allocations, random_case
 
-import pytest  # noqa: E402
-
-import mor_kernels  # noqa: E402
-from mor_kernels import dispatch  # noqa: E402
-from mor_kernels import reference as ref_ops  # noqa: E402
-from mor_kernels.testing import assert_parity, poison_allocations, random_case  # noqa: E402
-
-dispatch.clear_cache()
-if _TOO_LATE and not torch.cuda.is_available():
-    pytest.skip(
-        "triton was imported before TRITON_INTERPRET=1 could be set and there is no GPU; run these tests in "
-        "their own process: TRITON_INTERPRET=1 pytest tests/kernels/test_triton_*.py",
-        allow_module_level=True,
-    )
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+skip_if_triton_imported_too_late()
 NAMES = ("x", "weight", "bias", "lora_a", "lora_b", "gate")
 
 
