@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
+from .route_grad import route_backward
 
 _C, _LOAD_ERROR = _extension.load()
 
@@ -125,18 +126,7 @@ class _Route(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _grad_idx, grad_gate, grad_probs):
         gate, probs, slots = ctx.saved_tensors
-        grad_p = torch.zeros_like(probs) if grad_probs is None else grad_probs.float().clone()
-        if grad_gate is not None:
-            grad_gate = grad_gate.float()
-            slots = slots.long()
-            if ctx.renormalize:
-                # w = p_sel / sum(p_sel): d p_sel_i = (g_i - sum_j g_j w_j) / sum(p_sel)
-                total = probs.gather(-1, slots).sum(-1, keepdim=True)
-                grad_sel = (grad_gate - (grad_gate * gate).sum(-1, keepdim=True)) / total
-            else:
-                grad_sel = grad_gate
-            grad_p = grad_p.scatter_add(-1, slots, grad_sel)
-        grad_logits = probs * (grad_p - (grad_p * probs).sum(-1, keepdim=True))  # softmax Jacobian
+        grad_logits = route_backward(probs, slots, gate, grad_gate, grad_probs, ctx.renormalize)
         return grad_logits.to(ctx.logits_dtype), None, None, None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.route import route_forward
+from .route_grad import route_backward
 
 
 @torch.library.custom_op("mor::triton_route", mutates_args=())
@@ -47,17 +48,7 @@ class _RouteFn(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         probs, slot, gate = ctx.saved_tensors
-        slot = slot.long()
-        dp = torch.zeros_like(probs) if dprobs is None else dprobs.float().clone()
-        if dgate is not None:
-            dgate = dgate.float()
-            if ctx.renormalize:
-                total = probs.gather(-1, slot).sum(-1, keepdim=True)
-                dsel = (dgate - (dgate * gate).sum(-1, keepdim=True)) / total
-            else:
-                dsel = dgate
-            dp = dp.scatter_add(-1, slot, dsel)
-        dlogits = probs * (dp - (dp * probs).sum(-1, keepdim=True))
+        dlogits = route_backward(probs, slot, gate, dgate, dprobs, ctx.renormalize)
         return dlogits.to(ctx.logits_dtype), None, None, None
 
 
