@@ -5,7 +5,8 @@ Backends, fastest first for each device type:
 - ``"triton"``: fused Triton kernels (``mor_kernels.ops.triton_backend``); CUDA tensors, or CPU tensors
   under ``TRITON_INTERPRET=1`` (the interpreter is for testing, so ``"auto"`` never picks it on CPU);
 - ``"cuda"``: the compiled extension's CUDA kernels (``mor_kernels.ops.extension_backend``);
-- ``"cpp"``: the compiled extension's CPU kernels (same module);
+- ``"cpp"``: the compiled extension's CPU kernels (same module); slower than the reference's BLAS
+  GEMMs on CPU, so ``"auto"`` lists it with that reason and runs the reference;
 - ``"reference"``: pure PyTorch (``mor_kernels.reference``), any device, always available.
 
 A backend module provides the ops it implements as functions with the canonical signatures (see
@@ -100,7 +101,12 @@ def unavailable_reason(
     if not hasattr(module, op):
         return f"{_MODULES[backend]} does not implement {op}"
     check = getattr(module, "unavailable_reason", None)
-    return check(op, device, dtype) if check is not None else None
+    why = check(op, device, dtype) if check is not None else None
+    if why is None and backend == "cpp" and auto:
+        # Measured with benchmarks/bench_mor_lora.py on a 2-core CPU: the reference's BLAS GEMMs beat
+        # the C++ kernels (1.3-1.7x vs 1.6-5x the bare base layer), so they run only when asked for.
+        return "the C++ kernels are slower on CPU than the reference's BLAS GEMMs; ask for backend='cpp'"
+    return why
 
 
 _CACHE: dict[tuple, Choice] = {}
