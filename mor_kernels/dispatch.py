@@ -104,7 +104,7 @@ def unavailable_reason(
     why = check(op, device, dtype) if check is not None else None
     if why is None and backend == "cpp" and auto:
         # Measured with benchmarks/bench_mor_lora.py on a 2-core CPU: the reference's BLAS GEMMs beat
-        # the C++ kernels (1.3-1.7x vs 1.6-5x the bare base layer), so they run only when asked for.
+        # the C++ kernels (1.15-1.7x vs 1.3-5x the bare base layer, forward), so they run only when asked for.
         return "the C++ kernels are slower on CPU than the reference's BLAS GEMMs; ask for backend='cpp'"
     return why
 
