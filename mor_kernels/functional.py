@@ -64,6 +64,7 @@ def mor_lora(
     *,
     base: torch.Tensor | None = None,
     backend: str = "auto",
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """MoR low-rank path ``scaling * B (g * (A x))``, added to ``base`` when given.
 
@@ -72,8 +73,11 @@ def mor_lora(
     ``(B, *tokens, k)`` for token routing, ``idx`` in ``[-1, R - num_shared)``; ``base``
     ``(B, *tokens, d_out)``. Ranks ``0..num_shared-1`` are always on. Returns
     ``(B, *tokens, d_out)`` in ``x.dtype``; ``base`` is never modified.
+
+    ``check_indices=False`` skips the index-range check, the one check that synchronises with the
+    device; pass it only for indices made by :func:`route`.
     """
-    info = check_mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, base)
+    info = check_mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, base, check_indices)
     impl = dispatch.implementation("mor_lora", backend, x.device, x.dtype)
     idx, gate = _routing(idx, gate, info.token_routing, info.batch)
     out = impl(
@@ -101,13 +105,14 @@ def mor_linear(
     scaling: float,
     *,
     backend: str = "auto",
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias) + mor_lora(x, ...)``, the base GEMM fused where the backend can.
 
     Shapes: ``weight (d_out, d_in)``, ``bias (d_out,)`` or None; the rest as in :func:`mor_lora`.
-    Returns ``(B, *tokens, d_out)`` in ``x.dtype``.
+    Returns ``(B, *tokens, d_out)`` in ``x.dtype``. ``check_indices``: see :func:`mor_lora`.
     """
-    info = check_mor_linear(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling)
+    info = check_mor_linear(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, check_indices)
     impl = dispatch.implementation("mor_linear", backend, x.device, x.dtype)
     idx, gate = _routing(idx, gate, info.token_routing, info.batch)
     out = impl(_as_tokens(x), weight, bias, lora_a, lora_b, idx, gate, info.num_shared, float(scaling))
@@ -129,16 +134,18 @@ def mor_conv2d(
     dilation=1,
     *,
     backend: str = "auto",
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """MoR convolution ``conv(x, W0) + b + scaling * B (g * conv(x, A))``, sample routing.
 
     Shapes: ``x (B, C_in, H, W)`` (NCHW or channels_last), ``weight (C_out, C_in, kh, kw)``,
     ``bias (C_out,)`` or None, ``lora_a (R, C_in, kh, kw)``, ``lora_b (C_out, R)``,
     ``idx``/``gate (B, k)``. ``stride``/``padding``/``dilation``: int or pair, as ``F.conv2d``
-    (groups = 1). Returns ``(B, C_out, H_out, W_out)`` in ``x.dtype``.
+    (groups = 1). Returns ``(B, C_out, H_out, W_out)`` in ``x.dtype``. ``check_indices``: see
+    :func:`mor_lora`.
     """
     _, s, p, d = check_mor_conv2d(
-        x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation
+        x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation, check_indices
     )
     impl = dispatch.implementation("mor_conv2d", backend, x.device, x.dtype)
     return impl(x, weight, bias, lora_a, lora_b, idx.to(torch.int32), gate, int(num_shared), float(scaling), s, p, d)

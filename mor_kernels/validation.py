@@ -6,7 +6,9 @@ shape, range or device, each naming the argument, what it got and what was expec
 
 The checks never copy or modify user tensors. The one data-dependent check (index range) needs a
 host synchronisation; it is skipped while ``torch.compile`` traces or a CUDA graph is captured, where
-a sync is not allowed (the kernels treat any index outside ``[0, E)`` as a zero slot there).
+a sync is not allowed, and when the caller passes ``check_indices=False`` because its indices come
+from ``route`` (the MoR layers do, so a model forward has no sync per layer). The kernels treat any
+index outside ``[0, E)`` as a zero slot.
 """
 
 from __future__ import annotations
@@ -117,7 +119,9 @@ class LoRAShape:
         return self.ranks - self.num_shared
 
 
-def _check_routing(x: torch.Tensor, idx, gate, *, allow_token: bool, ranks: int, num_shared: int) -> tuple[int, bool]:
+def _check_routing(
+    x: torch.Tensor, idx, gate, *, allow_token: bool, ranks: int, num_shared: int, check_indices: bool = True
+) -> tuple[int, bool]:
     check_tensor("idx", idx, min_dim=2)
     check_tensor("gate", gate)
     if idx.dtype not in INDEX_DTYPES:
@@ -140,7 +144,7 @@ def _check_routing(x: torch.Tensor, idx, gate, *, allow_token: bool, ranks: int,
         if allow_token:
             expected += f" or ({', '.join(str(s) for s in lead)}, k) for token routing"
         raise ValueError(f"idx must have shape {expected}, got {_shape(idx)}")
-    if idx.numel() and _index_check_allowed(idx):
+    if check_indices and idx.numel() and _index_check_allowed(idx):
         lo, hi = (int(v) for v in torch.aminmax(idx))
         num_routed = ranks - num_shared
         if lo < -1 or hi >= num_routed:
@@ -157,7 +161,7 @@ def _check_scaling(scaling) -> float:
     return float(scaling)
 
 
-def check_mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, base=None) -> LoRAShape:
+def check_mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, base=None, check_indices=True) -> LoRAShape:
     check_tensor("x", x, min_dim=2)
     check_float("x", x)
     check_tensor("lora_a", lora_a, dim=2)
@@ -176,7 +180,9 @@ def check_mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, base=None)
         )
     num_shared = check_int("num_shared", num_shared, low=0, high=ranks)
     _check_scaling(scaling)
-    k, token = _check_routing(x, idx, gate, allow_token=True, ranks=ranks, num_shared=num_shared)
+    k, token = _check_routing(
+        x, idx, gate, allow_token=True, ranks=ranks, num_shared=num_shared, check_indices=check_indices
+    )
     if base is not None:
         check_tensor("base", base)
         expected = tuple(x.shape[:-1]) + (d_out,)
@@ -198,8 +204,8 @@ def _check_bias(bias, d_out: int, x: torch.Tensor) -> None:
     check_same_device(x, bias=bias)
 
 
-def check_mor_linear(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling) -> LoRAShape:
-    info = check_mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling)
+def check_mor_linear(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, check_indices=True) -> LoRAShape:
+    info = check_mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, check_indices=check_indices)
     check_tensor("weight", weight, dim=2)
     if tuple(weight.shape) != (info.d_out, info.d_in):
         raise ValueError(
@@ -226,7 +232,7 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: i
 
 
 def check_mor_conv2d(
-    x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation
+    x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation, check_indices=True
 ) -> tuple[LoRAShape, tuple[int, int], tuple[int, int], tuple[int, int]]:
     check_tensor("x", x, dim=4)
     check_float("x", x)
@@ -256,6 +262,8 @@ def check_mor_conv2d(
         raise ValueError(f"x {_shape(x)} is too small for a {kh}x{kw} kernel with stride={s} padding={p} dilation={d}")
     num_shared = check_int("num_shared", num_shared, low=0, high=ranks)
     _check_scaling(scaling)
-    k, _ = _check_routing(x, idx, gate, allow_token=False, ranks=ranks, num_shared=num_shared)
+    k, _ = _check_routing(
+        x, idx, gate, allow_token=False, ranks=ranks, num_shared=num_shared, check_indices=check_indices
+    )
     info = LoRAShape(x.shape[0], h_out * w_out, c_in * kh * kw, c_out, ranks, num_shared, k, False)
     return info, s, p, d

@@ -95,7 +95,17 @@ class MoRLinear(MoRLayer):
         idx, gate = self.router(x)
         x, weight, bias, a, b = self._operands(x)
         return mor_kernels.mor_linear(
-            x, weight, bias, a, b, idx, gate, self.num_shared, self.scaling, backend=self.config.backend
+            x,
+            weight,
+            bias,
+            a,
+            b,
+            idx,
+            gate,
+            self.num_shared,
+            self.scaling,
+            backend=self.config.backend,
+            check_indices=False,  # idx comes from mor_kernels.route: no device sync per layer
         )
 
 
@@ -132,6 +142,7 @@ class MoRConv2d(MoRLayer):
             base.padding,
             base.dilation,
             backend=self.config.backend,
+            check_indices=False,  # idx comes from mor_kernels.route: no device sync per layer
         )
 
 

@@ -173,3 +173,18 @@ def test_route_errors(over, exc, pattern):
 def test_bad_backend_name(lin):
     with pytest.raises(ValueError, match=r"backend must be one of .*got 'fast'"):
         mor_kernels.mor_lora(lin.x, lin.lora_a, lin.lora_b, lin.idx, lin.gate, 2, 1.0, backend="fast")
+
+
+def test_check_indices_false_skips_the_device_sync(lin, monkeypatch):
+    """The MoR layers pass route's indices with check_indices=False: no aminmax (a host sync) runs."""
+    want = call_lora(lin)
+
+    def no_sync(*_args, **_kwargs):
+        raise AssertionError("the index range check ran")
+
+    monkeypatch.setattr(torch, "aminmax", no_sync)
+    args = (lin.x, lin.lora_a, lin.lora_b, lin.idx, lin.gate, lin.num_shared, lin.scaling)
+    got = mor_kernels.mor_lora(*args, backend="reference", check_indices=False)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(AssertionError, match="the index range check ran"):
+        mor_kernels.mor_lora(*args, backend="reference")
