@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mor_kernels.testing import TOLERANCES, assert_parity, poison_allocations, random_case
+from mor_kernels.testing import TOLERANCES, assert_parity, parity, poison_allocations, random_case
 
 
 def test_table_matches_the_spec():
@@ -28,6 +28,34 @@ def test_fails_when_twice_the_reference_low_precision_error_is_exceeded():
     assert_parity(lowp, ref, lowp=lowp)
     with pytest.raises(AssertionError, match="more than twice the reference path"):
         assert_parity(worse, ref, lowp=lowp)
+
+
+def test_rounding_floor_of_the_2x_rule_follows_the_sum_of_magnitudes():
+    """A float32 dot product that cancels: the float32 reference may be exactly rounded by luck, so the
+    floor is one rounding at the scale of sum |terms| (``cond``), and still well inside the table."""
+    gen = torch.Generator().manual_seed(13)  # a draw where the old floor (one ulp of |ref|) was too tight
+    a, b = (
+        torch.randn(4, 200, generator=gen, dtype=torch.float64),
+        torch.randn(200, generator=gen, dtype=torch.float64),
+    )
+    ref = a @ b
+    cond = a.abs() @ b.abs()  # the same computation on |inputs|
+    exact = ref.float()  # an exactly rounded "reference": error <= half an ulp of ref
+    reordered = a.float().flip(1) @ b.float().flip(0)  # another summation order, as a kernel would
+    assert not parity(reordered, ref, dtype=torch.float32, lowp=exact).ok  # floor at |ref|'s scale: too tight
+    assert_parity(reordered, ref, dtype=torch.float32, lowp=exact, cond=cond)
+    eps = torch.finfo(torch.float32).eps
+    worse = ref + 4 * eps * cond.max()  # four roundings at that scale: inside the table, yet fails the rule
+    assert (worse - ref).abs().max() < 1e-4 + 1e-4 * ref.abs().min()
+    with pytest.raises(AssertionError, match="more than twice the reference path"):
+        assert_parity(worse.float(), ref, dtype=torch.float32, lowp=exact, cond=cond)
+
+
+def test_magnitudes_case_is_the_absolute_oracle():
+    c = random_case(seed=2)
+    m = c.magnitudes()
+    assert m.x.dtype == torch.float64 and m.x.requires_grad and torch.equal(m.x.detach(), c.x.double().abs())
+    assert (m.lora_b >= 0).all() and m.scaling == abs(c.scaling) and torch.equal(m.idx, c.idx)
 
 
 def test_non_finite_and_shape_mismatch_fail():

@@ -24,23 +24,26 @@ def check_conv(case, dtype, channels_last=False, seed=1):
     lowp = case.to(dtype, device=DEVICE, requires_grad=True)
     test = case.to(dtype, device=DEVICE, requires_grad=True)
     x_test = test.x.to(memory_format=torch.channels_last) if channels_last else test.x
+    mags = case.magnitudes()  # the oracle on |inputs|: the rounding floor of the 2x rule
     want = ref_ops.mor_conv2d(*_args(oracle), **case.conv)
+    cond = ref_ops.mor_conv2d(*_args(mags), **case.conv)
     want_lowp = ref_ops.mor_conv2d(*_args(lowp), **case.conv, upcast=False)
     with poison_allocations():
         got = mor_kernels.mor_conv2d(x_test, *_args(test)[1:], **case.conv, backend="triton")
     assert got.dtype == dtype
     if channels_last and min(got.shape[2:]) > 1:  # the output keeps the input's layout
         assert got.is_contiguous(memory_format=torch.channels_last)
-    assert_parity(got, want, dtype=dtype, lowp=want_lowp, name="y")
+    assert_parity(got, want, dtype=dtype, lowp=want_lowp, cond=cond, name="y")
     names = [n for n in NAMES if getattr(case, n) is not None]
     dy = torch.randn(got.shape, generator=torch.Generator().manual_seed(seed)).to(dtype).double()
     g_want = torch.autograd.grad(want, [getattr(oracle, n) for n in names], dy)
+    g_cond = torch.autograd.grad(cond, [getattr(mags, n) for n in names], dy.abs())
     dy_l = dy.to(dtype=dtype, device=DEVICE)
     g_lowp = torch.autograd.grad(want_lowp, [getattr(lowp, n) for n in names], dy_l)
     with poison_allocations():
         g_got = torch.autograd.grad(got, [getattr(test, n) for n in names], dy_l)
-    for name, a, w, lp in zip(names, g_got, g_want, g_lowp, strict=True):
-        assert_parity(a, w, dtype=dtype, lowp=lp, name=f"d{name}")
+    for name, a, w, c, lp in zip(names, g_got, g_want, g_cond, g_lowp, strict=True):
+        assert_parity(a, w, dtype=dtype, lowp=lp, cond=c, name=f"d{name}")
 
 
 @pytest.mark.parametrize(
