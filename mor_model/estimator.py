@@ -99,13 +99,34 @@ class DegradationEstimator(nn.Module):
         super().__init__()
         self.clip = clip_model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.prompt_pairs = _check_pairs(prompt_pairs)
+        self._text_cache: tuple[tuple, torch.Tensor] | None = None  # ((device, dtype), (P, 2, e))
+        self.prompt_pairs = prompt_pairs
         self.model_cfg = model_cfg
         size = getattr(getattr(clip_model, "visual", None), "image_size", 224)
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self._text_cache: tuple[tuple, torch.Tensor] | None = None  # ((device, dtype), (P, 2, e))
+        # plain float constants, not buffers: ``.half()`` on the estimator must not round them
+        self.mean = tuple(float(v) for v in torch.as_tensor(mean, dtype=torch.float64).flatten())
+        self.std = tuple(float(v) for v in torch.as_tensor(std, dtype=torch.float64).flatten())
+        # new weights make the cached text embeddings stale
+        for m in (self, self.clip):
+            m.register_load_state_dict_post_hook(self._weights_loaded)
+
+    def _weights_loaded(self, module, incompatible_keys) -> None:
+        self.clear_text_cache()
+
+    @property
+    def prompt_pairs(self) -> tuple[tuple[str, str], ...]:
+        return self._prompt_pairs
+
+    @prompt_pairs.setter
+    def prompt_pairs(self, pairs) -> None:
+        self._prompt_pairs = _check_pairs(pairs)
+        self.clear_text_cache()
+
+    def clear_text_cache(self) -> None:
+        """Forgets the cached text embeddings (done automatically on new prompts or a state dict load;
+        call it after changing the CLIP weights in place any other way)."""
+        self._text_cache = None
 
     def train(self, mode: bool = True):
         """The CLIP model stays in eval mode (it is frozen)."""
@@ -169,7 +190,7 @@ class DegradationEstimator(nn.Module):
             raise ValueError("this estimator does not know its open_clip config (built from a bare model)")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        pre = {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+        pre = {"mean": list(self.mean), "std": list(self.std)}
         (path / CONFIG_NAME).write_text(json.dumps({"model_cfg": self.model_cfg, "preprocess_cfg": pre}, indent=2))
         state = {k: v.detach().contiguous().cpu() for k, v in self.clip.state_dict().items()}
         save_file(state, str(path / WEIGHTS_NAME))
@@ -194,14 +215,16 @@ class DegradationEstimator(nn.Module):
             x = F.interpolate(x, size=(rh, rw), mode="bicubic", align_corners=False, antialias=True)
         top, left = (rh - th) // 2, (rw - tw) // 2
         x = x[..., top : top + th, left : left + tw].clamp(0, 1)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
 
     def text_embeddings(self) -> torch.Tensor:
         """``(P, 2, e)`` normalised float32 text embeddings (positive, negative), computed once per device."""
         key = (self.clip.logit_scale.device, self.clip.logit_scale.dtype)
         if self._text_cache is None or self._text_cache[0] != key:
             prompts = [p for pair in self.prompt_pairs for p in pair]
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(key[0].type, enabled=False):
                 tokens = self.tokenizer(prompts).to(key[0])
                 emb = F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
             self._text_cache = (key, emb.reshape(len(self.prompt_pairs), 2, -1))
@@ -214,12 +237,17 @@ class DegradationEstimator(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Scores ``(B, P)`` float32 in (0, 1) for ``images (B, 3, H, W)`` in ``[0, 1]``."""
-        pixels = self.preprocess(images.to(self.clip.logit_scale.device))
-        dtype = next(self.clip.visual.parameters()).dtype
-        img = F.normalize(self.clip.encode_image(pixels.to(dtype)).float(), dim=-1)  # (B, e)
-        cos = torch.einsum("be,pje->bpj", img, self.text_embeddings())  # (B, P, 2)
-        return torch.sigmoid(self.tau * (cos[..., 1] - cos[..., 0]))
+        """Scores ``(B, P)`` float32 in (0, 1) for ``images (B, 3, H, W)`` in ``[0, 1]``.
+
+        The CLIP towers run in the estimator's own dtype and the score maths in float32, also inside a
+        ``torch.autocast`` region (which is switched off here)."""
+        device = self.clip.logit_scale.device
+        with torch.autocast(device.type, enabled=False):
+            pixels = self.preprocess(images.to(device))
+            dtype = next(self.clip.visual.parameters()).dtype
+            img = F.normalize(self.clip.encode_image(pixels.to(dtype)).float(), dim=-1)  # (B, e)
+            cos = torch.einsum("be,pje->bpj", img, self.text_embeddings())  # (B, P, 2)
+            return torch.sigmoid(self.tau * (cos[..., 1] - cos[..., 0]))
 
     @staticmethod
     def severity(scores: torch.Tensor) -> torch.Tensor:

@@ -80,11 +80,16 @@ def inject_mor(module: nn.Module, config: MoRConfig | None = None) -> InjectionR
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     report = InjectionReport(config)
     existing = list(mor_layers(module))
+    peft_wrappers: list[str] = []
     todo = []
     for name, mod in module.named_modules():
         if any(name.startswith(p + ".") or (p == "" and name) for p in existing):
             continue  # inside an existing MoR layer
+        if any(name.startswith(w + ".") and not name.startswith(w + ".base_layer") for w in peft_wrappers):
+            continue  # PEFT's own parts of a wrapper (lora_A, lora_B, dropout...): not targets
         is_leaf = isinstance(mod, (nn.Linear, nn.Conv2d, MoRLayer))
+        if not isinstance(mod, MoRLayer) and isinstance(getattr(mod, "base_layer", None), nn.Module):
+            peft_wrappers.append(name)
         peft_base = name == "base_layer" or name.endswith(".base_layer")
         logical = _split(name)[0] if (is_leaf and peft_base) else name
         if not match_target(logical, config.target_modules):

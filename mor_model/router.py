@@ -82,6 +82,12 @@ class MoRRouter(nn.Module):
 
     # -- routing -----------------------------------------------------------------------------
     def _logits(self, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+        # float32 logits even inside torch.autocast (F.linear would run in the autocast dtype there), so
+        # a layer routes the same in float32 training and under mixed precision
+        with torch.autocast(x.device.type, enabled=False):
+            return self._logits_float32(x, channels_last)
+
+    def _logits_float32(self, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
         batch = x.shape[0]
         logits = None
         if self.token is not None:

@@ -104,3 +104,35 @@ def test_custom_prompts_and_errors(tmp_path):
         DegradationEstimator.from_config(CLIP_CONFIG, checkpoint=tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="model_cfg"):
         DegradationEstimator.from_config({"embed_dim": 8})
+
+
+def test_float32_under_autocast_and_cache_not_spoiled():
+    """Scores are float32 maths whatever autocast region the caller is in, and the text cache filled
+    inside one is the float32 one."""
+    est = DegradationEstimator.from_config(CLIP_CONFIG)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = est(images)
+    assert inside.dtype == torch.float32
+    assert torch.equal(est(images), inside)
+    fresh = DegradationEstimator.from_config(CLIP_CONFIG)
+    fresh.load_state_dict(est.state_dict())
+    assert torch.equal(fresh(images), inside)
+
+
+def test_text_cache_follows_new_weights_and_prompts():
+    torch.manual_seed(3)
+    est, other = DegradationEstimator.from_config(CLIP_CONFIG), DegradationEstimator.from_config(CLIP_CONFIG)
+    images = torch.rand(2, 3, 32, 32)
+    est(images)  # fills the cache with est's own text embeddings
+    est.load_state_dict(other.state_dict())
+    assert torch.equal(est(images), other(images))
+    est.clip.load_state_dict(DegradationEstimator.from_config(CLIP_CONFIG).clip.state_dict())
+    assert not torch.equal(est(images), other(images))
+    est.prompt_pairs = [("a sharp photo", "a blurry photo")]
+    assert est(images).shape == (2, 1)
+
+
+def test_normalisation_constants_survive_half():
+    est = DegradationEstimator.from_config(CLIP_CONFIG).half()
+    assert est.mean == tuple(float(v) for v in open_clip.OPENAI_DATASET_MEAN)

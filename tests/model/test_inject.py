@@ -171,6 +171,27 @@ def test_peft_wrapped_layers_and_unsupported_convs():
     assert isinstance(peft.base_layer, nn.Linear) and not isinstance(peft.base_layer, MoRLayer)
 
 
+def test_real_peft_adapters_keep_their_own_lora_layers():
+    """diffusers' ``add_adapter`` (PEFT) wraps convs and linears; with the default targets (``re:conv``
+    matches PEFT's ``conv1.lora_A.default`` too) only the wrapped base layers get MoR adapters."""
+    peft = pytest.importorskip("peft", reason="peft is part of the 'dev' extra")
+    unet = tiny_unet()
+    x, t, enc = unet_inputs()
+    unet.add_adapter(
+        peft.LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "conv1", "conv_in"], init_lora_weights="gaussian")
+    )
+    with torch.no_grad():
+        y0 = unet(x, t, enc).sample
+    peft_names = {n for n, m in unet.named_modules() if isinstance(getattr(m, "base_layer", None), nn.Module)}
+    report = inject_mor(unet, small_config())
+    assert len(report.replaced) == 73 and not [n for n in report.replaced if ".lora_" in n]
+    assert {f"{n}.base_layer" for n in peft_names} <= set(report.replaced)
+    assert not [n for n in report.skipped if ".lora_" in n]
+    set_degradation(unet, torch.rand(2, 7))
+    with torch.no_grad():  # MoR starts as the identity around PEFT's base layers: PEFT's output is kept
+        torch.testing.assert_close(unet(x, t, enc).sample, y0, atol=1e-5, rtol=1e-5)
+
+
 def test_no_match_and_bad_arguments():
     with pytest.raises(ValueError, match="no module name matches"):
         inject_mor(nn.Sequential(nn.Linear(3, 3)), small_config(target_modules=("to_q",)))

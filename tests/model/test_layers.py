@@ -251,3 +251,19 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         layer(torch.randn(3, 4, 4))
     assert mor_model.mor_layers(layer) == {"": layer}
+
+
+def test_routing_is_the_same_under_autocast():
+    """Router logits stay float32 inside torch.autocast, so mixed precision picks the same slots."""
+    torch.manual_seed(0)
+    layer = MoRLinear(nn.Linear(16, 16), small_config(num_shared=2, num_routed=32, num_zero=4, top_k=8))
+    for p in layer.router.parameters():
+        nn.init.normal_(p, std=3.0)
+    scores = torch.rand(512, 7)
+    x = torch.randn(512, 3, 16)
+    with degradation(layer, scores), torch.no_grad():
+        layer(x)
+        plain = layer.router.last_idx.clone()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x)
+    assert torch.equal(layer.router.last_idx, plain)
