@@ -129,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders (kept in the output)")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs (never inputs)")
     g.add_argument("--ext", default=".png", help="output format: .png (default), .jpg, .webp, .bmp, .tif")
-    g.add_argument("--suffix", default="", help="added to output file stems, e.g. _x4")
+    g.add_argument(
+        "--suffix",
+        default="",
+        help="added to output file stems, e.g. _x4; needed when -o is (or contains) a scanned input folder: files "
+        "there whose names end with SUFFIX+EXT are then taken as earlier outputs, not as inputs",
+    )
     g.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward (same-size images only)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
@@ -212,31 +217,20 @@ def _run_kwargs(args) -> dict:
     }
 
 
-def _without_outputs(collected, out_dir: Path):
-    """Drops files found inside the output folder (``-o`` inside a scanned input folder), so earlier
-    results are never taken as new inputs."""
-    from .image_io import CollectedImages
-
-    out_dir = out_dir.resolve()
-    keep = CollectedImages(errors=list(collected.errors))
-    dropped = 0
-    for f, root in zip(collected.files, collected.roots, strict=True):
-        if root is not None and out_dir != root.resolve() and out_dir in f.resolve().parents:
-            dropped += 1
-            continue
-        keep.files.append(f)
-        keep.roots.append(root)
-    if dropped:
-        _err(f"ignoring {dropped} files inside the output folder {out_dir}")
-    return keep
-
-
 def _upscale(args) -> int:
     import torch
 
-    from .image_io import ImageReadError, collect_images, load_image, plan_outputs, save_image
+    from .image_io import ImageReadError, collect_images, drop_earlier_outputs, load_image, plan_outputs, save_image
 
-    collected = _without_outputs(collect_images(args.inputs, recursive=args.recursive), Path(args.output))
+    try:
+        collected, earlier = drop_earlier_outputs(
+            collect_images(args.inputs, recursive=args.recursive), args.output, suffix=args.suffix, ext=args.ext
+        )
+    except ValueError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    if earlier:
+        _err(f"ignoring {len(earlier)} earlier outputs found among the inputs (inside {args.output})")
     failures = 0
     for path, why in collected.errors:
         _err(f"skipping {path}: {why}")

@@ -9,6 +9,10 @@
   channels are kept as stored); the EXIF orientation is applied. Pillow decodes 16-bit *RGB* files
   to 8 bits, so those are read at 8-bit precision. Unreadable or
   corrupt files raise ``ImageReadError`` (a ``ValueError``) naming the file.
+- ``drop_earlier_outputs(collected, out_dir, ...)``: when the output folder overlaps the scanned
+  input folders, takes earlier results out of the inputs (so a rerun skips them instead of
+  upscaling them again), and refuses (``ValueError``) a layout where outputs could not be told from
+  inputs.
 - ``plan_outputs(files, out_dir, ...)``: one output path per input that never equals an input file,
   never collides with another output, and keeps sub-folders of folder inputs; existing outputs are
   marked to be skipped unless ``overwrite``.
@@ -37,6 +41,7 @@ __all__ = [
     "collect_images",
     "load_image",
     "iter_images",
+    "drop_earlier_outputs",
     "plan_outputs",
     "save_image",
 ]
@@ -74,11 +79,12 @@ class ImageReadError(ValueError):
 class CollectedImages:
     """Result of ``collect_images``: ``files`` to process, ``roots[i]`` the folder argument ``files[i]`` came
     from (None for a file given directly; used to keep sub-folders in the output), ``errors`` as
-    ``(path, reason)`` pairs."""
+    ``(path, reason)`` pairs, ``recursive`` whether sub-folders of the folder arguments were scanned."""
 
     files: list[Path] = field(default_factory=list)
     roots: list[Path | None] = field(default_factory=list)
     errors: list[tuple[Path, str]] = field(default_factory=list)
+    recursive: bool = False
 
 
 def is_image_file(path: Path | str) -> bool:
@@ -93,7 +99,7 @@ def collect_images(inputs: Iterable[str | os.PathLike], *, recursive: bool = Fal
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    result = CollectedImages()
+    result = CollectedImages(recursive=bool(recursive))
     seen: set[Path] = set()
 
     def add(p: Path, root: Path | None) -> None:
@@ -184,6 +190,65 @@ def iter_images(
             yield Path(p), load_image(p), None
         except ImageReadError as e:
             yield Path(p), None, e
+
+
+def _output_folder(f: Path, root: Path | None, out_dir: Path) -> Path:
+    return out_dir / f.parent.relative_to(root) if root is not None else out_dir
+
+
+def drop_earlier_outputs(
+    collected: CollectedImages, out_dir: str | os.PathLike, *, suffix: str = "", ext: str = ".png"
+) -> tuple[CollectedImages, list[Path]]:
+    """Takes earlier results out of ``collected`` when the output folder overlaps the scanned folders.
+
+    Returns ``(kept, dropped)``. Files given by name (root None) are always kept. Two cases:
+
+    - ``out_dir`` lies strictly inside a scanned folder (``-o in/out -r`` on ``in/``): every file found
+      inside ``out_dir`` through that folder is an earlier result and is dropped.
+    - Outputs would be written into a scanned folder (``-o`` equal to a folder input, or above one):
+      outputs and inputs then share folders, so on the next run the outputs would be found as
+      inputs. With an empty ``suffix`` an output ``p.png`` cannot be told from an input ``p.png``:
+      ``ValueError``. With a suffix every output name ends with ``suffix + ext`` (see
+      :func:`plan_outputs`), so files in those folders whose names end so (compared
+      case-insensitively) are taken as earlier outputs and dropped; a rerun then skips their
+      inputs instead of upscaling the outputs again.
+    """
+    out = Path(out_dir).resolve()
+    ext = ext if ext.startswith(".") else "." + ext
+    rows = [(f, root, f.resolve(), None if root is None else root.resolve()) for f, root in
+            zip(collected.files, collected.roots, strict=True)]  # fmt: skip
+    kept, dropped = [], []
+    for f, root, rf, rr in rows:
+        # found through a folder above the output folder: an earlier result
+        if rr is not None and rr in out.parents and out in rf.parents:
+            dropped.append(f)
+        else:
+            kept.append((f, root, rf, rr))
+    roots = {rr for *_, rr in kept if rr is not None}
+
+    def scanned(folder: Path) -> bool:
+        return any(
+            r not in out.parents and (folder == r or (collected.recursive and r in folder.parents)) for r in roots
+        )
+
+    mixed = {o for _, _, rf, rr in kept if scanned(o := _output_folder(rf, rr, out))}
+    if mixed:
+        if not suffix:
+            raise ValueError(
+                f"outputs would be written into the scanned input folder {sorted(mixed)[0]}: on the next run they "
+                "would be taken as new inputs; choose an output folder outside the inputs, or set a suffix "
+                "(e.g. --suffix _x4) so earlier outputs can be recognised and skipped"
+            )
+        tail = (suffix + ext).casefold()
+        is_output = [
+            rr is not None and rf.parent in mixed and rf.name.casefold().endswith(tail) for _, _, rf, rr in kept
+        ]
+        dropped += [f for (f, *_), out_name in zip(kept, is_output, strict=True) if out_name]
+        kept = [row for row, out_name in zip(kept, is_output, strict=True) if not out_name]
+    result = CollectedImages(errors=list(collected.errors), recursive=collected.recursive)
+    result.files = [f for f, *_ in kept]
+    result.roots = [root for _, root, *_ in kept]
+    return result, dropped
 
 
 @dataclass(frozen=True)

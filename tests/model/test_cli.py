@@ -104,6 +104,32 @@ def test_upscale_next_to_inputs_and_errors(model_dir, inputs, tmp_path):
     assert main(["upscale", str(inputs / "b.jpg"), "-o", str(tmp_path / "o"), "--model", str(tmp_path)]) == 2
 
 
+def test_upscale_into_the_input_folder_reruns_cleanly(model_dir, tmp_path, capsys):
+    """-o equal to the scanned folder: refused without a suffix (outputs could not be told from inputs on
+    the next run); with one, reruns skip the existing outputs and never upscale an output again."""
+    d = tmp_path / "photos"
+    (d / "sub").mkdir(parents=True)
+    photo((8, 8)).save(d / "p.png")
+    photo((8, 8)).save(d / "sub" / "q.png")
+    base = ["upscale", str(d), "-r", "-o", str(d), "--model", str(model_dir), "-q"]
+    assert main(base) == 2
+    assert "suffix" in capsys.readouterr().err
+    assert sorted(p.name for p in d.rglob("*.png")) == ["p.png", "q.png"]  # nothing written
+    stamps = None
+    for run in range(3):
+        assert main([*base, "--suffix", "_x4"]) == 0
+        err = capsys.readouterr().err
+        files = sorted(p.relative_to(d).as_posix() for p in d.rglob("*.png"))
+        assert files == ["p.png", "p_x4.png", "sub/q.png", "sub/q_x4.png"], (run, files)
+        assert Image.open(d / "p_x4.png").size == (32, 32)
+        now = {p: p.stat().st_mtime_ns for p in d.rglob("*.png")}
+        if stamps is None:
+            stamps = now
+        else:
+            assert "2 skipped" in err and "2 earlier outputs" in err
+            assert now == stamps  # nothing rewritten, nothing new
+
+
 def test_route_stats(model_dir, inputs, tmp_path, capsys):
     png, js = tmp_path / "heat.png", tmp_path / "stats.json"
     code = main(

@@ -13,6 +13,7 @@ Image = pytest.importorskip("PIL.Image", reason="image I/O needs Pillow (the [mo
 from mor_model.image_io import (  # noqa: E402
     ImageReadError,
     collect_images,
+    drop_earlier_outputs,
     iter_images,
     load_image,
     plan_outputs,
@@ -168,6 +169,47 @@ def test_plan_outputs_never_overwrites_inputs_and_avoids_collisions(tmp_path):
     assert plan_outputs(collect_images([u]), u)[0].output.name == "P_png.png"
     with pytest.raises(ValueError, match="ext"):
         plan_outputs(col, o, ext=".gif")
+
+
+def _names(col, base):
+    return sorted(f.relative_to(base).as_posix() for f in col.files)
+
+
+def test_earlier_outputs_are_not_inputs_again(tmp_path):
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    for name in ["p.png", "q.jpg", "sub/r.png"]:
+        Image.fromarray(_rgb()).save(d / name)
+    col = collect_images([d], recursive=True)
+    # -o equal to the scanned folder without a suffix: outputs could not be told from inputs -> refused
+    with pytest.raises(ValueError, match="suffix"):
+        drop_earlier_outputs(col, d)
+    with pytest.raises(ValueError, match="suffix"):
+        drop_earlier_outputs(collect_images([d]), d)
+    # with a suffix: simulate three runs; the set of inputs and outputs stays the same after the first
+    for _ in range(3):
+        kept, dropped = drop_earlier_outputs(collect_images([d], recursive=True), d, suffix="_x4")
+        assert _names(kept, d) == ["p.png", "q.jpg", "sub/r.png"]
+        for plan in plan_outputs(kept, d, suffix="_x4"):
+            if not plan.skip:
+                save_image(torch.rand(3, 4, 4), plan.output)
+    assert sorted(dropped) == sorted([d / "p_x4.png", d / "q_x4.png", d / "sub" / "r_x4.png"])
+    assert sorted(f.relative_to(d).as_posix() for f in d.rglob("*.png")) == [
+        "p.png", "p_x4.png", "q_x4.png", "sub/r.png", "sub/r_x4.png",
+    ]  # fmt: skip
+    assert all(p.skip for p in plan_outputs(kept, d, suffix="_x4"))  # the rerun skips everything
+    # case-insensitive match of the output names
+    Image.fromarray(_rgb()).save(d / "S_X4.PNG")
+    assert "S_X4.PNG" not in _names(drop_earlier_outputs(collect_images([d]), d, suffix="_x4")[0], d)
+    # -o inside a scanned folder: everything found inside it is an earlier result (no suffix needed)
+    kept, dropped = drop_earlier_outputs(collect_images([d], recursive=True), d / "sub")
+    assert d / "sub" / "r.png" in dropped and "p.png" in _names(kept, d)
+    # a folder input inside the output folder (outputs go elsewhere): nothing is dropped or refused
+    kept, dropped = drop_earlier_outputs(collect_images([d / "sub"]), d)
+    assert not dropped and _names(kept, d) == ["sub/r.png", "sub/r_x4.png"]
+    # files given by name are always inputs, and the output folder is not scanned then
+    kept, dropped = drop_earlier_outputs(collect_images([d / "p.png", d / "p_x4.png"]), d)
+    assert not dropped and len(kept.files) == 2
 
 
 @pytest.mark.parametrize("ext", [".png", ".jpg", ".webp", ".bmp", ".tiff"])
