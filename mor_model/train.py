@@ -28,6 +28,12 @@ Outputs under ``output_dir``:
 Resume: ``resume: latest`` (or ``--resume``) continues from the newest complete checkpoint: weights,
 optimiser, scheduler, step counter and the data position are restored, so the run continues as if
 never interrupted.
+
+One run per ``output_dir``: a fresh start (no resume) in an ``output_dir`` that already holds
+checkpoints, a log or ``final/`` of an earlier run is refused, and so is resuming from an older
+checkpoint of that folder while later ones exist (the new steps would be mixed with the old run's:
+pruning keeps the highest step numbers, and a later ``--resume`` would pick the stale run). With
+``overwrite: true`` (``--overwrite``) the conflicting files are deleted first.
 """
 
 from __future__ import annotations
@@ -49,11 +55,12 @@ from torch import nn
 from .pipeline import ADAPTER_DIR, CLIP_DIR, VAE_ADAPTER_DIR
 from .train_config import TrainConfig, load_config
 
-__all__ = ["OneStepSR", "Trainer", "build_model", "latest_checkpoint", "main"]
+__all__ = ["OneStepSR", "OutputDirInUse", "Trainer", "build_model", "conflicting_outputs", "latest_checkpoint", "main"]
 
 CHECKPOINT_PREFIX = "step-"
 STATE_NAME = "trainer_state.json"
 LOG_NAME = "train_log.jsonl"
+LAYERS_NAME = "routing_layers.json"
 #: the VAE-encoder modules a plain LoRA adapts (OSEDiff: encoder convs, attention projections, quant_conv)
 VAE_LORA_TARGETS = (r"re:^encoder\..*(conv(1|2|_in|_out|_shortcut)?|to_q|to_k|to_v|to_out\.0)$", "quant_conv")
 
@@ -293,6 +300,48 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name[len(CHECKPOINT_PREFIX) :])
+
+
+class OutputDirInUse(ValueError):
+    """``output_dir`` holds files of another run that this one would be mixed with (see ``overwrite``)."""
+
+
+def conflicting_outputs(cfg: TrainConfig) -> list[Path]:
+    """The files of ``cfg.output_dir`` that a run with this config would mix with its own.
+
+    ``resume: latest``: none (the run continues the newest checkpoint). Resuming from a checkpoint of
+    ``output_dir``: the checkpoints after it (another continuation of that run). A fresh start, or a
+    resume from a checkpoint elsewhere: every checkpoint, the log, ``routing_layers.json`` and ``final/``.
+    """
+    out = Path(cfg.output_dir)
+    if cfg.resume == "latest":
+        return []
+    ckpts = checkpoint_dirs(out)
+    if cfg.resume is not None:
+        start = Path(cfg.resume).resolve()
+        mine = [d for d in ckpts if d.resolve() == start]
+        if mine:
+            return [d for d in ckpts if _step_of(d) > _step_of(mine[0])]
+    return ckpts + [p for p in (out / LOG_NAME, out / LAYERS_NAME, out / "final") if p.exists()]
+
+
+def _refusal(cfg: TrainConfig, conflicts: list[Path]) -> str:
+    names = ", ".join(str(p.relative_to(cfg.output_dir)) for p in conflicts[:4]) + (
+        " ..." if len(conflicts) > 4 else ""
+    )
+    if cfg.resume is not None and cfg.resume != "latest" and all(p.parent.name == "checkpoints" for p in conflicts):
+        return (
+            f"resuming from {cfg.resume}, but {cfg.output_dir} has later checkpoints ({names}) that the new steps "
+            "would be mixed with: pass --overwrite to delete them, or --resume to continue from the latest"
+        )
+    return (
+        f"output_dir {cfg.output_dir} already holds an earlier run ({names}): pass --resume to continue it, "
+        "--overwrite (config: overwrite: true) to delete it and start again, or choose another --output-dir"
+    )
+
+
 class Trainer:
     """Runs the training described by a :class:`TrainConfig` (see the module docstring).
 
@@ -456,7 +505,7 @@ class Trainer:
         per_layer = stats.active_ranks.mean(dim=1)  # (L,)
         rec = {"active_ranks_mean": float(per_layer.mean())}
         if with_layers:
-            names_file = self.out / "routing_layers.json"
+            names_file = self.out / LAYERS_NAME
             if self.accelerator.is_main_process and not names_file.exists():
                 names_file.write_text(json.dumps(stats.layers) + "\n")
             rec["active_ranks_per_layer"] = [round(float(v), 4) for v in per_layer]
@@ -487,7 +536,18 @@ class Trainer:
     def train(self) -> dict:
         """Runs to ``max_steps``; returns the last log record."""
         cfg, acc = self.cfg, self.accelerator
+        conflicts = conflicting_outputs(cfg)
+        if conflicts and not cfg.overwrite:
+            raise OutputDirInUse(_refusal(cfg, conflicts))
+        acc.wait_for_everyone()  # every process has looked before the main one deletes
         if acc.is_main_process:
+            for p in conflicts:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+            if conflicts:
+                self._log(f"overwrite: deleted {len(conflicts)} files/folders of an earlier run in {self.out}")
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         if cfg.resume is not None:
@@ -573,10 +633,10 @@ output_dir, data.hr. Example with every default spelled out:
    "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "weight_decay": 0.01,
    "max_grad_norm": 1.0, "mixed_precision": "no", "gradient_checkpointing": false, "seed": 0,
    "losses": {"l2": 1.0, "lpips": 2.0, "balance": 1.0},
-   "lpips": {"net": "vgg", "backbone_weights": "weights/vgg16-397923af.pth",
-             "linear_weights": null, "allow_missing": false},
+   "lpips": {"net": "vgg", "backbone_weights": null,    # a local torchvision vgg16/alexnet file,
+             "linear_weights": null, "allow_missing": false},  # e.g. "weights/vgg16-397923af.pth"
    "checkpoint_every": 500, "keep_checkpoints": 3, "log_every": 1, "layer_stats_every": 1,
-   "resume": null, "cpu": false}
+   "resume": null, "overwrite": false, "cpu": false}
 
 Outputs: output_dir/checkpoints/step-N/ (adapters + optimizer/scheduler/RNG state), output_dir/final/
 (mor_adapter/, vae_encoder_adapter/: `mor-sr upscale --model MODEL --adapter output_dir/final/mor_adapter
@@ -605,6 +665,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="resume from the newest complete checkpoint in output_dir/checkpoints (a fresh start if there is none)",
     )
     p.add_argument("--resume-from", metavar="CHECKPOINT_DIR", help="resume from this checkpoint directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="start although output_dir holds an earlier run: its checkpoints, log and final/ are deleted "
+        "(with --resume-from: only the checkpoints after the one resumed); without it such a start is refused",
+    )
     p.add_argument("--cpu", action="store_true", default=None, help="train on the CPU")
     p.add_argument(
         "--set",
@@ -628,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": args.cpu,
         "output_dir": os.path.abspath(args.output_dir) if args.output_dir else None,
         "resume": os.path.abspath(args.resume_from) if args.resume_from else args.resume,
+        "overwrite": args.overwrite,
     }
     try:
         cfg = load_config(args.config, overrides=overrides, sets=args.set)
@@ -637,6 +705,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    conflicts = conflicting_outputs(cfg)
+    if conflicts and not cfg.overwrite:  # before the (slow) model loading
+        print(f"mor-sr train: error: {_refusal(cfg, conflicts)}", file=sys.stderr)
+        return 2
     from .train_losses import LPIPSWeightsError
 
     try:
@@ -646,7 +718,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*upsample_bicubic2d.*")
-        trainer.train()
+        try:
+            trainer.train()
+        except OutputDirInUse as e:
+            print(f"mor-sr train: error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -164,6 +164,7 @@ class TrainConfig:
     log_every: int = 1
     layer_stats_every: int = 1  # per-layer active ranks in the log every N steps (0: never)
     resume: str | None = None  # null | "latest" | a checkpoint directory
+    overwrite: bool = False  # start although output_dir holds another run (its conflicting files are deleted)
     cpu: bool = False  # train on the CPU even when a GPU is present
 
     def __post_init__(self):

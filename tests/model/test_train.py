@@ -99,6 +99,20 @@ def test_config_validation_names_the_key(tmp_path, tiny, hr_dir, capsys):
     assert "must be a multiple of 8" in capsys.readouterr().err
 
 
+def test_help_example_spells_out_the_defaults():
+    """`mor-sr train --help` shows a config "with every default spelled out": it must be the defaults."""
+    import re
+
+    from mor_model.train_config import DataConfig
+
+    text = train_mod.CONFIG_HELP
+    example = json.loads(re.sub(r"#[^\n]*", "", text[text.index("{") : text.rindex("}") + 1]))
+    defaults = TrainConfig(model="m", output_dir="o", data=DataConfig(hr=["x"])).to_dict()
+    for d in (example, defaults):
+        del d["model"], d["output_dir"], d["data"]["hr"]  # required keys: examples, not defaults
+    assert example == defaults
+
+
 def test_yaml_config(tmp_path, tiny, hr_dir):
     pytest.importorskip("yaml")
     text = f"model: {tiny}\noutput_dir: out\ndata:\n  hr: {hr_dir}\n  crop_size: 32\nmax_steps: 5\n"
@@ -234,6 +248,40 @@ def test_train_save_and_resume_exactly(tmp_path, tiny, hr_dir, alex_weights, one
     explicit = run_b / "checkpoints" / "step-00000002"
     assert train_mod.main([str(b), "--max-steps", "2", "--resume-from", str(explicit)]) == 0
     assert [r["step"] for r in _log(run_b)] == [1, 2]
+
+
+def test_one_run_per_output_dir(tmp_path, tiny, hr_dir, capsys):
+    """A fresh start in a folder holding another run is refused (its checkpoints would survive pruning and be
+    picked by a later --resume); --overwrite deletes the old run first; resuming from an older checkpoint
+    while later ones exist is refused too, and with --overwrite only the later ones go."""
+    cfg = write_config(tmp_path / "c.json", tiny, hr_dir, output_dir="run", keep_checkpoints=2)
+    run = tmp_path / "run"
+    assert train_mod.main([str(cfg)]) == 0  # steps 1, 2
+    ckpts = lambda: [d.name for d in train_mod.checkpoint_dirs(run)]  # noqa: E731
+    assert ckpts() == ["step-00000001", "step-00000002"]
+    log_before = (run / "train_log.jsonl").read_text()
+    capsys.readouterr()
+
+    assert train_mod.main([str(cfg), "--max-steps", "1"]) == 2  # fresh start, no --resume, no --overwrite
+    err = capsys.readouterr().err
+    assert "earlier run" in err and "--resume" in err and "--overwrite" in err
+    assert ckpts() == ["step-00000001", "step-00000002"] and (run / "train_log.jsonl").read_text() == log_before
+    with pytest.raises(train_mod.OutputDirInUse):  # the API refuses too
+        train_mod.Trainer(load_config(cfg), log=lambda m: None).train()
+
+    first = run / "checkpoints" / "step-00000001"
+    state = lambda step: json.loads((run / "checkpoints" / f"step-0000000{step}" / "trainer_state.json").read_text())  # noqa: E731
+    t1, t2 = state(1)["time"], state(2)["time"]
+    assert train_mod.main([str(cfg), "--resume-from", str(first)]) == 2
+    assert "later checkpoints" in capsys.readouterr().err and ckpts() == ["step-00000001", "step-00000002"]
+    assert train_mod.main([str(cfg), "--resume-from", str(first), "--overwrite"]) == 0
+    assert ckpts() == ["step-00000001", "step-00000002"]
+    assert state(1)["time"] == t1 and state(2)["time"] > t2  # step 2 was deleted and made again
+    assert [r["step"] for r in _log(run)] == [1, 2]
+
+    assert train_mod.main([str(cfg), "--max-steps", "1", "--overwrite"]) == 0
+    assert ckpts() == ["step-00000001"] and [r["step"] for r in _log(run)] == [1]
+    assert (run / "final" / "mor_adapter").is_dir()
 
 
 def test_only_adapters_train_and_the_loss_falls(tmp_path, tiny, hr_dir):
