@@ -6,8 +6,9 @@ Unmatched files are reported. PSNR and SSIM (:mod:`mor_model.metrics`) are compu
 Y channel with a border crop of ``crop_border`` pixels (the scale factor, 4 by default), as in the SR
 literature. Other metric names are pyiqa metrics (``lpips`` = AlexNet LPIPS, ``lpips-vgg``, ``dists``,
 ``musiq``, ``maniqa`` (KonIQ) vs ``maniqa-pipal`` (the OSEDiff tables), ``clipiqa``...): they run
-only when pyiqa is installed AND its weights are already on disk (nothing is downloaded: a missing
-weight file makes the metric "unavailable" with the reason, the other metrics still run).
+only when pyiqa is installed AND its weights are already on disk: while they are created and run,
+every download path is blocked (:func:`no_downloads`), so a missing weight file makes the metric
+"unavailable" with the reason and the other metrics still run; so does a metric that fails on an image.
 """
 
 from __future__ import annotations
@@ -16,12 +17,22 @@ import contextlib
 import csv
 import math
 import os
+import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-__all__ = ["BUILTIN_METRICS", "EvalResult", "evaluate", "format_summary", "write_csv"]
+__all__ = [
+    "BUILTIN_METRICS",
+    "EvalResult",
+    "MetricUnavailable",
+    "evaluate",
+    "format_summary",
+    "no_downloads",
+    "write_csv",
+]
 
 BUILTIN_METRICS = ("psnr", "ssim")
 
@@ -42,31 +53,84 @@ class EvalResult:
     errors: list[tuple[str, str]] = field(default_factory=list)
 
 
+def _blocked(what: str) -> MetricUnavailable:
+    return MetricUnavailable(
+        f"its weights are not on disk (downloads are blocked; it would fetch {what}); put them in pyiqa's cache"
+    )
+
+
+def _refuse_url(url, *args, **kwargs):
+    raise _blocked(getattr(url, "full_url", url))
+
+
+def _guarded_connect(original):
+    def connect(self, address, *args, **kwargs):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            raise _blocked(f"data from {address}")
+        return original(self, address, *args, **kwargs)
+
+    return connect
+
+
 @contextlib.contextmanager
-def _no_downloads():
-    """Makes pyiqa's weight download functions raise instead of downloading (weights must be local)."""
-    patched = []
+def no_downloads():
+    """Blocks every way of fetching weights while pyiqa metrics are created and run (weights must be local).
 
-    def refuse(url, dst=None, *args, **kwargs):
-        raise MetricUnavailable(f"its weights are not on disk (would download {url}); place them in pyiqa's cache")
+    - ``torch.hub.download_url_to_file``: used by ``torch.hub.load_state_dict_from_url``, hence by
+      torchvision's ``weights=...`` backbones (LPIPS, DISTS) and pyiqa's ``load_file_from_url``; the
+      copies of it (and of ``urlopen``/``urlretrieve``) imported into loaded ``pyiqa`` modules too;
+    - ``urllib.request.urlopen``/``urlretrieve`` (pyiqa's CLIP download, ``pyiqa.archs.clip_model``);
+    - Hugging Face: ``huggingface_hub.constants.HF_HUB_OFFLINE`` (read once at import, so setting the
+      environment variable later does nothing; the variables are set as well, for modules imported
+      inside the block), so hub look-ups answer from the local cache only;
+    - the catch-all: connecting a socket to a network address (IPv4/IPv6) fails, so any other
+      downloader (requests, httpx, a library's own code) cannot reach the network either.
 
+    Each refusal raises :class:`MetricUnavailable` naming what would have been fetched. Everything is
+    restored on exit. The socket guard holds for the whole process while the block runs (``mor-sr
+    eval`` uses no network otherwise).
+    """
     import importlib
+    import urllib.request
 
-    for mod_name in ("pyiqa.utils.download_util", "pyiqa.archs.arch_util"):
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError:
-            continue
-        if hasattr(mod, "download_url_to_file"):
-            patched.append((mod, mod.download_url_to_file))
-            mod.download_url_to_file = refuse
+    import torch.hub
+
+    patches: list[tuple[object, str, bool, object]] = []
+
+    def patch(obj, name, value):
+        patches.append((obj, name, name in vars(obj), getattr(obj, name)))
+        setattr(obj, name, value)
+
     old_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     try:
+        patch(torch.hub, "download_url_to_file", _refuse_url)
+        patch(urllib.request, "urlopen", _refuse_url)
+        patch(urllib.request, "urlretrieve", _refuse_url)
+        for name in ("connect", "connect_ex"):
+            patch(socket.socket, name, _guarded_connect(getattr(socket.socket, name)))
+        # pyiqa's modules that hold their own references to download functions (imported now, under the guard)
+        for mod_name in ("pyiqa.utils.download_util", "pyiqa.archs.arch_util", "pyiqa.archs.clip_model"):
+            try:
+                importlib.import_module(mod_name)
+            except Exception:  # noqa: BLE001, S112 - absent or broken pyiqa parts have nothing to patch
+                continue
+        for name, mod in list(sys.modules.items()):
+            if mod is None or not (name == "pyiqa" or name.startswith("pyiqa.")):
+                continue
+            for attr in ("download_url_to_file", "urlopen", "urlretrieve"):
+                if callable(getattr(mod, attr, None)):
+                    patch(mod, attr, _refuse_url)
+        hub_constants = sys.modules.get("huggingface_hub.constants")
+        if hub_constants is not None:
+            patch(hub_constants, "HF_HUB_OFFLINE", True)
         yield
     finally:
-        for mod, fn in patched:
-            mod.download_url_to_file = fn
+        for obj, name, own, value in reversed(patches):
+            if own:
+                setattr(obj, name, value)
+            else:  # an inherited attribute (socket.socket.connect): remove the override
+                delattr(obj, name)
         for k, v in old_env.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -74,7 +138,20 @@ def _no_downloads():
                 os.environ[k] = v
 
 
+def _explain(e: Exception) -> str:
+    """The reason shown for a metric that failed offline."""
+    if isinstance(e, MetricUnavailable):
+        return str(e)
+    for cause in (e, e.__cause__, e.__context__):
+        if isinstance(cause, MetricUnavailable):  # a library wrapped our refusal in its own error
+            return str(cause)
+    if type(e).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+        return f"its weights are not in the local Hugging Face cache (downloads are blocked): {e}"
+    return f"pyiqa could not create it offline: {type(e).__name__}: {e}"
+
+
 def _pyiqa_metric(name: str, device: torch.device):
+    """Creates a pyiqa metric; call inside :func:`no_downloads`."""
     try:
         import pyiqa
     except ImportError:
@@ -83,14 +160,18 @@ def _pyiqa_metric(name: str, device: torch.device):
         ) from None
     if name not in pyiqa.list_models():
         raise MetricUnavailable(f"unknown metric (pyiqa knows {len(pyiqa.list_models())} names, e.g. lpips, musiq)")
-    with _no_downloads():
-        try:
-            metric = pyiqa.create_metric(name, device=device, as_loss=False)
-        except MetricUnavailable:
-            raise
-        except Exception as e:  # pyiqa raises many kinds when offline; say which
-            raise MetricUnavailable(f"pyiqa could not create it offline: {type(e).__name__}: {e}") from None
-    return metric
+    try:
+        return pyiqa.create_metric(name, device=device, as_loss=False)
+    except Exception as e:  # noqa: BLE001 - pyiqa raises many kinds when offline; say which
+        raise MetricUnavailable(_explain(e)) from None
+
+
+@torch.no_grad()
+def _run_metric(metric, pred: torch.Tensor, gt: torch.Tensor, device: torch.device) -> float:
+    args = (pred[None].to(device),)
+    if getattr(metric, "metric_mode", "FR") != "NR":  # no-reference metrics see the prediction only
+        args = args + (gt[None].to(device),)
+    return float(metric(*args))
 
 
 def _pair(pred_dir: Path, gt_dir: Path, suffix: str, result: EvalResult) -> list[tuple[str, Path, Path]]:
@@ -151,43 +232,46 @@ def evaluate(
         raise ValueError("metrics must name at least one metric")
     device = torch.device(device)
     result = EvalResult(metrics=list(metrics))
-    iqa = {}
-    for m in metrics:
-        if m in BUILTIN_METRICS:
-            continue
-        try:
-            iqa[m] = _pyiqa_metric(m, device)
-        except MetricUnavailable as e:
-            result.unavailable[m] = str(e)
-    active = [m for m in metrics if m in BUILTIN_METRICS or m in iqa]
     pairs = _pair(pred_dir, gt_dir, suffix, result)
-    for i, (key, p, g) in enumerate(pairs):
-        try:
-            pred, gt = load_image(p), load_image(g)
-        except ImageReadError as e:
-            result.errors.append((str(e.path), e.reason))
-            continue
-        if pred.shape != gt.shape:
-            result.errors.append(
-                (str(p), f"size {tuple(pred.shape[1:])} differs from the ground truth's {tuple(gt.shape[1:])}")
-            )
-            continue
-        row = {"name": key, "pred": str(p), "gt": str(g)}
-        for m in active:
-            if m == "psnr":
-                row[m] = float(psnr(pred, gt, crop_border=crop_border, y_channel=y_channel))
-            elif m == "ssim":
-                row[m] = float(ssim(pred, gt, crop_border=crop_border, y_channel=y_channel))
-            else:
-                metric = iqa[m]
-                with torch.no_grad():
-                    args = (pred[None].to(device),)
-                    if not getattr(metric, "metric_mode", "FR") == "NR":
-                        args = args + (gt[None].to(device),)
-                    row[m] = float(metric(*args))
-        result.rows.append(row)
-        if progress is not None:
-            progress(i + 1, len(pairs))
+    guard = no_downloads() if any(m not in BUILTIN_METRICS for m in metrics) else contextlib.nullcontext()
+    with guard:
+        iqa = {}
+        for m in metrics:
+            if m in BUILTIN_METRICS:
+                continue
+            try:
+                iqa[m] = _pyiqa_metric(m, device)
+            except MetricUnavailable as e:
+                result.unavailable[m] = str(e)
+        active = [m for m in metrics if m in BUILTIN_METRICS or m in iqa]
+        for i, (key, p, g) in enumerate(pairs):
+            try:
+                pred, gt = load_image(p), load_image(g)
+            except ImageReadError as e:
+                result.errors.append((str(e.path), e.reason))
+                continue
+            if pred.shape != gt.shape:
+                result.errors.append(
+                    (str(p), f"size {tuple(pred.shape[1:])} differs from the ground truth's {tuple(gt.shape[1:])}")
+                )
+                continue
+            row = {"name": key, "pred": str(p), "gt": str(g)}
+            for m in list(active):
+                if m == "psnr":
+                    row[m] = float(psnr(pred, gt, crop_border=crop_border, y_channel=y_channel))
+                elif m == "ssim":
+                    row[m] = float(ssim(pred, gt, crop_border=crop_border, y_channel=y_channel))
+                else:
+                    try:
+                        row[m] = _run_metric(iqa[m], pred, gt, device)
+                    except Exception as e:  # noqa: BLE001 - a metric failing (e.g. fetching weights late) drops out
+                        result.unavailable[m] = f"failed on {p}: {_explain(e)}"
+                        active.remove(m)
+                        for r in result.rows:
+                            r.pop(m, None)
+            result.rows.append(row)
+            if progress is not None:
+                progress(i + 1, len(pairs))
     for m in active:  # a plain mean: identical pairs (PSNR inf) make the PSNR mean inf, as in BasicSR
         vals = [r[m] for r in result.rows]
         result.summary[m] = math.fsum(vals) / len(vals) if vals else float("nan")

@@ -77,3 +77,101 @@ def test_bad_arguments(folders, tmp_path):
         evaluate(pred, gt, crop_border=-1)
     with pytest.raises(ValueError, match="metrics"):
         evaluate(pred, gt, metrics=[" "])
+
+
+# -- pyiqa metrics: nothing may be downloaded ------------------------------------------------------------
+# pyiqa is not installed here; a fake module in sys.modules plays its part. Every URL points at port 9 of
+# this machine (the discard port), so even a broken guard could not fetch anything from outside.
+URL = "http://127.0.0.1:9/weights.pth"
+
+
+class FakeMetric:
+    metric_mode = "NR"
+
+    def __init__(self, fn=None):
+        self.fn = fn
+
+    def __call__(self, pred, gt=None):
+        if self.fn is not None:
+            self.fn()
+        return pred.mean()
+
+
+def _fake_pyiqa(tmp_path):
+    import socket
+    import types
+    import urllib.request
+
+    import torch
+
+    def torch_hub():  # pyiqa's load_file_from_url / torchvision's weights=... path
+        torch.hub.load_state_dict_from_url(URL, model_dir=str(tmp_path / "hub"), progress=False)
+
+    def torchvision_weights():  # LPIPS/DISTS backbones: vgg16(weights=...) calls weights.get_state_dict(...)
+        from torchvision.models._api import Weights, WeightsEnum
+
+        class LocalWeights(WeightsEnum):
+            V1 = Weights(url=URL, transforms=None, meta={})
+
+        LocalWeights.V1.get_state_dict(progress=False, model_dir=str(tmp_path / "tv"))
+
+    def clip_urllib():  # pyiqa.archs.clip_model._download
+        with urllib.request.urlopen(URL) as source:
+            source.read()
+
+    def hugging_face():
+        import huggingface_hub
+
+        huggingface_hub.hf_hub_download("fake/none", "w.pth", endpoint="http://127.0.0.1:9", cache_dir=tmp_path / "hf")
+
+    def raw_socket():  # any other downloader
+        socket.create_connection(("127.0.0.1", 9), timeout=5).close()
+
+    makers = {
+        "fake-hub": torch_hub,
+        "fake-torchvision": torchvision_weights,
+        "fake-clip": clip_urllib,
+        "fake-hf": hugging_face,
+        "fake-socket": raw_socket,
+    }
+    created = []
+
+    def create_metric(name, device=None, as_loss=False):
+        created.append(name)
+        if name == "fake-ok":
+            return FakeMetric()
+        if name == "fake-lazy":  # downloads on its first call
+            return FakeMetric(clip_urllib)
+        makers[name]()
+        return FakeMetric()
+
+    mod = types.ModuleType("pyiqa")
+    mod.list_models = lambda: [*makers, "fake-ok", "fake-lazy"]
+    mod.create_metric = create_metric
+    return mod, list(makers), created
+
+
+def test_pyiqa_metrics_never_download(folders, tmp_path, monkeypatch):
+    import socket
+    import sys
+
+    import torch
+
+    pred, gt, *_ = folders
+    fake, downloading, created = _fake_pyiqa(tmp_path)
+    monkeypatch.setitem(sys.modules, "pyiqa", fake)
+    hub_before, connect_before = torch.hub.download_url_to_file, socket.socket.connect
+    metrics = ["psnr", *downloading, "fake-ok", "fake-lazy"]
+    res = evaluate(pred, gt, suffix="_x4", metrics=metrics)
+    assert created == [*downloading, "fake-ok", "fake-lazy"]
+    for m in downloading:
+        why = res.unavailable[m]
+        assert "downloads are blocked" in why, (m, why)
+    assert "127.0.0.1:9" in res.unavailable["fake-hub"] and "127.0.0.1" in res.unavailable["fake-socket"]
+    assert "failed on" in res.unavailable["fake-lazy"] and "downloads are blocked" in res.unavailable["fake-lazy"]
+    # the metric that has its weights ran; the others did not stop the evaluation
+    assert set(res.summary) == {"psnr", "fake-ok"}
+    assert all("fake-ok" in r and "fake-lazy" not in r for r in res.rows) and len(res.rows) == 2
+    # everything is restored afterwards
+    assert torch.hub.download_url_to_file is hub_before and socket.socket.connect == connect_before
+    assert "connect" not in vars(socket.socket)
