@@ -2,13 +2,19 @@
 
 Timers return :class:`Timing` (median and 20/80 percentiles in milliseconds per call):
 
-- CPU: warm-up, then repeated ``time.perf_counter`` samples (several calls per sample when a call
-  is shorter than ~1 ms) until a time budget is spent; ``torch.set_num_threads`` is respected (the
-  thread count is recorded in the metadata).
-- CUDA: CUDA events around every call, the L2 cache flushed (a 256 MiB buffer zeroed) before each
-  call, gradients set to None between calls (``grad_to_none``), and the call replayed from a CUDA
-  graph when asked (microsecond kernels: launch overhead out of the measurement); a capture that
-  fails falls back to eager timing, and the timer name in the row says which ran.
+- CPU (:func:`time_cpu_interleaved`): the functions of one case take turns **sample by sample**
+  (a rotating order), so a burst of load from another process hits every provider alike; each sample
+  runs enough calls to last at least ``sample_ms`` (2 ms) and every provider gets at least
+  ``min_samples`` (10) samples and about ``budget_s`` of measurement. The benchmarks run on one thread
+  by default (:func:`set_cpu_threads`): with all threads on a loaded machine a call waits for its
+  slowest, descheduled thread, and timings came out 10x too slow and quantised to the 4 ms scheduler tick.
+- CUDA (:func:`time_cuda`): eagerly, CUDA events around every call, the L2 cache flushed (a 256 MiB
+  buffer zeroed, allocated once by :func:`l2_flush_buffer` before anything is measured) before each
+  call and gradients set to None (``grad_to_none``); or, when asked (``use_graph``, forward only), as
+  ``triton.testing.do_bench_cudagraph`` does: one CUDA graph of ``n`` calls (each after an L2 flush)
+  replayed between two events, minus a graph of the ``n`` flushes alone, divided by ``n``, so neither
+  the launch overhead nor the flush is in the per-call time. A capture that fails falls back to eager
+  timing; ``Timing.graphed`` says which ran, so a caller can time every provider of a case alike.
 """
 
 from __future__ import annotations
@@ -16,16 +22,20 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+CPU_MIN_SAMPLES = 10
+CPU_SAMPLE_MS = 1.0
 
 
 @dataclass
@@ -36,15 +46,21 @@ class Timing:
     samples: int
     timer: str
     raw: list[float] = field(default_factory=list, repr=False)
+    graphed: bool = False  # replayed from a CUDA graph (False: eager calls)
+
+
+class MixedTimers(ValueError):
+    """Raised by :func:`merge` for rounds timed partly from CUDA graphs and partly eagerly."""
 
 
 def merge(timings: Sequence[Timing]) -> Timing:
-    """One :class:`Timing` from the raw samples of several (interleaved) measurements."""
+    """One :class:`Timing` from the raw samples of several (interleaved) measurements of one timer."""
+    if len({t.graphed for t in timings}) > 1:
+        raise MixedTimers("merge: timings mix graph replay and eager calls; time every round alike")
     raw = [v for t in timings for v in t.raw]
     med, p20, p80 = _quantiles(raw)
-    return Timing(
-        med, p20, p80, len(raw), timings[0].timer + (f", {len(timings)} rounds" if len(timings) > 1 else ""), raw
-    )
+    timer = timings[0].timer + (f", {len(timings)} rounds" if len(timings) > 1 else "")
+    return Timing(med, p20, p80, len(raw), timer, raw, timings[0].graphed)
 
 
 def _quantiles(values: Sequence[float]) -> tuple[float, float, float]:
@@ -60,89 +76,248 @@ def _clear_grads(tensors):
         t.grad = None
 
 
-def time_cpu(
-    fn: Callable[[], object], *, grad_to_none=(), budget_s: float = 0.25, min_samples: int = 5, warm: bool = False
-) -> Timing:
-    """Median/p20/p80 milliseconds per call of ``fn`` on CPU (see the module docstring); ``warm``: ``fn``
-    was just timed (a later interleaved round), so one call of warm-up is enough."""
-    # Warm-up: at least 2 calls and ~10% of the budget (allocator, lazy init, oneDNN primitives).
-    t0 = time.perf_counter()
-    calls = 0
-    while calls < (1 if warm else 2) or (not warm and time.perf_counter() - t0 < 0.1 * budget_s):
-        _clear_grads(grad_to_none)
-        fn()
-        calls += 1
-    per_call = (time.perf_counter() - t0) / calls
-    inner = max(1, int(1e-3 / max(per_call, 1e-9)))  # one sample lasts at least ~1 ms
-    samples: list[float] = []
-    t_end = time.perf_counter() + budget_s
-    while len(samples) < min_samples or (time.perf_counter() < t_end and len(samples) < 1000):
-        start = time.perf_counter()
-        for _ in range(inner):
-            _clear_grads(grad_to_none)
-            fn()
-        samples.append((time.perf_counter() - start) * 1e3 / inner)
-    med, p20, p80 = _quantiles(samples)
-    return Timing(med, p20, p80, len(samples), f"cpu perf_counter x{inner}", samples)
+# ----------------------------------------------------------------------------------------------
+# CPU
 
+
+def set_cpu_threads(requested: int | None) -> str:
+    """Sets torch's CPU thread count for a benchmark run and returns a note for the header:
+    ``None`` (the default) = 1 thread, ``0`` = leave torch's default, ``n`` = ``n`` threads."""
+    if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested < 0):
+        raise ValueError(f"threads must be None or an int >= 0, got {requested!r}")
+    if requested is None:
+        torch.set_num_threads(1)
+        return (
+            "1 thread (CPU default: all threads on a shared machine time the slowest descheduled thread; "
+            "--threads N to change, 0 for torch's default)"
+        )
+    if requested == 0:
+        return f"{torch.get_num_threads()} threads (torch's default, --threads 0)"
+    torch.set_num_threads(requested)
+    return f"{requested} threads (--threads {requested})"
+
+
+def time_cpu_interleaved(
+    fns: Mapping[str, tuple[Callable[[], object], Sequence[torch.Tensor]]],
+    *,
+    budget_s: float = 0.25,
+    min_samples: int = CPU_MIN_SAMPLES,
+    sample_ms: float = CPU_SAMPLE_MS,
+    max_rounds: int = 5000,
+    clock: Callable[[], float] | None = None,
+    wall: Callable[[], float] = time.perf_counter,
+) -> dict[str, Timing | Exception]:
+    """Times ``{name: (fn, grad_to_none)}`` on CPU, the functions taking turns sample by sample.
+
+    Warm-up: at least 2 calls of each and ~5% of the budget; the per-call estimate (median of the
+    warm-up calls after the first) sets the calls per sample (``ceil(sample_ms / estimate)``). Then
+    rounds of one sample per function, in an order that rotates every round, until every function
+    has ``min_samples`` samples and ``budget_s`` per function has passed on the ``wall`` clock (or
+    ``max_rounds``). A sample is one untimed call (the previous function evicted this one's data from
+    the caches) and then the timed calls. A function that raises is dropped from the rotation and its
+    exception returned in its place.
+
+    ``clock`` times the samples; default :func:`cpu_clock`: the process CPU time on one thread (time
+    another process holds the core is not counted), the wall clock on several threads.
+    """
+    if not fns:
+        return {}
+    if budget_s <= 0 or min_samples < 1 or sample_ms <= 0:
+        raise ValueError(f"budget_s, min_samples and sample_ms must be > 0, got {budget_s}, {min_samples}, {sample_ms}")
+    clock = clock or cpu_clock()
+    names = {time.process_time: "cpu process time", time.perf_counter: "wall perf_counter"}
+    clock_name = names.get(clock, getattr(clock, "__name__", "clock"))
+    out: dict[str, Timing | Exception] = {}
+    inner: dict[str, int] = {}
+    warm_s = 0.05 * budget_s
+    for name, (fn, grads) in fns.items():
+        try:
+            calls: list[float] = []
+            t0 = wall()
+            while len(calls) < 2 or wall() - t0 < warm_s:
+                _clear_grads(grads)
+                start = clock()
+                fn()
+                calls.append(clock() - start)
+            per_call = statistics.median(calls[1:])
+            inner[name] = max(1, min(100_000, math.ceil(sample_ms * 1e-3 / max(per_call, 1e-9))))
+        except Exception as err:  # reported per function, the others go on
+            out[name] = err
+    samples: dict[str, list[float]] = {name: [] for name in inner}
+    live = list(inner)
+    t_end = wall() + budget_s * len(live)
+    rnd = 0
+    while live and rnd < max_rounds and (min(len(samples[n]) for n in live) < min_samples or wall() < t_end):
+        shift = rnd % len(live)
+        for name in live[shift:] + live[:shift]:
+            fn, grads = fns[name]
+            k = inner[name]
+            try:
+                _clear_grads(grads)
+                fn()  # untimed: the caches hold this function's data again, not the previous one's
+                start = clock()
+                for _ in range(k):
+                    _clear_grads(grads)
+                    fn()
+                samples[name].append((clock() - start) * 1e3 / k)
+            except Exception as err:  # the same
+                out[name] = err
+        live = [n for n in live if n not in out]
+        rnd += 1
+    for name in inner:
+        if name in out:
+            continue
+        med, p20, p80 = _quantiles(samples[name])
+        out[name] = Timing(med, p20, p80, len(samples[name]), f"{clock_name} x{inner[name]}, interleaved",
+                           samples[name])  # fmt: skip
+    return {name: out[name] for name in fns}
+
+
+def cpu_clock() -> Callable[[], float]:
+    """The CPU sample clock: ``time.process_time`` when torch runs on one thread (every op of a call
+    runs on the calling thread, so the process CPU time is the call's time without the time other
+    processes held the core), else ``time.perf_counter`` (CPU time would add up the threads)."""
+    return time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
+def time_cpu(
+    fn: Callable[[], object], *, grad_to_none=(), budget_s: float = 0.25, min_samples: int = CPU_MIN_SAMPLES
+) -> Timing:
+    """:func:`time_cpu_interleaved` of one function; raises what ``fn`` raises."""
+    t = time_cpu_interleaved({"fn": (fn, grad_to_none)}, budget_s=budget_s, min_samples=min_samples)["fn"]
+    if isinstance(t, Exception):
+        raise t
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA
 
 _L2_FLUSH: dict[torch.device, torch.Tensor] = {}
+_DEFAULT = object()
 
 
-def time_cuda(fn: Callable[[], object], *, grad_to_none=(), use_graph: bool = False, rep_ms: float = 100.0) -> Timing:
-    """Median/p20/p80 milliseconds per call of ``fn`` on the current CUDA device (L2 flushed)."""
-    device = torch.device("cuda", torch.cuda.current_device())
-    flush = _L2_FLUSH.get(device)
-    if flush is None:
-        flush = _L2_FLUSH[device] = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
-    run, timer = fn, "cuda events"
-    # Warm-up on a side stream (autotuning, cuBLAS handles), as torch.cuda.graph requires.
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+def l2_flush_buffer(device: torch.device) -> torch.Tensor | None:
+    """The 256 MiB buffer zeroed to flush the L2 cache on a CUDA ``device`` (allocated on the first call,
+    so call it before measuring memory); None on other devices."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _L2_FLUSH:
+        _L2_FLUSH[device] = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+    return _L2_FLUSH[device]
+
+
+def _elapsed(cuda, run: Callable[[], object], reps: int = 1) -> float:
+    start, end = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        run()
+    end.record()
+    cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def _capture(cuda, body: Callable[[], object]):
+    graph = cuda.CUDAGraph()
+    with cuda.graph(graph):
+        body()
+    return graph
+
+
+def time_cuda(
+    fn: Callable[[], object],
+    *,
+    grad_to_none=(),
+    use_graph: bool = False,
+    rep_ms: float = 100.0,
+    graph_replays: int = 10,
+    max_graph_calls: int = 500,
+    flush=_DEFAULT,
+    cuda=torch.cuda,
+) -> Timing:
+    """Median/p20/p80 milliseconds per call of ``fn`` on the current CUDA device (see the module
+    docstring). ``flush``: the tensor zeroed to flush the L2 (default :func:`l2_flush_buffer`; None:
+    no flush); ``cuda``: the ``torch.cuda`` module (a fake in CPU tests)."""
+    if flush is _DEFAULT:
+        flush = l2_flush_buffer(torch.device("cuda", cuda.current_device()))
+
+    def flush_l2():
+        if flush is not None:
+            flush.zero_()
+
+    # Warm-up on a side stream (autotuning, cuBLAS handles), as graph capture requires.
+    stream = cuda.Stream()
+    stream.wait_stream(cuda.current_stream())
+    with cuda.stream(stream):
         for _ in range(3):
             _clear_grads(grad_to_none)
             fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
+    cuda.current_stream().wait_stream(stream)
+    cuda.synchronize()
+
+    def step():
+        _clear_grads(grad_to_none)
+        fn()
+
+    est = max(_elapsed(cuda, step, 5) / 5, 1e-4)  # eager, launch overhead included: an upper bound
+    note = ""
     if use_graph:
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+        flush_ms = _elapsed(cuda, flush_l2, 3) / 3 if flush is not None else 0.0
+        n = int(min(max(rep_ms / graph_replays / (est + flush_ms), 1), max_graph_calls))
+
+        def calls():
+            for _ in range(n):
+                flush_l2()
                 fn()
-            run, timer = graph.replay, "cuda graph + events"
+
+        def flushes():
+            for _ in range(n):
+                flush_l2()
+
+        try:
+            graph = _capture(cuda, calls)
+            flush_graph = _capture(cuda, flushes) if flush is not None else None
         except Exception as err:  # e.g. an op that syncs with the host: time it eagerly, say so
-            torch.cuda.synchronize()
-            timer = f"cuda events (graph capture failed: {type(err).__name__})"
-    # Estimate the call time, then pick the repetition count for ~rep_ms of measurement.
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        run()
-    end.record()
-    torch.cuda.synchronize()
-    est = max(start.elapsed_time(end) / 5, 1e-3)
+            cuda.synchronize()
+            note = f" (graph capture failed: {type(err).__name__})"
+        else:
+            graph.replay()  # the first replay uploads the graph
+            if flush_graph is not None:
+                flush_graph.replay()
+            cuda.synchronize()
+            raw = []
+            for _ in range(graph_replays):  # graph and flush graph alternate: both see the same clocks
+                ms = _elapsed(cuda, graph.replay)
+                if flush_graph is not None:
+                    ms -= _elapsed(cuda, flush_graph.replay)
+                raw.append(ms / n)
+            med, p20, p80 = _quantiles(raw)
+            what = "L2 flushed, flush subtracted" if flush is not None else "L2 not flushed"
+            return Timing(med, p20, p80, len(raw), f"cuda graph of {n} calls ({what})", raw, graphed=True)
     n = int(min(max(rep_ms / est, 10), 1000))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    starts = [cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [cuda.Event(enable_timing=True) for _ in range(n)]
     for i in range(n):
-        flush.zero_()
-        if not use_graph or timer.startswith("cuda events"):
-            _clear_grads(grad_to_none)
+        flush_l2()
+        _clear_grads(grad_to_none)
         starts[i].record()
-        run()
+        fn()
         ends[i].record()
-    torch.cuda.synchronize()
+    cuda.synchronize()
     raw = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
     med, p20, p80 = _quantiles(raw)
-    return Timing(med, p20, p80, n, timer, raw)
+    flushed = ", L2 flushed" if flush is not None else ""
+    return Timing(med, p20, p80, n, f"cuda events{flushed}{note}", raw)
 
 
-def time_fn(fn, device: torch.device, *, grad_to_none=(), use_graph=False, budget_s=0.25, warm=False, min_samples=5):
+def time_fn(fn, device: torch.device, *, grad_to_none=(), use_graph=False, budget_s=0.25, min_samples=CPU_MIN_SAMPLES):
     """:func:`time_cuda` on a CUDA device (about ``budget_s`` of measurement), else :func:`time_cpu`."""
     if device.type == "cuda":
         return time_cuda(fn, grad_to_none=grad_to_none, use_graph=use_graph, rep_ms=budget_s * 400)
-    return time_cpu(fn, grad_to_none=grad_to_none, budget_s=budget_s, warm=warm, min_samples=min_samples)
+    return time_cpu(fn, grad_to_none=grad_to_none, budget_s=budget_s, min_samples=min_samples)
 
 
 def copy_ceiling(device: torch.device, *, budget_s: float = 0.3) -> dict:

@@ -20,6 +20,7 @@ import contextlib
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -209,7 +210,7 @@ FIELDS = (
     "case", "sweep", "layer", "kind", "batch", "tokens", "d_in", "d_out", "kernel", "ranks", "num_shared",
     "num_routed", "num_zero", "top_k", "zero_picked", "zero_fraction", "active_ranks", "lora_rank", "routing",
     "mode", "dtype", "provider", "status", "reason", "timer", "median_ms", "p20_ms", "p80_ms", "samples",
-    "ratio_to_base", "overhead_ms", "useful_gflop", "executed_gflop", "useful_tflops", "min_mb",
+    "ratio_to_base", "timing_flag", "overhead_ms", "useful_gflop", "executed_gflop", "useful_tflops", "min_mb",
     "achieved_gbps", "copy_fraction",
 )  # fmt: skip
 
@@ -217,7 +218,7 @@ FIELDS = (
 def case_label(case: Case) -> str:
     return (
         f"{case.sweep}: {case.shape.name} B{case.batch} {case.dtype} {case.routing[:3]} {case.mode} "
-        f"R{case.ranks} k{case.top_k} z{case.zero_picked}"
+        f"R{case.ranks} Z{case.num_zero} k{case.top_k} z{case.zero_picked}"
     )
 
 
@@ -288,40 +289,28 @@ def measure_case(case: Case, providers, device, args, copy_gbps: float) -> list[
             ready[provider] = (row, *prepare(case, provider, t))
         except Exception as err:  # a backend that fails must not stop the sweep; the row says why
             row.update(status="error", reason=f"{type(err).__name__}: {err}"[:300])
-    # Interleaved rounds: every provider sees the same machine load (other processes on a shared CPU).
-    timings: dict[str, list] = {p: [] for p in ready}
-    for rnd in range(args.rounds):
-        for provider, (row, fn, grads, graph) in list(ready.items()):
-            try:
-                with torch.no_grad() if case.mode == "fwd" else contextlib.nullcontext():
-                    timings[provider].append(
-                        common.time_fn(
-                            fn,
-                            device,
-                            grad_to_none=grads,
-                            use_graph=graph and not args.no_graphs,
-                            budget_s=args.budget / args.rounds,
-                            warm=rnd > 0,
-                            min_samples=max(2, 6 // args.rounds),
-                        )
-                    )
-            except Exception as err:
-                row.update(status="error", reason=f"{type(err).__name__}: {err}"[:300])
-                del ready[provider]
+    timings, timer_note = time_providers(
+        {p: (fn, grads, graph) for p, (_, fn, grads, graph) in ready.items()}, device, args, grad=backward
+    )
     base_ms = None
     for provider, (row, *_) in ready.items():
-        timing = common.merge(timings[provider])
+        timing = timings[provider]
+        if isinstance(timing, Exception):
+            row.update(status="error", reason=f"{type(timing).__name__}: {timing}"[:300])
+            continue
         ms = timing.median_ms
         if provider == "base":
             base_ms = ms
+        ratio = None if base_ms is None else ms / base_ms
         useful, executed, nbytes = row.pop("useful_flop"), row.pop("executed_flop"), row.pop("min_bytes")
         row.update(
-            timer=timing.timer,
+            timer=timing.timer + (f" [{timer_note}]" if timer_note else ""),
+            timing_flag=timing_flag(provider, ratio),
             median_ms=ms,
             p20_ms=timing.p20_ms,
             p80_ms=timing.p80_ms,
             samples=timing.samples,
-            ratio_to_base=None if base_ms is None else ms / base_ms,
+            ratio_to_base=ratio,
             overhead_ms=None if base_ms is None else ms - base_ms,
             useful_gflop=useful / 1e9,
             executed_gflop=executed / 1e9,
@@ -336,6 +325,69 @@ def measure_case(case: Case, providers, device, args, copy_gbps: float) -> list[
     return rows
 
 
+#: a provider other than ``base`` computes base(x) plus an adapter branch: strictly more work than base
+MORE_WORK_FLOOR = 0.9
+
+
+def timing_flag(provider: str, ratio: float | None) -> str:
+    """``"unreliable: ..."`` when a provider that does strictly more work than ``base`` (every provider
+    but ``base``) came out below :data:`MORE_WORK_FLOOR` times base: the timer, not the kernel, made
+    that number (load from other processes, clock changes); empty otherwise."""
+    if provider == "base" or ratio is None or ratio >= MORE_WORK_FLOOR:
+        return ""
+    return (
+        f"unreliable: {ratio:.2f}x base, but {provider} does strictly more work than base "
+        f"(< {MORE_WORK_FLOOR}x); rerun on an idle machine"
+    )
+
+
+def time_providers(fns: dict, device: torch.device, args, *, grad: bool) -> tuple[dict, str]:
+    """Times ``{provider: (fn, grad_to_none, graphable)}`` of one case; returns ``({provider: Timing or
+    the exception it raised}, note)``.
+
+    CPU: :func:`bench_common.time_cpu_interleaved` (providers alternate sample by sample). CUDA:
+    ``args.rounds`` rounds in which every provider is timed in turn; forward calls replay CUDA graphs
+    unless ``--no-graphs``. A ratio never mixes two timers: when the graph capture fails for some
+    providers only, every provider of the case is timed again eagerly, and ``note`` says so.
+    """
+    mode = contextlib.nullcontext if grad else torch.no_grad
+    if device.type != "cuda":
+        with mode():
+            fn_grads = {p: (fn, grads) for p, (fn, grads, _) in fns.items()}
+            return common.time_cpu_interleaved(fn_grads, budget_s=args.budget), ""
+
+    def run(use_graph: bool) -> dict:
+        out: dict = {p: [] for p in fns}
+        for _ in range(args.rounds):
+            for p, (fn, grads, graphable) in fns.items():
+                if isinstance(out[p], Exception):
+                    continue
+                try:
+                    with mode():
+                        out[p].append(common.time_fn(fn, device, grad_to_none=grads, budget_s=args.budget / args.rounds,
+                                                     use_graph=use_graph and graphable))  # fmt: skip
+                except Exception as err:  # one failing provider must not stop the others; its row says why
+                    out[p] = err
+        for p, v in out.items():
+            if not isinstance(v, Exception):
+                try:
+                    out[p] = common.merge(v)
+                except common.MixedTimers as err:  # the graph capture failed in some rounds only
+                    out[p] = err
+        return out
+
+    timings = run(not args.no_graphs)
+
+    def capture_failed(p: str) -> bool:
+        t = timings[p]
+        return isinstance(t, common.MixedTimers) or (isinstance(t, common.Timing) and fns[p][2] and not t.graphed)
+
+    failed = [p for p in fns if capture_failed(p)]
+    if failed and any(isinstance(t, common.Timing) and t.graphed for t in timings.values()):
+        return run(False), f"graph capture failed for {', '.join(failed)}: every provider of this case timed eagerly"
+    return timings, ""
+
+
 TRAINABLE = {"base": ("x",), "lora": ("x", "dense_a", "dense_b"), "mor": ("x", "lora_a", "lora_b", "gate")}
 
 
@@ -344,7 +396,10 @@ def prepare(case: Case, provider: str, t: dict):
     replay allowed); ``fwd+bwd`` runs forward and backward with ``x``, the adapter weights (and the MoR
     gate) requiring gradients and the base weight frozen, gradients set to None between calls."""
     if case.mode == "fwd":
-        return provider_fn(case, provider, t), (), True
+        fn = provider_fn(case, provider, t)
+        with torch.no_grad():
+            fn()  # fail here, not inside the timer
+        return fn, (), True
     t = dict(t)
     trainable = []
     for name in TRAINABLE[provider.split(":")[0]]:
@@ -470,11 +525,21 @@ def parse_args(argv=None):
     p.add_argument(
         "--token-scale", type=float, default=None, help="scale the token counts (default 0.25 on CPU unless --full)"
     )
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default 1: sound timings on a shared machine; 0 = torch's)",
+    )
     p.add_argument(
         "--budget", type=float, default=None, help="seconds of timing per measurement (default 0.3 CPU, 0.25 GPU)"
     )
-    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds per case (default 3 CPU, 1 GPU)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="GPU: interleaved timing rounds per case (default 1); CPU providers alternate sample by sample anyway",
+    )
     p.add_argument(
         "--no-graphs", action="store_true", help="time forward calls eagerly instead of replaying a CUDA graph"
     )
@@ -511,9 +576,15 @@ def parse_args(argv=None):
     if args.token_scale is None:
         args.token_scale = 1.0 if gpu or args.full else 0.25
     args.budget = args.budget or (0.25 if gpu else 0.3)
-    args.rounds = args.rounds or (1 if gpu else 3)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.rounds = args.rounds or 1
+    if args.threads is not None and args.threads < 0:
+        raise SystemExit(f"--threads must be >= 0, got {args.threads}")
+    if gpu:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        args.threads_note = f"{torch.get_num_threads()} host threads"
+    else:
+        args.threads_note = common.set_cpu_threads(args.threads)
     return args
 
 
@@ -526,8 +597,20 @@ def main(argv=None) -> dict:
         torch.set_num_threads(threads)  # --threads must not leak into a caller (tests run in-process)
 
 
+def timer_description(device: torch.device, args) -> str:
+    if device.type == "cuda":
+        graphs = "forward calls replayed from CUDA graphs of n calls" if not args.no_graphs else "no CUDA graphs"
+        return f"CUDA events, L2 flushed before every call, {graphs}; {args.rounds} round(s) per case"
+    return (
+        f"{'process CPU time (1 thread)' if common.cpu_clock() is time.process_time else 'wall clock'}, "
+        f"providers alternating sample by sample, >= {common.CPU_MIN_SAMPLES} samples of "
+        f">= {common.CPU_SAMPLE_MS:g} ms and ~{args.budget:g} s per provider, median"
+    )
+
+
 def _run(args) -> dict:
     device = args.device
+    common.l2_flush_buffer(device)  # allocated before anything is measured
     providers = ["base"] + [p for p in (args.providers or PROVIDERS) if p != "base"]
     flop_ops = flops.register_flop_formulas()
     meta = common.environment(device)
@@ -536,7 +619,7 @@ def _run(args) -> dict:
         dtypes=args.dtypes, modes=args.modes, routing=args.routing, batch=args.batch, shared=args.shared,
         routed=args.routed, zero=args.zero, top_k=args.top_k, zero_picked=args.zero_picked, token_scale=args.token_scale,
         budget_s=args.budget, cuda_graphs=device.type == "cuda" and not args.no_graphs, full=args.full,
-        flop_formulas=flop_ops,
+        threads_note=args.threads_note, timer=timer_description(device, args), flop_formulas=flop_ops,
     )  # fmt: skip
     print(header(meta), flush=True)
     rows = []

@@ -28,7 +28,12 @@ def print_table(rows: list[dict], providers: list[str], meta: dict) -> None:
         r0 = by[(c, "base")]
         if r0["sweep"] != sweep:
             sweep = r0["sweep"]
-            print(f"-- {sweep} sweep ({r0['layer']}, {r0['dtype']}, B{r0['batch']}):")
+            zero = f"Z={r0['num_zero']}"
+            if r0["num_zero"] != meta["zero"]:
+                zero += (
+                    f", not the header's Z={meta['zero']}: Z >= k so that every zero-slot count up to k is reachable"
+                )
+            print(f"-- {sweep} sweep ({r0['layer']}, {r0['dtype']}, B{r0['batch']}, {zero}):")
         spread = (r0["p80_ms"] - r0["p20_ms"]) / 2 / r0["median_ms"] * 100 if r0.get("median_ms") else None
         line = (
             f"{r0['layer']:19s} {r0['tokens']:5d} {r0['batch']:2d} {r0['dtype']:5s} {r0['routing'][:3]:4s} {r0['mode']:7s} "
@@ -40,6 +45,7 @@ def print_table(rows: list[dict], providers: list[str], meta: dict) -> None:
             cell = {"unavailable": "n/a", "error": "ERROR"}.get(r["status"])
             if cell is None:
                 cell = f"{r['median_ms']:.3f}ms" if r["ratio_to_base"] is None else f"{r['ratio_to_base']:.2f}x"
+                cell += "!" if r.get("timing_flag") else ""
             line += f" {cell:>10s}"
         mor = [by[(c, p)] for p in shown if p.startswith("mor:") and by[(c, p)]["status"] == "ok"]
         best = min(mor, key=lambda r: r["median_ms"]) if mor else None
@@ -54,27 +60,39 @@ def print_table(rows: list[dict], providers: list[str], meta: dict) -> None:
             notes[(r["provider"], r["status"], r["reason"])] += 1
     for (p, status, reason), n in notes.items():
         print(f"{p}: {status} ({n} cases): {reason}")
+    flagged = [r for r in rows if r.get("timing_flag")]
+    if flagged:
+        print(
+            f"! unreliable ({len(flagged)} rows, timing_flag in the CSV/JSON): a provider that does strictly more work "
+            "than base came out below 0.9x base, so the timer, not the kernel, made the number; rerun on an idle machine"
+        )
 
 
 def header(meta: dict) -> str:
     lines = [
-        f"MoR layer benchmark on {meta['device']} ({meta['device_name']}), {meta['torch_threads']} threads; torch "
+        f"MoR layer benchmark on {meta['device']} ({meta['device_name']}), {meta['threads_note']}; torch "
         f"{meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; commit {(meta['git_commit'] or '?')[:10]}"
         f"{' (dirty)' if meta['git_dirty'] else ''}; {meta['time_utc']}",
         f"copy ceiling {meta['copy_GBps']:.1f} GB/s; MoR S={meta['shared']} E={meta['routed']} Z={meta['zero']} k={meta['top_k']}, "
         f"{meta['zero_picked']} zero slots picked (z = zero slots picked per unit, act/R = active ranks / total ranks; dense LoRA rank = active)",
     ]
+    lines.append(f"timer: {meta['timer']}")
     if meta.get("load_avg_1min") is not None and meta["load_avg_1min"] > 0.75 * (meta["cpu_count"] or 1):
-        lines.append(
-            f"WARNING: load average {meta['load_avg_1min']:.1f} on {meta['cpu_count']} cores: other processes are "
-            "running, timings are noisy (rerun on an idle machine, or try --threads 1)"
-        )
+        load = f"load average {meta['load_avg_1min']:.1f} on {meta['cpu_count']} cores: other processes are running; "
+        if meta["device"] == "cpu" and meta["torch_threads"] > 1:
+            load = "WARNING: " + load + "wall-clock timings on several threads are unreliable (drop --threads)"
+        else:
+            load = "note: " + load + "providers are interleaved; cache and memory-bandwidth contention remain"
+        lines.append(load)
     if meta["token_scale"] != 1.0:
         lines.append(
             f"REDUCED SIZES: token counts x{meta['token_scale']} (conv images {math.sqrt(meta['token_scale']):.2g}x per side) "
             "for a quick CPU run; --full or --token-scale 1 for the SD 2.1 sizes"
         )
-    lines.append("columns: ratio = provider median / base median (same run); ±% = half the p20-p80 spread of base")
+    lines.append(
+        "columns: ratio = provider median / base median (same run; ! = unreliable, see below); "
+        "±% = half the p20-p80 spread of base"
+    )
     return "\n".join(lines)
 
 

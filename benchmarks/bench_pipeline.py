@@ -1,27 +1,39 @@
 #!/usr/bin/env python
-"""End-to-end one-step SR latency: VAE encode + UNet (t = 999) + decode, and the UNet alone.
+"""End-to-end one-step SR latency: the real ``mor_model.pipeline.MoRSRPipeline`` call, the UNet alone and
+the degradation estimator alone.
 
     python benchmarks/bench_pipeline.py             # CPU: a reduced-size model; GPU: SD 2.1-base size
     python benchmarks/bench_pipeline.py --full-size # SD 2.1-base sizes on any device
 
 Models are built from SD 2.1-base configs (diffusers ``UNet2DConditionModel`` / ``AutoencoderKL``, the
-config dicts below) with random weights: latency does not depend on weight values, and nothing is
-downloaded. Variants, timed in the same run (adapters on the UNet only; the VAE and a random text
-embedding are shared by all):
+config dicts below; a random open_clip CLIP for the estimator) with random weights: latency does not
+depend on weight values, and nothing is downloaded. Adapters are put on in float32 and the models then
+cast to the run's dtype, as ``MoRSRPipeline.from_pretrained`` does; the estimator stays float32.
+
+Parts, each timed for every variant in the same run (variants of a part interleaved):
+
+- ``pipeline``: ``MoRSRPipeline(...)(lq, scale=4, tile=0)``: bicubic upscale, the degradation estimator
+  (only when an adapter routes on it, as in the pipeline), VAE encode (with the VAE-encoder adapter),
+  one UNet pass at t = 999, VAE decode, colour fix (AdaIN). The prompt embedding is cached by the
+  pipeline, so the text encoder (a fixed random embedding here) is not in the timed calls;
+- ``unet``: the UNet alone at t = 999 (degradation scores set once, outside the timed calls);
+- ``estimator``: the CLIP degradation estimator alone, float32 (ViT-L/14-sized; ViT-B/32 reduced).
+
+Variants:
 
 - ``none``: no adapters (the floor);
-- ``lora-r4``: dense LoRA rank 4 on the OSEDiff targets, unmerged (PEFT-style ``base + B(A x)``);
-- ``mor:<backend>``: ``mor_model.inject_mor`` (8 shared + 32 routed, 4 zero slots, top-8, degradation
-  routing) with each available ``mor_kernels`` backend;
-- ``mor-folded:<backend>``: the same with the shared ranks folded into the base weights (``S = 0``:
-  the routed ranks only, which is what folding leaves to compute), on the fastest backend;
-- ``estimator``: the CLIP degradation estimator (ViT-L/14-sized random open_clip model; ViT-B/32 on
-  the reduced size), text embeddings cached as in use.
+- ``lora-r4``: dense LoRA rank 4, unmerged (PEFT-style ``base + B(A x)``) on the OSEDiff UNet targets
+  and on the VAE encoder (OSEDiff-like);
+- ``mor:<backend>``: ``mor_model.inject_mor`` on the UNet (8 shared + 32 routed, 4 zero slots, top-8,
+  degradation routing) and the VAE-encoder adapter the trainer writes by default (a plain rank-4 LoRA
+  stored as a MoR adapter, ``mor_model.train.VAE_LORA_TARGETS``), with each available backend;
+- ``mor-folded:<backend>``: the same after ``mor_model.pipeline.fold_shared_ranks`` on both (what
+  ``from_pretrained(fold_shared=True)`` does), on the fastest backend.
 
-Reports median / p20 / p80 latency, the ratio to ``none``, the weights of the models a call uses
-(``weights_mb``) and the peak GPU memory a call adds on top of what was allocated before it
-(``peak_act_mb``: activations and workspaces; all variants stay resident, so the absolute peak would
-mix them) (CSV/JSON like
+Reports median / p20 / p80 latency, the ratio to ``none`` for the same part, the weights of the
+models a call uses (``weights_mb``) and the peak GPU memory a call adds on top of what was allocated
+before it (``peak_act_mb``: activations and workspaces; the L2-flush buffer is allocated before any
+measurement; all variants stay resident, so the absolute peak would mix them) (CSV/JSON like
 bench_mor_lora.py, into ``benchmarks/out``).
 """
 
@@ -32,6 +44,7 @@ import contextlib
 import copy
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -82,7 +95,8 @@ UNET_SMALL = dict(
     attention_head_dim=(1, 2, 4, 4),
 )  # fmt: skip
 VAE_SMALL = dict(VAE_SD21, block_out_channels=(32, 64, 64, 64), layers_per_block=1)
-ALPHA_BAR_999 = 0.0047  # SD's scaled-linear schedule at t = 999 (cumprod of 1 - beta), for x0 from eps
+SCALE = 4  # the pipeline's default upscale: LQ side = resolution / 4
+PARTS = ("pipeline", "unet", "estimator")
 
 
 class LoRA(nn.Module):
@@ -106,17 +120,17 @@ class LoRA(nn.Module):
         return self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling
 
 
-def add_lora(module: nn.Module, rank: int = 4) -> int:
-    """Wraps every OSEDiff target Linear/Conv2d (groups 1) of ``module`` in :class:`LoRA`; returns the count."""
+def add_lora(module: nn.Module, rank: int = 4, targets=None) -> int:
+    """Wraps every Linear/Conv2d (groups 1) of ``module`` matching ``targets`` (default the OSEDiff UNet
+    targets) in :class:`LoRA`; returns the count."""
     from mor_model.config import OSEDIFF_UNET_TARGETS
     from mor_model.inject import match_target
 
+    targets = OSEDIFF_UNET_TARGETS if targets is None else targets
     names = [
         n
         for n, m in module.named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d))
-        and getattr(m, "groups", 1) == 1
-        and match_target(n, OSEDIFF_UNET_TARGETS)
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "groups", 1) == 1 and match_target(n, targets)
     ]
     for name in names:
         parent, _, child = name.rpartition(".")
@@ -125,7 +139,38 @@ def add_lora(module: nn.Module, rank: int = 4) -> int:
     return len(names)
 
 
-def build(args, device, dtype):
+def vae_adapter_config(backend: str):
+    """The VAE-encoder adapter ``mor-sr train`` writes by default (``vae_adapter: lora``, rank 4): every
+    rank always on (3 shared + 1 routed, no zero slot, top-1) on ``VAE_LORA_TARGETS``."""
+    from mor_model import MoRConfig
+    from mor_model.train import VAE_LORA_TARGETS
+
+    return MoRConfig(num_shared=3, num_routed=1, num_zero=0, top_k=1, target_modules=VAE_LORA_TARGETS, backend=backend)
+
+
+class FixedPrompt(nn.Module):
+    """Text-encoder stand-in: a fixed random ``(1, 77, D)`` embedding for any ids. The pipeline encodes
+    the prompt once and caches it, so the text encoder never runs in the timed calls."""
+
+    def __init__(self, dim: int, length: int = 77):
+        super().__init__()
+        self.register_buffer("embeds", torch.randn(1, length, dim, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, ids):
+        return (self.embeds.expand(ids.shape[0], -1, -1),)
+
+
+class FixedTokenizer:
+    """Tokenizer stand-in for :class:`FixedPrompt`: zeros of the CLIP length for any text."""
+
+    model_max_length = 77
+
+    def __call__(self, texts, **_):
+        return SimpleNamespace(input_ids=torch.zeros(len(texts), self.model_max_length, dtype=torch.long))
+
+
+def build(args, device):
+    """The float32 UNet and VAE (random weights, on ``device``) and the UNet config."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.utils import logging as diffusers_logging
 
@@ -133,20 +178,13 @@ def build(args, device, dtype):
 
     torch.manual_seed(0)
     unet_cfg, vae_cfg = (UNET_SD21, VAE_SD21) if args.full_size else (UNET_SMALL, VAE_SMALL)
-    unet = UNet2DConditionModel(**unet_cfg).to(device, dtype).eval().requires_grad_(False)
-    vae = AutoencoderKL(**vae_cfg).to(device, dtype).eval().requires_grad_(False)
+    unet = UNet2DConditionModel(**unet_cfg).to(device).eval().requires_grad_(False)
+    vae = AutoencoderKL(**vae_cfg).to(device).eval().requires_grad_(False)
     return unet, vae, unet_cfg
 
 
-def variants(args, unet, device, dtype):
-    """``{name: (unet, note)}``: the UNet with each adapter variant (deep copies of ``unet``)."""
-    import mor_model
-
-    out = {"none": (unet, "")}
-    if "lora" in args.variants:
-        lora_unet = copy.deepcopy(unet)
-        n = add_lora(lora_unet, 4)
-        out["lora-r4"] = (lora_unet, f"{n} layers")
+def mor_backends(args, device, dtype) -> tuple[list[str], dict[str, str]]:
+    """The MoR backends to time (fastest first) and why the others are left out."""
     op_backends = [
         set(mor_kernels.available_backends(device, op, dtype)) for op in ("mor_linear", "mor_conv2d", "route")
     ]
@@ -161,23 +199,57 @@ def variants(args, unet, device, dtype):
         if b not in backends
     }
     wanted = [b for b in backends if "mor" in args.variants or f"mor:{b}" in args.variants]
+    return wanted, skipped
+
+
+def variants(args, unet, vae, device, dtype):
+    """``{name: (unet, vae, note)}``: each adapter variant on deep copies of the float32 ``unet``/``vae``,
+    then cast to ``dtype`` (adapters put on and shared ranks folded in float32, as ``from_pretrained``)."""
+    import mor_model
+    from mor_model.pipeline import fold_shared_ranks
+
+    out = {"none": (unet, vae, "")}
+    if "lora" in args.variants:
+        u, v = copy.deepcopy(unet), copy.deepcopy(vae)
+        from mor_model.train import VAE_LORA_TARGETS
+
+        n_unet, n_vae = add_lora(u, 4), add_lora(v, 4, VAE_LORA_TARGETS)
+        out["lora-r4"] = (u, v, f"UNet {n_unet} + VAE encoder {n_vae} layers")
+    wanted, skipped = mor_backends(args, device, dtype)
     for b in wanted:
-        m = copy.deepcopy(unet)
-        report = mor_model.inject_mor(m, mor_model.MoRConfig(backend=b))
-        out[f"mor:{b}"] = (m, f"{len(report.replaced)} layers, {len(report.skipped)} skipped")
+        u, v = copy.deepcopy(unet), copy.deepcopy(vae)
+        ru = mor_model.inject_mor(u, mor_model.MoRConfig(backend=b))
+        rv = mor_model.inject_mor(v, vae_adapter_config(b))
+        for layer in [*mor_model.mor_layers(u).values(), *mor_model.mor_layers(v).values()]:
+            nn.init.normal_(layer.lora_b, std=0.02)  # as if trained (inject_mor starts B at zero)
+        out[f"mor:{b}"] = (
+            u,
+            v,
+            f"UNet {len(ru.replaced)} ({len(ru.skipped)} skipped) + VAE encoder {len(rv.replaced)}",
+        )
     if wanted and "folded" in args.variants:
         b = wanted[0]
-        m = copy.deepcopy(unet)
-        report = mor_model.inject_mor(m, mor_model.MoRConfig(num_shared=0, backend=b))
-        out[f"mor-folded:{b}"] = (m, f"S=0, {len(report.replaced)} layers")
-    return out, skipped
+        u, v = copy.deepcopy(out[f"mor:{b}"][0]), copy.deepcopy(out[f"mor:{b}"][1])
+        folded = fold_shared_ranks(u) + fold_shared_ranks(v)
+        out[f"mor-folded:{b}"] = (u, v, f"fold_shared_ranks: {len(folded)} layers, S=0")
+    cast = {}
+    for name, (u, v, note) in out.items():
+        # nn.Module.to, as from_pretrained: diffusers' override warns about fp32-kept modules
+        cast[name] = (nn.Module.to(u, dtype=dtype), nn.Module.to(v, dtype=dtype), note)
+    return cast, skipped
 
 
-def estimator_model(args, device, dtype):
+def estimator_model(args, device):
+    """The degradation estimator, float32 (the pipeline never casts it)."""
     from mor_model import DegradationEstimator
 
-    est = DegradationEstimator.from_config("ViT-L-14" if args.full_size else "ViT-B-32")
-    return est.to(device, dtype)
+    if args.clip == "tiny":
+        from mor_model.testing import TINY_CLIP_CONFIG
+
+        cfg = TINY_CLIP_CONFIG
+    else:
+        cfg = args.clip or ("ViT-L-14" if args.full_size else "ViT-B-32")
+    return DegradationEstimator.from_config(cfg).to(device).eval()
 
 
 def parse_args(argv=None):
@@ -186,28 +258,40 @@ def parse_args(argv=None):
     p.add_argument("--full-size", action="store_true", help="SD 2.1-base sizes (default on GPU only)")
     p.add_argument("--reduced", action="store_true", help="the reduced model even on a GPU")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--resolution", type=int, default=None, help="image side (default 512 full size, 128 reduced)")
+    p.add_argument(
+        "--resolution", type=int, default=None, help="output side (default 512 full size, 128 reduced); LQ = it / 4"
+    )
     p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"), help="default bf16 GPU, fp32 CPU")
     p.add_argument(
         "--variants",
         default="lora,mor,folded,estimator",
-        help="comma list: lora, mor (every backend), mor:<backend>, folded, estimator",
+        help="comma list: lora, mor (every backend), mor:<backend>, folded, estimator (the estimator alone)",
     )
+    p.add_argument("--clip", default=None, help="open_clip model name of the estimator (default ViT-L-14 / ViT-B-32)")
     p.add_argument("--budget", type=float, default=None, help="seconds of timing per measurement")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2 CPU, 1 GPU)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--min-samples", type=int, default=5, help="CPU: samples per job at least")
+    p.add_argument("--rounds", type=int, default=None, help="GPU: interleaved rounds (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1; 0 = torch's default)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = args.device.type == "cuda"
     args.full_size = args.full_size or (gpu and not args.reduced)
     args.resolution = args.resolution or (512 if args.full_size else 128)
+    if args.resolution % SCALE:
+        raise SystemExit(f"--resolution must be a multiple of {SCALE}, got {args.resolution}")
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    args.budget = args.budget or (0.5 if gpu else 0.6)
-    args.rounds = args.rounds or (1 if gpu else 2)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.budget = args.budget or (0.5 if gpu else 0.3)
+    args.rounds = args.rounds or 1
+    if args.threads is not None and args.threads < 0:
+        raise SystemExit(f"--threads must be >= 0, got {args.threads}")
+    if gpu:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        args.threads_note = f"{torch.get_num_threads()} host threads"
+    else:
+        args.threads_note = common.set_cpu_threads(args.threads)
     return args
 
 
@@ -224,92 +308,109 @@ def main(argv=None) -> dict:
         torch.set_num_threads(threads)
 
 
+def _nbytes(*mods) -> float:
+    return sum(t.numel() * t.element_size() for m in mods for t in [*m.parameters(), *m.buffers()]) / 1e6
+
+
+def time_jobs(jobs: dict, device, args) -> tuple[dict, dict]:
+    """Times ``{key: fn}`` (no grad); returns ``({key: Timing or exception}, {key: peak MB added})``.
+    CPU: interleaved sample by sample; CUDA: job after job (``args.rounds`` rounds), the peak memory a
+    call adds over what was allocated before it."""
+    if device.type != "cuda":
+        with torch.no_grad():
+            fns = {k: (fn, ()) for k, fn in jobs.items()}
+            return common.time_cpu_interleaved(fns, budget_s=args.budget, min_samples=args.min_samples), {}
+    out: dict = {k: [] for k in jobs}
+    peak: dict = {}
+    for _ in range(args.rounds):
+        for key, fn in jobs.items():
+            if isinstance(out[key], Exception):
+                continue
+            try:
+                with torch.no_grad():
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                    out[key].append(common.time_fn(fn, device, budget_s=args.budget / args.rounds))
+                    peak[key] = max(peak.get(key, 0), (torch.cuda.max_memory_allocated() - before) / 1e6)
+            except Exception as err:  # one failing variant must not stop the others; the row says why
+                out[key] = err
+    return {k: v if isinstance(v, Exception) else common.merge(v) for k, v in out.items()}, peak
+
+
 def _run(args) -> dict:
+    from diffusers import DDPMScheduler
+
     import mor_model
+    from mor_model.pipeline import MoRSRPipeline
+    from mor_model.testing import SD21_SCHEDULER_CONFIG
 
     device, dtype = args.device, DTYPES[args.dtype]
+    common.l2_flush_buffer(device)  # before anything is measured: the peaks must not include it
     meta = common.environment(device)
-    meta.update(batch=args.batch, resolution=args.resolution, dtype=args.dtype, full_size=args.full_size)
+    meta.update(batch=args.batch, resolution=args.resolution, dtype=args.dtype, full_size=args.full_size,
+                threads_note=args.threads_note, scale=SCALE)  # fmt: skip
     size = "SD 2.1-base size" if args.full_size else "REDUCED size (UNet channels 32-128, VAE 32-64, 1 layer/block)"
-    print(f"one-step SR pipeline on {device.type} ({meta['device_name']}), {size}, {args.resolution}px, B{args.batch}, "
-          f"{args.dtype}; torch {meta['torch']}; commit {(meta['git_commit'] or '?')[:10]}", flush=True)  # fmt: skip
+    print(f"one-step SR pipeline on {device.type} ({meta['device_name']}), {size}, {args.resolution // SCALE}px LQ -> "
+          f"{args.resolution}px, B{args.batch}, {args.dtype}; {args.threads_note}; torch {meta['torch']}; "
+          f"commit {(meta['git_commit'] or '?')[:10]}", flush=True)  # fmt: skip
     load = meta.get("load_avg_1min")
     if load is not None and load > 0.75 * (meta["cpu_count"] or 1):
-        print(f"WARNING: load average {load:.1f} on {meta['cpu_count']} cores: timings are noisy", flush=True)
-    unet, vae, unet_cfg = build(args, device, dtype)
-    models, skipped = variants(args, unet, device, dtype)
+        print(f"note: load average {load:.1f} on {meta['cpu_count']} cores: other processes are running", flush=True)
+    unet, vae, unet_cfg = build(args, device)
+    models, skipped = variants(args, unet, vae, device, dtype)
+    est = estimator_model(args, device)
+    text = FixedPrompt(unet_cfg["cross_attention_dim"]).to(device)
+    scheduler = DDPMScheduler(**SD21_SCHEDULER_CONFIG)
     gen = torch.Generator().manual_seed(0)
-    lq = torch.rand(args.batch, 3, args.resolution, args.resolution, generator=gen).to(device, dtype)
+    side = args.resolution // SCALE
+    lq = torch.rand(args.batch, 3, side, side, generator=gen).to(device)
     latent_side = args.resolution // 8
     z = torch.randn(args.batch, 4, latent_side, latent_side, generator=gen).to(device, dtype)
-    text = torch.randn(args.batch, 77, unet_cfg["cross_attention_dim"], generator=gen).to(device, dtype)
-    scores = torch.rand(args.batch, 7, generator=gen).to(device)
-    t = torch.full((args.batch,), 999, device=device)
-    sf = VAE_SD21["scaling_factor"]
+    embeds = text.embeds.expand(args.batch, -1, -1).to(dtype)
+    t = torch.full((args.batch,), 999, device=device, dtype=torch.long)
+    with torch.no_grad():
+        scores = est(lq)
 
-    def unet_fn(m):
-        return lambda: m(z, t, text).sample
-
-    def pipe_fn(m):
-        def run():
-            lat = vae.encode(lq * 2 - 1).latent_dist.mode() * sf
-            eps = m(lat, t, text).sample
-            x0 = (lat - (1 - ALPHA_BAR_999) ** 0.5 * eps) / ALPHA_BAR_999**0.5
-            return vae.decode(x0 / sf).sample
-
-        return run
-
-    jobs = {}
-    for name, (m, note) in models.items():
-        jobs[(name, "unet")] = (unet_fn(m), m, note)
-        jobs[(name, "pipeline")] = (pipe_fn(m), m, note)
+    jobs: dict = {part: {} for part in PARTS}
+    notes, weights, routed = {}, {}, {}
+    for name, (u, v, note) in models.items():
+        needs = bool(mor_model.mor_layers(u) or mor_model.mor_layers(v))
+        pipe = MoRSRPipeline(
+            u, v, text, FixedTokenizer(), scheduler, est if needs else None, device=device, dtype=dtype
+        )
+        jobs["pipeline"][name] = lambda pipe=pipe: pipe(lq, scale=SCALE, tile=0)
+        jobs["unet"][name] = lambda u=u: u(z, t, encoder_hidden_states=embeds).sample
+        notes[(name, "pipeline")] = note + ("; + estimator" if needs else "")
+        notes[(name, "unet")] = note
+        weights[(name, "pipeline")] = _nbytes(u, v, est) if needs else _nbytes(u, v)
+        weights[(name, "unet")] = _nbytes(u)
+        if mor_model.mor_layers(u):
+            routed[name] = u
     if "estimator" in args.variants:
-        est = estimator_model(args, device, dtype)
-        jobs[("estimator", "estimator")] = ((lambda: est(lq)), None, "ViT-L/14" if args.full_size else "ViT-B/32")
-
-    def nbytes(*mods):
-        return sum(t.numel() * t.element_size() for m in mods for t in [*m.parameters(), *m.buffers()]) / 1e6
-
-    weights = {}
-    for key, (_, m, _) in jobs.items():
-        if key[1] == "unet":
-            weights[key] = nbytes(m)
-        elif key[1] == "pipeline":
-            weights[key] = nbytes(m, vae)
+        jobs["estimator"]["estimator"] = lambda: est(lq)
+        notes[("estimator", "estimator")] = "float32, " + ("tiny CLIP" if args.clip == "tiny" else
+                                                           args.clip or ("ViT-L/14" if args.full_size else "ViT-B/32"))  # fmt: skip
+        weights[("estimator", "estimator")] = _nbytes(est)
+    timings, peak = {}, {}
+    for part, part_jobs in jobs.items():
+        with contextlib.ExitStack() as stack:
+            if part == "unet":  # the pipeline sets (and clears) the scores itself; the UNet alone needs them set
+                for u in routed.values():
+                    stack.enter_context(mor_model.degradation(u, scores))
+            tm, pk = time_jobs(part_jobs, device, args)
+        timings.update({(name, part): v for name, v in tm.items()})
+        peak.update({(name, part): v for name, v in pk.items()})
+    rows = {}
+    for key, tm in timings.items():
+        row = {"variant": key[0], "part": key[1], "note": notes[key], "status": "ok", "reason": "", "batch": args.batch,
+               "resolution": args.resolution, "dtype": args.dtype if key[1] != "estimator" else "fp32",
+               "full_size": args.full_size, "weights_mb": weights[key], "peak_act_mb": peak.get(key)}  # fmt: skip
+        if isinstance(tm, Exception):
+            row.update(status="error", reason=f"{type(tm).__name__}: {tm}"[:300])
         else:
-            weights[key] = nbytes(est)
-    rows = {key: {"variant": key[0], "part": key[1], "note": note, "status": "ok", "reason": ""}
-            for key, (_, _, note) in jobs.items()}  # fmt: skip
-    timings: dict = {key: [] for key in jobs}
-    peak: dict = {}
-    for rnd in range(args.rounds):
-        for key, (fn, m, _) in jobs.items():
-            if rows[key]["status"] != "ok":
-                continue
-            ctx = (
-                mor_model.degradation(m, scores)
-                if m is not None and mor_model.mor_layers(m)
-                else contextlib.nullcontext()
-            )
-            try:
-                with torch.no_grad(), ctx:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
-                        before = torch.cuda.memory_allocated()
-                    timings[key].append(common.time_fn(fn, device, budget_s=args.budget / args.rounds, warm=rnd > 0,
-                                                       min_samples=max(2, 4 // args.rounds)))  # fmt: skip
-                    if device.type == "cuda":
-                        peak[key] = max(peak.get(key, 0), (torch.cuda.max_memory_allocated() - before) / 1e6)
-            except Exception as err:  # one failing variant must not stop the others; the row says why
-                rows[key].update(status="error", reason=f"{type(err).__name__}: {err}"[:300])
-    for key, row in rows.items():
-        row.update(batch=args.batch, resolution=args.resolution, dtype=args.dtype, full_size=args.full_size)
-        row["peak_act_mb"] = peak.get(key)
-        row["weights_mb"] = weights.get(key)
-        if row["status"] == "ok":
-            tm = common.merge(timings[key])
             row.update(timer=tm.timer, median_ms=tm.median_ms, p20_ms=tm.p20_ms, p80_ms=tm.p80_ms, samples=tm.samples)
+        rows[key] = row
     for key, row in rows.items():
         ref = rows.get(("none", key[1]))
         if row["status"] == "ok" and ref and ref["status"] == "ok":
@@ -317,11 +418,19 @@ def _run(args) -> dict:
     out_rows = list(rows.values())
     for b, why in skipped.items():
         out_rows.append({"variant": f"mor:{b}", "part": "-", "status": "unavailable", "reason": why})
+    print_table(out_rows, device)
+    stem = f"bench_pipeline-{device.type}-{meta['time_utc'].replace(':', '').replace('+0000', 'Z')}"
+    paths = common.write_outputs(args.out, stem, meta, out_rows, FIELDS)
+    print(f"wrote {paths['csv']} and {paths['json']}")
+    return {"meta": meta, "rows": out_rows, "paths": paths}
+
+
+def print_table(rows: list[dict], device) -> None:
     print(
         f"\n{'variant':22s} {'part':10s} {'median ms':>10s} {'p20-p80 ms':>17s} {'x none':>7s} {'weights MB':>10s} "
         f"{'peak+ MB':>8s}  note"
     )
-    for r in out_rows:
+    for r in rows:
         if r["status"] != "ok":
             print(f"{r['variant']:22s} {r['part']:10s} {r['status']}: {r['reason']}")
             continue
@@ -331,10 +440,6 @@ def _run(args) -> dict:
               f"{ratio:>7s} {r['weights_mb']:10.1f} {mem:>8s}  {r['note']}")  # fmt: skip
     if device.type != "cuda":
         print("peak+ (memory a call adds) is measured on CUDA devices only")
-    stem = f"bench_pipeline-{device.type}-{meta['time_utc'].replace(':', '').replace('+0000', 'Z')}"
-    paths = common.write_outputs(args.out, stem, meta, out_rows, FIELDS)
-    print(f"wrote {paths['csv']} and {paths['json']}")
-    return {"meta": meta, "rows": out_rows, "paths": paths}
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
-"""benchmarks/bench_common.py: percentiles, merged rounds, gradients cleared between calls, metadata and
-the CSV/JSON writer (no timed assertions)."""
+"""benchmarks/bench_common.py: percentiles, merged rounds, gradients cleared between calls, the interleaved
+CPU timer on a fake clock, thread defaults, metadata and the CSV/JSON writer (no timed assertions)."""
 
 from __future__ import annotations
 
 import csv
 import importlib
 import json
+import time
 
+import pytest
 import torch
 
 
@@ -53,3 +55,108 @@ def test_environment_and_writer(bench, tmp_path):
     with open(paths["json"]) as f:
         data = json.load(f)
     assert data["rows"] == rows and data["fields"] == ["a", "b"] and data["meta"]["device"] == "cpu"
+
+
+class FakeClock:
+    """A clock that only moves when a fake call does work; between ``slow`` = (start, end) every call is
+    ``factor`` times slower (another process taking the core)."""
+
+    def __init__(self):
+        self.t = 0.0
+        self.slow, self.factor = (float("inf"), float("inf")), 1.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def work(self, ms: float):
+        self.t += ms * 1e-3 * (self.factor if self.slow[0] <= self.t < self.slow[1] else 1.0)
+
+
+def test_time_cpu_interleaved_alternates_and_measures_the_work(bench):
+    c = common(bench)
+    clock, log = FakeClock(), []
+
+    def fake(name, ms):
+        def fn():
+            log.append(name)
+            clock.work(ms)
+
+        return fn
+
+    fns = {"base": (fake("base", 0.4), ()), "lora": (fake("lora", 0.7), ()), "slow": (fake("slow", 3.0), ())}
+    out = c.time_cpu_interleaved(fns, budget_s=0.05, min_samples=6, sample_ms=1.0, clock=clock, wall=clock)
+    assert [out[n].median_ms for n in fns] == pytest.approx([0.4, 0.7, 3.0])
+    assert len({out[n].samples for n in fns}) == 1 and out["base"].samples >= 6  # one sample each per round
+    assert "x3" in out["base"].timer and "x2" in out["lora"].timer and "x1" in out["slow"].timer  # >= 1 ms a sample
+    # after the warm-up, no function runs more than one sample (1 untimed + its timed calls) in a row
+    timed = log[len(log) - sum(out[n].samples * (int(out[n].timer.split(" x")[1][0]) + 1) for n in fns) :]
+    runs, prev, longest = 0, None, {}
+    for name in timed:
+        runs = runs + 1 if name == prev else 1
+        prev, longest[name] = name, max(longest.get(name, 0), runs)
+    assert longest == {"base": 4, "lora": 3, "slow": 2}
+
+
+def test_interleaving_keeps_ratios_right_under_load(bench):
+    """A burst of load (another process takes the core for a while): interleaved, both providers see it
+    in a few samples and the medians hold; timed one after the other, the burst lands on one provider and
+    the ratio comes out 10x wrong."""
+    c = common(bench)
+    clock = FakeClock()
+    fns = {"base": (lambda: clock.work(1.0), ()), "lora": (lambda: clock.work(1.2), ())}
+    kw = dict(budget_s=0.05, min_samples=10, clock=clock, wall=clock)
+    clock.slow, clock.factor = (0.01, 0.04), 10.0
+    out = c.time_cpu_interleaved(fns, **kw)
+    assert out["lora"].median_ms / out["base"].median_ms == pytest.approx(1.2, rel=1e-6)
+    assert any(max(t.raw) >= 5 * t.median_ms for t in out.values())  # the burst hit some samples
+    clock.t, clock.slow = 0.0, (float("inf"), float("inf"))
+    base = c.time_cpu_interleaved({"base": fns["base"]}, **kw)["base"]
+    clock.slow = (clock.t, clock.t + 0.2)  # the burst arrives after base was timed
+    lora = c.time_cpu_interleaved({"lora": fns["lora"]}, **kw)["lora"]
+    assert lora.median_ms / base.median_ms == pytest.approx(12.0)
+
+
+def test_time_cpu_interleaved_reports_a_failing_function(bench):
+    c = common(bench)
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise RuntimeError("kernel exploded")
+
+    out = c.time_cpu_interleaved({"ok": (lambda: None, ()), "bad": (flaky, ())}, budget_s=0.002, min_samples=3)
+    assert isinstance(out["bad"], RuntimeError) and isinstance(out["ok"], c.Timing) and out["ok"].samples >= 3
+    with pytest.raises(ValueError, match="budget_s"):
+        c.time_cpu_interleaved({"ok": (lambda: None, ())}, budget_s=0)
+
+
+def test_cpu_threads_default_to_one(bench):
+    c = common(bench)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert "1 thread" in c.set_cpu_threads(None) and torch.get_num_threads() == 1
+        assert c.cpu_clock() is time.process_time  # one thread: CPU time, descheduled time left out
+        torch.set_num_threads(2)
+        assert "2 threads" in c.set_cpu_threads(0) and torch.get_num_threads() == 2
+        assert c.cpu_clock() is time.perf_counter
+        assert "--threads 3" in c.set_cpu_threads(3) and torch.get_num_threads() == 3
+        for bad in (-1, 1.5, True):
+            with pytest.raises(ValueError, match="threads"):
+                c.set_cpu_threads(bad)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_merge_refuses_mixed_timers(bench):
+    c = common(bench)
+    a = c.Timing(1, 1, 1, 1, "cuda graph", [1.0], graphed=True)
+    b = c.Timing(2, 2, 2, 1, "cuda events", [2.0])
+    with pytest.raises(c.MixedTimers):
+        c.merge([a, b])
+    assert c.merge([a, a]).graphed
+
+
+def test_l2_flush_buffer_is_cuda_only(bench):
+    assert common(bench).l2_flush_buffer(torch.device("cpu")) is None

@@ -171,3 +171,58 @@ def test_script_runs_as_a_command(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "REDUCED SIZES" in proc.stdout and "mor:ref" in proc.stdout
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".csv", ".json"]
+
+
+def test_zero_sweep_is_labelled_with_its_own_z(bench, tiny_run, capsys):
+    """The zero sweep raises Z to k (every zero-slot count up to k reachable): its heading, its rows and
+    its case labels say Z=8, not the header's Z=4."""
+    result, _ = tiny_run
+    rows, meta = result["rows"], result["meta"]
+    sweep = [r for r in rows if r["sweep"] == "zero"]
+    assert meta["zero"] == 4 and {r["num_zero"] for r in sweep} == {8}
+    assert all(" Z8 " in r["case"] for r in sweep) and all(" Z4 " in r["case"] for r in rows if r["sweep"] == "main")
+    bench.print_table(rows, list(bench.PROVIDERS), meta)
+    heading = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("-- zero sweep")]
+    assert len(heading) == 1 and "Z=8" in heading[0] and "not the header's Z=4" in heading[0]
+
+
+def test_cpu_default_is_one_thread_and_says_so(bench, tmp_path, capsys):
+    i = TINY.index("--threads")
+    argv = TINY[:i] + TINY[i + 2 :] + ["--shapes", "lin64x1280", "--modes", "fwd"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = bench.main(argv + ["--sweep", "none", "--providers", "base,lora", "--out", str(tmp_path)])
+        assert torch.get_num_threads() == 2  # restored for the caller
+    finally:
+        torch.set_num_threads(before)
+    meta = result["meta"]
+    assert meta["torch_threads"] == 1 and meta["threads_note"].startswith("1 thread (CPU default")
+    out = capsys.readouterr().out
+    assert "1 thread (CPU default" in out and "timer: process CPU time (1 thread)" in out
+    assert all(r["timer"].startswith("cpu process time") for r in result["rows"] if r["status"] == "ok")
+
+
+def test_faster_than_base_is_flagged_unreliable(bench, monkeypatch, tmp_path, capsys):
+    """A provider that does strictly more work than base cannot beat it: a timing that says so is flagged
+    in the row, the CSV and the table (the 0.05x dense LoRA seen on a loaded 2-core machine)."""
+    common = bench.common
+    fake_ms = {"base": 10.0, "lora": 0.5, "mor:reference": 9.5, "mor:cpp": 12.0}
+
+    def fake_timer(fns, **_):
+        ms = {p: fake_ms.get(p, 1.0) for p in fns}  # "fn": the copy ceiling
+        return {p: common.Timing(v, v, v, 10, "fake", [v]) for p, v in ms.items()}
+
+    monkeypatch.setattr(common, "time_cpu_interleaved", fake_timer)
+    argv = TINY + ["--shapes", "lin64x1280", "--modes", "fwd", "--sweep", "none", "--out", str(tmp_path)]
+    result = bench.main(argv)
+    by = {r["provider"]: r for r in result["rows"]}
+    assert by["lora"]["ratio_to_base"] == pytest.approx(0.05) and by["lora"]["timing_flag"].startswith("unreliable")
+    assert by["mor:reference"]["timing_flag"] == ""  # 0.95x: within the floor
+    assert by["base"]["timing_flag"] == "" and by["mor:cpp"]["timing_flag"] == ""
+    with open(result["paths"]["csv"], newline="") as f:
+        table = {r["provider"]: r for r in csv.DictReader(f)}
+    assert table["lora"]["timing_flag"].startswith("unreliable") and table["base"]["timing_flag"] == ""
+    out = capsys.readouterr().out
+    assert "0.05x!" in out and "! unreliable (1 rows" in out
+    assert bench.timing_flag("lora", 0.89) and not bench.timing_flag("lora", 0.9) and not bench.timing_flag("base", 0.5)

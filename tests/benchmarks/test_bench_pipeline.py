@@ -1,5 +1,6 @@
-"""benchmarks/bench_pipeline.py on a tiny CPU run: every variant runs and the CSV/JSON rows are complete
-(no timed assertions)."""
+"""benchmarks/bench_pipeline.py on a tiny CPU run: the real MoRSRPipeline call with every variant, the CSV/JSON
+rows complete, the L2-flush buffer allocated before anything is measured, and the CUDA peak-memory
+bookkeeping on a fake allocator (no timed assertions)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,43 @@ import csv
 import importlib
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 pytest.importorskip("diffusers", reason="bench_pipeline needs diffusers (pip install diffusers)")
+pytest.importorskip("open_clip", reason="the degradation estimator needs open_clip (pip install open_clip_torch)")
+
+TINY = [
+    "--device",
+    "cpu",
+    "--reduced",
+    "--resolution",
+    "64",
+    "--budget",
+    "0.01",
+    "--min-samples",
+    "2",
+    "--clip",
+    "tiny",
+]
 
 
-def test_tiny_pipeline_run(bench, tmp_path):  # the bench fixture puts benchmarks/ on sys.path
-    pipeline = importlib.import_module("bench_pipeline")
-    argv = ["--device", "cpu", "--reduced", "--resolution", "64", "--budget", "0.01", "--rounds", "1"]
-    argv += ["--threads", "1", "--variants", "lora,mor:reference,folded", "--out", str(tmp_path)]
-    result = pipeline.main(argv)
+def pipeline_module(bench):  # the bench fixture puts benchmarks/ on sys.path
+    return importlib.import_module("bench_pipeline")
+
+
+@pytest.fixture(scope="module")
+def tiny_result(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipe")
+    argv = TINY + ["--variants", "lora,mor:reference,folded,estimator", "--out", str(out)]
+    return pipeline_module(bench).main(argv)
+
+
+def test_tiny_pipeline_run(bench, tiny_result):
+    pipeline = pipeline_module(bench)
+    result = tiny_result
     rows = {(r["variant"], r["part"]): r for r in result["rows"]}
     for variant in ("none", "lora-r4", "mor:reference", "mor-folded:reference"):
         for part in ("unet", "pipeline"):
@@ -26,7 +53,18 @@ def test_tiny_pipeline_run(bench, tmp_path):  # the bench fixture puts benchmark
             assert math.isfinite(r["median_ms"]) and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
             assert r["ratio_to_none"] > 0
     assert rows[("none", "unet")]["ratio_to_none"] == 1.0
-    assert "layers" in rows[("lora-r4", "unet")]["note"] and "layers" in rows[("mor:reference", "unet")]["note"]
+    assert rows[("estimator", "estimator")]["status"] == "ok" and rows[("estimator", "estimator")]["dtype"] == "fp32"
+    # the MoR pipeline rows include the estimator (and its weights); none and dense LoRA need none
+    assert "estimator" in rows[("mor:reference", "pipeline")]["note"]
+    assert "estimator" not in rows[("lora-r4", "pipeline")]["note"]
+    est_mb = rows[("estimator", "estimator")]["weights_mb"]
+    mor, none = rows[("mor:reference", "pipeline")]["weights_mb"], rows[("none", "pipeline")]["weights_mb"]
+    assert mor > none + est_mb
+    assert (
+        "VAE encoder" in rows[("lora-r4", "unet")]["note"] and "VAE encoder" in rows[("mor:reference", "unet")]["note"]
+    )
+    assert "fold_shared_ranks" in rows[("mor-folded:reference", "pipeline")]["note"]
+    assert result["meta"]["torch_threads"] == 1  # the CPU default
     with open(result["paths"]["json"]) as f:
         data = json.load(f)
     assert data["fields"] == list(pipeline.FIELDS) and data["meta"]["device"] == "cpu"
@@ -35,11 +73,71 @@ def test_tiny_pipeline_run(bench, tmp_path):  # the bench fixture puts benchmark
     assert len(table) == len(result["rows"]) and {"torch", "git_commit", "device_name"} <= set(table[0])
 
 
+def test_variants_are_the_real_pipeline_models(bench):
+    """MoR variants carry the VAE-encoder adapter; the folded one is what fold_shared_ranks makes (no shared
+    ranks left, base weights changed), not a num_shared=0 imitation; all cast to the run's dtype."""
+    import mor_model
+
+    pipeline = pipeline_module(bench)
+    args = pipeline.parse_args(TINY + ["--variants", "mor:reference,folded"])
+    unet, vae, _ = pipeline.build(args, torch.device("cpu"))
+    models, _ = pipeline.variants(args, unet, vae, torch.device("cpu"), torch.bfloat16)
+    u, v, _ = models["mor:reference"]
+    fu, fv, _ = models["mor-folded:reference"]
+    layers, folded = mor_model.mor_layers(u), mor_model.mor_layers(fu)
+    assert layers and mor_model.mor_layers(v) and mor_model.mor_layers(fv)
+    assert all(m.num_shared == 8 for m in layers.values()) and all(m.num_shared == 0 for m in folded.values())
+    assert all(m.folded_shared_ranks == 8 for m in folded.values())
+    name = next(iter(layers))
+    assert folded[name].lora_a.shape[0] == 32 and layers[name].lora_a.shape[0] == 40
+    assert not torch.equal(folded[name].base_layer.weight, layers[name].base_layer.weight)
+    assert all(m.num_shared == 0 and m.folded_shared_ranks == 3 for m in mor_model.mor_layers(fv).values())
+    assert all(p.dtype == torch.bfloat16 for m in (u, v, fu, fv) for p in m.parameters())
+    assert not mor_model.mor_layers(models["none"][0]) and not mor_model.mor_layers(models["none"][1])
+
+
+def test_l2_flush_buffer_comes_before_any_measurement(bench, monkeypatch, tmp_path):
+    pipeline = pipeline_module(bench)
+    common = pipeline.common
+    order = []
+    real_flush, real_jobs = common.l2_flush_buffer, pipeline.time_jobs
+    monkeypatch.setattr(common, "l2_flush_buffer", lambda d: order.append("flush") or real_flush(d))
+    monkeypatch.setattr(pipeline, "time_jobs", lambda *a, **k: order.append("time") or real_jobs(*a, **k))
+    pipeline.main(TINY + ["--variants", "estimator", "--out", str(tmp_path)])
+    assert order[0] == "flush" and order.count("time") == 3  # pipeline, unet and estimator parts
+
+
+def test_cuda_peak_memory_bookkeeping(bench, monkeypatch):
+    """The CUDA branch of time_jobs with a fake allocator: the peak a call adds over what was allocated
+    before it, per job, the largest over rounds; a failing job is reported, not fatal."""
+    pipeline = pipeline_module(bench)
+    common = pipeline.common
+    mem = {"now": 1000.0, "peak": 1000.0}
+    adds = {"a": 3e6, "b": 7e6}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: mem.update(peak=mem["now"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: mem["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: mem["peak"])
+
+    def fake_time_fn(fn, device, **_):
+        name = fn()
+        mem["peak"] = max(mem["peak"], mem["now"] + adds[name])
+        return common.Timing(1.0, 1.0, 1.0, 1, "cuda events", [1.0])
+
+    def boom():
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(common, "time_fn", fake_time_fn)
+    jobs = {"a": lambda: "a", "b": lambda: "b", "c": boom}
+    timings, peak = pipeline.time_jobs(jobs, torch.device("cuda"), SimpleNamespace(rounds=2, budget=0.1))
+    assert peak == {"a": pytest.approx(3.0), "b": pytest.approx(7.0)}
+    assert timings["a"].samples == 2 and isinstance(timings["c"], RuntimeError)
+
+
 def test_lora_wrapper_matches_base_plus_low_rank(bench):
-    import torch
     from torch import nn
 
-    pipeline = importlib.import_module("bench_pipeline")
+    pipeline = pipeline_module(bench)
     torch.manual_seed(0)
     root = nn.Module()
     root.conv1 = nn.Conv2d(4, 6, 3, padding=1)
