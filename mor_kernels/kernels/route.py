@@ -3,6 +3,15 @@ renormalisation over the selected slots (zero slots included), ``idx = -1`` for 
 
 After vLLM's ``topk_softmax``: one program owns ``BLOCK_R`` whole rows of logits and does softmax,
 max and top-k in registers; one launch for any number of rows.
+
+``exp`` is libdevice's accurate ``expf`` on a GPU (``tl.exp`` compiles to the approximate ``ex2.approx``
+path, which can reorder near-tied probabilities relative to torch's softmax); under the interpreter
+``tl.exp`` is numpy's, accurate already.
+
+Rows the softmax turns into NaN (a NaN or ``+inf`` logit, or every logit ``-inf``) follow the
+reference (``torch.sort`` puts NaN above every number, stably): the selection treats NaN as larger
+than any probability, so such a row selects slots ``0..k-1`` and its gates and probabilities are NaN.
+Every stored slot is in ``[0, n_slots)``, so the backward's gathers stay in range.
 """
 
 from __future__ import annotations
@@ -10,6 +19,34 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .mor_lora import _INTERPRETED
+
+try:  # where triton keeps libdevice has moved between versions
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - depends on the installed triton
+    from triton.language.extra.cuda import libdevice
+
+
+@triton.jit
+def _exp(x):
+    """Accurate float32 ``exp`` (libdevice ``__nv_expf`` when compiled; numpy's under the interpreter)."""
+    if _INTERPRETED:
+        return tl.exp(x)
+    else:
+        return libdevice.exp(x)
+
+
+@triton.jit
+def _select(key, probs, cols, n_slots, BLOCK_S: tl.constexpr):
+    """The largest ``key`` of each row (ties to the lower slot): ``(slot, probability there, key with
+    that slot taken)``. ``key`` holds no NaN, so some slot always matches the maximum."""
+    best = tl.max(key, axis=1)
+    pos = tl.min(tl.where(key == best[:, None], cols[None, :], BLOCK_S), axis=1)
+    pos = tl.minimum(pos, n_slots - 1)  # for memory safety only: some slot always matches
+    hit = cols[None, :] == pos[:, None]
+    val = tl.sum(tl.where(hit, probs, 0.0), axis=1)  # the probability itself (NaN stays NaN)
+    return pos, val, tl.where(hit, -1.0, key)
 
 
 @triton.jit
@@ -44,30 +81,29 @@ def _route_kernel(
     ).to(tl.float32)
     logits = tl.where(col_ok[None, :], logits, float("-inf"))
     row_max = tl.max(logits, axis=1)
-    e = tl.where(col_ok[None, :], tl.exp(logits - row_max[:, None]), 0.0)
+    e = tl.where(col_ok[None, :], _exp(logits - row_max[:, None]), 0.0)
     probs = e / tl.sum(e, axis=1)[:, None]
     tl.store(probs_ptr + rows[:, None] * n_slots + cols[None, :], probs, mask=mask)
 
-    # Pass 1: the sum of the k largest probabilities. Probabilities are >= 0, so -1 marks "taken".
-    work = tl.where(col_ok[None, :], probs, -1.0)
+    # Selection keys: probabilities are in [0, 1], NaN ranks above them (as in torch.sort) and -1
+    # marks a padding column or a slot already taken.
+    key0 = tl.where(col_ok[None, :], tl.where(probs != probs, 2.0, probs), -1.0)
+    # Pass 1: the sum of the k selected probabilities.
+    key = key0
     total = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for _ in range(TOP_K):
-        best = tl.max(work, axis=1)
-        pos = tl.min(tl.where(work == best[:, None], cols[None, :], BLOCK_S), axis=1)  # ties -> lower slot
-        total += best
-        work = tl.where(cols[None, :] == pos[:, None], -1.0, work)
+        pos, val, key = _select(key, probs, cols, n_slots, BLOCK_S)
+        total += val
     if not RENORMALIZE:
         total = tl.full((BLOCK_R,), 1.0, dtype=tl.float32)
     # Pass 2: the same selection again, now writing the outputs in descending order.
-    work = tl.where(col_ok[None, :], probs, -1.0)
+    key = key0
     for j in range(TOP_K):
-        best = tl.max(work, axis=1)
-        pos = tl.min(tl.where(work == best[:, None], cols[None, :], BLOCK_S), axis=1)
-        work = tl.where(cols[None, :] == pos[:, None], -1.0, work)
+        pos, val, key = _select(key, probs, cols, n_slots, BLOCK_S)
         out = rows * TOP_K + j
         tl.store(idx_ptr + out, tl.where(pos < num_real, pos, -1).to(tl.int32), mask=row_ok)
         tl.store(slot_ptr + out, pos.to(tl.int32), mask=row_ok)
-        tl.store(gate_ptr + out, best / total, mask=row_ok)
+        tl.store(gate_ptr + out, val / total, mask=row_ok)
 
 
 def route_forward(logits: torch.Tensor, top_k: int, num_zero: int, renormalize: bool):

@@ -1,21 +1,142 @@
 """``mor_conv2d`` on Triton, fused around torch's (cuDNN's) convolution.
 
-Forward: one ``F.conv2d`` with the weight ``[W0; A]`` (ranks as extra output channels), then the
-``mor::triton_conv_up`` pass (gates + 1x1 up-projection + add + bias, ``y`` written once).
-Backward: the rank-space gradients reuse the linear kernels with pixels as tokens
-(``mor::triton_lora_bwd_dh`` for ``dh``/``du``/``dgate``, ``mor::triton_lora_rank_grad`` for ``dB``);
-the convolution's own gradients come from ``torch.nn.grad`` on the same concatenated weight.
+Forward: one convolution with the weight ``[W0; A]`` (ranks as extra output channels,
+``mor::triton_conv2d``), then the ``mor::triton_conv_up`` pass (gates + 1x1 up-projection + add +
+bias, ``y`` written once). Backward: the rank-space gradients reuse the linear kernels with pixels as
+tokens (``mor::triton_lora_bwd_dh``: one pass over ``dy`` for ``dh``/``du``/``dgate`` and ``dB``); the
+convolution's own gradients are ``mor::triton_conv2d_input`` / ``mor::triton_conv2d_weight`` on the
+same concatenated weight.
+
+cuDNN settings: a convolution whose operands are float32 runs with
+``torch.backends.cudnn.conv.fp32_precision = "ieee"`` (PyTorch's default lets cuDNN use TF32, whose
+10-bit mantissa misses the float32 tolerance), and the backward convolutions run with
+``torch.backends.cudnn.deterministic = True``, so the whole backward is bitwise repeatable (the Triton
+parts never use atomics). Both are set only around these calls and restored after; the convolutions
+are custom ops so that the settings hold under ``torch.compile`` too (FLOP formulas registered here).
+
+Operands: ``x``, ``weight``, ``bias``, ``lora_a`` and ``lora_b`` are cast to one compute dtype first
+(autocast's when it is on, else ``x``'s), as the kernels' dots need.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.nn.grad import conv2d_input, conv2d_weight
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from ..kernels.mor_conv2d import conv_up, out_format
-from .triton_mor_lora import _active_ranks, triton_lora_bwd_dh, triton_lora_rank_grad
+from .triton_mor_lora import _active_ranks, cast_operands, compute_dtype, triton_lora_bwd_dh
+
+
+@contextlib.contextmanager
+def cudnn_settings(dtype: torch.dtype, device: torch.device, *, deterministic: bool):
+    """Around one convolution with operands of ``dtype`` on ``device``: no TF32 for float32, cuDNN's
+    deterministic algorithms when ``deterministic``, autocast off (the operands are cast already)."""
+    cudnn = torch.backends.cudnn
+    ieee = dtype == torch.float32
+    before = (cudnn.conv.fp32_precision, cudnn.deterministic)
+    try:
+        if ieee:
+            cudnn.conv.fp32_precision = "ieee"
+        if deterministic:
+            cudnn.deterministic = True
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        if ieee:
+            cudnn.conv.fp32_precision = before[0]
+        if deterministic:
+            cudnn.deterministic = before[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# the convolutions (custom ops: opaque to torch.compile, so the cuDNN settings apply when compiled)
+
+
+def _conv(x, weight, stride, padding, dilation):
+    return F.conv2d(x, weight, None, stride, padding, dilation)
+
+
+@torch.library.custom_op("mor::triton_conv2d", mutates_args=())
+def triton_conv2d(
+    x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int]
+) -> torch.Tensor:
+    """``F.conv2d(x, weight)`` without bias, TF32 off for float32 operands."""
+    with cudnn_settings(x.dtype, x.device, deterministic=False):
+        return _conv(x, weight, stride, padding, dilation)
+
+
+triton_conv2d.register_fake(_conv)
+
+
+def _conv_dx(x, weight, dz, stride, padding, dilation):
+    return conv2d_input(x.shape, weight, dz, stride, padding, dilation)
+
+
+@torch.library.custom_op("mor::triton_conv2d_input", mutates_args=())
+def triton_conv2d_input(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    dz: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> torch.Tensor:
+    """The input gradient of ``conv2d(x, weight)`` for output gradient ``dz`` (``x`` gives the shape),
+    in ``dz``'s dtype; deterministic, TF32 off for float32 operands."""
+    with cudnn_settings(dz.dtype, dz.device, deterministic=True):
+        return _conv_dx(x, weight, dz, stride, padding, dilation)
+
+
+triton_conv2d_input.register_fake(_conv_dx)
+
+
+def _conv_dw(x, weight, dz, stride, padding, dilation):
+    return conv2d_weight(x, weight.shape, dz, stride, padding, dilation)
+
+
+@torch.library.custom_op("mor::triton_conv2d_weight", mutates_args=())
+def triton_conv2d_weight(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    dz: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> torch.Tensor:
+    """The weight gradient of ``conv2d(x, weight)`` for output gradient ``dz`` (``weight`` gives the
+    shape), in ``dz``'s dtype; deterministic, TF32 off for float32 operands."""
+    with cudnn_settings(dz.dtype, dz.device, deterministic=True):
+        return _conv_dw(x, weight, dz, stride, padding, dilation)
+
+
+triton_conv2d_weight.register_fake(_conv_dw)
+
+
+@register_flop_formula(torch.ops.mor.triton_conv2d)
+def _(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(x_shape, w_shape, out_shape)
+
+
+@register_flop_formula(torch.ops.mor.triton_conv2d_input)
+def _(x_shape, w_shape, dz_shape, *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(dz_shape, w_shape, x_shape, transposed=True)  # as aten's conv backward counts
+
+
+@register_flop_formula(torch.ops.mor.triton_conv2d_weight)
+def _(x_shape, w_shape, dz_shape, *args, out_shape=None, **kwargs) -> int:
+    def t(shape):
+        return [shape[1], shape[0], *shape[2:]]
+
+    return conv_flop_count(t(x_shape), t(dz_shape), t(w_shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton pass and the autograd.Function
 
 
 @torch.library.custom_op("mor::triton_conv_up", mutates_args=())
@@ -57,7 +178,7 @@ def _grad_dtype(x: torch.Tensor) -> torch.dtype:
 class _MoRConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, conv, store_u):
-        z = F.conv2d(x, torch.cat([weight, lora_a], 0), None, *conv)
+        z = triton_conv2d(x, torch.cat([weight, lora_a], 0), *conv)
         y, u = triton_conv_up(z, lora_b, bias, idx, gate, num_shared, scaling, store_u)
         ctx.save_for_backward(x, weight, lora_a, lora_b, idx, gate, u)
         ctx.num_shared, ctx.scaling, ctx.conv = num_shared, scaling, conv
@@ -75,25 +196,27 @@ class _MoRConv2dFn(torch.autograd.Function):
         dz_rank = None
         if need_x or need_a or need_b or need_gate:
             dy_tokens = dy.reshape(batch, c_out, height * width).transpose(1, 2)  # (B, P, C_out)
-            du, h, dg = triton_lora_bwd_dh(dy_tokens, lora_b, u, idx, gate, s, ctx.scaling, need_b)
+            du, dg, dbt = triton_lora_bwd_dh(dy_tokens, lora_b, u, idx, gate, s, ctx.scaling, need_b)
             if need_b:
-                db = triton_lora_rank_grad(h, dy_tokens, idx, s, ranks).t().to(lora_b.dtype)
+                db = dbt.t().to(lora_b.dtype)
             if need_gate:
                 dgate = dg.to(gate.dtype)
             if need_x or need_a:  # du over the rank list -> the gradient of the rank channels of z
                 onehot = torch.zeros(batch, du.shape[2], ranks + 1, dtype=du.dtype, device=du.device)
                 onehot.scatter_(2, _active_ranks(idx, s, ranks, du.shape[2])[..., None], 1.0)
-                dz_rank = torch.einsum("btp,bpr->brt", du, onehot[..., :ranks]).reshape(batch, ranks, height, width)
+                with torch.autocast(du.device.type, enabled=False):  # float32, one fixed-order contraction
+                    dz_rank = torch.einsum("btp,bpr->brt", du, onehot[..., :ranks])
+                dz_rank = dz_rank.reshape(batch, ranks, height, width)
         gt = _grad_dtype(x)
         if need_x:  # one conv-input gradient for the base and the rank channels together
             dz = torch.cat([dy.to(gt), dz_rank.to(gt)], 1)
-            dx = conv2d_input(x.shape, torch.cat([weight, lora_a], 0).to(gt), dz, *conv).to(x.dtype)
+            dx = triton_conv2d_input(x.to(gt), torch.cat([weight, lora_a], 0).to(gt), dz, *conv).to(x.dtype)
         if need_w:
-            dw = conv2d_weight(x.to(gt), weight.shape, dy.to(gt), *conv).to(weight.dtype)
+            dw = triton_conv2d_weight(x.to(gt), weight.to(gt), dy.to(gt), *conv).to(weight.dtype)
         if need_a:
             # float32: dA sums over every pixel of the batch, and rounding dz_rank to 16 bits first costs
             # more than the float16 tolerance allows (a rank-sized weight gradient, R << C_out).
-            da = conv2d_weight(x.float(), lora_a.shape, dz_rank, *conv).to(lora_a.dtype)
+            da = triton_conv2d_weight(x.float(), lora_a.float(), dz_rank, *conv).to(lora_a.dtype)
         if need_bias:
             dbias = dy.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
         return dx, dw, dbias, da, db, None, dgate, None, None, None, None
@@ -104,7 +227,10 @@ def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, 
     lora_a ``(R, C_in, kh, kw)``, lora_b ``(C_out, R)``, idx/gate ``(B, k)`` -> ``(B, C_out, H_out, W_out)``."""
     trainable = (x, weight, bias, lora_a, lora_b, gate)
     store_u = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in trainable)
-    conv = (tuple(stride), tuple(padding), tuple(dilation))
+    conv = (list(stride), list(padding), list(dilation))
+    # One dtype for every operand (the kernels' dots need it), whatever the caller mixed or autocast
+    # would have cast to.
+    x, weight, bias, lora_a, lora_b = cast_operands(compute_dtype(x), x, weight, bias, lora_a, lora_b)
     return _MoRConv2dFn.apply(
         x, weight, bias, lora_a, lora_b, idx.to(torch.int32), gate, int(num_shared), float(scaling), conv, store_u
     )

@@ -3,9 +3,14 @@ launch, each with a fake implementation), composed by an autograd.Function.
 
 Forward: ``triton_lora_shrink`` (gated rank activations) then ``triton_lora_expand`` (base GEMM whose
 accumulator starts from the low-rank term; ``y`` written once). Backward: ``triton_lora_bwd_dh``
-(``dy`` read once for ``dh``; gate gradient), ``triton_lora_bwd_dx`` (``du A + dy W``) and
-``triton_lora_rank_grad`` for ``dA``/``dB``; ``dW``/``db`` are torch matmuls/sums. No host
-synchronisation and no data-dependent grid: the forward can be captured in a CUDA graph.
+(``dy`` read once for ``dh`` and ``dB``; gate gradient), ``triton_lora_bwd_dx`` (``du A + dy W``) and
+``triton_lora_rank_grad`` for ``dA``; ``dW``/``db`` are torch matmuls/sums. Every partial sum is
+reduced in a fixed order (no atomics): the backward is bitwise repeatable. No host synchronisation
+and no data-dependent grid: the forward can be captured in a CUDA graph.
+
+Operands: ``x``, ``weight``, ``bias``, ``lora_a``, ``lora_b`` and ``base`` are cast to one compute
+dtype first (autocast's when it is on, else ``x``'s; see :func:`compute_dtype`), as the kernels'
+dots need; ``gate`` is read as float32.
 """
 
 from __future__ import annotations
@@ -92,23 +97,27 @@ def triton_lora_bwd_dh(
     gate: torch.Tensor,
     num_shared: int,
     scaling: float,
-    store_h: bool,
+    need_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dy ``(B, T, d_out)``, u ``(B, T, RP)`` -> ``du = scaling g (dy B)``, ``h = scaling g u`` (float32
-    ``(B, T, RP)``; ``h`` is ``(0,)`` unless ``store_h``) and ``dgate`` float32 of idx's shape."""
+    """One pass over dy ``(B, T, d_out)`` with u ``(B, T, RP)`` -> ``du = scaling g (dy B)`` float32
+    ``(B, T, RP)``, ``dgate`` float32 of idx's shape, and ``dB^T = sum_{b,t} h^T dy`` float32 ``(R, d_out)``
+    with ``h = scaling g u`` (``(0,)`` unless ``need_db``); dy and lora_b of one dtype."""
     idx, gate = idx.contiguous(), gate.contiguous()
-    du, h, dgate = K.backward_dh(dy, lora_b, u.contiguous(), idx, gate, num_shared, scaling, store_h)
+    du, dgate, dbt = K.backward_dh(dy, lora_b, u.contiguous(), idx, gate, num_shared, scaling, need_db)
     if idx.dim() == 2:  # sample routing: sum the per-block partials in a fixed order
         k = idx.shape[1]
         dgate = dgate.sum(1)[:, num_shared : num_shared + k]
         ok = (idx >= 0) & (idx < lora_b.shape[1] - num_shared)
         dgate = torch.where(ok, dgate, torch.zeros_like(dgate))
-    return du, h, dgate
+    if need_db:  # fixed-order sum over token blocks, then rank list -> ranks
+        dbt = _to_ranks(dbt.sum(1), idx, num_shared, lora_b.shape[1])
+    return du, dgate, dbt
 
 
 @triton_lora_bwd_dh.register_fake
-def _(dy, lora_b, u, idx, gate, num_shared, scaling, store_h):
-    return torch.empty_like(u), u.new_empty(u.shape if store_h else (0,)), idx.new_empty(idx.shape, dtype=torch.float32)
+def _(dy, lora_b, u, idx, gate, num_shared, scaling, need_db):
+    dbt = u.new_empty((lora_b.shape[1], dy.shape[-1]) if need_db else (0,))
+    return torch.empty_like(u), idx.new_empty(idx.shape, dtype=torch.float32), dbt
 
 
 @torch.library.custom_op("mor::triton_lora_bwd_dx", mutates_args=())
@@ -135,7 +144,7 @@ def triton_lora_rank_grad(
 ) -> torch.Tensor:
     """``sum_{b,t} lhs[b, t]^T rhs[b, t]`` mapped from the rank list to ranks: float32 ``(R, N)``.
 
-    lhs ``(B, T, RP)`` float32 (``du`` for ``dA``, ``h`` for ``dB^T``), rhs ``(B, T, N)`` (``x`` or ``dy``).
+    lhs ``(B, T, RP)`` float32 (``du`` for ``dA``), rhs ``(B, T, N)`` (``x``).
     """
     partial = K.rank_grad_partials(lhs.contiguous(), rhs).sum(1)  # fixed-order sum over token chunks
     return _to_ranks(partial, idx, num_shared, ranks)
@@ -170,17 +179,18 @@ class _MoRLinearFn(torch.autograd.Function):
         s, ranks = ctx.num_shared, lora_a.shape[0]
         dx = dw = dbias = da = db = dgate = dbase = None
         if need_x or need_a or need_b or need_gate:
-            du, h, dg = triton_lora_bwd_dh(dy, lora_b, u, idx, gate, s, ctx.scaling, need_b)
+            du, dg, dbt = triton_lora_bwd_dh(dy, lora_b, u, idx, gate, s, ctx.scaling, need_b)
             if need_x:
                 dx = triton_lora_bwd_dx(du, lora_a, idx, s, dy if weight is not None else None, weight)
             if need_a:
                 da = triton_lora_rank_grad(du, x, idx, s, ranks).to(lora_a.dtype)
             if need_b:
-                db = triton_lora_rank_grad(h, dy, idx, s, ranks).t().to(lora_b.dtype)
+                db = dbt.t().to(lora_b.dtype)
             if need_gate:
                 dgate = dg.to(gate.dtype)
         if need_w:
-            dw = torch.matmul(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1])).to(weight.dtype)
+            with torch.autocast(dy.device.type, enabled=False):  # dy and x share the compute dtype
+                dw = torch.matmul(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1])).to(weight.dtype)
         if need_bias:
             dbias = dy.sum((0, 1), dtype=torch.float32).to(ctx.bias_dtype)
         if need_base:
@@ -188,10 +198,27 @@ class _MoRLinearFn(torch.autograd.Function):
         return dx, dw, dbias, da, db, None, dgate, dbase, None, None, None
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The one dtype the kernels' operands share: autocast's when it is on for ``x``'s device (as for
+    ``F.linear``/``F.conv2d``, float64 is never cast), else ``x``'s."""
+    device = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def cast_operands(dtype: torch.dtype, *tensors):
+    """``tensors`` in ``dtype`` (None stays None). The casts are autograd ops outside the fused
+    Function, so each gradient comes back in its input's own dtype."""
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
 def _apply(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared, scaling):
     trainable = (x, weight, bias, lora_a, lora_b, gate, base)
     store_u = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in trainable)
     idx = idx.to(torch.int32)
+    # One dtype for every dot operand, whatever the caller mixed (or autocast would have cast).
+    x, weight, bias, lora_a, lora_b, base = cast_operands(compute_dtype(x), x, weight, bias, lora_a, lora_b, base)
     return _MoRLinearFn.apply(
         x, weight, bias, lora_a, lora_b, idx, gate, base, int(num_shared), float(scaling), store_u
     )

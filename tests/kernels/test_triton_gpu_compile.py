@@ -61,9 +61,10 @@ SCRIPT = textwrap.dedent(
                 comp(L._bwd_dx_kernel, dict(du_ptr=f32, a_ptr=dt, dy_ptr=dt, w_ptr=dt, dx_ptr=dt, **rt),
                      dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, HAS_W=True, BLOCK_M=cfg["BLOCK_M"],
                           BLOCK_N=cfg["BLOCK_K"], BLOCK_K=cfg["BLOCK_N"]), f"bwd_dx {tag} {cfg}", **warps)
-            comp(L._bwd_dh_kernel, dict(dy_ptr=dt, b_ptr=dt, u_ptr=f32, du_ptr=f32, h_ptr=f32, dgate_ptr=f32, **rt),
-                 dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, STORE_H=True, BLOCK_M=L.BLOCK_M, BLOCK_N=L.BLOCK_N),
-                 "bwd_dh " + tag)
+            dh = L.dh_config(torch.float32 if dt == "*fp32" else torch.float16, rp)
+            comp(L._bwd_dh_kernel, dict(dy_ptr=dt, b_ptr=dt, u_ptr=f32, du_ptr=f32, dgate_ptr=f32, dbt_ptr=f32, **rt),
+                 dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, NEED_DB=True, BLOCK_M=dh["BLOCK_M"], BLOCK_N=dh["BLOCK_N"]),
+                 "bwd_dh " + tag, num_warps=dh["num_warps"])
             comp(L._rank_grad_kernel, dict(l_ptr=f32, r_ptr=dt, out_ptr=f32),
                  dict(RP=rp, BLOCK_M=L.BLOCK_M, BLOCK_N=L.BLOCK_N), "rank_grad " + tag)
         comp(C._conv_up_kernel, dict(z_ptr=dt, b_ptr=dt, bias_ptr=dt, y_ptr=dt, u_ptr=f32, **rt),

@@ -6,6 +6,7 @@ import torch
 from triton_env import DEVICE, skip_if_triton_imported_too_late
 
 import mor_kernels
+from mor_kernels.ops import triton_route as route_ops
 from mor_kernels.reference import route as reference_route
 from mor_kernels.testing import assert_parity, poison_allocations
 
@@ -70,3 +71,69 @@ def test_low_and_high_precision_logits(dtype):
 def test_empty_rows():
     idx, gate, probs = mor_kernels.route(torch.randn(0, 6, device=DEVICE), 2, 1, backend="triton")
     assert idx.shape == (0, 2) and gate.shape == (0, 2) and probs.shape == (0, 6)
+
+
+def _grad_pair(logits, top_k, num_zero, renormalize=True, seed=0):
+    """(Triton d logits, float64 reference d logits) for random upstream gradients of gate and probs."""
+    lg = logits.detach().double().requires_grad_(True)
+    lt = logits.detach().clone().to(DEVICE).requires_grad_(True)
+    gen = torch.Generator().manual_seed(seed)
+    _, g1, p1 = mor_kernels.route(lt, top_k, num_zero, renormalize, backend="triton")
+    wg = torch.randn(g1.shape, generator=gen, dtype=torch.float64)
+    wp = torch.randn(p1.shape, generator=gen, dtype=torch.float64)
+    ref = reference_route(lg, top_k, num_zero, renormalize)
+    (want,) = torch.autograd.grad([ref[1], ref[2]], lg, [wg, wp])
+    (got,) = torch.autograd.grad([g1, p1], lt, [wg.float().to(DEVICE), wp.float().to(DEVICE)])
+    return got, want
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_nan_and_infinite_rows_follow_the_reference(renormalize):
+    """A NaN or +inf logit, or a row of -inf, makes the softmax NaN: the reference (torch.sort, NaN
+    first, stably) then selects slots 0..k-1 with NaN gates. Finite rows with -inf entries are ordinary.
+    The kernel must agree, store only in-range slots, and the backward must run (NaN where the
+    reference's is NaN)."""
+    logits = torch.tensor(
+        [
+            [0.1, NAN, 0.3, 0.2, 0.5, 0.0],
+            [0.1, INF, 0.3, 0.2, 0.5, 0.0],
+            [-INF] * 6,
+            [INF, -INF, 0.0, INF, 1.0, 2.0],
+            [0.1, -INF, 0.3, -INF, 0.5, 0.0],  # finite softmax, zero probabilities tie
+            [1.0, -INF, -INF, -INF, -INF, -INF],
+            [0.3, 0.1, 0.4, 0.1, 0.5, 0.9],
+        ]
+    )
+    top_k, num_zero = 3, 2
+    idx, gate, probs = mor_kernels.route(logits.to(DEVICE), top_k, num_zero, renormalize, backend="triton")
+    r_idx, r_gate, r_probs = reference_route(logits.double(), top_k, num_zero, renormalize)
+    assert torch.equal(idx.cpu(), r_idx)
+    for name, got, want in (("gate", gate, r_gate), ("probs", probs, r_probs)):
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(got.cpu()), nan), name
+        assert nan[:4].all() and not nan[4:].any()
+        assert_parity(got[4:], want[4:], dtype=torch.float32, name=name)
+    got, want = _grad_pair(logits, top_k, num_zero, renormalize)
+    assert torch.equal(torch.isnan(got.cpu()), torch.isnan(want))
+    assert_parity(got[4:].float(), want[4:], dtype=torch.float32, name="dlogits")
+
+
+def test_nan_row_slots_stay_in_range():
+    """The slots the forward saves for the backward are in [0, E + Z) for every row."""
+    logits = torch.tensor([[NAN] * 5, [0.0, NAN, 1.0, 2.0, 3.0], [-INF] * 5]).to(DEVICE)
+    _, _, _, slot = route_ops.triton_route(logits, 5, 1, True)
+    assert ((slot >= 0) & (slot < 5)).all()
+    assert slot.cpu().tolist() == [[0, 1, 2, 3, 4]] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_low_precision_logits_gradients(dtype, renormalize):
+    """16-bit logits: softmax in float32 on the rounded logits, d logits returned in the logits' dtype."""
+    logits = torch.randn(7, 10, generator=torch.Generator().manual_seed(4)).to(dtype)
+    got, want = _grad_pair(logits, 4, 2, renormalize, seed=1)
+    assert got.dtype == dtype
+    assert_parity(got, want, dtype=dtype, name="dlogits")
