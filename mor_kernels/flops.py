@@ -314,8 +314,9 @@ def _triton_expand(a, out):
     return 2 * rows * a["h"][-1] * d_out + base
 
 
-def _triton_bwd_dh(a, out):
-    return 2 * _rows(a["dy"]) * a["u"][-1] * a["lora_b"][0]
+def _triton_bwd_dh(a, out):  # dh = dy B over the rank list, and dB^T = h^T dy in the same pass when need_db
+    dh = 2 * _rows(a["dy"]) * a["u"][-1] * a["lora_b"][0]
+    return dh * (2 if a.get("need_db") else 1)
 
 
 def _triton_bwd_dx(a, out):

@@ -188,6 +188,11 @@ def test_registered_stage_formulas_hand_computed():
         )
         f = flop_registry[torch.ops.mor.triton_lora_rank_grad]
         assert f(h, x, idx, S, R, out_val=torch.empty(R, d_in, **meta)) == 2 * B * T * RP * d_in
+        f = flop_registry[torch.ops.mor.triton_lora_bwd_dh]
+        dy = torch.empty(B, T, d_out, **meta)
+        outs = (h, gate, torch.empty(R, d_out, **meta))
+        assert f(dy, b, h, idx, gate, S, 1.0, False, out_val=outs) == 2 * B * T * RP * d_out  # dh = dy B
+        assert f(dy, b, h, idx, gate, S, 1.0, True, out_val=outs) == 2 * 2 * B * T * RP * d_out  # + dB^T = h^T dy
         checked += 1
     if status.get("lora_fwd") == "registered":
         f = flop_registry[torch.ops.mor.lora_fwd]
@@ -278,3 +283,94 @@ def test_flop_counter_counts_fused_conv_forward(backend):
     executed = flops.executed_rank_rows(backend, layer, R, useful, False, num_shared=S, top_k=2)
     n = counted(lambda: mor_kernels.mor_conv2d(x, w, None, a, b, idx, gate, S, 1.0, 1, 1, backend=backend))
     assert n == flops.op_flops("mor_conv2d", layer, executed)
+
+
+def _routed_linear(device, *, token: bool, zero_slots: bool, requires_grad: bool, seed: int = 4):
+    """A mor_linear case (B 2, T 24, d_in 40, d_out 56, S 4 + E 8, k 3) with distinct routed ranks per unit
+    and, with ``zero_slots``, one zero slot in every other unit."""
+    gen = torch.Generator().manual_seed(seed)
+    B, T, d_in, d_out, S, E, k = 2, 24, 40, 56, 4, 8, 3
+    units = B * T if token else B
+    idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(units)]).to(torch.int32)
+    if zero_slots:
+        idx[::2, 0] = -1
+    idx = idx.reshape(B, T, k) if token else idx
+    t = dict(
+        x=torch.randn(B, T, d_in, generator=gen),
+        weight=torch.randn(d_out, d_in, generator=gen),
+        bias=torch.randn(d_out, generator=gen),
+        lora_a=torch.randn(S + E, d_in, generator=gen),
+        lora_b=torch.randn(d_out, S + E, generator=gen),
+        idx=idx,
+        gate=torch.rand(*idx.shape, generator=gen),
+    )
+    t = {name: v.to(device) for name, v in t.items()}
+    for name in ("x", "lora_a", "lora_b", "gate"):
+        t[name].requires_grad_(requires_grad)
+    return t, flops.linear_layer(B, T, d_in, d_out), S, k
+
+
+def _model_vs_counter(backend: str, model: str, device, *, token: bool, zero_slots: bool, backward: bool):
+    """(FlopCounterMode's count of one mor_linear call on ``backend``, the benchmark's executed FLOPs for
+    ``model`` from :func:`flops.executed_rank_rows`)."""
+    t, layer, S, k = _routed_linear(device, token=token, zero_slots=zero_slots, requires_grad=backward)
+    R = t["lora_a"].shape[0]
+
+    def run():
+        y = mor_kernels.mor_linear(
+            t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["idx"], t["gate"], S, 0.5, backend=backend
+        )
+        if backward:
+            y.sum().backward()
+
+    useful = flops.active_rank_rows(t["idx"].cpu(), S, layer.tokens)
+    executed = flops.executed_rank_rows(model, layer, R, useful, token, num_shared=S, top_k=k)
+    return counted(run), flops.op_flops("mor_linear", layer, executed, backward=backward)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_executed_flops_triton_linear_match_the_counter(backward, routing):
+    """The benchmark's executed FLOPs for mor:triton (rank list padded to a power of two >= 16: S + k per
+    sample, R per token; zero slots included) against FlopCounterMode on the real Triton stages (their
+    rank-list outputs carry the width the kernels run)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "triton" not in mor_kernels.available_backends(device, "mor_linear"):
+        pytest.skip(f"triton unavailable: {mor_kernels.dispatch.unavailable_reason('triton', 'mor_linear', device)}")
+    assert flops.register_flop_formulas().get("triton_lora_shrink") == "registered"
+    got, model = _model_vs_counter("triton", "triton", device, token=routing == "token", zero_slots=True,
+                                   backward=backward)  # fmt: skip
+    assert got == model
+
+
+def _need_cpp():
+    if "cpp" not in mor_kernels.available_backends("cpu", "mor_linear"):
+        why = mor_kernels.dispatch.unavailable_reason("cpp", "mor_linear", torch.device("cpu"))
+        pytest.skip(f"cpp backend unavailable: {why}")
+    assert flops.register_flop_formulas().get("lora_fwd") == "registered"
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+def test_executed_flops_cpp_linear_match_the_counter(backward):
+    """mor:cpp computes the active ranks; the registered lora_fwd/lora_bwd formulas see shapes only and
+    count S + k per sample, which equals the active ranks when no zero slot is picked and no rank twice:
+    the case where the two can be compared (with zero slots the counter is the documented upper bound)."""
+    _need_cpp()
+    got, model = _model_vs_counter("cpp", "cpp", "cpu", token=False, zero_slots=False, backward=backward)
+    assert got == model
+    got, model = _model_vs_counter("cpp", "cpp", "cpu", token=False, zero_slots=True, backward=backward)
+    assert got > model  # zero slots: the shape-only count is an upper bound of the active ranks
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_executed_flops_cuda_linear_match_the_counter(backward, routing):
+    """mor:cuda runs the same extension_backend code and mor::lora_fwd/lora_bwd ops as mor:cpp, on CUDA
+    tensors, so FlopCounterMode counts the same on a cpp run (no GPU needed): the active ranks per sample,
+    all R per token, as the benchmark's CUDA model says."""
+    _need_cpp()
+    from mor_kernels import dispatch
+
+    assert dispatch._MODULES["cuda"] == dispatch._MODULES["cpp"]  # one implementation, two devices
+    got, model = _model_vs_counter("cpp", "cuda", "cpu", token=routing == "token", zero_slots=False, backward=backward)
+    assert got == model
