@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
+from pathlib import Path
 
 import torch
+
+
+def build_info() -> dict | None:
+    """What ``setup.py`` recorded about the build (``torch``, ``cuda``, ``arch_list``), or None."""
+    path = Path(__file__).with_name("_C_build.json")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 @functools.cache
@@ -14,9 +25,16 @@ def load():
     try:
         return importlib.import_module("mor_kernels._C"), None
     except ImportError as err:
+        info = build_info() or {}
+        built = info.get("torch")
+        mismatch = (
+            f"; it was built against torch {built} but torch {torch.__version__} is running"
+            if built and built != torch.__version__
+            else ""
+        )
         return None, (
-            f"the compiled extension mor_kernels._C is not available ({err}); build it with "
-            "`pip install --no-build-isolation .` in an environment that has torch"
+            f"the compiled extension mor_kernels._C is not available ({err}{mismatch}); build it against the "
+            "installed torch with `pip install --no-build-isolation .`"
         )
 
 

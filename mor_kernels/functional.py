@@ -7,7 +7,9 @@ Backends are called with canonical arguments, after the checks:
   ``(B, T, d_out)`` or None, ``scaling`` a float;
 - for convolutions ``stride``/``padding``/``dilation`` as pairs of ints.
 
-so a backend never re-implements the checks or the reshaping.
+so a backend never re-implements the checks or the reshaping. Inside ``torch.autocast`` the ops act
+like ``F.linear``/``F.conv2d``: the float operands are cast to the autocast dtype first and the backend
+runs with autocast off, so every backend sees one compute dtype (``gate`` stays float32).
 """
 
 from __future__ import annotations
@@ -40,17 +42,42 @@ def route(
     return impl(logits, int(top_k), int(num_zero), renormalize)
 
 
-def _as_tokens(x: torch.Tensor) -> torch.Tensor:
-    """``(B, *tokens, d)`` -> ``(B, T, d)`` (a view when the strides allow it)."""
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+def _as_tokens(x: torch.Tensor, tokens: int) -> torch.Tensor:
+    """``(B, *tokens, d)`` -> ``(B, T, d)`` (a view when the strides allow it; also for B = 0)."""
+    return x.reshape(x.shape[0], tokens, x.shape[-1])
 
 
-def _routing(idx: torch.Tensor, gate: torch.Tensor, token_routing: bool, batch: int):
+def _routing(idx: torch.Tensor, gate: torch.Tensor, info):
     idx = idx.to(torch.int32)
-    if token_routing:
+    if info.token_routing:
         k = idx.shape[-1]
-        idx, gate = idx.reshape(batch, -1, k), gate.reshape(batch, -1, k)
+        idx, gate = idx.reshape(info.batch, info.tokens, k), gate.reshape(info.batch, info.tokens, k)
     return idx, gate
+
+
+def _autocast_dtype(x) -> torch.dtype | None:
+    """The autocast dtype for ``x``'s device inside a ``torch.autocast`` region, else None."""
+    if not isinstance(x, torch.Tensor) or x.device.type not in ("cuda", "cpu"):
+        return None
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def _autocast(dtype: torch.dtype | None, *tensors):
+    """Inside ``torch.autocast`` the MoR ops behave like ``F.linear``/``F.conv2d``: float16/bfloat16/
+    float32 operands run in the autocast dtype (float64 is left alone; ``gate`` and ``idx`` are not
+    passed here). Non-tensors pass through for the checks to report."""
+    if dtype is None:
+        return tensors
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
+        for t in tensors
+    )
+
+
+def _no_autocast(x: torch.Tensor):
+    """The backends run with autocast off (their operands already have the compute dtype)."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def mor_lora(
@@ -77,19 +104,14 @@ def mor_lora(
     ``check_indices=False`` skips the index-range check, the one check that synchronises with the
     device; pass it only for indices made by :func:`route`.
     """
+    x, lora_a, lora_b, base = _autocast(_autocast_dtype(x), x, lora_a, lora_b, base)
     info = check_mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, base, check_indices)
     impl = dispatch.implementation("mor_lora", backend, x.device, x.dtype)
-    idx, gate = _routing(idx, gate, info.token_routing, info.batch)
-    out = impl(
-        _as_tokens(x),
-        lora_a,
-        lora_b,
-        idx,
-        gate,
-        info.num_shared,
-        float(scaling),
-        base=None if base is None else _as_tokens(base),
-    )
+    idx, gate = _routing(idx, gate, info)
+    tokens = _as_tokens(x, info.tokens)
+    base = None if base is None else _as_tokens(base, info.tokens)
+    with _no_autocast(x):
+        out = impl(tokens, lora_a, lora_b, idx, gate, info.num_shared, float(scaling), base=base)
     return out.reshape(*x.shape[:-1], info.d_out)
 
 
@@ -112,10 +134,12 @@ def mor_linear(
     Shapes: ``weight (d_out, d_in)``, ``bias (d_out,)`` or None; the rest as in :func:`mor_lora`.
     Returns ``(B, *tokens, d_out)`` in ``x.dtype``. ``check_indices``: see :func:`mor_lora`.
     """
+    x, weight, bias, lora_a, lora_b = _autocast(_autocast_dtype(x), x, weight, bias, lora_a, lora_b)
     info = check_mor_linear(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, check_indices)
     impl = dispatch.implementation("mor_linear", backend, x.device, x.dtype)
-    idx, gate = _routing(idx, gate, info.token_routing, info.batch)
-    out = impl(_as_tokens(x), weight, bias, lora_a, lora_b, idx, gate, info.num_shared, float(scaling))
+    idx, gate = _routing(idx, gate, info)
+    with _no_autocast(x):
+        out = impl(_as_tokens(x, info.tokens), weight, bias, lora_a, lora_b, idx, gate, info.num_shared, float(scaling))
     return out.reshape(*x.shape[:-1], info.d_out)
 
 
@@ -144,8 +168,11 @@ def mor_conv2d(
     (groups = 1). Returns ``(B, C_out, H_out, W_out)`` in ``x.dtype``. ``check_indices``: see
     :func:`mor_lora`.
     """
+    x, weight, bias, lora_a, lora_b = _autocast(_autocast_dtype(x), x, weight, bias, lora_a, lora_b)
     _, s, p, d = check_mor_conv2d(
         x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation, check_indices
     )
     impl = dispatch.implementation("mor_conv2d", backend, x.device, x.dtype)
-    return impl(x, weight, bias, lora_a, lora_b, idx.to(torch.int32), gate, int(num_shared), float(scaling), s, p, d)
+    idx = idx.to(torch.int32)
+    with _no_autocast(x):
+        return impl(x, weight, bias, lora_a, lora_b, idx, gate, int(num_shared), float(scaling), s, p, d)

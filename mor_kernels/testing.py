@@ -4,8 +4,9 @@
   low-precision error" rule;
 - :func:`random_case`: fresh random MoR inputs (never zeros) for linear or conv layers, sample or
   token routing, with the odd corners of section 7 (all zero slots chosen, ``S = 0``...);
-- :func:`poison_allocations`: makes ``torch.empty``/``torch.empty_like`` return NaN-filled tensors,
-  so an output element a kernel forgets to write cannot pass by being zero.
+- :func:`poison_allocations`: makes ``torch.empty``/``torch.empty_like`` (and ``at::empty`` in the
+  compiled ops) return NaN-filled tensors, so an output element a kernel forgets to write cannot pass
+  by being zero.
 """
 
 from __future__ import annotations
@@ -114,10 +115,21 @@ def poison_allocations(value: float = float("nan")):
 
     torch.empty = lambda *a, **k: _fill(empty(*a, **k))
     torch.empty_like = lambda *a, **k: _fill(empty_like(*a, **k))
+    # at::empty inside the compiled (C++/CUDA) ops: PyTorch fills uninitialised memory (NaN for floats,
+    # the largest value for integers) while deterministic algorithms are on
+    deterministic, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
     try:
         yield
     finally:
         torch.empty, torch.empty_like = empty, empty_like
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 @dataclass

@@ -158,6 +158,8 @@ def _check_routing(
 def _check_scaling(scaling) -> float:
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling}")
     return float(scaling)
 
 

@@ -76,3 +76,37 @@ def test_unavailable_reasons():
     if not _extension.has_kernel("lora_fwd", "CUDA"):
         why = eb.unavailable_reason("mor_lora", torch.device("cuda"), torch.float32)
         assert why is not None and "CUDA kernels not compiled in" in why
+
+
+def test_failed_load_names_the_torch_it_was_built_for(monkeypatch):
+    """An extension built against another torch cannot load; the reason says which torch it wants."""
+
+    def broken(name):
+        raise ImportError("undefined symbol: _ZN3c10whatever")
+
+    monkeypatch.setattr(_extension.importlib, "import_module", broken)
+    monkeypatch.setattr(_extension, "build_info", lambda: {"torch": "0.0.1", "cuda": None})
+    module, why = _extension.load.__wrapped__()
+    assert module is None
+    assert "undefined symbol" in why and "built against torch 0.0.1" in why and torch.__version__ in why
+    assert "--no-build-isolation" in why
+
+
+@needs_extension
+def test_build_info_is_installed_with_the_extension():
+    info = _extension.build_info()
+    assert info is not None and info["torch"] == torch.__version__
+    if REQUIRE_CUDA:
+        assert info["cuda"] == torch.version.cuda
+
+
+@needs_extension
+def test_cpu_kernels_are_built_with_openmp():
+    """at::parallel_for in the C++ kernels is only parallel when compiled with OpenMP."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nm") is None:
+        pytest.skip("binutils' nm is not installed: cannot list the extension's symbols")
+    symbols = subprocess.run(["nm", "-D", _C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "GOMP_parallel" in symbols
