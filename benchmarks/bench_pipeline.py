@@ -203,18 +203,18 @@ def mor_backends(args, device, dtype) -> tuple[list[str], dict[str, str]]:
 
 
 def variants(args, unet, vae, device, dtype):
-    """``{name: (unet, vae, note)}``: each adapter variant on deep copies of the float32 ``unet``/``vae``,
+    """``{name: (unet, vae, (unet note, vae note))}``: each adapter variant on deep copies of the float32 ``unet``/``vae``,
     then cast to ``dtype`` (adapters put on and shared ranks folded in float32, as ``from_pretrained``)."""
     import mor_model
     from mor_model.pipeline import fold_shared_ranks
 
-    out = {"none": (unet, vae, "")}
+    out = {"none": (unet, vae, ("", ""))}
     if "lora" in args.variants:
         u, v = copy.deepcopy(unet), copy.deepcopy(vae)
         from mor_model.train import VAE_LORA_TARGETS
 
         n_unet, n_vae = add_lora(u, 4), add_lora(v, 4, VAE_LORA_TARGETS)
-        out["lora-r4"] = (u, v, f"UNet {n_unet} + VAE encoder {n_vae} layers")
+        out["lora-r4"] = (u, v, (f"LoRA r4 on {n_unet} layers", f"LoRA r4 on {n_vae} encoder layers"))
     wanted, skipped = mor_backends(args, device, dtype)
     for b in wanted:
         u, v = copy.deepcopy(unet), copy.deepcopy(vae)
@@ -222,16 +222,14 @@ def variants(args, unet, vae, device, dtype):
         rv = mor_model.inject_mor(v, vae_adapter_config(b))
         for layer in [*mor_model.mor_layers(u).values(), *mor_model.mor_layers(v).values()]:
             nn.init.normal_(layer.lora_b, std=0.02)  # as if trained (inject_mor starts B at zero)
-        out[f"mor:{b}"] = (
-            u,
-            v,
-            f"UNet {len(ru.replaced)} ({len(ru.skipped)} skipped) + VAE encoder {len(rv.replaced)}",
-        )
+        notes = (f"MoR on {len(ru.replaced)} layers ({len(ru.skipped)} skipped)", f"rank-4 MoR adapter on "
+                 f"{len(rv.replaced)} encoder layers")  # fmt: skip
+        out[f"mor:{b}"] = (u, v, notes)
     if wanted and "folded" in args.variants:
         b = wanted[0]
         u, v = copy.deepcopy(out[f"mor:{b}"][0]), copy.deepcopy(out[f"mor:{b}"][1])
-        folded = fold_shared_ranks(u) + fold_shared_ranks(v)
-        out[f"mor-folded:{b}"] = (u, v, f"fold_shared_ranks: {len(folded)} layers, S=0")
+        fu, fv = fold_shared_ranks(u), fold_shared_ranks(v)
+        out[f"mor-folded:{b}"] = (u, v, (f"fold_shared_ranks on {len(fu)} layers, S=0", f"folded, {len(fv)} layers"))
     cast = {}
     for name, (u, v, note) in out.items():
         # nn.Module.to, as from_pretrained: diffusers' override warns about fp32-kept modules
@@ -381,8 +379,10 @@ def _run(args) -> dict:
         )
         jobs["pipeline"][name] = lambda pipe=pipe: pipe(lq, scale=SCALE, tile=0)
         jobs["unet"][name] = lambda u=u: u(z, t, encoder_hidden_states=embeds).sample
-        notes[(name, "pipeline")] = note + ("; + estimator" if needs else "")
-        notes[(name, "unet")] = note
+        notes[(name, "pipeline")] = (f"UNet: {note[0]}; VAE: {note[1]}" if note[0] else "") + (
+            "; + estimator" if needs else ""
+        )
+        notes[(name, "unet")] = note[0]
         weights[(name, "pipeline")] = _nbytes(u, v, est) if needs else _nbytes(u, v)
         weights[(name, "unet")] = _nbytes(u)
         if mor_model.mor_layers(u):
