@@ -4,10 +4,12 @@ Timers return :class:`Timing` (median and 20/80 percentiles in milliseconds per 
 
 - CPU (:func:`time_cpu_interleaved`): the functions of one case take turns **sample by sample**
   (a rotating order), so a burst of load from another process hits every provider alike; each sample
-  runs enough calls to last at least ``sample_ms`` (2 ms) and every provider gets at least
-  ``min_samples`` (10) samples and about ``budget_s`` of measurement. The benchmarks run on one thread
-  by default (:func:`set_cpu_threads`): with all threads on a loaded machine a call waits for its
-  slowest, descheduled thread, and timings came out 10x too slow and quantised to the 4 ms scheduler tick.
+  is one untimed call then enough calls to last at least ``sample_ms`` (1 ms), and every provider gets
+  at least ``min_samples`` (10) samples and about ``budget_s`` of measurement. The benchmarks run on
+  one thread by default (:func:`set_cpu_threads`): with all threads on a loaded machine a call waits
+  for its slowest, descheduled thread, and timings came out 10x too slow and quantised to the 4 ms
+  scheduler tick. On one thread the samples are timed in process CPU time (:func:`cpu_clock`), which
+  leaves out the time other processes hold the core.
 - CUDA (:func:`time_cuda`): eagerly, CUDA events around every call, the L2 cache flushed (a 256 MiB
   buffer zeroed, allocated once by :func:`l2_flush_buffer` before anything is measured) before each
   call and gradients set to None (``grad_to_none``); or, when asked (``use_graph``, forward only), as

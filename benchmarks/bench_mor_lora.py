@@ -532,7 +532,7 @@ def parse_args(argv=None):
         help="CPU threads (default 1: sound timings on a shared machine; 0 = torch's)",
     )
     p.add_argument(
-        "--budget", type=float, default=None, help="seconds of timing per measurement (default 0.3 CPU, 0.25 GPU)"
+        "--budget", type=float, default=None, help="seconds of timing per provider and case (default 0.3 CPU, 0.25 GPU)"
     )
     p.add_argument(
         "--rounds",
