@@ -97,6 +97,8 @@ LORA_ERRORS = [
     (lambda c: dict(base=torch.zeros(2, 5, 3)), ValueError, r"base must have shape \(2, 5, 4\), got \(2, 5, 3\)"),
     (lambda c: dict(base=torch.zeros(2, 5, 4, dtype=torch.float64)), TypeError, r"base has dtype"),
     (lambda c: dict(gate=c.gate.to("meta")), ValueError, r"gate is on meta but x is on cpu"),
+    (lambda c: dict(idx=c.idx[0], gate=c.gate[0]), ValueError, r"idx must have at least 2 dimensions, got shape \(3\)"),
+    (lambda c: dict(scaling=float("nan")), ValueError, r"scaling must be finite, got nan"),
 ]
 
 
@@ -118,6 +120,8 @@ LINEAR_ERRORS = [
     (lambda c: dict(bias=c.bias[:3]), ValueError, r"bias must have shape \(4,\), got \(3\)"),
     (lambda c: dict(bias=c.bias[None]), ValueError, r"bias must have 1 dimensions"),
     (lambda c: dict(weight=c.weight.to("meta")), ValueError, r"weight is on meta"),
+    (lambda c: dict(weight=c.weight[None]), ValueError, r"weight must have 2 dimensions, got shape \(1, 4, 6\)"),
+    (lambda c: dict(bias=c.bias.half()), TypeError, r"bias has dtype torch.float16 but x has torch.float32"),
 ]
 
 
@@ -136,6 +140,13 @@ CONV_ERRORS = [
     (lambda c: dict(padding=(1, 2, 3)), ValueError, r"padding must be an int or a pair of ints"),
     (lambda c: dict(padding="same"), TypeError, r"padding must be an int, got str"),
     (lambda c: dict(padding=0, dilation=3), ValueError, r"too small for a 3x3 kernel"),
+    (lambda c: dict(dilation=0), ValueError, r"stride and dilation must be >= 1.*dilation=\(0, 0\)"),
+    (lambda c: dict(padding=-1), ValueError, r"padding >= 0"),
+    (lambda c: dict(weight=c.weight[0]), ValueError, r"weight must have 4 dimensions, got shape \(3, 3, 3\)"),
+    (lambda c: dict(weight=c.weight.half()), TypeError, r"weight has dtype torch.float16 but x has torch.float32"),
+    (lambda c: dict(weight=c.weight.to("meta")), ValueError, r"weight is on meta but x is on cpu"),
+    (lambda c: dict(bias=c.bias[:2]), ValueError, r"bias must have shape \(4,\), got \(2\)"),
+    (lambda c: dict(lora_b=c.lora_b.double()), TypeError, r"lora_b has dtype torch.float64"),
     (
         lambda c: dict(idx=c.idx[:, None].expand(2, 5, 3), gate=c.gate[:, None].expand(2, 5, 3)),
         ValueError,

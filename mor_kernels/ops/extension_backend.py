@@ -60,7 +60,42 @@ def unavailable_reason(op: str, device: torch.device, dtype: torch.dtype = torch
             return f"mor::{name} has no {key} kernel in this build of mor_kernels._C"
     if dtype not in KERNEL_DTYPES:
         return f"{str(dtype).replace('torch.', '')} unsupported by the compiled kernels (float32, float16, bfloat16)"
+    if key == "CUDA":
+        return _arch_reason(torch.device(device))
     return None
+
+
+def runs_on(arch_list: str, capability: tuple[int, int]) -> bool:
+    """Whether a build for ``TORCH_CUDA_ARCH_LIST``-style ``arch_list`` ("8.0;9.0+PTX") has code for a
+    GPU of compute ``capability``: a cubin for ``X.Y`` runs on ``X.Y'`` with ``Y' >= Y``; PTX for ``X.Y``
+    is compiled by the driver for any newer GPU."""
+    for entry in arch_list.replace(",", ";").replace(" ", ";").split(";"):
+        entry = entry.strip()
+        if not entry:
+            continue
+        ptx = entry.endswith("+PTX")
+        major, _, minor = entry.removesuffix("+PTX").partition(".")
+        try:
+            arch = (int(major), int(minor or 0))
+        except ValueError:
+            return True  # a spelling we cannot read ("Hopper"...): let the launch decide
+        if (capability[0] == arch[0] and capability[1] >= arch[1]) or (ptx and capability >= arch):
+            return True
+    return False
+
+
+def _arch_reason(device: torch.device) -> str | None:
+    """Why the compiled CUDA kernels have no code for ``device``'s GPU (None when they do)."""
+    arch_list = (_extension.build_info() or {}).get("arch_list")
+    if not arch_list or not torch.cuda.is_available():
+        return None
+    capability = torch.cuda.get_device_capability(device)
+    if runs_on(arch_list, capability):
+        return None
+    return (
+        f"mor_kernels._C was built for TORCH_CUDA_ARCH_LIST={arch_list!r}, which has no code for this GPU "
+        f"(compute capability {capability[0]}.{capability[1]}); rebuild with TORCH_CUDA_ARCH_LIST set for it"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,11 +201,27 @@ def _gate32(gate: torch.Tensor) -> torch.Tensor:
     return gate if gate.dtype == torch.float32 else gate.to(torch.float32)
 
 
+#: the CUDA launches put the batch on gridDim.y (at most 65535): larger batches run in chunks
+MAX_BATCH = 65535
+
+
+def _chunks(batch: int):
+    return [slice(i, min(i + MAX_BATCH, batch)) for i in range(0, batch, MAX_BATCH)] or [slice(None)]
+
+
 def mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, *, base=None):
     """Canonical ``mor_lora``: ``x (B, T, d_in)``, ``idx``/``gate`` ``(B, k)`` or ``(B, T, k)``,
     ``base (B, T, d_out)`` or None; returns ``(B, T, d_out)`` in ``x.dtype``."""
-    y = _MoRLoRA.apply(x, lora_a, lora_b, idx.to(torch.int32), _gate32(gate), int(num_shared), float(scaling), base)
-    return y
+    idx, gate = idx.to(torch.int32), _gate32(gate)
+    args = (int(num_shared), float(scaling))
+    if x.shape[0] <= MAX_BATCH:
+        return _MoRLoRA.apply(x, lora_a, lora_b, idx, gate, *args, base)
+    return torch.cat(
+        [
+            _MoRLoRA.apply(x[c], lora_a, lora_b, idx[c], gate[c], *args, None if base is None else base[c])
+            for c in _chunks(x.shape[0])
+        ]
+    )
 
 
 def _dense_dtype(x: torch.Tensor) -> torch.dtype:
@@ -237,5 +288,8 @@ def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, 
     b = None if bias is None else torch.cat([bias, bias.new_zeros(ranks)]).to(dt)
     out = F.conv2d(x.to(dt), w, b, tuple(stride), tuple(padding), tuple(dilation))
     # out.dtype, not dt: under autocast the convolution returns the autocast dtype
-    y = _ConvUp.apply(out, lora_b.to(out.dtype), idx.to(torch.int32), _gate32(gate), int(num_shared), float(scaling))
+    idx, gate, b = idx.to(torch.int32), _gate32(gate), lora_b.to(out.dtype)
+    y = torch.cat(
+        [_ConvUp.apply(out[c], b, idx[c], gate[c], int(num_shared), float(scaling)) for c in _chunks(x.shape[0])]
+    )
     return y.to(x.dtype)

@@ -58,32 +58,32 @@ def test_lora_fwd_bad_inputs(device):
             a[names.index(k)] = v
         return op(*a)
 
-    with pytest.raises(RuntimeError, match=r"x must have shape \(B, T, d_in\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, T, d_in\)"):
         call(x=c.x[0])
-    with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
         call(x=c.x.double(), lora_a=c.lora_a.double(), lora_b=c.lora_b.double())
-    with pytest.raises(RuntimeError, match=r"lora_a must have shape \(R, 41\)"):
+    with pytest.raises(ValueError, match=r"lora_a must have shape \(R, 41\)"):
         call(lora_a=c.lora_a[:, :5])
-    with pytest.raises(RuntimeError, match=r"lora_b must have shape \(d_out, 8\)"):
+    with pytest.raises(ValueError, match=r"lora_b must have shape \(d_out, 8\)"):
         call(lora_b=c.lora_b[:, :3])
-    with pytest.raises(RuntimeError, match="must have the dtype of x"):
+    with pytest.raises(TypeError, match="must have the dtype of x"):
         call(lora_a=c.lora_a.half())
-    with pytest.raises(RuntimeError, match="idx must be int32"):
+    with pytest.raises(TypeError, match="idx must be int32"):
         call(idx=c.idx.long())
-    with pytest.raises(RuntimeError, match="gate must be float32"):
+    with pytest.raises(TypeError, match="gate must be float32"):
         call(gate=c.gate.half())
-    with pytest.raises(RuntimeError, match="gate must have the shape of idx"):
+    with pytest.raises(ValueError, match="gate must have the shape of idx"):
         call(gate=c.gate[:, :1])
-    with pytest.raises(RuntimeError, match=r"idx must have shape \(2, k\) for sample routing or \(2, 17, k\)"):
+    with pytest.raises(ValueError, match=r"idx must have shape \(2, k\) for sample routing or \(2, 17, k\)"):
         call(idx=c.idx[:1], gate=c.gate[:1])
-    with pytest.raises(RuntimeError, match=r"num_shared must be in \[0, 8\]"):
+    with pytest.raises(ValueError, match=r"num_shared must be in \[0, 8\]"):
         call(num_shared=9)
-    with pytest.raises(RuntimeError, match=r"base must have shape \(2, 17, 33\)"):
+    with pytest.raises(ValueError, match=r"base must have shape \(2, 17, 33\)"):
         call(base=torch.zeros(2, 17, 32, device=device))
-    with pytest.raises(RuntimeError, match="at least one slot"):
+    with pytest.raises(ValueError, match="at least one slot"):
         call(idx=c.idx[:, :0], gate=c.gate[:, :0])
     if device == "cuda":
-        with pytest.raises(RuntimeError, match="all tensors must share a device"):
+        with pytest.raises(ValueError, match="all tensors must share a device"):
             call(lora_a=c.lora_a.cpu())
 
 
@@ -126,29 +126,31 @@ def test_out_of_range_indices_are_zero_slots(device, routing):
 def test_lora_bwd_bad_inputs(device):
     args = _bwd_args(device)
     op = torch.ops.mor.lora_bwd
-    with pytest.raises(RuntimeError, match=r"grad_y must have shape \(2, 17, 33\)"):
+    with pytest.raises(ValueError, match=r"grad_y must have shape \(2, 17, 33\)"):
         op(args[0][:, :3], *args[1:])
-    with pytest.raises(RuntimeError, match=r"h \(the rank activations saved by mor::lora_fwd\) must have shape"):
+    with pytest.raises(ValueError, match=r"h \(the rank activations saved by mor::lora_fwd\) must have shape"):
         op(*args[:6], args[6][..., :2], *args[7:])
-    with pytest.raises(RuntimeError, match="h must be float32"):
+    with pytest.raises(TypeError, match="h must be float32"):
         op(*args[:6], args[6].half(), *args[7:])
-    with pytest.raises(RuntimeError, match="grad_y has dtype"):
+    with pytest.raises(TypeError, match="grad_y has dtype"):
         op(args[0].half(), *args[1:])
+    with pytest.raises(ValueError, match=r"num_shared must be in \[0, 8\], got 9"):
+        op(*args[:7], 9, *args[8:])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_route_bad_inputs(device):
     op = torch.ops.mor.route
     logits = torch.randn(3, 6, device=device)
-    with pytest.raises(RuntimeError, match=r"top_k must be in \[1, 6\], got 0"):
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, 6\], got 0"):
         op(logits, 0, 2, True)
-    with pytest.raises(RuntimeError, match=r"top_k must be in \[1, 6\], got 7"):
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, 6\], got 7"):
         op(logits, 7, 2, True)
-    with pytest.raises(RuntimeError, match=r"num_zero must be in \[0, 5\], got 6"):
+    with pytest.raises(ValueError, match=r"num_zero must be in \[0, 5\], got 6"):
         op(logits, 2, 6, True)
-    with pytest.raises(RuntimeError, match="logits must be float32, float16 or bfloat16"):
+    with pytest.raises(TypeError, match="logits must be float32, float16 or bfloat16"):
         op(logits.double(), 2, 2, True)
-    with pytest.raises(RuntimeError, match="at least one slot"):
+    with pytest.raises(ValueError, match="at least one slot"):
         op(logits[:, :0], 1, 0, True)
 
 
@@ -165,12 +167,34 @@ def test_conv_up_bad_inputs(device):
     c = random_case(kernel_size=3, d_in=3, d_out=4, seed=4).to(device=device)
     out = _conv_out(c)
     op = torch.ops.mor.conv_up
-    with pytest.raises(RuntimeError, match=r"lora_b must have shape \(C_out, R\) with C_out \+ R = 12"):
+    with pytest.raises(ValueError, match=r"lora_b must have shape \(C_out, R\) with C_out \+ R = 12"):
         op(out, c.lora_b[:, :3], c.idx, c.gate, c.num_shared, c.scaling)
-    with pytest.raises(RuntimeError, match=r"out must have shape \(B, C_out \+ R, H, W\)"):
+    with pytest.raises(ValueError, match=r"out must have shape \(B, C_out \+ R, H, W\)"):
         op(out[0], c.lora_b, c.idx, c.gate, c.num_shared, c.scaling)
-    with pytest.raises(RuntimeError, match=r"idx must have shape \(2, k\) for sample routing, got"):
+    with pytest.raises(ValueError, match=r"idx must have shape \(2, k\) for sample routing, got"):
         op(out, c.lora_b, c.idx[None], c.gate[None], c.num_shared, c.scaling)
+    with pytest.raises(TypeError, match="idx must be int32"):
+        op(out, c.lora_b, c.idx.long(), c.gate, c.num_shared, c.scaling)
+    with pytest.raises(TypeError, match="gate must be float32"):
+        op(out, c.lora_b, c.idx, c.gate.half(), c.num_shared, c.scaling)
+    with pytest.raises(TypeError, match="lora_b has dtype"):
+        op(out, c.lora_b.half(), c.idx, c.gate, c.num_shared, c.scaling)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_gate_bad_inputs(device):
+    c = random_case(seed=5).to(device=device)
+    op = torch.ops.mor.dense_gate
+    with pytest.raises(TypeError, match="idx must be int32"):
+        op(c.idx.long(), c.gate, 2, 8)
+    with pytest.raises(TypeError, match="gate must be float32"):
+        op(c.idx, c.gate.double(), 2, 8)
+    with pytest.raises(ValueError, match=r"gate must have the shape of idx"):
+        op(c.idx, c.gate[:, :1], 2, 8)
+    with pytest.raises(ValueError, match=r"num_shared must be in \[0, 8\], got 9"):
+        op(c.idx, c.gate, 9, 8)
+    with pytest.raises(ValueError, match=r"num_ranks must be >= 1"):
+        op(c.idx, c.gate, 0, 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,3 +261,40 @@ def test_compile_fullgraph(device):
     torch.testing.assert_close(probs, probs_eager)
     y.sum().backward()
     assert c.x.grad is not None and c.lora_a.grad is not None and c.weight.grad is not None
+
+
+@pytest.mark.parametrize("op", ["linear", "conv"])
+def test_batches_beyond_the_grid_limit_run_in_chunks(op, monkeypatch):
+    """The CUDA launches take at most 65535 samples (gridDim.y); larger batches are split. Checked on
+    the CPU twin with a small limit: chunked == unchunked, forward and gradients."""
+    import mor_kernels
+
+    kw = dict(kernel_size=3, conv={"padding": 1}, d_in=4, d_out=6) if op == "conv" else {}
+    case = random_case(batch=5, seed=21, **kw)
+
+    def run():
+        c = case.to(torch.float32, requires_grad=True)
+        args = (c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx, c.gate, c.num_shared, c.scaling)
+        if op == "conv":
+            y = mor_kernels.mor_conv2d(*args, padding=1, backend="cpp")
+        else:
+            y = mor_kernels.mor_linear(*args, backend="cpp")
+        grads = torch.autograd.grad(y, list(c.tensors().values()), torch.ones_like(y))
+        return (y, *grads)
+
+    whole = run()
+    monkeypatch.setattr(extension_backend, "MAX_BATCH", 2)
+    chunked = run()
+    names = ["y", *case.tensors()]
+    for name, a, b in zip(names, chunked, whole, strict=True):
+        if name in ("y", "x", "gate"):  # per sample: the same arithmetic
+            assert torch.equal(a, b), name
+        else:  # sums over the batch: summed chunk by chunk
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_arch_list_decides_which_gpus_have_code():
+    runs_on = extension_backend.runs_on
+    assert runs_on("8.0;9.0+PTX", (8, 0)) and runs_on("8.0;9.0+PTX", (8, 9))  # sm_80 cubins run on 8.x
+    assert runs_on("8.0;9.0+PTX", (9, 0)) and runs_on("8.0;9.0+PTX", (12, 0))  # PTX for newer GPUs
+    assert not runs_on("8.0;9.0+PTX", (7, 5)) and not runs_on("9.0", (10, 0)) and not runs_on("9.0", (8, 6))
