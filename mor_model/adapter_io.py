@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -100,14 +101,21 @@ def _differences(layers: dict[str, MoRLayer], config: MoRConfig, meta: dict, ten
         if saved[name] != present[name]:
             problems.append(f"layer {name!r}: file {saved[name]} vs model {present[name]}")
     if not problems:
+        expected = set()
         for name, layer in layers.items():
             prefix = f"{name}." if name else ""
             for pname, p in layer.adapter_parameters().items():
+                expected.add(prefix + pname)
                 t = tensors.get(prefix + pname)
                 if t is None:
                     problems.append(f"tensor {prefix + pname!r} is missing from the file")
                 elif t.shape != p.shape:
                     problems.append(f"tensor {prefix + pname!r}: file {tuple(t.shape)} vs model {tuple(p.shape)}")
+        unexpected = sorted(set(tensors) - expected)
+        if unexpected:
+            problems.append(
+                f"{len(unexpected)} tensors of the file belong to no MoR layer of the model: {unexpected[:5]}"
+            )
     return problems
 
 
@@ -133,6 +141,9 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, *, backend: str | N
     report = None
     if not mor_layers(module):
         report = inject_mor(module, config)
+    elif backend is not None:
+        for layer in mor_layers(module).values():
+            layer.set_backend(backend)
     layers = mor_layers(module)
     tensors = load_file(str(Path(path) / WEIGHTS_NAME))
     problems = _differences(layers, config, meta, tensors)
@@ -142,9 +153,19 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, *, backend: str | N
 
             remove_mor(module)
         raise ValueError(f"the adapter in {path} does not match this model:\n  - " + "\n  - ".join(problems))
+    cast = []
     with torch.no_grad():
         for name, layer in layers.items():
             prefix = f"{name}." if name else ""
             for pname, p in layer.adapter_parameters().items():
-                p.copy_(tensors[prefix + pname])
+                t = tensors[prefix + pname]
+                if t.dtype != p.dtype:
+                    cast.append(f"{prefix + pname} ({str(t.dtype).replace('torch.', '')})")
+                p.copy_(t)
+    if cast:
+        warnings.warn(
+            f"load_adapter: {len(cast)} tensors of {path} were cast to the model's parameter dtype, so outputs "
+            f"are not bitwise those of the saved model: {cast[:3]}",
+            stacklevel=2,
+        )
     return report

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .config import MoRConfig
-from .layers import MoRConv2d, MoRLayer, MoRLinear, conv_unsupported_reason, mor_layers
+from .layers import MoRConv2d, MoRLayer, MoRLinear, conv_unsupported_reason, mor_layers, trainable_parameters
 
 
 @dataclass
@@ -59,12 +59,15 @@ def _skip_reason(layer: nn.Module, config: MoRConfig) -> str | None:
     return f"{type(layer).__name__} is not an nn.Linear or nn.Conv2d"
 
 
-def inject_mor(module: nn.Module, config: MoRConfig | None = None) -> InjectionReport:
-    """Replaces the target layers of ``module`` in place by MoR layers and freezes their base weights.
+def inject_mor(module: nn.Module, config: MoRConfig | None = None, *, freeze_base: bool = True) -> InjectionReport:
+    """Replaces the target layers of ``module`` in place by MoR layers.
 
     Args:
         module: any ``nn.Module`` (e.g. a diffusers ``UNet2DConditionModel``).
         config: the adapter settings (default ``MoRConfig()``: OSEDiff's UNet targets).
+        freeze_base: freeze every parameter of ``module`` that is not a MoR adapter or router (as PEFT
+            does), so ``[p for p in module.parameters() if p.requires_grad]`` is what trains. With False
+            only the replaced layers' base weights are frozen. :func:`remove_mor` unfreezes what this froze.
 
     Returns:
         An :class:`InjectionReport` listing the replaced names and every matching module that was
@@ -115,11 +118,18 @@ def inject_mor(module: nn.Module, config: MoRConfig | None = None) -> InjectionR
         base.requires_grad_(False)
         setattr(parent, child, wrapper)
         report.replaced.append(name)
+    if freeze_base:
+        adapters = {id(p) for p in trainable_parameters(module).values()}
+        frozen = [p for p in module.parameters() if p.requires_grad and id(p) not in adapters]
+        for p in frozen:
+            p.requires_grad_(False)
+        module.__dict__.setdefault("_mor_frozen", []).extend(frozen)  # not a submodule/parameter attribute
     return report
 
 
 def remove_mor(module: nn.Module) -> list[str]:
-    """Puts back the original layer objects (with their ``requires_grad`` flags); returns the names."""
+    """Puts back the original layer objects (with their ``requires_grad`` flags, and unfreezes what
+    :func:`inject_mor` froze on ``module``); returns the names."""
     removed = []
     for name, layer in mor_layers(module).items():
         if name == "":
@@ -130,4 +140,6 @@ def remove_mor(module: nn.Module) -> list[str]:
         parent_name, child = _split(name)
         setattr(module.get_submodule(parent_name), child, base)
         removed.append(name)
+    for p in module.__dict__.pop("_mor_frozen", []):
+        p.requires_grad_(True)
     return removed

@@ -44,8 +44,11 @@ class MoRLayer(nn.Module):
         self.num_shared = config.num_shared
         self.scaling = config.scaling
         w = base_layer.weight
-        self.lora_a = nn.Parameter(torch.empty(config.num_ranks, *a_shape, device=w.device, dtype=w.dtype))
-        self.lora_b = nn.Parameter(torch.zeros(d_out, config.num_ranks, device=w.device, dtype=w.dtype))
+        # float32 adapters whatever the base dtype (as PEFT keeps them): a half-precision base model still
+        # trains its adapters in float32; _operands casts them to the compute dtype
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        self.lora_a = nn.Parameter(torch.empty(config.num_ranks, *a_shape, device=w.device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(d_out, config.num_ranks, device=w.device, dtype=dtype))
         # PEFT's LoRA init: A Kaiming-uniform with a = sqrt(5) (nn.Linear's default), B zero, so the
         # adapted layer starts as the base layer.
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
@@ -61,6 +64,11 @@ class MoRLayer(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
+
+    def set_backend(self, backend: str) -> None:
+        """Runs this layer (and its router) on ``backend`` from now on."""
+        self.config = MoRConfig.from_dict({**self.config.to_dict(), "backend": backend})
+        self.router.backend = self.config.backend
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable parameters (adapter and router), by name relative to this layer."""
@@ -121,6 +129,7 @@ class MoRConv2d(MoRLayer):
         c_out, c_in, kh, kw = base_layer.weight.shape
         super().__init__(base_layer, config, (c_in, kh, kw), c_out, c_in)
         self.in_channels, self.out_channels = c_in, c_out
+        self.padding = numeric_padding(base_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -139,11 +148,22 @@ class MoRConv2d(MoRLayer):
             self.num_shared,
             self.scaling,
             base.stride,
-            base.padding,
+            self.padding,
             base.dilation,
             backend=self.config.backend,
             check_indices=False,  # idx comes from mor_kernels.route: no device sync per layer
         )
+
+
+def numeric_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """``conv.padding`` as a pair of ints: ``"valid"`` is 0; ``"same"`` is the symmetric padding that keeps
+    the size (None when ``"same"`` needs uneven padding, i.e. an even ``dilation * (k - 1)``)."""
+    if not isinstance(conv.padding, str):
+        return tuple(conv.padding)
+    if conv.padding == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+    return None if any(t % 2 for t in total) else (total[0] // 2, total[1] // 2)
 
 
 def conv_unsupported_reason(conv: nn.Conv2d) -> str | None:
@@ -152,8 +172,8 @@ def conv_unsupported_reason(conv: nn.Conv2d) -> str | None:
         return f"groups={conv.groups} (only groups=1 is supported)"
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (only 'zeros' is supported)"
-    if isinstance(conv.padding, str):
-        return f"padding={conv.padding!r} (string padding is not supported; use explicit ints)"
+    if numeric_padding(conv) is None:
+        return f"padding={conv.padding!r} with kernel {conv.kernel_size} needs uneven padding (not supported)"
     return None
 
 

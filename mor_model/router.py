@@ -119,8 +119,13 @@ class MoRRouter(nn.Module):
         batch = x.shape[0]
         logits = self._logits(x, channels_last)
         idx, gate, probs = mor_kernels.route(logits, self.top_k, self.num_zero, self.renormalize, backend=self.backend)
-        units_per_sample = probs.numel() // (batch * probs.shape[-1])
+        units_per_sample = probs.numel() // max(batch * probs.shape[-1], 1)
         if self._severity is not None:
+            if self._severity.shape[0] != batch:
+                raise ValueError(
+                    f"the degradation scores have batch size {self._severity.shape[0]} but the layer input has batch "
+                    f"size {batch}: call set_degradation with scores of shape ({batch}, {self.num_degradation_dims})"
+                )
             severity = self._severity.to(probs.device).repeat_interleave(units_per_sample)
         else:  # no degradation information: every unit counts as fully degraded (the standard loss)
             severity = torch.ones(batch * units_per_sample, device=probs.device)

@@ -81,3 +81,33 @@ def test_errors(tmp_path):
         save_adapter(nn.Linear(3, 3), tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="not a MoR adapter directory"):
         load_adapter(nn.Linear(3, 3), tmp_path)
+
+
+def test_extra_tensors_are_listed_and_casts_are_announced(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base, scores, y, path = saved
+    copied = tmp_path / "copy"
+    copied.mkdir()
+    (copied / "mor_adapter.json").write_text((path / "mor_adapter.json").read_text())
+    tensors = load_file(str(path / "mor_adapter.safetensors"))
+    save_file({**tensors, "bogus.lora_a": torch.zeros(2)}, str(copied / "mor_adapter.safetensors"))
+    with pytest.raises(
+        ValueError, match=r"1 tensors of the file belong to no MoR layer of the model: \['bogus.lora_a'\]"
+    ):
+        load_adapter(copy.deepcopy(base), copied)
+    save_file(
+        {k: v.half() if k.endswith("lora_b") else v for k, v in tensors.items()},
+        str(copied / "mor_adapter.safetensors"),
+    )
+    with pytest.warns(UserWarning, match="cast to the model's parameter dtype"):
+        load_adapter(copy.deepcopy(base), copied)
+
+
+def test_backend_override_reaches_existing_layers(saved):
+    base, _, _, path = saved
+    model = copy.deepcopy(base)
+    inject_mor(model, small_config(backend="auto"))
+    load_adapter(model, path, backend="reference")
+    layers = mor_layers(model).values()
+    assert all(layer.config.backend == "reference" and layer.router.backend == "reference" for layer in layers)

@@ -136,3 +136,17 @@ def test_text_cache_follows_new_weights_and_prompts():
 def test_normalisation_constants_survive_half():
     est = DegradationEstimator.from_config(CLIP_CONFIG).half()
     assert est.mean == tuple(float(v) for v in open_clip.OPENAI_DATASET_MEAN)
+
+
+def test_default_prompt_pairs_are_the_spec_ones():
+    """MOR_SPEC section 3, written out: good/bad quality, sharp/blurry, clean/noisy, high/low resolution,
+    crisp/jagged edges, detailed/smooth textureless, clean/compression artifacts."""
+    assert DEFAULT_PROMPT_PAIRS == (
+        ("a good quality photo", "a bad quality photo"),
+        ("a sharp photo", "a blurry photo"),
+        ("a clean photo", "a noisy photo"),
+        ("a high-resolution photo", "a low-resolution photo"),
+        ("a photo with crisp edges", "a photo with jagged edges"),
+        ("a detailed photo", "a smooth, textureless photo"),
+        ("a clean photo", "a photo with compression artifacts"),
+    )

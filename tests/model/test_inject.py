@@ -100,7 +100,10 @@ def test_training_step_changes_only_adapters_and_routers():
     assert all(p.requires_grad for p in params.values())
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     x, t, enc = unet_inputs()
-    opt = torch.optim.SGD(params.values(), lr=0.1)
+    # everything left trainable is an adapter or router parameter (inject_mor freezes the rest, as PEFT)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in params.values()}
+    opt = torch.optim.SGD(trainable, lr=0.1)
     set_degradation(unet, torch.rand(2, 7))
     loss = unet(x, t, enc).sample.square().mean() + mor_model.balance_loss(unet)
     loss.backward()
@@ -111,6 +114,15 @@ def test_training_step_changes_only_adapters_and_routers():
     assert all(".lora_" in k or ".router." in k for k in changed), sorted(changed)[:5]
     assert any(k.endswith("lora_b") for k in changed) and any(".router.degradation" in k for k in changed)
     assert all(p.grad is None for n, p in unet.named_parameters() if ".base_layer." in n)  # frozen by inject
+    remove_mor(unet)  # unfreezes what inject froze
+    assert all(p.requires_grad for p in unet.parameters())
+
+
+def test_freeze_base_false_freezes_only_the_wrapped_layers():
+    unet = tiny_unet()
+    inject_mor(unet, small_config(), freeze_base=False)
+    assert unet.conv_norm_out.weight.requires_grad  # not a target: untouched
+    assert not unet.conv_in.base_layer.weight.requires_grad
 
 
 def test_vae_encoder_injection_and_removal():

@@ -267,3 +267,33 @@ def test_routing_is_the_same_under_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             layer(x)
     assert torch.equal(layer.router.last_idx, plain)
+
+
+def test_adapters_are_float32_on_a_half_precision_base():
+    layer = MoRLinear(nn.Linear(8, 8).half(), small_config())
+    assert layer.lora_a.dtype == layer.lora_b.dtype == torch.float32
+    assert layer.base_layer.weight.dtype == torch.float16
+    set_degradation(layer, torch.rand(2, 7))
+    x = torch.randn(2, 3, 8, dtype=torch.float16)
+    assert layer(x).dtype == torch.float16
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_string_padding(padding):
+    torch.manual_seed(0)
+    base = nn.Conv2d(3, 4, 3, padding=padding, dilation=2)
+    layer = MoRConv2d(base, small_config())
+    randomize(layer)
+    x = torch.randn(2, 3, 9, 9)
+    with degradation(layer, torch.rand(2, 7)), torch.no_grad():
+        y = layer(x)
+    assert y.shape == base(x).shape
+    assert mor_model.layers.conv_unsupported_reason(nn.Conv2d(3, 4, 2, padding="same")) is not None  # uneven
+
+
+def test_token_router_checks_the_batch_of_the_scores():
+    cfg = small_config(routing="token", router_input="token")
+    layer = MoRLinear(nn.Linear(8, 8), cfg)
+    layer.router.set_degradation(torch.rand(3, 7))  # severity for 3 samples, input has 2
+    with pytest.raises(ValueError, match="batch size 3 but the layer input has batch size 2"):
+        layer(torch.randn(2, 4, 8))
