@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +143,11 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype = to
             raise BackendUnavailableError(f"no backend can run mor_kernels.{op} on {device.type}: {skipped}")
         if choice.skipped:
             logger.info(choice.explain())
+        if device.type == "cuda" and choice.backend == "reference" and dtype != torch.float64:
+            # the slow path on a GPU is never silent (once per op, device and dtype: decisions are cached)
+            warnings.warn(
+                f"no fused backend for this call, running the reference path:\n{choice.explain()}", stacklevel=3
+            )
     _CACHE[key] = choice
     return choice
 

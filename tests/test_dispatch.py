@@ -66,3 +66,14 @@ def test_auto_gives_the_reference_result_on_cpu():
     ref = mor_kernels.mor_linear(*args, backend="reference")
     auto = mor_kernels.mor_linear(*args)
     torch.testing.assert_close(auto, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_on_a_gpu_warns_when_only_the_reference_can_run(monkeypatch):
+    """The slow path on CUDA is never silent (e.g. triton failed to import and the extension is not built)."""
+
+    def fake(name, op, device, dtype=torch.float32, *, auto=False):
+        return None if name == "reference" else f"{name} is broken here"
+
+    monkeypatch.setattr(dispatch, "unavailable_reason", fake)
+    with pytest.warns(UserWarning, match=r"running the reference path(.|\n)*not 'triton': triton is broken here"):
+        assert dispatch.resolve("mor_linear", "auto", torch.device("cuda")).backend == "reference"

@@ -18,8 +18,9 @@ store float32 and accumulate in float64, and on CPU the half-precision base GEMM
 (CPU half-precision GEMMs may accumulate in half precision), so the CPU twin is at least as accurate as the
 reference path. Outputs are rounded once to ``x.dtype``.
 
-Fake (meta) implementations for every ``mor::`` C++ op are registered when this module is imported (the
-dispatcher imports it for ``backend="cuda"``/``"cpp"``), so the ops trace under ``torch.compile``. Importing this module never fails for want of the extension:
+Fake (meta) implementations for every ``mor::`` C++ op are registered when the extension is loaded
+(``mor_kernels._extension.load``), so the ops trace under ``torch.compile`` even when called directly as
+``torch.ops.mor.*``. Importing this module never fails for want of the extension:
 :func:`unavailable_reason` says why it cannot run instead.
 """
 
@@ -96,52 +97,6 @@ def _arch_reason(device: torch.device) -> str | None:
         f"mor_kernels._C was built for TORCH_CUDA_ARCH_LIST={arch_list!r}, which has no code for this GPU "
         f"(compute capability {capability[0]}.{capability[1]}); rebuild with TORCH_CUDA_ARCH_LIST set for it"
     )
-
-
-# ------------------------------------------------------------------------------------------------
-# fake implementations (shapes and dtypes only) for torch.compile
-
-
-def _register_fakes() -> None:
-    @torch.library.register_fake("mor::dense_gate")
-    def _(idx, gate, num_shared, num_ranks):
-        return gate.new_empty((*idx.shape[:-1], num_ranks), dtype=torch.float32)
-
-    @torch.library.register_fake("mor::route")
-    def _(logits, top_k, num_zero, renormalize):
-        sel = (*logits.shape[:-1], top_k)
-        return (
-            logits.new_empty(sel, dtype=torch.int32),
-            logits.new_empty(sel, dtype=torch.float32),
-            logits.new_empty(logits.shape, dtype=torch.float32),
-            logits.new_empty(sel, dtype=torch.int32),
-        )
-
-    @torch.library.register_fake("mor::lora_fwd")
-    def _(x, lora_a, lora_b, idx, gate, num_shared, scaling, base):
-        b, t, _ = x.shape
-        return x.new_empty((b, t, lora_b.shape[0])), x.new_empty((b, t, lora_a.shape[0]), dtype=torch.float32)
-
-    @torch.library.register_fake("mor::lora_bwd")
-    def _(grad_y, x, lora_a, lora_b, idx, gate, h, num_shared, scaling, output_mask):
-        def out(i, shape, dtype):
-            return x.new_empty(shape if output_mask[i] else (0,), dtype=dtype)
-
-        return (
-            out(0, x.shape, x.dtype),
-            out(1, lora_a.shape, x.dtype),
-            out(2, lora_b.shape, x.dtype),
-            out(3, idx.shape, torch.float32),
-        )
-
-    @torch.library.register_fake("mor::conv_up")
-    def _(out, lora_b, idx, gate, num_shared, scaling):
-        b, _, h, w = out.shape
-        return out.new_empty((b, lora_b.shape[0], h, w))
-
-
-if _C is not None:
-    _register_fakes()
 
 
 # ------------------------------------------------------------------------------------------------

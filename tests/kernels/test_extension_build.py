@@ -110,3 +110,25 @@ def test_cpu_kernels_are_built_with_openmp():
         pytest.skip("binutils' nm is not installed: cannot list the extension's symbols")
     symbols = subprocess.run(["nm", "-D", _C.__file__], capture_output=True, text=True, check=True).stdout
     assert "GOMP_parallel" in symbols
+
+
+@needs_extension
+def test_fakes_come_with_the_extension_not_the_backend_module():
+    """torch.ops.mor.* trace with fake tensors as soon as the extension is loaded (direct use, no backend
+    module imported): checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+        "from mor_kernels import _extension\n"
+        "assert _extension.load()[0] is not None\n"
+        "assert 'mor_kernels.ops.extension_backend' not in sys.modules\n"
+        "with FakeTensorMode():\n"
+        "    x, a, b = torch.empty(2, 5, 8), torch.empty(4, 8), torch.empty(6, 4)\n"
+        "    idx, gate = torch.zeros(2, 2, dtype=torch.int32), torch.empty(2, 2)\n"
+        "    y, h = torch.ops.mor.lora_fwd(x, a, b, idx, gate, 2, 1.0, None)\n"
+        "assert tuple(y.shape) == (2, 5, 6) and tuple(h.shape) == (2, 5, 4)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
