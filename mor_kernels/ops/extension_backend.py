@@ -16,7 +16,8 @@ The C++ ops (schemas in ``csrc/registration.cpp``; CPU kernels in ``csrc/cpu``, 
 Precision: the CUDA kernels accumulate in float32 (SIMT tiles, no tensor cores yet); the C++ CPU kernels
 store float32 and accumulate in float64, and on CPU the half-precision base GEMM / convolution run in float32
 (CPU half-precision GEMMs may accumulate in half precision), so the CPU twin is at least as accurate as the
-reference path. Outputs are rounded once to ``x.dtype``.
+reference path. ``mor_lora`` and ``mor_conv2d`` round their output once to ``x.dtype``; ``mor_linear`` adds
+the low-rank path to the base GEMM's output already rounded to ``x.dtype`` (a second rounding in 16-bit).
 
 Fake (meta) implementations for every ``mor::`` C++ op are registered when the extension is loaded
 (``mor_kernels._extension.load``), so the ops trace under ``torch.compile`` even when called directly as

@@ -38,7 +38,7 @@ def test_reference_matches_naive_in_every_dtype(params, dtype):
     args = (low.x, low.lora_a, low.lora_b, low.idx, low.gate, low.num_shared, low.scaling)
     out = mor_kernels.mor_lora(*args, backend="reference")
     assert out.dtype == dtype and out.shape == (params["batch"], params["tokens"], params["d_out"])
-    exact = case.to(torch.float64)
+    exact = low.to(torch.float64)  # the same (rounded) inputs, exact arithmetic
     ref = naive_lora(
         exact.x, exact.lora_a, exact.lora_b, exact.idx, exact.gate.double(), exact.num_shared, exact.scaling
     )
