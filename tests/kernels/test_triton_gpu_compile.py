@@ -5,6 +5,13 @@ shapes, shared memory). Triton can compile ahead of time for a target without a 
 test compiles each kernel, at the block sizes the launchers use, for float16/bfloat16/float32 and
 both routing levels. It runs in a subprocess because the other test modules set
 ``TRITON_INTERPRET=1``, which turns every ``@triton.jit`` function into an interpreted one.
+
+``test_real_launches_compile_for_sm90`` goes further: it runs the real ops (forward and backward, on
+CPU tensors, the launches intercepted) at SD-like and at odd shapes, with ``gemm_config`` answering
+as on a GPU, and compiles exactly what each launch would: the JIT's own specialization of the
+arguments (16-divisible pointers, strides and sizes get ``tt.divisibility`` hints, as on a device),
+the launch's ``num_warps``/``num_stages``. So the 3-stage pipelined tile configs are compiled too, and
+the 16-bit GEMM loops are checked to be pipelined (``cp.async`` in the PTX).
 """
 
 import os
@@ -84,3 +91,96 @@ def test_kernels_compile_for_sm90(tmp_path):
         pytest.skip(f"this triton cannot compile ahead of time: {proc.stderr[-300:]}")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "all kernels compiled" in proc.stdout
+
+
+RECORD = textwrap.dedent(
+    """
+    import collections
+
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    from mor_kernels.kernels import mor_lora as L
+    from mor_kernels.ops import triton_backend as TB
+    from mor_kernels.testing import random_case
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    launches = {}
+    state = dict(aligned=False)  # whether the shape being run has 16-divisible sizes and strides
+
+    def record(self, *args, grid, warmup, **kwargs):  # what JITFunction.run compiles, minus the launch
+        binder = create_function_from_signature(self.signature, self.params, backend)
+        bound, spec, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, spec, options)
+        key = (self.__name__, str(signature), str(constexprs), str(attrs), str(options))
+        launches.setdefault(key, (self, signature, constexprs, attrs, options, state["aligned"]))
+
+    JITFunction.run = record
+    gemm_config = L.gemm_config
+    L.gemm_config = lambda device, dtype, tokens, n: gemm_config(torch.device("cuda"), dtype, tokens, n)
+
+    def grads(out, tensors):
+        torch.autograd.grad(out, [t for t in tensors if t is not None and t.requires_grad], torch.ones_like(out))
+
+    LINEAR = [dict(batch=1, tokens=4096, d_in=320, d_out=320), dict(batch=2, tokens=64, d_in=640, d_out=1280),
+              dict(batch=2, tokens=130, d_in=41, d_out=67)]
+    PAPER = dict(num_shared=8, num_routed=32, num_zero=4, top_k=8)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for routing in ("sample", "token"):
+            for shape in LINEAR:
+                state["aligned"] = shape["d_in"] % 16 == 0 and shape["d_out"] % 16 == 0
+                c = random_case(routing=routing, **shape, **PAPER, seed=0).to(dtype, requires_grad=True)
+                y = TB.mor_linear(c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx, c.gate, 8, 0.5)
+                grads(y, [c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.gate])
+            state["aligned"] = False
+            base = torch.randn(*c.x.shape[:-1], c.lora_b.shape[0], dtype=dtype)
+            with torch.no_grad():
+                TB.mor_lora(c.x, c.lora_a, c.lora_b, c.idx, c.gate, 8, 0.5, base=base)
+        for shape in (dict(batch=1, d_in=64, d_out=320, height=32, width=32), dict(d_in=5, d_out=67, height=13, width=11)):
+            c = random_case(kernel_size=1, **shape, **PAPER, seed=0).to(dtype, requires_grad=True)
+            y = TB.mor_conv2d(c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx, c.gate, 8, 0.5, (1, 1), (0, 0), (1, 1))
+            grads(y, [c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.gate])
+        for rows, slots, k, z in ((4096, 36, 8, 4), (130, 7, 3, 2)):
+            TB.route(torch.randn(rows, slots).to(dtype), k, z)
+
+    failures, counts, unpipelined = [], collections.Counter(), []
+    for (name, *_), (fn, signature, constexprs, attrs, options, aligned) in launches.items():
+        counts[name] += 1
+        try:
+            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+        except Exception as err:  # report every failure, not just the first
+            failures.append(f"{name} {signature} {constexprs} {options.num_warps}/{options.num_stages}: "
+                            f"{type(err).__name__}: {str(err)[:1500]}")
+            continue
+        gemm = name in ("_expand_kernel", "_bwd_dx_kernel", "_shrink_kernel")
+        lowp = any(v in ("*fp16", "*bf16") for k, v in signature.items() if k in ("x_ptr", "dy_ptr"))
+        if gemm and lowp and aligned and options.num_stages >= 3 and "cp.async" not in kernel.asm["ptx"]:
+            unpipelined.append(f"{name} {signature} {constexprs} {options.num_warps}/{options.num_stages}")
+    print("compiled:", dict(counts))
+    print("\\n".join(failures) if failures else "all launches compiled")
+    print("\\n".join(unpipelined) if unpipelined else "16-bit GEMM loops pipelined")
+    raise SystemExit(1 if failures or unpipelined else 0)
+    """
+)
+
+
+def test_real_launches_compile_for_sm90(tmp_path):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    proc = subprocess.run([sys.executable, "-c", RECORD], env=env, capture_output=True, text=True, timeout=1200)
+    internals = ("create_function_from_signature", "_pack_args", "make_backend", "GPUTarget")
+    if (
+        proc.returncode != 0
+        and any(f"{name}" in proc.stderr for name in internals)
+        and ("ImportError" in proc.stderr or "AttributeError" in proc.stderr)
+    ):
+        pytest.skip(
+            f"this triton's JIT internals differ from 3.8's (cannot replay its specialization): {proc.stderr[-300:]}"
+        )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
+    assert "all launches compiled" in proc.stdout and "16-bit GEMM loops pipelined" in proc.stdout

@@ -99,3 +99,100 @@ def test_gpu_sd_conv(dtype):
     case = random_case(kernel_size=3, conv={"padding": 1}, batch=2, d_in=320, d_out=320, height=32, width=32,
                        num_shared=8, num_routed=32, num_zero=4, top_k=8, seed=6)  # fmt: skip
     check_conv(case, dtype)
+
+
+@pytest.mark.parametrize(
+    "name,dtype",
+    [("odd_pixels", torch.float16), ("odd_pixels", torch.bfloat16), ("R40_paper", torch.bfloat16)],
+)
+def test_conv_odd_low_precision(name, dtype):
+    check_conv(random_case(seed=3, **ODD[name]), dtype)
+
+
+def test_conv_paper_ranks_float16_within_twice_the_reference_error():
+    """float16, the paper's 40 ranks, 70 output channels: the rank activations come out of the one
+    float16 convolution rounded to float16 (for this backend and for the reference's float16 path
+    alike), and dB/dA sum them over every pixel. Their errors then exceed the elementwise float16
+    tolerance at small entries for the reference's own float16 path as much as for this backend
+    (max error about 0.0066 against 0.0063 for dB, with entries up to 19), so this case checks the
+    other half of MOR_SPEC section 7: the forward in full, and every gradient within twice the error of
+    the reference run in float16, plus one float16 rounding at the gradient's scale."""
+    case = random_case(seed=3, **ODD["R40_paper"]).to(torch.float16)
+    oracle = case.to(torch.float64, requires_grad=True)
+    lowp = case.to(torch.float16, device=DEVICE, requires_grad=True)
+    test = case.to(torch.float16, device=DEVICE, requires_grad=True)
+    want = ref_ops.mor_conv2d(*_args(oracle), **case.conv)
+    want_lowp = ref_ops.mor_conv2d(*_args(lowp), **case.conv, upcast=False)
+    with poison_allocations():
+        got = mor_kernels.mor_conv2d(*_args(test), **case.conv, backend="triton")
+    assert_parity(got, want, dtype=torch.float16, lowp=want_lowp, name="y")
+    names = [n for n in NAMES if getattr(case, n) is not None]
+    dy = torch.randn(got.shape, generator=torch.Generator().manual_seed(1)).to(torch.float16)
+    g_want = torch.autograd.grad(want, [getattr(oracle, n) for n in names], dy.double())
+    g_lowp = torch.autograd.grad(want_lowp, [getattr(lowp, n) for n in names], dy.to(DEVICE))
+    g_got = torch.autograd.grad(got, [getattr(test, n) for n in names], dy.to(DEVICE))
+    eps = torch.finfo(torch.float16).eps
+    for name, a, w, lp in zip(names, g_got, g_want, g_lowp, strict=True):
+        err = (a.double().cpu() - w).abs().max().item()
+        budget = 2 * (lp.double().cpu() - w).abs().max().item() + eps * w.abs().max().item()
+        assert err <= budget, f"d{name}: error {err:.3g} over twice the float16 reference's ({budget:.3g})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_conv_cudnn_settings(dtype, monkeypatch):
+    """Every convolution with float32 operands runs with TF32 off (cudnn conv fp32_precision "ieee";
+    PyTorch's default is TF32, which misses the float32 tolerance on a GPU), 16-bit ones keep the
+    caller's setting; the backward convolutions run deterministic; everything is restored after.
+    Without cuDNN here, the settings are read at each call."""
+    from mor_kernels.ops import triton_mor_conv2d as conv_ops
+
+    cudnn = torch.backends.cudnn
+    seen = []
+
+    def spy(kind, fn):
+        def wrapped(*args, **kwargs):
+            dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor)}
+            seen.append((kind, dtypes, cudnn.conv.fp32_precision, cudnn.deterministic))
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(conv_ops.F, "conv2d", spy("forward", conv_ops.F.conv2d))
+    monkeypatch.setattr(conv_ops, "conv2d_input", spy("input", conv_ops.conv2d_input))
+    monkeypatch.setattr(conv_ops, "conv2d_weight", spy("weight", conv_ops.conv2d_weight))
+    before = (cudnn.conv.fp32_precision, cudnn.deterministic)
+    assert before[0] != "ieee" and not before[1]  # PyTorch's defaults, so that a change shows
+    c = random_case(kernel_size=3, conv={"padding": 1}, seed=9).to(dtype, device=DEVICE, requires_grad=True)
+    y = mor_kernels.mor_conv2d(*_args(c), padding=1, backend="triton")
+    torch.autograd.grad(y, [getattr(c, n) for n in NAMES], torch.ones_like(y))
+    assert (cudnn.conv.fp32_precision, cudnn.deterministic) == before
+    assert [kind for kind, *_ in seen] == ["forward", "input", "weight", "weight"]  # dx, dW, dA
+    for kind, dtypes, precision, deterministic in seen:
+        (operands,) = dtypes
+        assert precision == ("ieee" if operands == torch.float32 else before[0]), (kind, operands, precision)
+        assert deterministic == (kind != "forward"), kind
+    if dtype == torch.float16:  # the dA convolution runs in float32 even for 16-bit inputs
+        assert seen[-1][1] == {torch.float32} and seen[-1][2] == "ieee"
+
+
+def test_conv_backend_casts_operands_under_autocast():
+    """Called directly (not through mor_kernels.mor_conv2d), the backend op runs in autocast's dtype
+    with every operand cast to it, so the kernels' dots never mix dtypes; the float32 leaves get
+    float32 gradients through the casts."""
+    from mor_kernels.ops import triton_backend
+
+    case = random_case(kernel_size=3, conv={"padding": 1}, seed=10)
+    test = case.to(torch.float32, device=DEVICE, requires_grad=True)
+    names = list(NAMES)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got = triton_backend.mor_conv2d(*_args(test), (1, 1), (1, 1), (1, 1))
+    assert got.dtype == torch.bfloat16
+    oracle = case.to(torch.bfloat16).to(torch.float64, requires_grad=True)  # the operands autocast rounds
+    want = ref_ops.mor_conv2d(*_args(oracle), padding=1)
+    assert_parity(got, want, dtype=torch.bfloat16, name="y")
+    dy = torch.randn(got.shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    g_got = torch.autograd.grad(got, [getattr(test, n) for n in names], dy.to(DEVICE))
+    g_want = torch.autograd.grad(want, [getattr(oracle, n) for n in names], dy.double())
+    for name, a, w in zip(names, g_got, g_want, strict=True):
+        assert a.dtype == torch.float32, name
+        assert_parity(a, w, dtype=torch.bfloat16, name=f"d{name}")

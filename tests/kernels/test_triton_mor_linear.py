@@ -221,9 +221,79 @@ def test_random_shapes(seed):
 
 @pytest.mark.parametrize("routing", ["sample", "token"])
 def test_dA_dB_reduction_over_several_token_chunks(routing, monkeypatch):
-    """The dA/dB partial sums are split into token chunks (512 tokens on a GPU); small chunks here so
-    that T = 130 spans five of them, including a ragged last one."""
+    """The dA partial sums are split into token chunks (512 tokens), the dB and sample-routing gate
+    partials into the dy pass's token blocks (128 tokens); small ones here so that T = 130 spans five
+    of each, including a ragged last one."""
     from mor_kernels.kernels import mor_lora as kernels
 
     monkeypatch.setattr(kernels, "TOKEN_CHUNK", 32)
+    monkeypatch.setattr(kernels, "DH_BLOCK_M", 32)
     check_parity(random_case(routing=routing, tokens=130, seed=13), torch.float32)
+
+
+PAPER_ODD = dict(tokens=130, d_in=320, d_out=65, num_shared=8, num_routed=32, num_zero=4, top_k=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_odd_paper_shapes_low_precision(routing, dtype):
+    """T = 130 (ragged blocks), d_in = 320, d_out = 65, the paper's R = 40 in 16 bits."""
+    check_parity(random_case(routing=routing, seed=15, **PAPER_ODD), dtype)
+
+
+@pytest.mark.parametrize("tokens_hint", [4096, 64], ids=["128x128x64", "64x64x64"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_gpu_tile_configs(routing, dtype, tokens_hint, monkeypatch):
+    """The tensor-core tiles gemm_config picks for 16-bit inputs on a GPU (large at SD-sized shapes,
+    64x64x64 otherwise), run here under the interpreter on ragged sizes: T = 130, odd d_in/d_out."""
+    from mor_kernels.kernels import mor_lora as kernels
+
+    gpu = kernels.gemm_config(torch.device("cuda"), dtype, tokens_hint, 640)
+    assert gpu["BLOCK_M"] >= 64 and gpu["num_stages"] == 3  # a GPU config, not the CPU one
+    seen = []
+
+    def config(device, dtype_, tokens, n):
+        seen.append(dtype_)
+        return dict(gpu)
+
+    monkeypatch.setattr(kernels, "gemm_config", config)
+    check_parity(random_case(routing=routing, tokens=130, d_in=41, d_out=67, seed=16), dtype)
+    assert len(seen) == 2 and set(seen) == {dtype}  # the expand and the dx launches
+
+
+def test_backend_casts_mixed_operands():
+    """Called directly with a 16-bit x and float32 weights, or under autocast, the backend op casts
+    every operand to one compute dtype first (x's, or autocast's), so no dot mixes dtypes; float32
+    leaves get float32 gradients through the casts."""
+    from mor_kernels.ops import triton_backend
+
+    case = random_case(routing="token", tokens=9, seed=17)
+    names = ["x", "weight", "bias", "lora_a", "lora_b", "gate"]
+    for dtype, autocast in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False)):
+        test = case.to(torch.float32, device=DEVICE, requires_grad=True)
+        x = test.x if autocast else test.x.detach().to(dtype).requires_grad_(True)
+        args = (test.weight, test.bias, test.lora_a, test.lora_b, test.idx, test.gate, case.num_shared, case.scaling)
+        with torch.autocast(DEVICE, dtype=dtype, enabled=autocast):
+            got = triton_backend.mor_linear(x, *args)
+        assert got.dtype == dtype
+        oracle = case.to(dtype).to(torch.float64, requires_grad=True)
+        want = ref_ops.mor_linear(oracle.x, oracle.weight, oracle.bias, oracle.lora_a, oracle.lora_b, oracle.idx,
+                                  oracle.gate, case.num_shared, case.scaling)  # fmt: skip
+        assert_parity(got, want, dtype=dtype, name="y")
+        dy = torch.randn(got.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+        leaves = [x] + [getattr(test, n) for n in names[1:]]
+        g_got = torch.autograd.grad(got, leaves, dy.to(DEVICE))
+        g_want = torch.autograd.grad(want, [getattr(oracle, n) for n in names], dy.double())
+        for name, leaf, a, w in zip(names, leaves, g_got, g_want, strict=True):
+            assert a.dtype == leaf.dtype, name
+            assert_parity(a, w, dtype=dtype, name=f"d{name}")
+
+
+def test_launchers_refuse_mixed_dtypes():
+    from mor_kernels.kernels import mor_lora as kernels
+
+    c = random_case(seed=18)
+    x = c.x.to(DEVICE, torch.bfloat16)
+    with pytest.raises(TypeError, match=r"x torch.bfloat16, lora_a torch.float32"):
+        kernels.shrink(x, c.lora_a.to(DEVICE), c.idx.to(DEVICE, torch.int32), c.gate.to(DEVICE), 2, 1.0, False)

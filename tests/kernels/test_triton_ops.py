@@ -5,9 +5,15 @@ import pytest
 import torch
 from triton_env import DEVICE, INTERPRETED, skip_if_triton_imported_too_late
 
+# isort: split
+# (triton after triton_env, which switches the interpreter on before triton's first import)
+import triton
+import triton.language as tl
+
 import mor_kernels
 from mor_kernels import dispatch
 from mor_kernels import reference as ref_ops
+from mor_kernels.kernels.mor_lora import _dot
 from mor_kernels.ops import triton_mor_conv2d as conv_ops
 from mor_kernels.ops import triton_mor_lora as lora_ops
 from mor_kernels.ops import triton_route as route_ops
@@ -51,6 +57,14 @@ def _op_cases():
     cases.append(("conv_up", conv_ops.triton_conv_up, (z, bb, bias, idx, gate, s, 0.5, True)))
     z_cl = z.to(memory_format=torch.channels_last)
     cases.append(("conv_up-channels_last", conv_ops.triton_conv_up, (z_cl, bb, None, idx, gate, s, 0.5, False)))
+    x, w = _r(2, 3, 6, 5, seed=10), _r(7, 3, 3, 3, seed=11)
+    conv = ([2, 1], [1, 0], [1, 2])
+    dz = _r(2, 7, *torch.nn.functional.conv2d(x, w, None, *conv).shape[2:], seed=12)
+    cases += [
+        ("conv2d", conv_ops.triton_conv2d, (x, w, *conv)),
+        ("conv2d_input", conv_ops.triton_conv2d_input, (x, w, dz, *conv)),
+        ("conv2d_weight", conv_ops.triton_conv2d_weight, (x, w, dz, *conv)),
+    ]
     return cases
 
 
@@ -65,7 +79,8 @@ def test_opcheck(case):
 
 def test_ops_are_registered_in_the_mor_namespace():
     names = {"triton_route", "triton_lora_shrink", "triton_lora_expand", "triton_lora_bwd_dh", "triton_lora_bwd_dx",
-             "triton_lora_rank_grad", "triton_conv_up"}  # fmt: skip
+             "triton_lora_rank_grad", "triton_conv_up", "triton_conv2d", "triton_conv2d_input",
+             "triton_conv2d_weight"}  # fmt: skip
     for name in names:
         assert hasattr(torch.ops.mor, name), name
 
@@ -111,6 +126,48 @@ def test_route_and_mor_conv2d_compile_fullgraph():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_conv_ops_match_torch_and_count_flops():
+    """The convolution custom ops compute what torch's do, and the FLOP counter sees them as it sees
+    aten's convolutions (formulas registered with the ops)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w = _r(2, 3, 6, 5, seed=13), _r(7, 3, 3, 3, seed=14)
+    conv = ([1, 1], [1, 1], [1, 1])
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    with FlopCounterMode(display=False) as want_count:
+        z = torch.nn.functional.conv2d(xr, wr, None, *conv)
+        dz = torch.ones_like(z)
+        want_dx, want_dw = torch.autograd.grad(z, [xr, wr], dz)
+    with FlopCounterMode(display=False) as got_count:
+        got_z = conv_ops.triton_conv2d(x, w, *conv)
+        got_dx = conv_ops.triton_conv2d_input(x, w, dz, *conv)
+        got_dw = conv_ops.triton_conv2d_weight(x, w, dz, *conv)
+    for got, want in ((got_z, z), (got_dx, want_dx), (got_dw, want_dw)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got_count.get_total_flops() == want_count.get_total_flops() > 0
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, out_ptr):
+    r = tl.arange(0, 16)
+    a = tl.load(a_ptr + r[:, None] * 16 + r[None, :])
+    b = tl.load(b_ptr + r[:, None] * 16 + r[None, :])
+    acc = _dot(a, b, tl.zeros((16, 16), dtype=tl.float32))
+    tl.store(out_ptr + r[:, None] * 16 + r[None, :], acc)
+
+
+def test_dot_refuses_mixed_dtypes():
+    """The interpreter widens bf16 dot operands to float32 (its bf16 tl.dot is wrong); it must not
+    thereby accept a bf16 x float32 dot, which a compiled kernel rejects."""
+    a, b = _r(16, 16, seed=15), _r(16, 16, seed=16)
+    out = torch.empty(16, 16, device=DEVICE)
+    _dot_kernel[(1,)](a.bfloat16(), b.bfloat16(), out)
+    torch.testing.assert_close(out, a.bfloat16().float() @ b.bfloat16().float(), rtol=1e-5, atol=1e-5)
+    for left, right in ((a.bfloat16(), b), (a, b.bfloat16()), (a.half(), b)):
+        with pytest.raises(Exception, match="same dtype"):
+            _dot_kernel[(1,)](left, right, out)
+
+
 def test_float64_is_unavailable_and_auto_skips_it():
     c = random_case(seed=23).to(torch.float64)
     args = (c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx, c.gate, c.num_shared, c.scaling)
@@ -153,4 +210,57 @@ def test_forward_captures_in_a_cuda_graph(routing):
     graph.replay()
     torch.cuda.synchronize()
     want = ref_ops.mor_linear(*[a.double() if a.is_floating_point() else a for a in args], c.num_shared, c.scaling)
+    assert_parity(out, want, dtype=torch.float16)
+
+
+def _capture(fn):
+    """``fn()`` captured in a CUDA graph after a warm-up run on a side stream (the kernels compile
+    there, outside the capture): ``(graph, output)``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA device, not the interpreter")
+def test_route_captures_in_a_cuda_graph():
+    """One launch, no host synchronisation: route replays in a CUDA graph on new logits."""
+    logits = torch.randn(64, 36, device="cuda")
+    graph, (idx, gate, probs) = _capture(lambda: mor_kernels.route(logits, 8, 4, backend="triton"))
+    new = torch.randn(64, 36, generator=torch.Generator().manual_seed(27)).cuda()
+    logits.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    r_idx, r_gate, r_probs = ref_ops.route(new.double(), 8, 4)
+    assert torch.equal(idx.cpu(), r_idx.cpu())
+    assert_parity(gate, r_gate, dtype=torch.float32, name="gate")
+    assert_parity(probs, r_probs, dtype=torch.float32, name="probs")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA device, not the interpreter")
+def test_conv_forward_captures_in_a_cuda_graph():
+    """The fused conv forward (cuDNN conv + conv_up, fixed grid) replays in a CUDA graph, and new
+    routing copied into the captured inputs changes the result as it should."""
+    c = random_case(kernel_size=3, conv={"padding": 1}, d_in=16, d_out=32, height=8, width=8, seed=28)
+    c = c.to(torch.float16, device="cuda")
+    args = [c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx.to(torch.int32), c.gate]
+
+    def fn():
+        return mor_kernels.mor_conv2d(*args, c.num_shared, c.scaling, padding=1, backend="triton")
+
+    graph, out = _capture(fn)
+    other = random_case(kernel_size=3, conv={"padding": 1}, d_in=16, d_out=32, height=8, width=8, seed=29)
+    args[5].copy_(other.idx.to(torch.int32))
+    args[6].copy_(other.gate)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = ref_ops.mor_conv2d(*[a.double() if a.is_floating_point() else a for a in args], c.num_shared, c.scaling,
+                              padding=1)  # fmt: skip
     assert_parity(out, want, dtype=torch.float16)
