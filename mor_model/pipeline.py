@@ -6,7 +6,8 @@
       -> degradation scores of the LQ input (CLIP estimator) -> set_degradation on the MoR layers
       -> one UNet pass at t = 999 with the (cached) prompt embedding, empty prompt by default
       -> x0 from the prediction (closed form with alphas_cumprod[999], = DDPMScheduler.step's
-         pred_original_sample with one timestep; no noise is drawn)
+         pred_original_sample with one timestep, including the scheduler's clip_sample or dynamic
+         thresholding when its config asks for them; no noise is drawn)
       -> VAE decode -> crop to exactly scale x (h, w) -> colour fix (adain | wavelet | none) -> clamp
 
 Model directory (diffusers layout; see :func:`mor_model.testing.tiny_model` for a complete example):
@@ -16,12 +17,19 @@ places, ``mor_adapter/`` (:data:`ADAPTER_DIR`, the UNet's MoR adapter), ``vae_en
 ``degradation_clip/`` (:data:`CLIP_DIR`, ``DegradationEstimator.save_local`` layout). The
 ``adapter``/``clip`` arguments override the defaults.
 
-Large images: ``tile`` (latent pixels) runs the VAE encoder, the UNet and the VAE decoder on
-overlapping tiles blended with raised-cosine weights (:func:`mor_model.tiling.tiled_apply`); the
+Large images: the VAE encoder, the UNet and the VAE decoder each run on overlapping tiles blended
+with raised-cosine weights (:func:`mor_model.tiling.tiled_apply`) when the image is larger than that
+stage's tile: ``encoder_tile`` (pixels), ``tile`` (UNet, latent pixels) and ``decoder_tile`` (latent
+pixels). ``None`` (default) picks each from the device's free memory (:mod:`mor_model.tile_plan`,
+capped at the sizes of the SR repositories: :data:`MAX_ENCODER_TILE`, :data:`MAX_UNET_TILE`,
+:data:`MAX_DECODER_TILE`); ``0`` runs that stage whole; ``tile=0`` disables tiling everywhere. The
 routing is per sample (the degradation scores come from the whole image), so every tile of an image
-uses the same ranks. ``tile=None`` picks the size from the device's free memory; ``tile=0`` disables
-tiling. Note that the VAE and UNet attention layers see only their tile, so tiled and untiled
-results are close but not identical.
+uses the same ranks. GroupNorm statistics: with ``tile_norm="global"`` (default) every GroupNorm of a
+tiled stage normalises all tiles with one set of statistics, estimated from a pass over the whole
+image subsampled to one tile's size (:class:`mor_model.tiling.GroupNormStats`), instead of each
+tile's own statistics (``tile_norm="tile"``), which is what makes tiles of different content come
+out in different colours and brightness (seams). Attention layers still see only their tile, so tiled
+and untiled results are close but not identical.
 
 ``fold_shared=True`` adds the shared ranks into the base weights once
 (``W0 += scaling * B[:, :S] @ A[:S]``; for a conv the 1x1 x kxk composition) and keeps only the
@@ -40,12 +48,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .color_fix import COLOR_FIX_METHODS
 from .color_fix import color_fix as apply_color_fix
 from .control import set_degradation
 from .layers import MoRLinear, mor_layers
+from .tile_plan import (
+    MAX_DECODER_TILE,
+    MAX_ENCODER_TILE,
+    MAX_UNET_TILE,
+    TILE_NORMS,
+    auto_tile_sizes,
+    check_call_options,
+)
+from .x0 import clip_x0, x0_from_prediction
 
 __all__ = [
+    "MAX_DECODER_TILE",
+    "MAX_ENCODER_TILE",
+    "MAX_UNET_TILE",
+    "TILE_NORMS",
     "ADAPTER_DIR",
     "CLIP_DIR",
     "VAE_ADAPTER_DIR",
@@ -136,6 +156,33 @@ def _load_estimator(clip, device: torch.device):
     raise FileNotFoundError(f"CLIP model {clip} does not exist (expected a directory or a checkpoint file)")
 
 
+def _resolve_adapter_path(path) -> Path:
+    """An adapter directory, or a file inside one (``.../mor_adapter/mor_adapter.safetensors``) -> the directory."""
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
+def _cast_keeping_routers_fp32(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """``module.to(device, dtype)`` except the MoR routers' tensors, which stay float32 (the routing maths is
+    float32; rounding the router weights to fp16/bf16 could change which ranks are picked)."""
+    routers = [layer.router for layer in mor_layers(module).values()]
+    saved = [{k: v.detach().clone() for k, v in r.state_dict().items()} for r in routers]
+    # nn.Module.to: diffusers' override warns about fp32-kept modules on every dtype cast, even when there
+    # are none (diffusers 0.42); these models have none
+    nn.Module.to(module, device=device, dtype=dtype)
+    for r, state in zip(routers, saved, strict=True):
+        nn.Module.to(r, dtype=torch.float32)
+        r.load_state_dict(state)  # the exact float32 values, not the rounded ones cast back
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for, but CUDA is not available here (use 'cpu')")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+
+
 def _needs_scores(module: nn.Module) -> bool:
     """True when a MoR layer under ``module`` routes on the degradation vector."""
     return any(layer.config.uses_degradation for layer in mor_layers(module).values())
@@ -149,8 +196,9 @@ class MoRSRPipeline:
     """One-step MoR super-resolution; build it with :meth:`from_pretrained`.
 
     Call it with ``images (B, 3, h, w)`` in ``[0, 1]`` (any float dtype, any device); it returns
-    ``(B, 3, round(scale h), round(scale w))`` float32 in ``[0, 1]`` on the pipeline's device (on the
-    CPU for tiled calls: only tiles visit the device, so device memory is bounded by the tile size).
+    ``(B, 3, round(scale h), round(scale w))`` float32 in ``[0, 1]`` on the device of ``images``, tiled
+    or not (in a tiled call the full-resolution pixels stay in host memory and only tiles visit the
+    pipeline's device, so device memory is bounded by the tile sizes).
     """
 
     def __init__(
@@ -202,16 +250,18 @@ class MoRSRPipeline:
 
         Args:
             model_dir: the model directory.
-            adapter: the UNet's MoR adapter directory; None = ``model_dir/mor_adapter`` (required
-                unless False, which runs the bare base model, e.g. as a baseline).
+            adapter: the UNet's MoR adapter directory (or its ``mor_adapter.safetensors`` file); None =
+                ``model_dir/mor_adapter`` (required unless False, which runs the bare base model, e.g. as
+                a baseline).
             clip: the degradation estimator: a ``DegradationEstimator.save_local`` directory, a
                 checkpoint file with ``open_clip_config.json`` beside it, or an estimator;
                 None = ``model_dir/degradation_clip``.
-            vae_adapter: the VAE-encoder adapter; None = ``model_dir/vae_encoder_adapter`` if it
-                exists; False = none.
+            vae_adapter: the VAE-encoder adapter (directory or file, as ``adapter``); None =
+                ``model_dir/vae_encoder_adapter`` if it exists; False = none.
             dtype: ``"fp32"``, ``"fp16"`` or ``"bf16"`` for the UNet, VAE and text encoder (the CLIP
-                estimator and the routers run in float32).
-            device: default ``"cuda"`` when available, else ``"cpu"``.
+                estimator and the routers, parameters included, stay float32).
+            device: default ``"cuda"`` when available, else ``"cpu"``; a CUDA device without CUDA is a
+                ``ValueError``.
             backend: the ``mor_kernels`` backend of the adapters (``"auto"``, ``"reference"``...).
             fold_shared: fold the shared ranks into the base weights (see :func:`fold_shared_ranks`).
         """
@@ -228,6 +278,7 @@ class MoRSRPipeline:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
+        _check_device(device)
 
         unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32)
         vae = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=torch.float32)
@@ -236,7 +287,7 @@ class MoRSRPipeline:
         scheduler = DDPMScheduler.from_pretrained(model_dir / "scheduler")
 
         if adapter is not False:
-            adapter_path = Path(adapter) if adapter not in (None, True) else model_dir / ADAPTER_DIR
+            adapter_path = _resolve_adapter_path(adapter) if adapter not in (None, True) else model_dir / ADAPTER_DIR
             if not adapter_path.is_dir():
                 raise FileNotFoundError(
                     f"MoR adapter {adapter_path} not found: pass --adapter/adapter= a directory written by "
@@ -244,7 +295,9 @@ class MoRSRPipeline:
                 )
             load_adapter(unet, adapter_path, backend=backend)
         if vae_adapter is not False:
-            vae_path = Path(vae_adapter) if vae_adapter not in (None, True) else model_dir / VAE_ADAPTER_DIR
+            vae_path = (
+                _resolve_adapter_path(vae_adapter) if vae_adapter not in (None, True) else model_dir / VAE_ADAPTER_DIR
+            )
             if vae_path.is_dir():
                 load_adapter(vae, vae_path, backend=backend)
             elif vae_adapter not in (None, True):
@@ -259,9 +312,7 @@ class MoRSRPipeline:
             estimator = _load_estimator(clip_path, device)
 
         for m in (unet, vae, text_encoder):
-            # nn.Module.to: diffusers' override warns about fp32-kept modules on every dtype cast, even
-            # when there are none (diffusers 0.42); these models have none
-            nn.Module.to(m.requires_grad_(False).eval(), device=device, dtype=torch_dtype)
+            _cast_keeping_routers_fp32(m.requires_grad_(False).eval(), device, torch_dtype)
         return cls(unet, vae, text_encoder, tokenizer, scheduler, estimator, device=device, dtype=torch_dtype)
 
     # -- pieces ----------------------------------------------------------------------------------
@@ -301,45 +352,54 @@ class MoRSRPipeline:
         return self.vae.decode((latents / cfg.scaling_factor + shift).to(self.dtype)).sample
 
     def _denoise(self, latents: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        """One UNet pass at ``self.timestep``; returns the x0 latent (float32)."""
+        """One UNet pass at ``self.timestep``; returns the x0 latent (float32) before :func:`clip_x0`."""
         b = latents.shape[0]
         t = torch.full((b,), self.timestep, device=latents.device, dtype=torch.long)
         pred = self.unet(latents.to(self.dtype), t, encoder_hidden_states=embeds.expand(b, -1, -1)).sample.float()
-        abar = self.scheduler.alphas_cumprod[self.timestep].to(torch.float64)
-        sa, sb = float(abar.sqrt()), float((1 - abar).sqrt())
-        z = latents.float()
-        kind = self.scheduler.config.prediction_type
-        if kind == "epsilon":
-            return (z - sb * pred) / sa
-        if kind == "v_prediction":
-            return sa * z - sb * pred
-        if kind == "sample":
-            return pred
-        raise ValueError(f"unsupported scheduler prediction_type {kind!r}")
+        abar = float(self.scheduler.alphas_cumprod[self.timestep].to(torch.float64))
+        return x0_from_prediction(pred, latents.float(), abar, self.scheduler.config.prediction_type)
 
-    def auto_tile_size(self) -> int:
-        """Latent tile size from the device's free memory (a heuristic per-pixel cost, see below).
-
-        Cost model (bytes per latent pixel of a tile): UNet ``64 * sum(block_out_channels) * itemsize``
-        (about 0.4 MB for SD 2.1 in fp16, i.e. ~1.5 GB of activations for a 64x64 latent) and VAE
-        ``16 * block_out_channels[0] * factor^2 * itemsize``; the larger one decides.
-        """
-        from .tiling import choose_tile_size
-
-        item = torch.finfo(self.dtype).bits // 8
-        unet_cost = 64 * sum(self.unet.config.block_out_channels) * item
-        vae_cost = 16 * self.vae.config.block_out_channels[0] * self.vae_scale_factor**2 * item
-        return choose_tile_size(
-            max(unet_cost, vae_cost), device=self.device, multiple=self.unet_factor, min_tile=8 * self.unet_factor
+    # -- tiles -------------------------------------------------------------------------------------
+    def auto_tile_sizes(self, batch: int = 1, *, free_bytes: int | None = None) -> dict[str, int]:
+        """Tile sizes ``{"unet", "encoder", "decoder"}`` from the device's free memory (or ``free_bytes``);
+        see :func:`mor_model.tile_plan.auto_tile_sizes`."""
+        return auto_tile_sizes(
+            self.unet.config, self.vae.config, self.dtype, device=self.device, batch=batch, free_bytes=free_bytes
         )
 
-    def _tile_overlap(self, tile: int, overlap: int | None) -> int:
-        m = self.unet_factor
-        if overlap is None:
-            overlap = max(m, tile // 4 // m * m)
-        if overlap % m or not 0 <= overlap < tile:
-            raise ValueError(f"tile_overlap must be a multiple of {m} in [0, tile={tile}), got {overlap}")
-        return overlap
+    def auto_tile_size(self) -> int:
+        """The automatic UNet tile (latent pixels) for one image."""
+        return self.auto_tile_sizes()["unet"]
+
+    def check_call(self, **options) -> None:
+        """Raises ``ValueError`` for call options (``scale``, ``color_fix``, ``tile``...) this pipeline cannot
+        take (see :func:`mor_model.tile_plan.check_call_options`)."""
+        check_call_options(vae_factor=self.vae_scale_factor, unet_factor=self.unet_factor, **options)
+
+    @staticmethod
+    def _overlap(tile: int, fraction: int, multiple: int) -> int:
+        return max(multiple, tile // fraction // multiple * multiple) if tile > multiple else 0
+
+    def _run_stage(self, fn, x, *, norm_root, tile, overlap, scale, multiple, tile_norm, progress, out_device):
+        """``fn(x)`` whole, or on tiles (with whole-image GroupNorm statistics unless ``tile_norm="tile"``)."""
+        from .tiling import GroupNormStats, subsample_to, tiled_apply
+
+        h, w = x.shape[-2:]
+        if not tile or (h <= tile and w <= tile):
+            return fn(x).to(out_device)
+        kwargs = dict(tile_size=tile, overlap=overlap, scale=scale, multiple=multiple, progress=progress)
+        if tile_norm == "tile":
+            return tiled_apply(fn, x, out_device=out_device, **kwargs)
+        stats = GroupNormStats(norm_root)
+        with stats.recording():
+            fn(subsample_to(x, tile * tile, multiple))
+        with stats.applying():
+
+            def tile_fn(t):
+                stats.restart()
+                return fn(t)
+
+            return tiled_apply(tile_fn, x, out_device=out_device, **kwargs)
 
     # -- the whole thing -------------------------------------------------------------------------
     @torch.no_grad()
@@ -352,8 +412,12 @@ class MoRSRPipeline:
         color_fix: str = "adain",
         tile: int | None = None,
         tile_overlap: int | None = None,
+        encoder_tile: int | None = None,
+        decoder_tile: int | None = None,
+        tile_norm: str = "global",
         seed: int | None = None,
         sample_posterior: bool = False,
+        scores: torch.Tensor | None = None,
         progress: Callable[[str, int, int], None] | None = None,
     ) -> torch.Tensor:
         """Upscales ``images (B, 3, h, w)`` in ``[0, 1]``.
@@ -362,44 +426,62 @@ class MoRSRPipeline:
             scale: output / input size (default 4); the output is ``(round(scale h), round(scale w))``.
             prompt: text prompt (empty by default); its embedding is cached.
             color_fix: ``"adain"`` (default), ``"wavelet"`` or ``"none"``.
-            tile: latent tile size (a multiple of the UNet factor; output pixels per tile = tile x VAE
-                factor); None = automatic from free memory; 0 = no tiling.
-            tile_overlap: latent overlap between tiles (default tile / 4).
+            tile: UNet tile size in latent pixels (a multiple of the UNet factor); None = automatic
+                (:meth:`auto_tile_sizes`); 0 = no tiling in any stage.
+            tile_overlap: latent overlap between UNet tiles (default tile / 3, e.g. 32 for 96).
+            encoder_tile: VAE-encoder tile size in pixels (a multiple of the VAE factor; overlap a
+                quarter); None = automatic; 0 = the encoder runs on the whole image.
+            decoder_tile: VAE-decoder tile size in latent pixels (overlap a quarter); None = automatic;
+                0 = the decoder runs on the whole latent.
+            tile_norm: ``"global"`` (default): in a tiled stage every tile is normalised with one set of
+                GroupNorm statistics estimated from the whole image (see the module docstring);
+                ``"tile"``: each tile with its own (seams likely).
             seed: seeds the VAE posterior sample when ``sample_posterior`` (otherwise the pipeline
                 draws no random numbers and is deterministic anyway).
             sample_posterior: sample the VAE latent instead of taking its mode (OSEDiff samples).
-            progress: called as ``progress(stage, done, total)`` after each tile of each stage.
+            scores: ``(B, D)`` degradation scores to route with, instead of running the estimator
+                (e.g. computed once with :meth:`degradation_scores`).
+            progress: called as ``progress(stage, done, total)`` after each tile of a tiled stage.
 
         Returns:
-            ``(B, 3, H, W)`` float32 in ``[0, 1]``, on the pipeline's device, or on the CPU when the
-            call was tiled (the full-resolution tensors then live in host memory).
+            ``(B, 3, H, W)`` float32 in ``[0, 1]``, on the device of ``images``.
         """
-        from .tiling import tiled_apply
-
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be a tensor (B, 3, h, w) in [0, 1], got {getattr(images, 'shape', images)}")
         if not images.is_floating_point():
             raise TypeError(f"images must be a float tensor in [0, 1], got {images.dtype}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise ValueError(f"scale must be a positive number, got {scale!r}")
-        if color_fix not in COLOR_FIX_METHODS:
-            raise ValueError(f"color_fix must be one of {COLOR_FIX_METHODS}, got {color_fix!r}")
-        if tile is not None and (not isinstance(tile, int) or tile < 0 or tile % self.unet_factor):
-            raise ValueError(f"tile must be None, 0 or a positive multiple of {self.unet_factor}, got {tile!r}")
-
+        self.check_call(
+            scale=scale,
+            color_fix=color_fix,
+            tile=tile,
+            tile_overlap=tile_overlap,
+            encoder_tile=encoder_tile,
+            decoder_tile=decoder_tile,
+            tile_norm=tile_norm,
+        )
         lq = images.to(self.device, torch.float32).clamp(0, 1)
         b, _, h, w = lq.shape
         out_h, out_w = round(h * scale), round(w * scale)
         if out_h < 1 or out_w < 1:
             raise ValueError(f"scale {scale} makes an empty output from a {h}x{w} input")
+        if scores is not None and (not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[0] != b):
+            raise ValueError(f"scores must be a tensor (B={b}, D), got {getattr(scores, 'shape', scores)}")
+        f = self.vae_scale_factor
         ph, pw = _round_up(out_h, self.multiple), _round_up(out_w, self.multiple)
-        lat_h, lat_w = ph // self.vae_scale_factor, pw // self.vae_scale_factor
-        if tile is None:
-            tile = self.auto_tile_size()
-        tiled = tile != 0 and (tile < lat_h or tile < lat_w)
-        # Tiled on an accelerator: the full-resolution images (upscaled input, output) stay in host
-        # memory and only tiles visit the device, so device memory is bounded by the tile size.
-        pixel_device = torch.device("cpu") if tiled else self.device
+        sizes = {"unet": tile, "encoder": encoder_tile, "decoder": decoder_tile}
+        if tile == 0:
+            sizes = dict.fromkeys(sizes, 0)
+        if any(v is None for v in sizes.values()):
+            auto = self.auto_tile_sizes(b)
+            sizes = {k: auto[k] if v is None else v for k, v in sizes.items()}
+        unet_ov = tile_overlap if tile_overlap is not None else self._overlap(sizes["unet"], 3, self.unet_factor)
+        if sizes["unet"] and unet_ov >= sizes["unet"]:
+            raise ValueError(f"tile_overlap ({unet_ov}) must be smaller than the UNet tile ({sizes['unet']})")
+        # Tiled VAE stages on an accelerator: the full-resolution pixels (upscaled input, output) stay in
+        # host memory and only tiles visit the device, so device memory is bounded by the tile sizes.
+        enc_tiled = bool(sizes["encoder"]) and (sizes["encoder"] < ph or sizes["encoder"] < pw)
+        dec_tiled = bool(sizes["decoder"]) and (sizes["decoder"] * f < ph or sizes["decoder"] * f < pw)
+        pixel_device = torch.device("cpu") if enc_tiled or dec_tiled else self.device
         up = F.interpolate(lq.to(pixel_device), size=(out_h, out_w), mode="bicubic", align_corners=False).clamp(0, 1)
         x = up * 2 - 1
         if (ph, pw) != (out_h, out_w):
@@ -409,50 +491,56 @@ class MoRSRPipeline:
         if sample_posterior:
             generator = torch.Generator(self.device).manual_seed(0 if seed is None else int(seed))
         embeds = self.encode_prompt(prompt)
-        scores = self.degradation_scores(lq)
+        if scores is None:
+            scores = self.degradation_scores(lq)
+        dev = self.device
+
+        def report(stage):
+            return None if progress is None else (lambda done, total: progress(stage, done, total))
+
         for m in self.routed_modules:
             set_degradation(m, scores)
         try:
-            if not tiled:
-                z = self._encode(x, generator)
-                z0 = self._denoise(z, embeds)
-                out = self._decode(z0).float()
-            else:
-                ov = self._tile_overlap(tile, tile_overlap)
-                f, dev = self.vae_scale_factor, self.device
-
-                def report(stage):
-                    return None if progress is None else (lambda done, total: progress(stage, done, total))
-
-                z = tiled_apply(
-                    lambda t: self._encode(t.to(dev), generator).float().to(pixel_device),
-                    x,
-                    tile_size=tile * f,
-                    overlap=ov * f,
-                    scale=Fraction(1, f),
-                    multiple=self.multiple,
-                    progress=report("encode"),
-                )
-                z0 = tiled_apply(
-                    lambda t: self._denoise(t, embeds),
-                    z.to(dev),
-                    tile_size=tile,
-                    overlap=ov,
-                    multiple=self.unet_factor,
-                    progress=report("unet"),
-                )
-                out = tiled_apply(
-                    lambda t: self._decode(t.to(dev)).float().to(pixel_device),
-                    z0.to(pixel_device),
-                    tile_size=tile,
-                    overlap=ov,
-                    scale=f,
-                    multiple=self.unet_factor,
-                    progress=report("decode"),
-                )
+            z = self._run_stage(
+                lambda t: self._encode(t.to(dev), generator).float(),
+                x,
+                norm_root=self.vae.encoder,
+                tile=sizes["encoder"],
+                overlap=self._overlap(sizes["encoder"], 4, f),
+                scale=Fraction(1, f),
+                multiple=f,
+                tile_norm=tile_norm,
+                progress=report("encode"),
+                out_device=dev,
+            )
+            z0 = self._run_stage(
+                lambda t: self._denoise(t, embeds),
+                z,
+                norm_root=self.unet,
+                tile=sizes["unet"],
+                overlap=unet_ov,
+                scale=1,
+                multiple=self.unet_factor,
+                tile_norm=tile_norm,
+                progress=report("unet"),
+                out_device=dev,
+            )
+            z0 = clip_x0(z0, self.scheduler.config)  # on the whole latent: the thresholding quantile is per image
+            out = self._run_stage(
+                lambda t: self._decode(t.to(dev)).float().to(pixel_device),
+                z0,
+                norm_root=self.vae.decoder,
+                tile=sizes["decoder"],
+                overlap=self._overlap(sizes["decoder"], 4, 1),
+                scale=f,
+                multiple=1,
+                tile_norm=tile_norm,
+                progress=report("decode"),
+                out_device=pixel_device,
+            )
         finally:
             for m in self.routed_modules:
                 set_degradation(m, None)
         out = ((out[..., :out_h, :out_w].float() + 1) / 2).clamp(0, 1)
         out = apply_color_fix(out, up, color_fix)
-        return out.clamp(0, 1)
+        return out.clamp(0, 1).to(images.device)

@@ -54,6 +54,7 @@ from torch import nn
 
 from .pipeline import ADAPTER_DIR, CLIP_DIR, VAE_ADAPTER_DIR
 from .train_config import TrainConfig, load_config
+from .x0 import clip_x0, x0_from_prediction
 
 __all__ = ["OneStepSR", "OutputDirInUse", "Trainer", "build_model", "conflicting_outputs", "latest_checkpoint", "main"]
 
@@ -74,17 +75,31 @@ class OneStepSR(nn.Module):
     ``scale h`` must be a multiple of the VAE factor times the UNet factor (no padding in training).
     """
 
-    def __init__(self, unet, vae, estimator, prompt_embeds, alphas_cumprod, prediction_type, *, scale, timestep=999):
+    def __init__(
+        self,
+        unet,
+        vae,
+        estimator,
+        prompt_embeds,
+        alphas_cumprod,
+        prediction_type,
+        *,
+        scale,
+        timestep=999,
+        scheduler_config=None,
+    ):
         super().__init__()
         from .layers import mor_layers
 
         self.unet, self.vae, self.estimator = unet, vae, estimator
         self.register_buffer("prompt_embeds", prompt_embeds.detach().float(), persistent=False)
         abar = float(alphas_cumprod[timestep])
+        self.alpha_bar = abar
         self.sqrt_abar, self.sqrt_one_minus_abar = math.sqrt(abar), math.sqrt(1 - abar)
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
         self.prediction_type, self.scale, self.timestep = prediction_type, scale, int(timestep)
+        self.scheduler_config = scheduler_config  # its clip_sample / thresholding apply to x0, as in the pipeline
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.unet_factor = 2 ** (len(unet.config.block_out_channels) - 1)
         self.routed = [name for name in ("unet", "vae") if mor_layers(getattr(self, name))]
@@ -117,12 +132,9 @@ class OneStepSR(nn.Module):
         t = torch.full((b,), self.timestep, device=z.device, dtype=torch.long)
         pred = self.unet(z, t, encoder_hidden_states=self.prompt_embeds.expand(b, -1, -1)).sample.float()
         z = z.float()
-        if self.prediction_type == "epsilon":
-            x0 = (z - self.sqrt_one_minus_abar * pred) / self.sqrt_abar
-        elif self.prediction_type == "v_prediction":
-            x0 = self.sqrt_abar * z - self.sqrt_one_minus_abar * pred
-        else:
-            x0 = pred
+        x0 = x0_from_prediction(pred, z, self.alpha_bar, self.prediction_type)
+        if self.scheduler_config is not None:
+            x0 = clip_x0(x0, self.scheduler_config)
         out = self.vae.decode(x0 / cfg.scaling_factor + shift).sample
         return out.float().clamp(-1, 1), scores
 
@@ -213,6 +225,7 @@ def build_model(cfg: TrainConfig, log=print) -> tuple[OneStepSR, dict[str, nn.Pa
         scheduler.config.prediction_type,
         scale=cfg.data.scale,
         timestep=cfg.timestep,
+        scheduler_config=scheduler.config,
     )
     multiple = model.vae_factor * model.unet_factor
     if cfg.data.crop_size % multiple:

@@ -3,9 +3,6 @@
 Runtime on the 2-core CPU box: about a minute (the tiled case dominates).
 """
 
-import contextlib
-import types
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,6 +130,13 @@ def test_fold_shared_ranks_layer(kind):
 def test_bf16(model_dir, pipe):
     half = MoRSRPipeline.from_pretrained(model_dir, device="cpu", dtype="bf16")
     assert half.unet.dtype == torch.bfloat16
+    # the routers keep their exact float32 parameters (the routing maths is float32)
+    for module in ("unet", "vae"):
+        ref = {n: layer.router.state_dict() for n, layer in mor_layers(getattr(pipe, module)).items()}
+        for name, layer in mor_layers(getattr(half, module)).items():
+            assert layer.lora_a.dtype == torch.bfloat16
+            for k, v in layer.router.state_dict().items():
+                assert v.dtype == torch.float32 and torch.equal(v, ref[name][k]), (module, name, k)
     lq = astronaut((16, 16))
     out = half(lq)
     assert out.dtype == torch.float32 and out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
@@ -162,80 +166,115 @@ def test_bad_arguments(pipe, model_dir, tmp_path):
         MoRSRPipeline.from_pretrained(model_dir, clip=tmp_path / "missing")
 
 
-class FrozenGroupNorm:
-    """Records every GroupNorm's statistics in one run and reuses them in the next (test helper).
-
-    A random-weight network normalised per tile is hypersensitive to each tile's own GroupNorm
-    statistics (a trained model much less so); freezing them to the whole image's values isolates
-    what the tiling itself does: tile placement, padding, blending and cropping.
-    """
-
-    def __init__(self, *roots):
-        self.roots = roots
-        self.stats, self.calls = {}, {}
-
-    @contextlib.contextmanager
-    def _patch(self, record):
-        norms = [m for r in self.roots for m in r.modules() if isinstance(m, nn.GroupNorm)]
-
-        def forward(mod, x):
-            i = self.calls.get(id(mod), 0)
-            self.calls[id(mod)] = i + 1
-            xf = x.float().reshape(x.shape[0], mod.num_groups, -1)
-            if record:
-                self.stats[id(mod), i] = (xf.mean(-1, keepdim=True), xf.var(-1, unbiased=False, keepdim=True))
-            mean, var = self.stats[id(mod), i]
-            y = ((xf - mean) * torch.rsqrt(var + mod.eps)).reshape(x.shape)
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            return (y * mod.weight.reshape(shape) + mod.bias.reshape(shape)).to(x.dtype)
-
-        for m in norms:
-            m.forward = types.MethodType(forward, m)
-        hooks = [r.register_forward_pre_hook(lambda *a: self.calls.clear()) for r in self.roots]
-        try:
-            yield
-        finally:
-            for h in hooks:
-                h.remove()
-            for m in norms:
-                del m.forward
-
-    def record(self):
-        return self._patch(True)
-
-    def reuse(self):
-        return self._patch(False)
+def _jumps(img, dim):
+    """Mean |difference| of neighbouring pixels along ``dim`` (3: columns, 2: rows), per position."""
+    d = (img.narrow(dim, 1, img.shape[dim] - 1) - img.narrow(dim, 0, img.shape[dim] - 1)).abs()
+    return d.mean(dim=(0, 1, 5 - dim))
 
 
-def test_tiled_matches_untiled(pipe):
-    lq = astronaut((48, 48))  # 192 x 192 output, latent 48 x 48: 3 x 3 tiles of 24 with overlap 8
+TILED = dict(tile=24, tile_overlap=8, encoder_tile=96, decoder_tile=24, color_fix="none")
+
+
+def test_tiled_matches_untiled_without_seams(pipe):
+    """The real tiled path (every stage tiled, 3 x 3 tiles, GroupNorm statistics as the pipeline sets them) on
+    a photo several tiles wide: close to the untiled result, and no seams at the tile borders."""
+    lq = astronaut((48, 48))  # 192 x 192 output, latent 48 x 48: UNet tiles of 24 (overlap 8), VAE tiles too
     calls = []
-    tiled = pipe(lq, tile=24, tile_overlap=8, color_fix="none", progress=lambda *a: calls.append(a))
+    tiled = pipe(lq, **TILED, progress=lambda *a: calls.append(a))
     assert tiled.shape == (1, 3, 192, 192) and torch.isfinite(tiled).all()
     assert {c[0] for c in calls} == {"encode", "unet", "decode"} and ("unet", 9, 9) in calls
-    # one tile covering the whole latent is the untiled computation
+    assert ("encode", 9, 9) in calls and ("decode", 9, 9) in calls
     whole = pipe(lq, tile=0, color_fix="none")
-    torch.testing.assert_close(pipe(lq, tile=48, color_fix="none"), whole, atol=0, rtol=0)
+    # one tile covering the whole latent is the untiled computation
+    torch.testing.assert_close(pipe(lq, tile=48, encoder_tile=192, decoder_tile=48, color_fix="none"), whole)
 
-    frozen = FrozenGroupNorm(pipe.vae.encoder, pipe.unet, pipe.vae.decoder)
-    with frozen.record():
-        ref = pipe(lq, tile=0, color_fix="none")
-    with frozen.reuse():
-        out = pipe(lq, tile=24, tile_overlap=8, color_fix="none")
-    diff = (out - ref).abs()
-    # Stated tolerance (tiny random model; attention and zero padding still see only their tile):
-    # mean |diff| <= 0.06 and 99th percentile <= 0.25 on [0, 1] images (measured: 0.045 / 0.20).
-    # For scale: the untiled output shifted by 8 pixels differs from itself by 0.13 / 0.52.
-    assert diff.mean() <= 0.06, float(diff.mean())
-    assert diff.flatten().quantile(0.99) <= 0.25, float(diff.flatten().quantile(0.99))
+    diff = (tiled - whole).abs()
+    # Stated tolerance (tiny random model; attention and zero padding see only their tile): mean |diff| <= 0.07
+    # and 99th percentile <= 0.3 on [0, 1] images (measured 0.055 / 0.23; with per-tile GroupNorm statistics
+    # 0.098 / 0.40; for scale: the untiled output shifted by 8 pixels differs from itself by 0.13 / 0.52).
+    assert diff.mean() <= 0.07, float(diff.mean())
+    assert diff.flatten().quantile(0.99) <= 0.3, float(diff.flatten().quantile(0.99))
+    # Seams: the neighbour-to-neighbour jumps of the tiled output, relative to the untiled output's at the
+    # same place, in bands of 8 pixels along both axes. A seam is a band (at a tile border) where the tiled
+    # image jumps more than the untiled one; allowed: 15% (measured at most 1.04; per-tile statistics 1.60).
+    for dim in (3, 2):
+        ratio = (_jumps(tiled, dim) / _jumps(whole, dim))[:184].reshape(-1, 8).mean(1)
+        assert ratio.max() <= 1.15, (dim, ratio)
 
 
-def test_auto_tile_size(pipe):
-    tile = pipe.auto_tile_size()
-    assert tile % pipe.unet_factor == 0 and tile >= 8 * pipe.unet_factor
+def test_per_tile_statistics_make_seams(pipe):
+    """The same check on tile_norm="tile" (each tile normalised by itself): it fails, so the test above can."""
+    lq = astronaut((48, 48))
+    whole = pipe(lq, tile=0, color_fix="none")
+    tiled = pipe(lq, **TILED, tile_norm="tile")
+    worst = max(float((_jumps(tiled, d) / _jumps(whole, d))[:184].reshape(-1, 8).mean(1).max()) for d in (2, 3))
+    assert worst > 1.3 and (tiled - whole).abs().mean() > 0.08
+
+
+def test_auto_tile_sizes(pipe):
+    sizes = pipe.auto_tile_sizes()
+    assert sizes["unet"] % pipe.unet_factor == 0 and sizes["encoder"] % pipe.vae_scale_factor == 0
     lq = astronaut((16, 16))
-    assert tile >= 16  # the CPU budget (4 GiB) covers this 16 x 16 latent: the automatic choice is untiled
+    assert sizes["unet"] >= 16  # the CPU budget (4 GiB) covers this 16 x 16 latent: the automatic choice is untiled
     torch.testing.assert_close(pipe(lq, tile=None), pipe(lq, tile=0), atol=0, rtol=0)
+    # tiny free memory: the smallest tiles; lots: the caps
+    small = pipe.auto_tile_sizes(free_bytes=1)
+    assert small == {"unet": 4 * pipe.unet_factor, "encoder": 4 * pipe.multiple, "decoder": 4 * pipe.unet_factor}
+    assert pipe.auto_tile_sizes(free_bytes=1 << 50) == {"unet": 96, "encoder": 1024, "decoder": 224}
+    assert pipe.auto_tile_sizes(4, free_bytes=1 << 30)["unet"] < pipe.auto_tile_sizes(1, free_bytes=1 << 30)["unet"]
+
+
+def test_scheduler_clip_and_thresholding_are_honoured(pipe):
+    from diffusers import DDPMScheduler
+
+    from mor_model.x0 import clip_x0
+
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, 8, 8) * 3
+    embeds = pipe.encode_prompt("")
+    with degradation(pipe.unet, torch.rand(2, 7)):
+        raw = pipe._denoise(z, embeds)
+        eps = pipe.unet(z, 999, encoder_hidden_states=embeds.expand(2, -1, -1)).sample
+    options = [
+        dict(clip_sample=True, clip_sample_range=0.5),
+        dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0),
+    ]
+    for extra in options:
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config, **extra)
+        ref = scheduler.step(eps, 999, z, generator=torch.Generator().manual_seed(0)).pred_original_sample
+        got = clip_x0(raw, scheduler.config)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+        assert not torch.allclose(got, raw)  # it did something
+    # the pipeline applies it: a tight clip range changes the output
+    lq = astronaut((16, 16))
+    plain = pipe(lq, color_fix="none")
+    saved = pipe.scheduler
+    try:
+        pipe.scheduler = DDPMScheduler.from_config(saved.config, clip_sample=True, clip_sample_range=0.05)
+        assert (pipe(lq, color_fix="none") - plain).abs().mean() > 1e-3
+    finally:
+        pipe.scheduler = saved
+
+
+def test_precomputed_scores_adapter_file_and_device_errors(model_dir, pipe):
+    lq = astronaut((16, 16))
+    scores = pipe.degradation_scores(lq)
+    torch.testing.assert_close(pipe(lq, scores=scores), pipe(lq), atol=0, rtol=0)
+    assert not torch.equal(pipe(lq, scores=torch.zeros_like(scores)), pipe(lq))
+    with pytest.raises(ValueError, match="scores"):
+        pipe(lq, scores=scores[0])
+    # --adapter FILE: the adapter's folder is used
+    by_file = MoRSRPipeline.from_pretrained(model_dir, adapter=model_dir / "mor_adapter" / "mor_adapter.safetensors")
+    torch.testing.assert_close(by_file(lq), pipe(lq), atol=0, rtol=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            MoRSRPipeline.from_pretrained(model_dir, device="cuda")
+    with pytest.raises(ValueError, match="tile_overlap"):
+        pipe(lq, tile=8, tile_overlap=8)
+    with pytest.raises(ValueError, match="encoder_tile"):
+        pipe(lq, encoder_tile=6)
+    with pytest.raises(ValueError, match="tile_norm"):
+        pipe(lq, tile_norm="batch")
 
 
 @pytest.mark.gpu
@@ -243,8 +282,10 @@ def test_auto_tile_size(pipe):
 def test_cuda_fp16_tiled_keeps_full_images_on_host(model_dir):
     gpu = MoRSRPipeline.from_pretrained(model_dir, device="cuda", dtype="fp16")
     lq = astronaut((48, 48))
-    whole = gpu(lq, tile=0)
+    whole = gpu(lq.cuda(), tile=0)
     assert whole.device.type == "cuda" and whole.shape == (1, 3, 192, 192)
-    tiled = gpu(lq, tile=24, tile_overlap=8)
-    assert tiled.device.type == "cpu" and tiled.shape == (1, 3, 192, 192) and torch.isfinite(tiled).all()
-    assert (tiled - whole.cpu()).abs().mean() < 0.15  # per-tile GroupNorm statistics of a random model
+    # tiled or not, the result is on the device of the input
+    tiled = gpu(lq.cuda(), **{**TILED, "color_fix": "adain"})
+    assert tiled.device.type == "cuda" and tiled.shape == (1, 3, 192, 192) and torch.isfinite(tiled).all()
+    assert gpu(lq, **TILED).device.type == "cpu" and gpu(lq, tile=0).device.type == "cpu"
+    assert (tiled - whole).abs().mean() < 0.1

@@ -237,3 +237,98 @@ def test_cuda_tiles_with_cpu_accumulation():
     out = tiled_apply(lambda t: F.interpolate(t, scale_factor=8), x, tile_size=16, overlap=8, scale=8, out_device="cpu")
     assert out.device.type == "cpu"
     torch.testing.assert_close(out, F.interpolate(x, scale_factor=8).cpu())
+
+
+def test_choose_tile_size_attention_and_fake_free_memory():
+    # peak a n^2 + q n^4 <= 0.6 * free; the largest multiple of 8 that fits, and not the next one
+    a, q, free = 1000.0, 2.0, 10 << 30
+    n = choose_tile_size(a, bytes_per_pixel_sq=q, free_bytes=free, multiple=8, min_tile=8, max_tile=1 << 20)
+    cost = lambda k: a * k**2 + q * k**4  # noqa: E731
+    assert cost(n) <= 0.6 * free < cost(n + 8)
+    linear = choose_tile_size(a, free_bytes=free, multiple=8, min_tile=8, max_tile=1 << 20)
+    assert linear > 2 * n  # ignoring attention would pick a far larger tile
+    assert choose_tile_size(a, bytes_per_pixel_sq=q, free_bytes=0, multiple=8, min_tile=16) == 16
+    with pytest.raises(ValueError, match="free_bytes"):
+        choose_tile_size(a, free_bytes=-1)
+    with pytest.raises(ValueError, match="bytes_per_pixel_sq"):
+        choose_tile_size(a, bytes_per_pixel_sq=-1.0)
+
+
+# SD 2.1-base configs (the parts the memory model reads): no weights are needed
+SD21_UNET = {
+    "block_out_channels": [320, 640, 1280, 1280],
+    "attention_head_dim": [5, 10, 20, 20],
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+}
+SD21_VAE = {"block_out_channels": [128, 256, 512, 512]}
+
+
+def test_auto_tile_sizes_sd21_from_fake_free_memory():
+    from mor_model.tile_plan import auto_tile_sizes, tile_costs
+
+    def sizes(gib, dtype=torch.float16, batch=1):
+        return auto_tile_sizes(SD21_UNET, SD21_VAE, dtype, device="cuda", batch=batch, free_bytes=gib << 30)
+
+    # an H200's free memory: the caps of the SR repositories (a linear-only model picked ~424 latent px here)
+    assert sizes(139) == {"unet": 96, "encoder": 1024, "decoder": 224}
+    # a 24 GB card: the decoder's one-head mid-block attention over 512 channels limits its tile
+    mid = sizes(20)
+    assert mid["unet"] == 96 and mid["encoder"] == 1024 and 128 <= mid["decoder"] < 224
+    costs = tile_costs(SD21_UNET, SD21_VAE, torch.float16)
+    a, q = costs["decoder"]
+    n = mid["decoder"]
+    assert a * n**2 + q * n**4 <= 0.6 * (20 << 30) < a * (n + 1) ** 2 + q * (n + 1) ** 4
+    assert q * n**4 > 0.2 * a * n**2  # attention is a good part of the modelled peak there
+    assert n < choose_tile_size(a, free_bytes=20 << 30, multiple=1, min_tile=1, max_tile=1024)  # linear only
+    # less memory, fp32 or a batch: never larger tiles
+    for smaller in (sizes(8), sizes(20, torch.float32), sizes(20, batch=4)):
+        assert all(smaller[k] <= mid[k] for k in mid)
+    assert sizes(8)["unet"] < 96
+    # the UNet's highest-resolution attention (5 heads at the latent size) and the VAE's one head
+    assert costs["unet"][1] == 2 * 5 * 2 and costs["encoder"][1] == 2 * 2 / 8**4
+
+
+def _norm_net(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 1), torch.nn.GroupNorm(4, 8), torch.nn.SiLU(), torch.nn.Conv2d(8, 8, 1),
+        torch.nn.GroupNorm(2, 8), torch.nn.Conv2d(8, 3, 1),
+    ).eval()  # fmt: skip
+
+
+def test_groupnorm_stats_make_tiles_consistent():
+    from mor_model.tiling import GroupNormStats
+
+    net = _norm_net()
+    x = _rand((2, 3, 40, 56), 3) + torch.linspace(-2, 2, 56)  # content that differs from tile to tile
+    with torch.no_grad():
+        ref = net(x)
+        stats = GroupNormStats(net)
+        with stats.recording():
+            torch.testing.assert_close(net(x), ref, atol=1e-5, rtol=1e-5)  # recording normalises as usual
+        assert [len(v) for v in stats.stats.values()] == [1, 1]
+        # 1x1 convs + GroupNorm are pointwise once the statistics are the whole image's: tiles give exactly
+        # the untiled result; with each tile's own statistics they do not
+        per_tile = tiled_apply(net, x, tile_size=16, overlap=8)
+        with stats.applying():
+            shared = tiled_apply(lambda t: (stats.restart(), net(t))[1], x, tile_size=16, overlap=8)
+        torch.testing.assert_close(shared, ref, atol=1e-5, rtol=1e-5)
+        assert (per_tile - ref).abs().max() > 0.1
+        # the patch is gone afterwards, and misuse is reported
+        assert all("forward" not in vars(m) for m in stats.norms)
+        with stats.applying(), pytest.raises(RuntimeError, match="restart"):
+            net(x)
+            net(x)
+        with stats.applying(), pytest.raises(ValueError, match="batch size"):
+            net(x[:1])
+
+
+def test_subsample_to_keeps_the_value_distribution():
+    from mor_model.tiling import subsample_to
+
+    checker = ((torch.arange(64)[:, None] + torch.arange(96)[None]) % 2).float()[None, None].expand(1, 2, 64, 96)
+    small = subsample_to(checker, 24 * 24, multiple=4)
+    assert small.shape[-2:] == (16, 28) and small.shape[-2] * small.shape[-1] <= 24 * 24
+    assert set(small.unique().tolist()) <= {0.0, 1.0} and small.std() > 0.4  # area averaging would give 0.5 flat
+    x = torch.rand(1, 3, 8, 8)
+    assert subsample_to(x, 64) is x and subsample_to(x, 1, multiple=4).shape[-2:] == (4, 4)

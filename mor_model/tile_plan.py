@@ -1,0 +1,159 @@
+"""Tile sizes and call options of the SR pipeline: the memory model, the automatic choice, the checks.
+
+``auto_tile_sizes`` picks, per stage (VAE encoder in pixels, UNet and VAE decoder in latent pixels), the
+largest square tile whose modelled peak memory fits the budget (:func:`mor_model.tiling.choose_tile_size`),
+capped at the tile sizes of the SR repositories. ``check_call_options`` validates what a caller passes
+to :meth:`mor_model.pipeline.MoRSRPipeline.__call__`; with :func:`model_factors` (read from the model's
+config files, no weights loaded) the CLI checks its arguments before it reads a single image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from .color_fix import COLOR_FIX_METHODS
+
+__all__ = [
+    "MAX_DECODER_TILE",
+    "MAX_ENCODER_TILE",
+    "MAX_UNET_TILE",
+    "TILE_NORMS",
+    "auto_tile_sizes",
+    "check_call_options",
+    "model_factors",
+    "tile_costs",
+]
+
+#: caps of the automatic tile sizes (the tiling knobs of the OSEDiff/StableSR code: UNet latent tiles of
+#: 96 with overlap 32, VAE encoder tiles of 1024 pixels, decoder tiles of 224 latent pixels)
+MAX_UNET_TILE = 96
+MAX_ENCODER_TILE = 1024
+MAX_DECODER_TILE = 224
+TILE_NORMS = ("global", "tile")
+
+
+def _get(config, name, default=None):
+    return config.get(name, default) if isinstance(config, dict) else getattr(config, name, default)
+
+
+def model_factors(model_dir: str | os.PathLike) -> tuple[int, int]:
+    """``(vae_scale_factor, unet_factor)`` from ``model_dir/vae/config.json`` and ``unet/config.json``."""
+    out = []
+    for part in ("vae", "unet"):
+        path = Path(model_dir) / part / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{model_dir} is not a model directory: {path} is missing (diffusers layout)")
+        try:
+            channels = json.loads(path.read_text())["block_out_channels"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} has no usable block_out_channels: {e}") from None
+        out.append(2 ** (len(channels) - 1))
+    return out[0], out[1]
+
+
+def tile_costs(unet_config, vae_config, dtype: torch.dtype) -> dict[str, tuple[float, float]]:
+    """Memory model of one tile per stage and sample: ``(a, q)`` with peak bytes ``~ a n^2 + q n^4`` for a
+    square tile of side ``n`` (pixels for the encoder, latent pixels for the UNet and the decoder).
+
+    Activations (linear in the tile's pixels; heuristic): UNet ``64 * sum(block_out_channels)``, VAE
+    encoder ``16 * block_out_channels[0]`` per pixel, VAE decoder ``24 * block_out_channels[0] *
+    factor^2`` per latent pixel, times the dtype's size. Attention (quadratic in the tokens ``T``,
+    counted as if the score matrix and its softmax were materialised, ``2 * heads * T^2`` elements, as
+    PyTorch's math path does on the CPU; memory-efficient kernels need less): the UNet's highest
+    resolution with attention, and the VAE's mid-block attention (one head over all
+    ``block_out_channels[-1]`` channels) at latent resolution.
+    """
+    item = torch.finfo(dtype).bits // 8
+    unet_channels = list(_get(unet_config, "block_out_channels"))
+    heads = _get(unet_config, "num_attention_heads") or _get(unet_config, "attention_head_dim")  # SD 2.x: heads
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(unet_channels)
+    kinds = list(_get(unet_config, "down_block_types"))
+    unet_q = max((2 * heads[i] * item / 16**i for i, kind in enumerate(kinds) if "Attn" in kind), default=0.0)
+    vae_channels = list(_get(vae_config, "block_out_channels"))
+    f = 2 ** (len(vae_channels) - 1)
+    ch0 = vae_channels[0]
+    return {
+        "unet": (64 * sum(unet_channels) * item, unet_q),
+        "encoder": (16 * ch0 * item, 2 * item / f**4),
+        "decoder": (24 * ch0 * f**2 * item, 2 * item),
+    }
+
+
+def auto_tile_sizes(
+    unet_config,
+    vae_config,
+    dtype: torch.dtype,
+    *,
+    device: torch.device | str = "cpu",
+    batch: int = 1,
+    free_bytes: int | None = None,
+) -> dict[str, int]:
+    """Tile sizes ``{"unet", "encoder", "decoder"}`` that fit the memory budget of ``batch`` images (see
+    :func:`tile_costs` and :func:`mor_model.tiling.choose_tile_size`; ``free_bytes`` replaces the device
+    query), capped at :data:`MAX_UNET_TILE`, :data:`MAX_ENCODER_TILE` pixels and :data:`MAX_DECODER_TILE`."""
+    from .tiling import choose_tile_size
+
+    costs = tile_costs(unet_config, vae_config, dtype)
+    f = 2 ** (len(_get(vae_config, "block_out_channels")) - 1)
+    m = 2 ** (len(_get(unet_config, "block_out_channels")) - 1)
+    limits = {  # stage: (multiple, smallest, largest)
+        "unet": (m, 4 * m, MAX_UNET_TILE),
+        "encoder": (f, 4 * f * m, MAX_ENCODER_TILE),
+        "decoder": (1, 4 * m, MAX_DECODER_TILE),
+    }
+    sizes = {}
+    for stage, (multiple, lo, hi) in limits.items():
+        a, q = costs[stage]
+        lo = max(multiple, lo // multiple * multiple)
+        sizes[stage] = choose_tile_size(
+            a * batch,
+            bytes_per_pixel_sq=q * batch,
+            device=device,
+            multiple=multiple,
+            min_tile=lo,
+            max_tile=max(hi // multiple * multiple, lo),
+            free_bytes=free_bytes,
+        )
+    return sizes
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_call_options(
+    *,
+    vae_factor: int,
+    unet_factor: int,
+    scale: float = 4,
+    color_fix: str = "adain",
+    tile: int | None = None,
+    tile_overlap: int | None = None,
+    encoder_tile: int | None = None,
+    decoder_tile: int | None = None,
+    tile_norm: str = "global",
+) -> None:
+    """Raises ``ValueError`` naming the option when a call option does not suit a model with these factors."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    if color_fix not in COLOR_FIX_METHODS:
+        raise ValueError(f"color_fix must be one of {COLOR_FIX_METHODS}, got {color_fix!r}")
+    if tile_norm not in TILE_NORMS:
+        raise ValueError(f"tile_norm must be one of {TILE_NORMS}, got {tile_norm!r}")
+    for name, value, m, what in (
+        ("tile", tile, unet_factor, "the UNet's downsampling factor"),
+        ("encoder_tile", encoder_tile, vae_factor, "the VAE factor"),
+        ("decoder_tile", decoder_tile, 1, "any size"),
+    ):
+        if value is not None and (not _is_int(value) or value < 0 or value % m):
+            raise ValueError(f"{name} must be None, 0 or a positive multiple of {m} ({what}), got {value!r}")
+    if tile_overlap is not None:
+        if not _is_int(tile_overlap) or tile_overlap < 0 or tile_overlap % unet_factor:
+            raise ValueError(f"tile_overlap must be a non-negative multiple of {unet_factor}, got {tile_overlap!r}")
+        if tile and tile_overlap >= tile:
+            raise ValueError(f"tile_overlap ({tile_overlap}) must be smaller than tile ({tile})")
