@@ -4,6 +4,12 @@
 ``mor_conv2d`` (cuDNN/torch conv + ``mor::triton_conv_up``), each a ``torch.library`` custom op with
 a fake implementation and an autograd.Function. Runs on CUDA tensors, or on CPU tensors under
 ``TRITON_INTERPRET=1`` (for tests).
+
+Precision and determinism: every Triton dot accumulates in float32 with IEEE float32 products (no
+TF32); ``mor_conv2d``'s cuDNN convolutions with float32 operands run with TF32 off too. Partial sums
+are reduced in a fixed order (no atomics) and the backward convolutions use cuDNN's deterministic
+algorithms, so forward and backward are bitwise repeatable on one device. Operands are cast to one
+compute dtype first (autocast's when it is on, else ``x``'s).
 """
 
 from __future__ import annotations

@@ -32,23 +32,43 @@ from ..kernels.mor_conv2d import conv_up, out_format
 from .triton_mor_lora import _active_ranks, cast_operands, compute_dtype, triton_lora_bwd_dh
 
 
+def _conv_tf32_flag():
+    """``(get, set)`` of cuDNN convolution TF32: the fp32_precision API (torch >= 2.9: "ieee" or
+    "tf32"), else the legacy ``allow_tf32`` flag, mapped onto the same two values."""
+    cudnn = torch.backends.cudnn
+    conv = getattr(cudnn, "conv", None)
+    if conv is not None:
+        try:
+            conv.fp32_precision  # noqa: B018 - probing for the attribute
+        except (AttributeError, RuntimeError):
+            conv = None
+    if conv is not None:
+        return (lambda: conv.fp32_precision), (lambda value: setattr(conv, "fp32_precision", value))
+
+    def set_legacy(value):
+        cudnn.allow_tf32 = value != "ieee"
+
+    return (lambda: "tf32" if cudnn.allow_tf32 else "ieee"), set_legacy
+
+
 @contextlib.contextmanager
 def cudnn_settings(dtype: torch.dtype, device: torch.device, *, deterministic: bool):
     """Around one convolution with operands of ``dtype`` on ``device``: no TF32 for float32, cuDNN's
     deterministic algorithms when ``deterministic``, autocast off (the operands are cast already)."""
     cudnn = torch.backends.cudnn
     ieee = dtype == torch.float32
-    before = (cudnn.conv.fp32_precision, cudnn.deterministic)
+    get_tf32, set_tf32 = _conv_tf32_flag()
+    before = (get_tf32() if ieee else None, cudnn.deterministic)
     try:
         if ieee:
-            cudnn.conv.fp32_precision = "ieee"
+            set_tf32("ieee")
         if deterministic:
             cudnn.deterministic = True
         with torch.autocast(device.type, enabled=False):
             yield
     finally:
         if ieee:
-            cudnn.conv.fp32_precision = before[0]
+            set_tf32(before[0])
         if deterministic:
             cudnn.deterministic = before[1]
 

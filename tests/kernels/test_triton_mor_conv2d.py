@@ -196,3 +196,23 @@ def test_conv_backend_casts_operands_under_autocast():
     for name, a, w in zip(names, g_got, g_want, strict=True):
         assert a.dtype == torch.float32, name
         assert_parity(a, w, dtype=torch.bfloat16, name=f"d{name}")
+
+
+def test_conv_tf32_off_with_the_legacy_flag(monkeypatch):
+    """Where torch has no cudnn.conv.fp32_precision, the legacy cudnn.allow_tf32 flag is used."""
+    from mor_kernels.ops import triton_mor_conv2d as conv_ops
+
+    cudnn = torch.backends.cudnn
+    assert cudnn.allow_tf32  # PyTorch's default
+    seen = []
+
+    def spy(x, weight, *conv):
+        seen.append(cudnn.allow_tf32)
+        return torch.nn.functional.conv2d(x, weight, None, *conv)
+
+    monkeypatch.setattr(cudnn, "conv", None)
+    monkeypatch.setattr(conv_ops, "_conv", spy)
+    x, w = torch.randn(1, 2, 5, 5, device=DEVICE), torch.randn(3, 2, 3, 3, device=DEVICE)
+    conv_ops.triton_conv2d(x, w, [1, 1], [1, 1], [1, 1])
+    conv_ops.triton_conv2d(x.half(), w.half(), [1, 1], [1, 1], [1, 1])
+    assert seen == [False, True] and cudnn.allow_tf32
