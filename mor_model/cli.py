@@ -45,6 +45,16 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _nonneg_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {n}")
+    return n
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
@@ -54,11 +64,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="model directory in diffusers layout (unet/ vae/ text_encoder/ tokenizer/ scheduler/); it may carry "
         "mor_adapter/, vae_encoder_adapter/ and degradation_clip/ (the defaults of the next flags)",
     )
-    g.add_argument("--adapter", metavar="DIR", help="UNet MoR adapter directory (default: DIR/mor_adapter)")
+    g.add_argument(
+        "--adapter",
+        metavar="FILE",
+        help="UNet MoR adapter: its directory or its mor_adapter.safetensors file (default: DIR/mor_adapter)",
+    )
     g.add_argument(
         "--vae-adapter",
-        metavar="DIR",
-        help="VAE-encoder adapter directory (default: DIR/vae_encoder_adapter if present)",
+        metavar="FILE",
+        help="VAE-encoder adapter, directory or file (default: DIR/vae_encoder_adapter if present)",
     )
     g.add_argument(
         "--clip",
@@ -89,10 +103,33 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         type=_tile_arg,
         default=None,
         metavar="N",
-        help="latent tile size for large images (a multiple of the UNet factor; output tile = N x VAE factor "
-        "pixels); 'auto' (default) picks it from free memory, 0 disables tiling",
+        help="UNet tile size in latent pixels for large images (a multiple of the UNet factor); 'auto' (default) "
+        "picks it from free memory (at most 96), 0 disables tiling in every stage",
     )
-    g.add_argument("--tile-overlap", type=int, default=None, metavar="N", help="latent tile overlap (default N/4)")
+    g.add_argument(
+        "--tile-overlap", type=_nonneg_int, default=None, metavar="N", help="UNet tile overlap (default N/3)"
+    )
+    g.add_argument(
+        "--encoder-tile",
+        type=_tile_arg,
+        default=None,
+        metavar="PX",
+        help="VAE-encoder tile size in pixels (a multiple of the VAE factor); 'auto' (default, at most 1024), 0: whole",
+    )
+    g.add_argument(
+        "--decoder-tile",
+        type=_tile_arg,
+        default=None,
+        metavar="N",
+        help="VAE-decoder tile size in latent pixels; 'auto' (default, at most 224), 0: whole",
+    )
+    g.add_argument(
+        "--tile-norm",
+        default="global",
+        choices=("global", "tile"),
+        help="GroupNorm statistics of tiled stages: 'global' (default, one set estimated from the whole image: no "
+        "colour seams) or 'tile' (each tile its own)",
+    )
     g.add_argument(
         "--color-fix", default="adain", choices=("adain", "wavelet", "none"), help="colour correction (default adain)"
     )
@@ -212,9 +249,32 @@ def _run_kwargs(args) -> dict:
         "color_fix": args.color_fix,
         "tile": args.tile,
         "tile_overlap": args.tile_overlap,
+        "encoder_tile": args.encoder_tile,
+        "decoder_tile": args.decoder_tile,
+        "tile_norm": args.tile_norm,
         "seed": args.seed,
         "sample_posterior": args.sample_posterior,
     }
+
+
+def _check_args(args) -> str | None:
+    """Problems with the arguments that need the model's configs (not its weights), or None: checked before
+    any image is read, so they are usage errors, not per-image failures."""
+    import torch
+
+    from .pipeline import _check_device
+    from .tile_plan import check_call_options, model_factors
+
+    try:
+        if args.device is not None:
+            _check_device(torch.device(args.device))
+        vae_factor, unet_factor = model_factors(args.model)
+        run = _run_kwargs(args)
+        options = {k: run[k] for k in ("scale", "color_fix", "tile", "tile_overlap", "encoder_tile", "decoder_tile")}
+        check_call_options(vae_factor=vae_factor, unet_factor=unet_factor, tile_norm=args.tile_norm, **options)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:  # torch.device raises RuntimeError on bad names
+        return str(e)
+    return None
 
 
 def _upscale(args) -> int:
@@ -222,6 +282,10 @@ def _upscale(args) -> int:
 
     from .image_io import ImageReadError, collect_images, drop_earlier_outputs, load_image, plan_outputs, save_image
 
+    problem = _check_args(args)
+    if problem:
+        _err(problem)
+        return EXIT_USAGE
     try:
         collected, earlier = drop_earlier_outputs(
             collect_images(args.inputs, recursive=args.recursive), args.output, suffix=args.suffix, ext=args.ext
@@ -266,17 +330,17 @@ def _upscale(args) -> int:
                 return
             try:
                 out = pipe(torch.stack([img for _, img in batch]), progress=tiles, **_run_kwargs(args))
-            except (RuntimeError, ValueError, MemoryError) as e:
+            except Exception as e:  # noqa: BLE001 - any failure is this batch's, the rest goes on
                 for plan, _ in batch:
-                    _err(f"failed on {plan.input}: {type(e).__name__}: {e}")
+                    bar.write(f"mor-sr: failed on {plan.input}: {type(e).__name__}: {e}", file=sys.stderr)
                 failures += len(batch)
             else:
                 for (plan, _), img in zip(batch, out, strict=True):
                     try:
                         save_image(img, plan.output)
                         written += 1
-                    except OSError as e:
-                        _err(f"cannot write {plan.output}: {e}")
+                    except Exception as e:  # noqa: BLE001
+                        bar.write(f"mor-sr: cannot write {plan.output}: {type(e).__name__}: {e}", file=sys.stderr)
                         failures += 1
             bar.update(len(batch))
             batch.clear()
@@ -284,8 +348,9 @@ def _upscale(args) -> int:
         for plan in todo:
             try:
                 img = load_image(plan.input)
-            except ImageReadError as e:
-                bar.write(f"mor-sr: skipping unreadable image {plan.input}: {e.reason}", file=sys.stderr)
+            except Exception as e:  # noqa: BLE001 - ImageReadError, or anything else the decoder raises
+                why = e.reason if isinstance(e, ImageReadError) else f"{type(e).__name__}: {e}"
+                bar.write(f"mor-sr: skipping unreadable image {plan.input}: {why}", file=sys.stderr)
                 failures += 1
                 bar.update(1)
                 continue
@@ -311,6 +376,10 @@ def _route_stats(args) -> int:
     from .layers import mor_layers
     from .stats import RoutingStats, routing_stats, save_routing_heatmap
 
+    problem = _check_args(args)
+    if problem:
+        _err(problem)
+        return EXIT_USAGE
     collected = collect_images(args.inputs, recursive=args.recursive)
     failures = 0
     for path, why in collected.errors:
@@ -333,15 +402,20 @@ def _route_stats(args) -> int:
     for path in collected.files:
         try:
             img = load_image(path)
-        except ImageReadError as e:
-            _err(f"skipping unreadable image {path}: {e.reason}")
+        except Exception as e:  # noqa: BLE001
+            _err(f"skipping unreadable image {path}: {e.reason if isinstance(e, ImageReadError) else e}")
             failures += 1
             continue
         for _, m in parts:
             for layer in mor_layers(m).values():
                 layer.router.clear_state()
-        pipe(img[None], **_run_kwargs(args))
-        scores = pipe.degradation_scores(img[None])
+        try:
+            scores = pipe.degradation_scores(img[None])  # once, for the routing and the table
+            pipe(img[None], scores=scores, **_run_kwargs(args))
+        except Exception as e:  # noqa: BLE001 - this image fails, the others are still analysed
+            _err(f"failed on {path}: {type(e).__name__}: {e}")
+            failures += 1
+            continue
         col, these = [], []
         for prefix, m in parts:
             if not mor_layers(m):

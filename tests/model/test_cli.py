@@ -130,6 +130,82 @@ def test_upscale_into_the_input_folder_reruns_cleanly(model_dir, tmp_path, capsy
             assert now == stamps  # nothing rewritten, nothing new
 
 
+def test_bad_arguments_are_usage_errors_before_any_image(model_dir, inputs, tmp_path, capsys):
+    out = tmp_path / "never"
+    base = ["upscale", str(inputs / "a.png"), "-o", str(out), "--model", str(model_dir), "-q"]
+    cases = [
+        (["--tile", "3"], "tile must be"),  # not a multiple of the UNet factor (2)
+        (["--tile", "8", "--tile-overlap", "8"], "tile_overlap"),
+        (["--tile-overlap", "3"], "tile_overlap"),
+        (["--encoder-tile", "6"], "encoder_tile"),  # not a multiple of the VAE factor (4)
+        (["--scale", "0"], "scale"),
+        (["--device", "nonsense"], "device"),
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "CUDA is not available"))
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+        assert main(["route-stats", str(inputs / "a.png"), "--model", str(model_dir), *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not out.exists()  # nothing was processed or written
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--tile-overlap", "-8"])
+    assert e.value.code == 2
+
+
+def test_failures_of_any_kind_are_per_image(model_dir, inputs, tmp_path, monkeypatch, capsys):
+    """An exception of an unexpected type on one image is reported and counted; the others are written."""
+    from mor_model.pipeline import MoRSRPipeline
+
+    real = MoRSRPipeline.__call__
+    calls = []
+
+    def flaky(self, images, **kwargs):
+        calls.append(images.shape)
+        if len(calls) == 1:
+            raise KeyError("something unexpected")
+        return real(self, images, **kwargs)
+
+    monkeypatch.setattr(MoRSRPipeline, "__call__", flaky)
+    out = tmp_path / "out"
+    files = [str(inputs / "a.png"), str(inputs / "b.jpg")]
+    # --adapter FILE (the adapter's safetensors file) is accepted: its folder is loaded
+    adapter = model_dir / "mor_adapter" / "mor_adapter.safetensors"
+    code = main(["upscale", *files, "-o", str(out), "--model", str(model_dir), "--adapter", str(adapter), "-q"])
+    err = capsys.readouterr().err
+    assert code == 1 and "KeyError" in err and "1 written" in err and "1 failed" in err
+    assert sorted(p.name for p in out.iterdir()) == ["b.png"]
+
+
+def test_route_stats_runs_clip_once_and_survives_failures(model_dir, inputs, monkeypatch, tmp_path, capsys):
+    from mor_model.estimator import DegradationEstimator
+    from mor_model.pipeline import MoRSRPipeline
+
+    seen = []
+    real_forward, real_call = DegradationEstimator.forward, MoRSRPipeline.__call__
+
+    def counting(self, *a, **k):
+        seen.append(1)
+        return real_forward(self, *a, **k)
+
+    def failing_on_b(self, images, **kwargs):
+        if images.shape[-1] == 16 and len(seen) == 2:  # the second image (b.jpg)
+            raise IndexError("broken for this image")
+        return real_call(self, images, **kwargs)
+
+    monkeypatch.setattr(DegradationEstimator, "forward", counting)
+    monkeypatch.setattr(MoRSRPipeline, "__call__", failing_on_b)
+    images = [str(inputs / "a.png"), str(inputs / "b.jpg"), str(inputs / "sub" / "c.webp")]
+    code = main(["route-stats", *images, "--model", str(model_dir), "-o", str(tmp_path / "h.png")])
+    out = capsys.readouterr()
+    assert code == 1 and "IndexError" in out.err and "b.jpg" in out.err
+    assert len(seen) == 3  # the CLIP estimator ran once per image
+    assert "a.png" in out.out and "c.webp" in out.out and "image 1:" in out.out and "image 2:" not in out.out
+
+
 def test_route_stats(model_dir, inputs, tmp_path, capsys):
     png, js = tmp_path / "heat.png", tmp_path / "stats.json"
     code = main(
@@ -167,7 +243,8 @@ def test_train_delegation(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])
     assert e.value.code == 0
-    assert "CONFIG" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "CONFIG" in text and "--overwrite" in text and "--resume" in text
     monkeypatch.setitem(sys.modules, "mor_model.train", None)  # as if the module were missing
     import mor_model
 
@@ -184,7 +261,8 @@ def test_help_is_complete(command, capsys):
     text = capsys.readouterr().out
     flags = {
         "upscale": ["--model", "--adapter", "--clip", "--scale", "--tile", "--dtype", "--color-fix", "--prompt",
-                    "--overwrite", "--batch-size", "--fold-shared", "-o"],
+                    "--overwrite", "--batch-size", "--fold-shared", "-o", "--encoder-tile", "--decoder-tile", "--tile-norm",
+                    "--tile-overlap", "--suffix"],
         "route-stats": ["--model", "--adapter", "--clip", "--json", "-o"],
         "eval": ["--pred", "--gt", "--metrics", "--crop-border", "--csv", "--suffix"],
     }[command]  # fmt: skip
