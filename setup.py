@@ -86,19 +86,35 @@ def find_cuda_home() -> str | None:
 
 
 def wheel_include_dirs(cuda_home: str) -> list[str]:
-    """Include folders of the nvidia pip wheels for headers the toolkit lacks."""
+    """Include folders for the headers the toolkit lacks, taken from the nvidia pip wheels.
+
+    A wheel's include folder also holds its own copy of the CUDA runtime headers (``cuda_runtime.h``...),
+    which must not shadow the toolkit's (user include folders come first). So the headers the toolkit
+    does not have are linked into ``build/mor_cuda_headers/<wheel>`` and only that folder is added."""
     spec = importlib.util.find_spec("nvidia")
     roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
     toolkit_dirs = [os.path.join(cuda_home, "include")] + glob.glob(os.path.join(cuda_home, "targets", "*", "include"))
-    dirs: list[str] = []
+    wheel_dirs: list[str] = []
     for header in WHEEL_HEADERS:
-        if any(os.path.isfile(os.path.join(d, header)) for d in toolkit_dirs + dirs):
+        if any(os.path.isfile(os.path.join(d, header)) for d in toolkit_dirs):
             continue
         for root in roots:
             found = sorted(glob.glob(os.path.join(root, "*", "include", header)))
             if found:
-                dirs.append(os.path.dirname(found[0]))
+                if os.path.dirname(found[0]) not in wheel_dirs:
+                    wheel_dirs.append(os.path.dirname(found[0]))
                 break
+    dirs = []
+    for i, wheel_dir in enumerate(wheel_dirs):
+        shadow = os.path.join(ROOT, "build", "mor_cuda_headers", str(i))
+        shutil.rmtree(shadow, ignore_errors=True)
+        for src in glob.glob(os.path.join(wheel_dir, "**", "*"), recursive=True):
+            rel = os.path.relpath(src, wheel_dir)
+            if os.path.isfile(src) and not any(os.path.exists(os.path.join(d, rel)) for d in toolkit_dirs):
+                os.makedirs(os.path.dirname(os.path.join(shadow, rel)), exist_ok=True)
+                os.symlink(src, os.path.join(shadow, rel))
+        say(f"headers the toolkit lacks, from {wheel_dir}: linked into {shadow}")
+        dirs.append(shadow)
     return dirs
 
 
@@ -214,8 +230,6 @@ def extension_modules():
         cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
         includes = wheel_include_dirs(cuda_home)
-        if includes:
-            say(f"headers from the nvidia wheels: {includes}")
         nvcc = ["-O3", "-lineinfo", "-DMOR_WITH_CUDA"]
         ext = CUDAExtension(
             "mor_kernels._C",
