@@ -104,8 +104,10 @@ def unavailable_reason(
     check = getattr(module, "unavailable_reason", None)
     why = check(op, device, dtype) if check is not None else None
     if why is None and backend == "cpp" and auto:
-        # Measured with benchmarks/bench_mor_lora.py on a 2-core CPU: the reference's BLAS GEMMs beat
-        # the C++ kernels (1.15-1.7x vs 1.3-5x the bare base layer, forward), so they run only when asked for.
+        # Measured with `benchmarks/bench_mor_lora.py --shapes linear --modes fwd,fwd+bwd --sweep none` on a
+        # 2-core Xeon (1 thread, OpenMP build, commit 5e1f08d): the reference's BLAS GEMMs beat the C++
+        # kernels (forward 1.24-1.89x vs 1.59-3.98x the bare base layer; fwd+bwd 1.31-1.73x vs 1.96-4.60x),
+        # so they run only when asked for.
         return "the C++ kernels are slower on CPU than the reference's BLAS GEMMs; ask for backend='cpp'"
     return why
 
