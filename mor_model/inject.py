@@ -59,6 +59,25 @@ def _skip_reason(layer: nn.Module, config: MoRConfig) -> str | None:
     return f"{type(layer).__name__} is not an nn.Linear or nn.Conv2d"
 
 
+def _clear_routing_hook(module: nn.Module, args) -> None:
+    """Forward pre-hook of an injected model: every forward starts with no stored routing, so after it
+    the routers hold exactly that forward's (a layer the forward skipped has none, and
+    :func:`~mor_model.balance_loss` leaves it out rather than reusing a freed graph)."""
+    for router in module.__dict__.get("_mor_routers", ()):
+        router.clear_state()
+
+
+def _track_routers(module: nn.Module) -> None:
+    """(Re)registers :func:`_clear_routing_hook` on ``module`` for its current MoR layers."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if hook is _clear_routing_hook:
+            del module._forward_pre_hooks[key]
+    routers = [layer.router for layer in mor_layers(module).values()]
+    module.__dict__["_mor_routers"] = routers  # plain attribute (deepcopy maps it to the copy's routers)
+    if routers:
+        module.register_forward_pre_hook(_clear_routing_hook)
+
+
 def inject_mor(module: nn.Module, config: MoRConfig | None = None, *, freeze_base: bool = True) -> InjectionReport:
     """Replaces the target layers of ``module`` in place by MoR layers.
 
@@ -124,6 +143,7 @@ def inject_mor(module: nn.Module, config: MoRConfig | None = None, *, freeze_bas
         for p in frozen:
             p.requires_grad_(False)
         module.__dict__.setdefault("_mor_frozen", []).extend(frozen)  # not a submodule/parameter attribute
+    _track_routers(module)
     return report
 
 
@@ -142,4 +162,5 @@ def remove_mor(module: nn.Module) -> list[str]:
         removed.append(name)
     for p in module.__dict__.pop("_mor_frozen", []):
         p.requires_grad_(True)
+    _track_routers(module)
     return removed

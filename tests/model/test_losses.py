@@ -90,3 +90,32 @@ def test_errors():
         degradation_aware_balance_loss(torch.rand(3, 4), torch.rand(3), 2, 5)
     with pytest.raises(ValueError, match="probs"):
         degradation_aware_balance_loss(torch.rand(4), torch.rand(4), 2, 1)
+
+
+def test_balance_loss_uses_only_the_layers_of_the_last_forward():
+    """An injected model forgets the previous forward's routing when a new forward starts, so a layer
+    the new forward skipped is left out (not reused with a freed graph)."""
+    from torch import nn
+
+    from mor_model import inject_mor, set_degradation
+    from mor_model.losses import layer_balance_loss
+
+    class TwoPaths(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q, self.to_k = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x, both=True):
+            return self.to_k(self.to_q(x)) if both else self.to_q(x)
+
+    model = TwoPaths()
+    inject_mor(model, small_config(target_modules=("to_q", "to_k")))
+    set_degradation(model, torch.rand(2, 7))
+    x = torch.randn(2, 3, 4)
+    model(x).sum().backward()
+    balance_loss(model)  # both layers ran
+    out = model(x, both=False)
+    assert model.to_k.router.last_probs is None
+    loss = balance_loss(model)
+    (out.sum() + loss).backward()  # no "backward through the graph a second time"
+    assert torch.equal(loss, layer_balance_loss(model.to_q, None))
