@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -138,7 +139,11 @@ class DegradationEstimator(nn.Module):
     @classmethod
     def from_config(cls, model_cfg: dict | str, *, checkpoint: str | os.PathLike | None = None, **kwargs):
         """Builds from an open_clip config (dict or built-in architecture name), random weights unless
-        ``checkpoint`` (a local ``.safetensors``/``.pt``/``.bin`` file) is given."""
+        ``checkpoint`` (a local ``.safetensors``/``.pt``/``.bin`` file) is given.
+
+        OpenAI-trained weights need the QuickGELU variant of the architecture (e.g. ``"ViT-L-14-quickgelu"``,
+        or ``"quick_gelu": true`` in a config dict); the plain name builds GELU, which loads the same
+        tensors but scores differently."""
         import open_clip
 
         clip, cfg = build_clip(model_cfg)
@@ -207,6 +212,12 @@ class DegradationEstimator(nn.Module):
         if not images.is_floating_point():
             raise TypeError(f"images must be a float tensor in [0, 1], got {images.dtype}")
         x = images.float()
+        lo, hi = (float(v) for v in torch.aminmax(x.detach())) if x.numel() else (0.0, 1.0)
+        if lo < -0.01 or hi > 1.01:  # e.g. [-1, 1] images: clamping would silently lose half the range
+            warnings.warn(
+                f"DegradationEstimator expects images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; they are clamped",
+                stacklevel=2,
+            )
         th, tw = self.image_size
         h, w = x.shape[-2:]
         scale = max(th / h, tw / w)

@@ -150,3 +150,8 @@ def test_default_prompt_pairs_are_the_spec_ones():
         ("a detailed photo", "a smooth, textureless photo"),
         ("a clean photo", "a photo with compression artifacts"),
     )
+
+
+def test_images_outside_unit_range_warn(estimator):
+    with pytest.warns(UserWarning, match=r"expects images in \[0, 1\], got values in \[-1"):
+        estimator(torch.rand(1, 3, 32, 32) * 2 - 1)
