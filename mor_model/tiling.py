@@ -289,10 +289,13 @@ class GroupNormStats:
     tiles of different content are normalised differently: the classic cause of colour and
     brightness seams in tiled VAE/UNet inference. Exact whole-image statistics would need all tiles
     to be run up to every GroupNorm in turn (StableSR's layer-by-layer tiled VAE, which holds every
-    tile's activations at once); instead, as StableSR's fast mode does, the statistics are estimated by
-    one pass of the network over the whole image subsampled to about one tile's area
-    (:func:`subsample_to`), and every tile is then normalised with those. Memory stays bounded by one
-    tile; the cost is one extra tile-sized pass per stage.
+    tile's activations at once); instead, as in StableSR's fast mode, the statistics are estimated by
+    one pass of the network over the whole image reduced to about one tile's area, and every tile is
+    then normalised with those. Memory stays bounded by one tile; the cost is one extra tile-sized pass
+    per stage. StableSR downscales; here the image is subsampled (:func:`subsample_to`), which kept the
+    statistics closer on the test model. Refining the estimate by aggregating the tiles' own sums over
+    one more tiled pass was tried and made it worse (each layer's aggregate is of activations that the
+    earlier layers normalised with the old estimate), so it is not done.
 
     Usage::
 
