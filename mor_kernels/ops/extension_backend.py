@@ -9,9 +9,10 @@ The C++ ops (schemas in ``csrc/registration.cpp``; CPU kernels in ``csrc/cpu``, 
 - ``mor_lora``: ``mor::lora_fwd`` / ``mor::lora_bwd`` (the fused low-rank path and its deterministic
   backward for ``x``, ``lora_a``, ``lora_b``, ``gate``; ``base`` gets ``grad_y`` as is);
 - ``mor_linear``: ``F.linear`` for the base GEMM, then ``mor::lora_fwd`` adds the low-rank path into it;
-- ``mor_conv2d``: one ``F.conv2d`` with the ranks appended to the base filters as extra output channels
-  (``[weight; lora_a]``, so cuDNN/oneDNN does the implicit GEMM with ``K = C_in kh kw`` once), then
-  ``mor::conv_up`` applies gate, 1x1 up-projection and the add in one pass; its backward is torch ops.
+- ``mor_conv2d``: one convolution with the ranks appended to the base filters as extra output channels
+  (``[weight; lora_a]``, so cuDNN/oneDNN does the implicit GEMM with ``K = C_in kh kw`` once; TF32 off for
+  float32 and deterministic backward, see :mod:`.cudnn_conv`), then ``mor::conv_up`` applies gate, 1x1
+  up-projection and the add in one pass; its backward is torch ops.
 
 Precision: the CUDA kernels accumulate in float32 (SIMT tiles, no tensor cores yet); the C++ CPU kernels
 store float32 and accumulate in float64, and on CPU the half-precision base GEMM / convolution run in float32
@@ -29,8 +30,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .. import _extension
+from .cudnn_conv import conv2d_input_op, conv2d_op, conv2d_weight_op
 from .route_grad import route_backward
 
 _C, _LOAD_ERROR = _extension.load()
@@ -236,14 +239,39 @@ class _ConvUp(torch.autograd.Function):
         return grad_out, grad_b, None, grad_gate, None, None
 
 
+class _Conv2d(torch.autograd.Function):
+    """``F.conv2d(x, weight, bias)`` through the :mod:`.cudnn_conv` ops: TF32 off for float32 operands,
+    deterministic backward convolutions (on CPU the settings change nothing)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation):
+        conv = (list(stride), list(padding), list(dilation))
+        out = conv2d_op(x, weight, *conv)
+        if bias is not None:
+            out.add_(bias.to(out.dtype).view(1, -1, 1, 1))
+        ctx.conv, ctx.has_bias = conv, bias is not None
+        ctx.save_for_backward(x, weight)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dz):
+        x, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dz = dz.contiguous()
+        dx = conv2d_input_op(x, weight, dz, *ctx.conv) if need[0] else None
+        dw = conv2d_weight_op(x, weight, dz, *ctx.conv) if need[1] else None
+        db = dz.sum((0, 2, 3)) if ctx.has_bias and need[2] else None
+        return dx, dw, db, None, None, None
+
+
 def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation):
     """Canonical ``mor_conv2d``: one convolution with ``[weight; lora_a]``, then ``mor::conv_up``."""
     ranks = lora_a.shape[0]
     dt = _dense_dtype(x)  # on CPU half precision: the rank channels stay float32 too, rounded once at the end
     w = torch.cat([weight, lora_a], dim=0).to(dt)
     b = None if bias is None else torch.cat([bias, bias.new_zeros(ranks)]).to(dt)
-    out = F.conv2d(x.to(dt), w, b, tuple(stride), tuple(padding), tuple(dilation))
-    # out.dtype, not dt: under autocast the convolution returns the autocast dtype
+    out = _Conv2d.apply(x.to(dt), w, b, stride, padding, dilation)
     idx, gate, b = idx.to(torch.int32), _gate32(gate), lora_b.to(out.dtype)
     y = torch.cat(
         [_ConvUp.apply(out[c], b, idx[c], gate[c], int(num_shared), float(scaling)) for c in _chunks(x.shape[0])]

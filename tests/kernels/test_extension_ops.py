@@ -298,3 +298,35 @@ def test_arch_list_decides_which_gpus_have_code():
     assert runs_on("8.0;9.0+PTX", (8, 0)) and runs_on("8.0;9.0+PTX", (8, 9))  # sm_80 cubins run on 8.x
     assert runs_on("8.0;9.0+PTX", (9, 0)) and runs_on("8.0;9.0+PTX", (12, 0))  # PTX for newer GPUs
     assert not runs_on("8.0;9.0+PTX", (7, 5)) and not runs_on("9.0", (10, 0)) and not runs_on("9.0", (8, 6))
+
+
+def test_conv_runs_with_tf32_off_and_a_deterministic_backward(monkeypatch):
+    """The compiled backends' convolution goes through mor_kernels.ops.cudnn_conv: on a GPU, float32
+    convolutions would otherwise run in TF32 (PyTorch's cuDNN default), outside the float32 tolerance.
+    Checked here by reading the cuDNN settings at each convolution call (the CPU twin shares the code)."""
+    import mor_kernels
+    from mor_kernels.ops import cudnn_conv
+
+    get_tf32, _ = cudnn_conv._conv_tf32_flag()
+    seen = []
+
+    def spy(kind, fn):
+        def wrapped(*args, **kwargs):
+            seen.append((kind, get_tf32(), torch.backends.cudnn.deterministic))
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(cudnn_conv.F, "conv2d", spy("forward", cudnn_conv.F.conv2d))
+    monkeypatch.setattr(cudnn_conv, "conv2d_input", spy("input", cudnn_conv.conv2d_input))
+    monkeypatch.setattr(cudnn_conv, "conv2d_weight", spy("weight", cudnn_conv.conv2d_weight))
+    before = (get_tf32(), torch.backends.cudnn.deterministic)
+    c = random_case(kernel_size=3, conv={"padding": 1}, seed=23).to(torch.float32, requires_grad=True)
+    y = mor_kernels.mor_conv2d(
+        c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx, c.gate, c.num_shared, c.scaling, padding=1, backend="cpp"
+    )
+    torch.autograd.grad(y, [c.x, c.weight, c.bias, c.lora_a], torch.ones_like(y))
+    assert [kind for kind, *_ in seen] == ["forward", "input", "weight"]
+    assert all(tf32 == "ieee" for _, tf32, _ in seen)
+    assert [det for *_, det in seen] == [False, True, True]
+    assert (get_tf32(), torch.backends.cudnn.deterministic) == before

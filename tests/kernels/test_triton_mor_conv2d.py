@@ -146,7 +146,7 @@ def test_conv_cudnn_settings(dtype, monkeypatch):
     PyTorch's default is TF32, which misses the float32 tolerance on a GPU), 16-bit ones keep the
     caller's setting; the backward convolutions run deterministic; everything is restored after.
     Without cuDNN here, the settings are read at each call."""
-    from mor_kernels.ops import triton_mor_conv2d as conv_ops
+    from mor_kernels.ops import cudnn_conv as conv_ops
 
     cudnn = torch.backends.cudnn
     seen = []
@@ -202,7 +202,7 @@ def test_conv_backend_casts_operands_under_autocast():
 
 def test_conv_tf32_off_with_the_legacy_flag(monkeypatch):
     """Where torch has no cudnn.conv.fp32_precision, the legacy cudnn.allow_tf32 flag is used."""
-    from mor_kernels.ops import triton_mor_conv2d as conv_ops
+    from mor_kernels.ops import cudnn_conv as conv_ops
 
     cudnn = torch.backends.cudnn
     assert cudnn.allow_tf32  # PyTorch's default
@@ -215,6 +215,6 @@ def test_conv_tf32_off_with_the_legacy_flag(monkeypatch):
     monkeypatch.setattr(cudnn, "conv", None)
     monkeypatch.setattr(conv_ops, "_conv", spy)
     x, w = torch.randn(1, 2, 5, 5, device=DEVICE), torch.randn(3, 2, 3, 3, device=DEVICE)
-    conv_ops.triton_conv2d(x, w, [1, 1], [1, 1], [1, 1])
-    conv_ops.triton_conv2d(x.half(), w.half(), [1, 1], [1, 1], [1, 1])
+    conv_ops.conv2d_op(x, w, [1, 1], [1, 1], [1, 1])
+    conv_ops.conv2d_op(x.half(), w.half(), [1, 1], [1, 1], [1, 1])
     assert seen == [False, True] and cudnn.allow_tf32

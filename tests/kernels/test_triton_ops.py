@@ -14,6 +14,7 @@ import mor_kernels
 from mor_kernels import dispatch
 from mor_kernels import reference as ref_ops
 from mor_kernels.kernels.mor_lora import _dot
+from mor_kernels.ops import cudnn_conv
 from mor_kernels.ops import triton_mor_conv2d as conv_ops
 from mor_kernels.ops import triton_mor_lora as lora_ops
 from mor_kernels.ops import triton_route as route_ops
@@ -61,9 +62,9 @@ def _op_cases():
     conv = ([2, 1], [1, 0], [1, 2])
     dz = _r(2, 7, *torch.nn.functional.conv2d(x, w, None, *conv).shape[2:], seed=12)
     cases += [
-        ("conv2d", conv_ops.triton_conv2d, (x, w, *conv)),
-        ("conv2d_input", conv_ops.triton_conv2d_input, (x, w, dz, *conv)),
-        ("conv2d_weight", conv_ops.triton_conv2d_weight, (x, w, dz, *conv)),
+        ("conv2d", cudnn_conv.conv2d_op, (x, w, *conv)),
+        ("conv2d_input", cudnn_conv.conv2d_input_op, (x, w, dz, *conv)),
+        ("conv2d_weight", cudnn_conv.conv2d_weight_op, (x, w, dz, *conv)),
     ]
     return cases
 
@@ -79,8 +80,8 @@ def test_opcheck(case):
 
 def test_ops_are_registered_in_the_mor_namespace():
     names = {"triton_route", "triton_lora_shrink", "triton_lora_expand", "triton_lora_bwd_dh", "triton_lora_bwd_dx",
-             "triton_lora_rank_grad", "triton_conv_up", "triton_conv2d", "triton_conv2d_input",
-             "triton_conv2d_weight"}  # fmt: skip
+             "triton_lora_rank_grad", "triton_conv_up", "conv2d", "conv2d_input",
+             "conv2d_weight"}  # fmt: skip
     for name in names:
         assert hasattr(torch.ops.mor, name), name
 
@@ -139,9 +140,9 @@ def test_conv_ops_match_torch_and_count_flops():
         dz = torch.ones_like(z)
         want_dx, want_dw = torch.autograd.grad(z, [xr, wr], dz)
     with FlopCounterMode(display=False) as got_count:
-        got_z = conv_ops.triton_conv2d(x, w, *conv)
-        got_dx = conv_ops.triton_conv2d_input(x, w, dz, *conv)
-        got_dw = conv_ops.triton_conv2d_weight(x, w, dz, *conv)
+        got_z = cudnn_conv.conv2d_op(x, w, *conv)
+        got_dx = cudnn_conv.conv2d_input_op(x, w, dz, *conv)
+        got_dw = cudnn_conv.conv2d_weight_op(x, w, dz, *conv)
     for got, want in ((got_z, z), (got_dx, want_dx), (got_dw, want_dw)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got_count.get_total_flops() == want_count.get_total_flops() > 0
