@@ -448,12 +448,12 @@ def register_flop_formulas() -> dict[str, str]:
         except Exception as err:
             _REGISTERED[name] = f"skipped: schema unreadable ({type(err).__name__}: {err})"
             continue
+        if packet in flop_counter.flop_registry:
+            _REGISTERED[name] = "registered"  # by an earlier call or by the op's own module (e.g. mor::conv2d)
+            continue
         formula = _formula_for(name, arg_names)
         if formula is None:
             _REGISTERED[name] = f"skipped: no matmul formula for arguments {arg_names}"
-            continue
-        if packet in flop_counter.flop_registry:
-            _REGISTERED[name] = "registered"  # by an earlier call or by the op's own module
             continue
         try:
             flop_counter.register_flop_formula(packet)(formula)
