@@ -99,6 +99,18 @@ def set_cpu_threads(requested: int | None) -> str:
     return f"{requested} threads (--threads {requested})"
 
 
+def threads_note(threads: int | None, gpu: bool) -> str:
+    """Applies a benchmark's ``--threads`` and returns the header note: on a GPU run only an explicit
+    ``n`` changes torch's host threads; on CPU see :func:`set_cpu_threads`."""
+    if threads is not None and threads < 0:
+        raise SystemExit(f"--threads must be >= 0, got {threads}")
+    if not gpu:
+        return set_cpu_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
+    return f"{torch.get_num_threads()} host threads"
+
+
 def time_cpu_interleaved(
     fns: Mapping[str, tuple[Callable[[], object], Sequence[torch.Tensor]]],
     *,

@@ -282,14 +282,7 @@ def parse_args(argv=None):
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     args.budget = args.budget or (0.5 if gpu else 0.3)
     args.rounds = args.rounds or 1
-    if args.threads is not None and args.threads < 0:
-        raise SystemExit(f"--threads must be >= 0, got {args.threads}")
-    if gpu:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        args.threads_note = f"{torch.get_num_threads()} host threads"
-    else:
-        args.threads_note = common.set_cpu_threads(args.threads)
+    args.threads_note = common.threads_note(args.threads, gpu)
     return args
 
 
