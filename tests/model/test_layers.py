@@ -77,10 +77,14 @@ def test_linear_matches_direct_formula_sample_routing():
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_conv_matches_direct_formula():
+@pytest.mark.parametrize(
+    "kernel,stride,padding,dilation",
+    [(3, 2, 1, 1), ((3, 1), (1, 2), (1, 0), 1), ((1, 3), 1, (0, 2), (1, 2)), (2, 1, 0, 1)],
+)
+def test_conv_matches_direct_formula(kernel, stride, padding, dilation):
     torch.manual_seed(3)
     cfg = small_config()
-    base = nn.Conv2d(3, 5, 3, stride=2, padding=1)
+    base = nn.Conv2d(3, 5, kernel, stride=stride, padding=padding, dilation=dilation)
     layer = MoRConv2d(base, cfg)
     randomize(layer)
     x, s = torch.randn(2, 3, 8, 6), torch.rand(2, 7)
@@ -88,7 +92,7 @@ def test_conv_matches_direct_formula():
         y = layer(x)
     r = layer.router.degradation
     g = dense_gate(s.double() @ r.weight.double().T + r.bias.double(), cfg)
-    h = F.conv2d(x.double(), layer.lora_a.double(), None, 2, 1) * g[:, :, None, None]
+    h = F.conv2d(x.double(), layer.lora_a.double(), None, stride, padding, dilation) * g[:, :, None, None]
     ref = base(x).double() + F.conv2d(h, layer.lora_b.double()[:, :, None, None])
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
 
