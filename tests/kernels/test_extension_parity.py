@@ -44,6 +44,7 @@ CASES = {
     "zero_only": {"zero_only_unit": True, "num_zero": 3, "top_k": 2},
     "s0": {"num_shared": 0},
     "t33_d1": {"tokens": 33, "d_in": 1, "d_out": 3, "batch": 3},
+    "t130_d320": {"tokens": 130, "d_in": 320, "d_out": 65, "batch": 1},
 }
 CONV_CASES = {
     "3x3_pad1": {"kernel_size": 3, "conv": {"padding": (1, 1)}},
