@@ -14,6 +14,8 @@ runs with autocast off, so every backend sees one compute dtype (``gate`` stays 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import dispatch
@@ -77,6 +79,8 @@ def _autocast(dtype: torch.dtype | None, *tensors):
 
 def _no_autocast(x: torch.Tensor):
     """The backends run with autocast off (their operands already have the compute dtype)."""
+    if x.device.type not in ("cuda", "cpu"):  # no autocast there (meta tensors...)
+        return contextlib.nullcontext()
     return torch.autocast(x.device.type, enabled=False)
 
 
