@@ -72,3 +72,9 @@ def test_non_finite_scaling_is_refused(scaling):
     c = random_case(seed=6)
     with pytest.raises(ValueError, match="scaling must be finite"):
         mor_kernels.mor_lora(c.x, c.lora_a, c.lora_b, c.idx, c.gate, 2, scaling)
+
+
+def test_meta_tensors_give_shapes():
+    """Shape inference on meta tensors (no data, no autocast device) runs through the reference."""
+    c = random_case(seed=7).to(device="meta")
+    assert _linear(c, "reference").shape == (2, 17, 33)
