@@ -49,8 +49,16 @@ def _as_tokens(x: torch.Tensor, tokens: int) -> torch.Tensor:
     return x.reshape(x.shape[0], tokens, x.shape[-1])
 
 
+def _int32(idx: torch.Tensor) -> torch.Tensor:
+    """int32 indices for the kernels; int64 values beyond int32 are clamped first (they stay out of range,
+    i.e. zero slots, instead of wrapping onto a real rank when ``check_indices=False``)."""
+    if idx.dtype == torch.int64:
+        idx = idx.clamp(-1, torch.iinfo(torch.int32).max)
+    return idx.to(torch.int32)
+
+
 def _routing(idx: torch.Tensor, gate: torch.Tensor, info):
-    idx = idx.to(torch.int32)
+    idx = _int32(idx)
     if info.token_routing:
         k = idx.shape[-1]
         idx, gate = idx.reshape(info.batch, info.tokens, k), gate.reshape(info.batch, info.tokens, k)
@@ -177,6 +185,6 @@ def mor_conv2d(
         x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation, check_indices
     )
     impl = dispatch.implementation("mor_conv2d", backend, x.device, x.dtype)
-    idx = idx.to(torch.int32)
+    idx = _int32(idx)
     with _no_autocast(x):
         return impl(x, weight, bias, lora_a, lora_b, idx, gate, int(num_shared), float(scaling), s, p, d)

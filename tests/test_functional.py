@@ -78,3 +78,14 @@ def test_meta_tensors_give_shapes():
     """Shape inference on meta tensors (no data, no autocast device) runs through the reference."""
     c = random_case(seed=7).to(device="meta")
     assert _linear(c, "reference").shape == (2, 17, 33)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_unchecked_int64_indices_beyond_int32_do_not_wrap(backend):
+    c = random_case(seed=8)
+    c64, zero = c.to(torch.float32), c.to(torch.float32)
+    c64.idx = c.idx.long()
+    c64.idx[:, 0] = 2**32 + 1  # would wrap to rank 1 in a plain int32 cast
+    zero.idx = c.idx.clone()
+    zero.idx[:, 0] = -1
+    assert torch.equal(_linear(c64, backend, check_indices=False), _linear(zero, backend))
