@@ -11,11 +11,33 @@ Ranks are handled as a "rank list" of ``RP`` positions (a constexpr power of two
 - token routing: position ``p`` is rank ``p`` (``RP = pad(R)``), a dense tile over all ranks with the
   per-token gates expanded in registers from ``(idx, gate)``.
 
-Forward (after LoRAFusion / vLLM shrink-expand): ``_shrink_kernel`` writes the rank activations
-``u = x A^T`` (float32, for the backward) and ``h = scaling * g * u`` (in x's dtype, which is what the
-expand's dot consumes), both ``(B, T, RP)``; ``_expand_kernel`` starts its
-accumulator from ``h B^T`` and continues with the base GEMM ``x W^T``, adds bias and/or ``base`` and
-writes ``y`` once.
+Forward: one kernel, ``_fwd_kernel`` (LoRAFusion's "[x | h] as one extended K", here as one extended
+N over the same K loop). Grid ``(cdiv(T, BLOCK_M), max(1, cdiv(d_out, BLOCK_N)), B)``, fixed by the shapes (no
+data-dependent grid, no atomics, no host sync: CUDA graphs can capture it). Each program loops once
+over ``d_in``, loading each ``x`` tile once for both ``acc += x W^T`` (when there is a weight) and
+``u += x A^T`` over its rank list (float32 accumulators); after the loop ``h = scaling g u`` (rounded
+to x's dtype, the operand dtype of the up-projection's dot), ``acc += h B^T``, then bias and/or
+``base``, and ``y`` is written once. With ``STORE_U`` (a backward will run) the ``pid_n == 0`` programs
+also write ``u`` float32 ``(B, T, RP)``, from which the backward rebuilds ``h``; inference writes
+nothing else. The price is that every output-column tile recomputes ``u``: ``RP / BLOCK_N`` more MMA
+work than the base GEMM (25% at ``RP = 16``, ``BLOCK_N = 64``; 12.5% at 128), counted as executed
+FLOPs in :mod:`mor_kernels.flops`; the tile table (:mod:`.mor_lora_tiles`) weighs it against padding
+and grid fill. What it saves, against the former two launches (a shrink kernel writing ``h``, then an
+expand kernel re-reading ``x`` and ``h``), is a second read of ``x``, the ``h`` round trip and one
+launch: at batch 1, bf16, sample routing (``RP = 16``), HBM bytes per call in inference (x, W, y,
+A/B rows; the re-reads of x by each column tile, in both designs, are served by L2):
+
+==========  ========  ========  =====
+T x d       before    now       ratio
+==========  ========  ========  =====
+4096x320    8.35 MB   5.47 MB   1.53
+1024x640    4.86 MB   3.48 MB   1.40
+256x1280    5.34 MB   4.67 MB   1.14
+64x1280     3.86 MB   3.69 MB   1.05
+==========  ========  ========  =====
+
+(training adds the same ``u`` write to both: 0.26, 0.07, 0.02, 0.004 MB). Token routing (``RP = pad(R)``,
+64 for the paper's R = 40) recomputes a wider ``u``: the tile table keeps ``BLOCK_N = 128`` there.
 
 Backward: ``_bwd_dh_kernel`` reads ``dy`` once for both ``dh = dy B`` and ``dB^T = h^T dy``: it
 rebuilds ``h = scaling g u`` from the saved ``u`` before its loop over ``d_out`` and, per ``dy`` tile,
@@ -51,20 +73,17 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M = 32  # tokens per program
-BLOCK_N = 64  # output features per program
-BLOCK_K = 32  # reduction step
+from .mor_lora_tiles import fwd_config, padded_ranks
+
+BLOCK_M = 32  # tokens per program (rank_grad; dx's CPU/float32 tile)
+BLOCK_N = 64  # output features per program (rank_grad; dx's CPU/float32 tile)
+BLOCK_K = 32  # reduction step (dx's CPU/float32 tile)
 TOKEN_CHUNK = 512  # tokens per partial sum in the dA reduction
 DH_BLOCK_M = 128  # tokens per program of the dy pass, and per dB partial
 
 
-def rank_pad(n: int) -> int:
-    """Ranks padded to a power of two (``tl.arange``) of at least 16 (``tl.dot``)."""
-    return max(16, triton.next_power_of_2(n))
-
-
 def gemm_config(device: torch.device, dtype: torch.dtype, tokens: int, n: int) -> dict:
-    """Tiles of the GEMM-shaped launches (expand, dx) from a fixed table (no autotuning, so nothing is
+    """Tiles of the backward's dx launch from a fixed table (no autotuning, so nothing is
     ever tuned inside a CUDA-graph capture): small tiles under the interpreter and for float32 (IEEE
     dots); tensor-core tiles for 16-bit inputs on a GPU, larger at SD-sized shapes."""
     if device.type != "cuda" or dtype == torch.float32:
@@ -72,10 +91,6 @@ def gemm_config(device: torch.device, dtype: torch.dtype, tokens: int, n: int) -
     if tokens >= 512 and n >= 256:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
-
-
-def padded_ranks(ranks: int, num_shared: int, top_k: int, token_routing: bool) -> int:
-    return rank_pad(ranks if token_routing else num_shared + top_k)
 
 
 #: Under ``TRITON_INTERPRET=1`` (CPU tests) triton 3.8's ``tl.dot`` returns garbage for bfloat16
@@ -172,51 +187,19 @@ def _gates(
 
 
 @triton.jit
-def _shrink_kernel(
-    x_ptr, a_ptr, idx_ptr, gate_ptr, h_ptr, u_ptr,
-    T, d_in, num_shared, num_routed, scaling,
-    stride_xb, stride_xt, stride_xk, stride_ar, stride_ak, stride_ib, stride_it,
-    TOP_K: tl.constexpr, RP: tl.constexpr, TOKEN_ROUTING: tl.constexpr, STORE_U: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """x ``(B, T, d_in)``, lora_a ``(R, d_in)`` -> h ``(B, T, RP)`` in x's dtype, u float32. Grid ``(cdiv(T, BLOCK_M), B)``."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_b = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    mask_m = offs_m < T
-    p = tl.arange(0, RP)
-    rank, active = _rank_list(idx_ptr, stride_ib, pid_b, num_shared, num_routed, TOP_K, RP, TOKEN_ROUTING)
-    acc = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
-    x_row = x_ptr + pid_b * stride_xb + offs_m[:, None] * stride_xt
-    for k0 in range(0, d_in, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask_k = offs_k < d_in
-        xt = tl.load(x_row + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        at = tl.load(
-            a_ptr + rank[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-            mask=mask_k[:, None] & active[None, :],
-            other=0.0,
-        )
-        acc = _dot(xt, at, acc)
-    g = _gates(idx_ptr, gate_ptr, stride_ib, stride_it, pid_b, offs_m, mask_m, num_shared, num_routed, scaling,
-               TOP_K, RP, TOKEN_ROUTING, BLOCK_M)  # fmt: skip
-    out = (pid_b * T + offs_m[:, None]) * RP + p[None, :]
-    tl.store(h_ptr + out, (acc * g).to(h_ptr.dtype.element_ty), mask=mask_m[:, None])
-    if STORE_U:
-        tl.store(u_ptr + out, acc, mask=mask_m[:, None])
-
-
-@triton.jit
-def _expand_kernel(
-    x_ptr, w_ptr, bias_ptr, b_ptr, h_ptr, idx_ptr, base_ptr, y_ptr,
-    T, d_in, d_out, num_shared, num_routed,
-    stride_xb, stride_xt, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_ib,
-    stride_sb, stride_st, stride_sn, stride_yb, stride_yt, stride_yn,
+def _fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, idx_ptr, gate_ptr, base_ptr, y_ptr, u_ptr,
+    T, d_in, d_out, num_shared, num_routed, scaling,
+    stride_xb, stride_xt, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_ib, stride_it, stride_sb, stride_st, stride_sn, stride_yb, stride_yt, stride_yn,
     TOP_K: tl.constexpr, RP: tl.constexpr, TOKEN_ROUTING: tl.constexpr, HAS_W: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, STORE_U: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """y ``(B, T, d_out)`` = h B^T (+ x W^T) (+ bias) (+ base). Grid ``(cdiv(T, BLOCK_M), cdiv(d_out, BLOCK_N), B)``."""
+    """x ``(B, T, d_in)``, W ``(d_out, d_in)``, A ``(R, d_in)``, B ``(d_out, R)`` -> y ``(B, T, d_out)`` =
+    (x W^T) + h B^T (+ bias) (+ base) with ``h = scaling g (x A^T)`` over the rank list; with ``STORE_U``
+    the ``pid_n == 0`` programs also write ``u = x A^T`` float32 ``(B, T, RP)``.
+    Grid ``(cdiv(T, BLOCK_M), max(1, cdiv(d_out, BLOCK_N)), B)``."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -226,26 +209,41 @@ def _expand_kernel(
     mask_n = offs_n < d_out
     p = tl.arange(0, RP)
     rank, active = _rank_list(idx_ptr, stride_ib, pid_b, num_shared, num_routed, TOP_K, RP, TOKEN_ROUTING)
-    h = tl.load(h_ptr + (pid_b * T + offs_m[:, None]) * RP + p[None, :], mask=mask_m[:, None], other=0.0)
-    bt = tl.load(
-        b_ptr + offs_n[None, :] * stride_bn + rank[:, None] * stride_br,
-        mask=active[:, None] & mask_n[None, :],
-        other=0.0,
-    )
-    # The accumulator starts from the low-rank term, then the base GEMM runs on top of it.
-    acc = _dot(h.to(bt.dtype), bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
-    if HAS_W:
-        x_row = x_ptr + pid_b * stride_xb + offs_m[:, None] * stride_xt
-        for k0 in range(0, d_in, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            mask_k = offs_k < d_in
-            xt = tl.load(x_row + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    u = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
+    x_row = x_ptr + pid_b * stride_xb + offs_m[:, None] * stride_xt
+    # One K loop, one read of each x tile for both products: the base GEMM and the rank projection
+    # ([x W^T | x A^T] as one extended N). Each output-column tile recomputes u (RP extra columns).
+    for k0 in range(0, d_in, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < d_in
+        xt = tl.load(x_row + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_W:
             wt = tl.load(
                 w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                 mask=mask_k[:, None] & mask_n[None, :],
                 other=0.0,
             )
             acc = _dot(xt, wt, acc)
+        at = tl.load(
+            a_ptr + rank[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+            mask=mask_k[:, None] & active[None, :],
+            other=0.0,
+        )
+        u = _dot(xt, at, u)
+    if STORE_U:
+        if pid_n == 0:  # one program per token block writes u for the backward
+            tl.store(u_ptr + (pid_b * T + offs_m[:, None]) * RP + p[None, :], u, mask=mask_m[:, None])
+    g = _gates(idx_ptr, gate_ptr, stride_ib, stride_it, pid_b, offs_m, mask_m, num_shared, num_routed, scaling,
+               TOP_K, RP, TOKEN_ROUTING, BLOCK_M)  # fmt: skip
+    # h in x's dtype: the up-projection's dot takes operands of one dtype (lora_b's, which is x's)
+    h = (u * g).to(x_ptr.dtype.element_ty)
+    bt = tl.load(
+        b_ptr + offs_n[None, :] * stride_bn + rank[:, None] * stride_br,
+        mask=active[:, None] & mask_n[None, :],
+        other=0.0,
+    )
+    acc = _dot(h, bt, acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -411,49 +409,34 @@ def _routing_strides(idx: torch.Tensor) -> tuple[int, int, bool]:
     return idx.shape[1] * idx.shape[2], idx.shape[2], True
 
 
-def shrink(x, lora_a, idx, gate, num_shared: int, scaling: float, store_u: bool):
-    """x ``(B, T, d_in)`` -> ``h`` (x's dtype) and ``u`` (float32), ``(B, T, RP)`` (``u`` empty unless ``store_u``)."""
+def forward(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared: int, scaling: float, store_u: bool):
+    """One launch: y ``(B, T, d_out)`` in ``x.dtype`` = (x W^T + bias) + scaling B (g * (A x)) (+ base), and
+    ``u = x A^T`` float32 ``(B, T, RP)`` over the rank list (``(0,)`` unless ``store_u``)."""
     assert idx.is_contiguous() and gate.is_contiguous() and idx.dtype == torch.int32
-    _same_dtype(x=x, lora_a=lora_a)
-    batch, tokens, d_in = x.shape
-    ranks = lora_a.shape[0]
-    stride_ib, stride_it, token = _routing_strides(idx)
-    rp = padded_ranks(ranks, num_shared, idx.shape[-1], token)
-    h = torch.empty((batch, tokens, rp), dtype=x.dtype, device=x.device)  # expand's dot takes it in x.dtype
-    u = torch.empty((batch, tokens, rp) if store_u else (0,), dtype=torch.float32, device=x.device)
-    if h.numel() == 0:
-        return h, u
-    grid = (triton.cdiv(tokens, BLOCK_M), batch)
-    _shrink_kernel[grid](
-        x, lora_a, idx, gate, h, u if store_u else h,
-        tokens, d_in, num_shared, ranks - num_shared, scaling,
-        *x.stride(), *lora_a.stride(), stride_ib, stride_it,
-        TOP_K=idx.shape[-1], RP=rp, TOKEN_ROUTING=token, STORE_U=store_u, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
-    )  # fmt: skip
-    return h, u
-
-
-def expand(x, weight, bias, lora_b, h, idx, base, num_shared: int):
-    """y ``(B, T, d_out)`` in ``x.dtype`` = h B^T (+ x W^T + bias) (+ base)."""
-    _same_dtype(x=x, weight=weight, lora_b=lora_b, h=h)
+    _same_dtype(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b)
     batch, tokens, d_in = x.shape
     d_out, ranks = lora_b.shape
-    stride_ib, _, token = _routing_strides(idx)
+    stride_ib, stride_it, token = _routing_strides(idx)
+    rp = padded_ranks(ranks, num_shared, idx.shape[-1], token)
     y = torch.empty((batch, tokens, d_out), dtype=x.dtype, device=x.device)
-    if y.numel() == 0:
-        return y
+    u = torch.empty((batch, tokens, rp) if store_u else (0,), dtype=torch.float32, device=x.device)
+    if batch * tokens == 0:
+        return y, u
     w = weight if weight is not None else lora_b
     s = base.stride() if base is not None else (0, 0, 0)
-    cfg = gemm_config(x.device, x.dtype, tokens, d_out)
-    grid = (triton.cdiv(tokens, cfg["BLOCK_M"]), triton.cdiv(d_out, cfg["BLOCK_N"]), batch)
-    _expand_kernel[grid](
-        x, w, bias if bias is not None else y, lora_b, h, idx, base if base is not None else y, y,
-        tokens, d_in, d_out, num_shared, ranks - num_shared,
-        *x.stride(), w.stride(0), w.stride(1), *lora_b.stride(), stride_ib, *s, *y.stride(),
-        TOP_K=idx.shape[-1], RP=h.shape[-1], TOKEN_ROUTING=token, HAS_W=weight is not None,
-        HAS_BIAS=bias is not None, HAS_BASE=base is not None, **cfg,
+    cfg = fwd_config(x.device, x.dtype, batch, tokens, d_out, rp)
+    # at least one column of programs, so that u is computed even when d_out = 0
+    grid = (triton.cdiv(tokens, cfg["BLOCK_M"]), max(1, triton.cdiv(d_out, cfg["BLOCK_N"])), batch)
+    _fwd_kernel[grid](
+        x, w, bias if bias is not None else y, lora_a, lora_b, idx, gate, base if base is not None else y, y,
+        u if store_u else y,
+        tokens, d_in, d_out, num_shared, ranks - num_shared, scaling,
+        *x.stride(), w.stride(0), w.stride(1), *lora_a.stride(), *lora_b.stride(), stride_ib, stride_it, *s,
+        *y.stride(),
+        TOP_K=idx.shape[-1], RP=rp, TOKEN_ROUTING=token, HAS_W=weight is not None, HAS_BIAS=bias is not None,
+        HAS_BASE=base is not None, STORE_U=store_u, **cfg,
     )  # fmt: skip
-    return y
+    return y, u
 
 
 def dh_config(dtype: torch.dtype, rp: int) -> dict:

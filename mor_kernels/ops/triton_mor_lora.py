@@ -1,8 +1,9 @@
 """``mor_lora`` / ``mor_linear`` on the Triton kernels: ``mor::triton_lora_*`` custom ops (one per
 launch, each with a fake implementation), composed by an autograd.Function.
 
-Forward: ``triton_lora_shrink`` (gated rank activations) then ``triton_lora_expand`` (base GEMM whose
-accumulator starts from the low-rank term; ``y`` written once). Backward: ``triton_lora_bwd_dh``
+Forward: ``triton_lora_fwd``, one kernel that reads ``x`` once for the base GEMM and the rank
+projection, applies gates and scaling, adds the up-projection, bias and ``base``, and writes ``y``
+once (plus the float32 rank activations ``u`` when a backward will need them). Backward: ``triton_lora_bwd_dh``
 (``dy`` read once for ``dh`` and ``dB``; gate gradient), ``triton_lora_bwd_dx`` (``du A + dy W``) and
 ``triton_lora_rank_grad`` for ``dA``; ``dW``/``db`` are torch matmuls/sums. Every partial sum is
 reduced in a fixed order (no atomics): the backward is bitwise repeatable. No host synchronisation
@@ -24,47 +25,34 @@ from ..kernels import mor_lora as K
 # custom ops
 
 
-@torch.library.custom_op("mor::triton_lora_shrink", mutates_args=())
-def triton_lora_shrink(
+@torch.library.custom_op("mor::triton_lora_fwd", mutates_args=())
+def triton_lora_fwd(
     x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
     lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
     idx: torch.Tensor,
     gate: torch.Tensor,
+    base: torch.Tensor | None,
     num_shared: int,
     scaling: float,
     store_u: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x ``(B, T, d_in)``, idx/gate ``(B, k)`` or ``(B, T, k)`` -> ``h = scaling g (x A^T)`` in ``x.dtype`` and
-    ``u = x A^T`` in float32, ``(B, T, RP)`` over the rank list (``u`` is ``(0,)`` unless ``store_u``)."""
-    return K.shrink(x, lora_a, idx.contiguous(), gate.contiguous(), num_shared, scaling, store_u)
-
-
-@triton_lora_shrink.register_fake
-def _(x, lora_a, idx, gate, num_shared, scaling, store_u):
-    rp = K.padded_ranks(lora_a.shape[0], num_shared, idx.shape[-1], idx.dim() == 3)
-    shape = (x.shape[0], x.shape[1], rp)
-    return x.new_empty(shape), x.new_empty(shape if store_u else (0,), dtype=torch.float32)
-
-
-@torch.library.custom_op("mor::triton_lora_expand", mutates_args=())
-def triton_lora_expand(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    lora_b: torch.Tensor,
-    h: torch.Tensor,
-    idx: torch.Tensor,
-    base: torch.Tensor | None,
-    num_shared: int,
-) -> torch.Tensor:
-    """``y (B, T, d_out) = h B^T (+ x W^T) (+ bias) (+ base)`` in ``x.dtype``; ``base`` is only read."""
+    """One launch: x ``(B, T, d_in)``, idx/gate ``(B, k)`` or ``(B, T, k)`` -> ``y (B, T, d_out) = (x W^T +
+    bias) + h B^T (+ base)`` in ``x.dtype`` with ``h = scaling g (x A^T)``, and ``u = x A^T`` float32
+    ``(B, T, RP)`` over the rank list (``(0,)`` unless ``store_u``); ``base`` is only read."""
     bias = None if bias is None else bias.contiguous()  # the kernel reads bias with unit stride
-    return K.expand(x, weight, bias, lora_b, h.contiguous(), idx.contiguous(), base, num_shared)
+    return K.forward(
+        x, weight, bias, lora_a, lora_b, idx.contiguous(), gate.contiguous(), base, num_shared, scaling, store_u
+    )
 
 
-@triton_lora_expand.register_fake
-def _(x, weight, bias, lora_b, h, idx, base, num_shared):
-    return x.new_empty((x.shape[0], x.shape[1], lora_b.shape[0]))
+@triton_lora_fwd.register_fake
+def _(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared, scaling, store_u):
+    rp = K.padded_ranks(lora_a.shape[0], num_shared, idx.shape[-1], idx.dim() == 3)
+    u_shape = (x.shape[0], x.shape[1], rp) if store_u else (0,)
+    return x.new_empty((x.shape[0], x.shape[1], lora_b.shape[0])), x.new_empty(u_shape, dtype=torch.float32)
 
 
 def _active_ranks(idx: torch.Tensor, num_shared: int, ranks: int, rp: int) -> torch.Tensor:
@@ -164,8 +152,7 @@ class _MoRLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared, scaling, store_u):
-        h, u = triton_lora_shrink(x, lora_a, idx, gate, num_shared, scaling, store_u)
-        y = triton_lora_expand(x, weight, bias, lora_b, h, idx, base, num_shared)
+        y, u = triton_lora_fwd(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared, scaling, store_u)
         ctx.save_for_backward(x, weight, lora_a, lora_b, idx, gate, u)
         ctx.num_shared, ctx.scaling = num_shared, scaling
         ctx.bias_dtype = None if bias is None else bias.dtype

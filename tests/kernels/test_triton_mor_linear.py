@@ -241,25 +241,156 @@ def test_odd_paper_shapes_low_precision(routing, dtype):
     check_parity(random_case(routing=routing, seed=15, **PAPER_ODD), dtype)
 
 
-@pytest.mark.parametrize("tokens_hint", [4096, 64], ids=["128x128x64", "64x64x64"])
+# (batch, tokens, d_out, RP) -> the forward's GPU tiles for 16-bit inputs (BLOCK_M, BLOCK_N, num_warps):
+# the SD 2.1 shapes at batch 1 and 8, sample routing (RP 16) and token routing with R = 40 (RP 64).
+FWD_TILES = {
+    (1, 4096, 320, 16): (128, 64, 4),
+    (1, 1024, 640, 16): (64, 64, 4),
+    (1, 256, 1280, 16): (64, 64, 4),
+    (1, 64, 1280, 16): (64, 64, 4),
+    (8, 4096, 320, 16): (128, 64, 4),
+    (8, 1024, 640, 16): (128, 128, 8),
+    (8, 256, 1280, 16): (128, 128, 8),
+    (8, 64, 1280, 16): (64, 64, 4),
+    (1, 4096, 320, 64): (64, 128, 4),
+    (1, 64, 1280, 64): (64, 128, 4),
+    (8, 4096, 320, 64): (128, 128, 8),
+}
+
+
+def test_fwd_tile_table():
+    """The forward's fixed tile table (mor_lora_tiles): 64-wide column tiles where they cost fewer MMA
+    columns (d_out 320) or fill an H100's 132 SMs at batch 1, 128 otherwise and for RP 64; small
+    tiles for float32 and the interpreter, with the same BLOCK_N choice."""
+    from mor_kernels.kernels import mor_lora_tiles as tiles
+
+    cuda = torch.device("cuda")
+    for (batch, tokens, d_out, rp), want in FWD_TILES.items():
+        for dtype in (torch.float16, torch.bfloat16):
+            cfg = tiles.fwd_config(cuda, dtype, batch, tokens, d_out, rp)
+            assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]) == want, (batch, tokens, d_out, rp)
+            assert cfg["BLOCK_K"] == 64 and cfg["num_stages"] == 3
+        for device, dtype in ((cuda, torch.float32), (torch.device("cpu"), torch.bfloat16)):
+            small = tiles.fwd_config(device, dtype, batch, tokens, d_out, rp)
+            assert (small["BLOCK_M"], small["BLOCK_K"], small["num_stages"]) == (32, 32, 2)
+            assert small["BLOCK_N"] == (64 if (d_out, rp) == (320, 16) else 128)
+    for tokens, d_out in ((4096, 320), (1024, 640)):  # batch 1: more programs than SMs
+        cfg = tiles.fwd_config(cuda, torch.bfloat16, 1, tokens, d_out, 16)
+        assert -(-tokens // cfg["BLOCK_M"]) * -(-d_out // cfg["BLOCK_N"]) > tiles.NUM_SMS
+
+
+GPU_FWD = sorted({v for v in FWD_TILES.values()})
+
+
+@pytest.mark.parametrize("tiles", GPU_FWD, ids=[f"{m}x{n}" for m, n, _ in GPU_FWD])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("routing", ["sample", "token"])
-def test_gpu_tile_configs(routing, dtype, tokens_hint, monkeypatch):
-    """The tensor-core tiles gemm_config picks for 16-bit inputs on a GPU (large at SD-sized shapes,
-    64x64x64 otherwise), run here under the interpreter on ragged sizes: T = 130, odd d_in/d_out."""
+def test_gpu_tile_configs(routing, dtype, tiles, monkeypatch):
+    """Every tensor-core tile the forward's table picks for 16-bit inputs on a GPU (and the dx launch's
+    GPU tiles), run here under the interpreter on ragged sizes: T = 130, d_in = 41, d_out = 150 (two or
+    three column tiles, the last one partial)."""
     from mor_kernels.kernels import mor_lora as kernels
 
-    gpu = kernels.gemm_config(torch.device("cuda"), dtype, tokens_hint, 640)
-    assert gpu["BLOCK_M"] >= 64 and gpu["num_stages"] == 3  # a GPU config, not the CPU one
+    bm, bn, warps = tiles
+    fwd = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=warps, num_stages=3)
+    dx = kernels.gemm_config(torch.device("cuda"), dtype, 4096 if bm == 128 else 64, 640)
+    assert dx["BLOCK_M"] == bm and dx["num_stages"] == 3  # a GPU config, not the CPU one
     seen = []
 
-    def config(device, dtype_, tokens, n):
-        seen.append(dtype_)
-        return dict(gpu)
+    def fwd_config(device, dtype_, *shape):
+        seen.append(("fwd", dtype_))
+        return dict(fwd)
 
-    monkeypatch.setattr(kernels, "gemm_config", config)
-    check_parity(random_case(routing=routing, tokens=130, d_in=41, d_out=67, seed=16), dtype)
-    assert len(seen) == 2 and set(seen) == {dtype}  # the expand and the dx launches
+    def gemm_config(device, dtype_, tokens, n):
+        seen.append(("dx", dtype_))
+        return dict(dx)
+
+    monkeypatch.setattr(kernels, "fwd_config", fwd_config)
+    monkeypatch.setattr(kernels, "gemm_config", gemm_config)
+    check_parity(random_case(routing=routing, tokens=130, d_in=41, d_out=150, seed=16), dtype)
+    assert sorted(seen) == [("dx", dtype), ("fwd", dtype)]  # one forward launch, one dx launch
+
+
+class _LaunchLog:
+    """Stands in for a ``@triton.jit`` kernel of ``mor_lora``: records each launch's name, grid and
+    constexpr options, then launches the real kernel."""
+
+    def __init__(self, name, kernel, log):
+        self.name, self.kernel, self.log = name, kernel, log
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.log.append((self.name, tuple(grid), kwargs))
+            return launch(*args, **kwargs)
+
+        return run
+
+
+def _log_launches(monkeypatch):
+    from mor_kernels.kernels import mor_lora as kernels
+
+    log = []
+    for name in [n for n in vars(kernels) if n.endswith("_kernel")]:
+        monkeypatch.setattr(kernels, name, _LaunchLog(name, getattr(kernels, name), log))
+    return log
+
+
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_forward_is_one_launch(routing, monkeypatch):
+    """The forward is a single kernel launch over a shape-only grid (T / BLOCK_M, d_out / BLOCK_N, B),
+    which writes u only when a backward will need it."""
+    log = _log_launches(monkeypatch)
+    c = random_case(routing=routing, tokens=40, d_out=150, seed=19).to(torch.float32, device=DEVICE)
+    args = (c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx, c.gate, c.num_shared, c.scaling)
+    with torch.no_grad():
+        mor_kernels.mor_linear(*args, backend="triton")
+    base = torch.randn(*c.x.shape[:-1], c.lora_b.shape[0], device=DEVICE)
+    with torch.no_grad():
+        mor_kernels.mor_lora(c.x, c.lora_a, c.lora_b, c.idx, c.gate, c.num_shared, c.scaling, base=base,
+                             backend="triton")  # fmt: skip
+    y = mor_kernels.mor_linear(c.x, c.weight, c.bias, c.lora_a.requires_grad_(True), *args[4:], backend="triton")
+    assert [name for name, _, _ in log] == ["_fwd_kernel"] * 3
+    for (_, grid, opts), has_w, store_u in zip(log, (True, False, True), (False, False, True), strict=True):
+        assert grid == (-(-40 // opts["BLOCK_M"]), -(-150 // opts["BLOCK_N"]), 2)
+        assert grid[1] >= 2  # several column tiles: u is recomputed by each, stored by one
+        assert (opts["HAS_W"], opts["HAS_BASE"], opts["STORE_U"]) == (has_w, not has_w, store_u)
+    log.clear()
+    y.sum().backward()
+    assert "_fwd_kernel" not in [name for name, _, _ in log]  # the backward reuses the stored u
+
+
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_stored_u_is_the_rank_projection(routing):
+    """``u`` (written by the first column tile of each token block) is ``x A^T`` over the rank list:
+    sample routing, the shared ranks then each slot's routed rank (zero for a zero slot), token routing,
+    rank p at position p; zero on padding."""
+    from mor_kernels.ops import triton_mor_lora as lora_ops
+
+    c = random_case(routing=routing, tokens=40, d_out=150, zero_only_unit=True, seed=20)
+    t = c.to(torch.float32, device=DEVICE)
+    s, ranks = c.num_shared, c.lora_a.shape[0]
+    args = (t.x, t.weight, t.bias, t.lora_a, t.lora_b, t.idx.to(torch.int32), t.gate, None, s, c.scaling)
+    with poison_allocations():
+        y, u = lora_ops.triton_lora_fwd(*args, True)
+    rp = u.shape[-1]
+    assert u.dtype == torch.float32 and u.shape == (2, 40, 16) and y.shape == (2, 40, 150)
+    proj = c.x.double() @ c.lora_a.double().T  # (B, T, R)
+    want = torch.zeros(2, 40, rp, dtype=torch.float64)
+    if routing == "token":
+        want[..., :ranks] = proj
+    else:
+        want[..., :s] = proj[..., :s]
+        for b in range(2):
+            for j, sel in enumerate(c.idx[b].tolist()):
+                if 0 <= sel < ranks - s:
+                    want[b, :, s + j] = proj[b, :, s + sel]
+        assert (c.idx[0] < 0).any()  # the first sample picks a zero slot: its position stays zero
+    assert_parity(u.cpu(), want, dtype=torch.float32, name="u")
+    with poison_allocations():
+        y_inf, none = lora_ops.triton_lora_fwd(*args, False)
+    assert none.shape == (0,) and torch.equal(y_inf, y)
 
 
 def test_backend_casts_mixed_operands():
@@ -296,4 +427,5 @@ def test_launchers_refuse_mixed_dtypes():
     c = random_case(seed=18)
     x = c.x.to(DEVICE, torch.bfloat16)
     with pytest.raises(TypeError, match=r"x torch.bfloat16, lora_a torch.float32"):
-        kernels.shrink(x, c.lora_a.to(DEVICE), c.idx.to(DEVICE, torch.int32), c.gate.to(DEVICE), 2, 1.0, False)
+        kernels.forward(x, None, None, c.lora_a.to(DEVICE), c.lora_b.to(DEVICE, torch.bfloat16),
+                        c.idx.to(DEVICE, torch.int32), c.gate.to(DEVICE), None, 2, 1.0, False)  # fmt: skip

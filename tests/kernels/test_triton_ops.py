@@ -42,13 +42,14 @@ def _op_cases():
     for token in (False, True):
         x, w, bias, a, bb, idx, gate, s = _lora_inputs(token)
         tag = "token" if token else "sample"
-        h, u = lora_ops.triton_lora_shrink(x, a, idx, gate, s, 0.5, True)
+        _, u = lora_ops.triton_lora_fwd(x, w, bias, a, bb, idx, gate, None, s, 0.5, True)
         dy = _r(*x.shape[:2], bb.shape[0], seed=8)
         du, _, _ = lora_ops.triton_lora_bwd_dh(dy, bb, u, idx, gate, s, 0.5, False)
         cases += [
-            (f"shrink-{tag}", lora_ops.triton_lora_shrink, (x, a, idx, gate, s, 0.5, True)),
-            (f"expand-linear-{tag}", lora_ops.triton_lora_expand, (x, w, bias, bb, h, idx, None, s)),
-            (f"expand-lora-{tag}", lora_ops.triton_lora_expand, (x, None, None, bb, h, idx, dy, s)),
+            (f"fwd-linear-{tag}", lora_ops.triton_lora_fwd, (x, w, bias, a, bb, idx, gate, None, s, 0.5, True)),
+            (f"fwd-linear-infer-{tag}", lora_ops.triton_lora_fwd, (x, w, None, a, bb, idx, gate, None, s, 0.5, False)),
+            (f"fwd-lora-base-{tag}", lora_ops.triton_lora_fwd, (x, None, None, a, bb, idx, gate, dy, s, 0.5, True)),
+            (f"fwd-lora-{tag}", lora_ops.triton_lora_fwd, (x, None, None, a, bb, idx, gate, None, s, 0.5, False)),
             (f"bwd_dh-{tag}", lora_ops.triton_lora_bwd_dh, (dy, bb, u, idx, gate, s, 0.5, True)),
             (f"bwd_dx-{tag}", lora_ops.triton_lora_bwd_dx, (du, a, idx, s, dy, w)),
             (f"rank_grad-{tag}", lora_ops.triton_lora_rank_grad, (du, x, idx, s, 6)),
@@ -79,11 +80,12 @@ def test_opcheck(case):
 
 
 def test_ops_are_registered_in_the_mor_namespace():
-    names = {"triton_route", "triton_lora_shrink", "triton_lora_expand", "triton_lora_bwd_dh", "triton_lora_bwd_dx",
-             "triton_lora_rank_grad", "triton_conv_up", "conv2d", "conv2d_input",
-             "conv2d_weight"}  # fmt: skip
+    names = {"triton_route", "triton_lora_fwd", "triton_lora_bwd_dh", "triton_lora_bwd_dx", "triton_lora_rank_grad",
+             "triton_conv_up", "conv2d", "conv2d_input", "conv2d_weight"}  # fmt: skip
     for name in names:
         assert hasattr(torch.ops.mor, name), name
+    for gone in ("triton_lora_shrink", "triton_lora_expand"):  # the former two-launch forward
+        assert not hasattr(torch.ops.mor, gone), gone
 
 
 @pytest.mark.parametrize("routing", ["sample", "token"])
