@@ -19,7 +19,9 @@ Conventions (the same as ``torch.utils.flop_counter``):
   backend's).
 - Backward assumes a frozen base weight (no ``dW`` unless ``weight_grad=True``), ``x`` needing its
   gradient (an adapter inside a network), and gradients for ``lora_a``/``lora_b``: the LoRA part
-  costs twice its forward (``dh = dy B``, ``dB = dy^T h``, ``dA = dh^T x``, ``dx += dh A``).
+  costs twice its forward (``dh = dy B``, ``dB = dy^T h``, ``dA = dh^T x``, ``dx += dh A``), or
+  twice the forward without its repeats where a forward recomputes its down-projection (the Triton
+  linear kernel, once per output-column tile).
 - Minimal bytes: every input read once and every output written once (nothing re-read, no
   intermediate round trip), which is what a perfectly fused kernel would move.
 """
@@ -30,6 +32,9 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from torch.utils._pytree import tree_map
+
+from .kernels.mor_lora_tiles import fwd_column_tiles, rank_pad
 
 logger = logging.getLogger("mor_kernels")
 
@@ -120,7 +125,7 @@ def ranks_touched(idx: torch.Tensor, num_shared: int) -> int:
 
 def triton_rank_list(n: int) -> int:
     """The Triton kernels' rank-list width for ``n`` ranks: a power of two, at least 16 (``tl.dot``)."""
-    return max(16, 1 << (max(n, 1) - 1).bit_length())
+    return rank_pad(n)
 
 
 def executed_rank_rows(
@@ -132,14 +137,21 @@ def executed_rank_rows(
     *,
     num_shared: int = 0,
     top_k: int = 0,
-) -> int | tuple[int, int]:
-    """Rank-rows a backend computes, from each backend's documented design: an int, or a pair
-    ``(down, up)`` when the down- and up-projections differ.
+    device: torch.device | str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+) -> int | tuple[int, ...]:
+    """Rank-rows a backend computes, from each backend's documented design: an int, a pair
+    ``(down, up)`` when the down- and up-projections differ, or a triple ``(forward down, up, backward
+    down)`` when the forward recomputes the down-projection (see :func:`lora_flops`).
 
     - ``reference``: all ``R`` ranks for every row;
-    - ``triton``: a rank list of ``triton_rank_list(S + k)`` positions per sample (zero slots save
-      loads, not dot FLOPs), ``triton_rank_list(R)`` under token routing; a conv runs its down-projection
-      as extra output channels of the base conv (all ``R``) and the up-projection over the list;
+    - ``triton``: a rank list of ``RP = triton_rank_list(S + k)`` positions per sample (zero slots save
+      loads, not dot FLOPs), ``triton_rank_list(R)`` under token routing. A Linear's one-kernel forward
+      recomputes the down-projection in each of its ``cdiv(d_out, BLOCK_N)`` output-column tiles
+      (``BLOCK_N`` from the kernel's tile table for ``device`` and ``dtype``, by default the GPU bfloat16
+      run the benchmarks target), once in the backward: ``(rows RP tiles, rows RP, rows RP)``. A conv
+      runs its down-projection as extra output channels of the base conv (all ``R``) and the
+      up-projection over the list;
     - ``cpp``: the active ranks only (per sample or per token); a conv: all ``R`` down, active up;
     - ``cuda``: the active ranks under sample routing, all ``R`` under token routing (an upper bound);
       a conv: all ``R`` down, active up;
@@ -148,8 +160,11 @@ def executed_rank_rows(
     rows = layer.rows
     conv = layer.kind == "conv2d"
     if backend == "triton":
-        listed = rows * triton_rank_list(ranks if token_routing else num_shared + top_k)
-        return (rows * ranks, listed) if conv else listed
+        rp = triton_rank_list(ranks if token_routing else num_shared + top_k)
+        if conv:
+            return rows * ranks, rows * rp
+        tiles = fwd_column_tiles(torch.device(device), dtype, layer.batch, layer.tokens, layer.d_out, rp)
+        return rows * rp * tiles, rows * rp, rows * rp
     if backend in ("cpp", "cuda"):
         active = rows * ranks if (backend == "cuda" and token_routing) else useful_rank_rows
         return (rows * ranks, active) if conv else active
@@ -168,16 +183,21 @@ def base_flops(layer: Layer, *, backward: bool = False, weight_grad: bool = Fals
     return fwd + fwd + (fwd if weight_grad else 0)
 
 
-def lora_flops(layer: Layer, rank_rows: int | tuple[int, int], *, backward: bool = False) -> int:
+def lora_flops(layer: Layer, rank_rows: int | tuple[int, ...], *, backward: bool = False) -> int:
     """The low-rank branch: forward ``2 rank_rows (d_in + d_out)`` (down then up projection), or
     ``2 (down d_in + up d_out)`` for a pair ``rank_rows = (down, up)``; with ``backward`` the total of
-    forward and backward (3x the forward: ``dh``, ``dB`` on the up side, ``dA``, ``dx`` on the down side)."""
-    down, up = rank_rows if isinstance(rank_rows, tuple) else (rank_rows, rank_rows)
+    forward and backward, which does twice the forward's work (``dh``, ``dB`` on the up side, ``dA``,
+    ``dx`` on the down side). A triple ``(down, up, down_bwd)`` gives the backward's down-side rank-rows
+    apart, for a forward that repeats its down-projection (the Triton linear kernel, per column tile)."""
+    if isinstance(rank_rows, tuple):
+        down, up, down_bwd = rank_rows if len(rank_rows) == 3 else (*rank_rows, rank_rows[0])
+    else:
+        down = up = down_bwd = rank_rows
     fwd = 2 * (down * layer.d_in + up * layer.d_out)
-    return 3 * fwd if backward else fwd
+    return fwd + 4 * (down_bwd * layer.d_in + up * layer.d_out) if backward else fwd
 
 
-def op_flops(op: str, layer: Layer, rank_rows: int | tuple[int, int] = 0, *, backward: bool = False) -> int:
+def op_flops(op: str, layer: Layer, rank_rows: int | tuple[int, ...] = 0, *, backward: bool = False) -> int:
     """FLOPs of one call (forward, or forward + backward) of ``op``:
 
     - ``"base"``: the bare ``F.linear`` / ``F.conv2d``;
@@ -293,25 +313,17 @@ def _outs(out_shape) -> list:
     return [out_shape]
 
 
-def _listed_ranks(a: dict, out_shape, ranks: int, top_k: int, token_routing: bool) -> int:
-    """Ranks a stage computes per row: the width of its rank-list output when it has one (the kernel's
-    padded list), else ``num_shared + k`` (sample routing) or ``R`` (token routing)."""
-    outs = [o for o in _outs(out_shape) if len(o) == 3 and o[-1] > 0]
-    if outs:
-        return int(outs[0][-1])
-    return ranks if token_routing else min(ranks, int(a.get("num_shared", 0) or 0) + top_k)
-
-
-# Per-stage formulas of the known ``mor`` ops: ``f(args by schema name, out_shape) -> flops``. Rank-list
-# tensors (``h``, ``u``, ``du``: ``(B, T, RP)``) carry the number of ranks the kernel actually runs.
-def _triton_shrink(a, out):
-    return 2 * _rows(a["x"]) * _listed_ranks(a, out, a["lora_a"][0], a["idx"][-1], len(a["idx"]) == 3) * a["x"][-1]
-
-
-def _triton_expand(a, out):
-    rows, d_out = _rows(a["x"]), a["lora_b"][0]
-    base = 2 * rows * a["x"][-1] * d_out if a.get("weight") is not None else 0
-    return 2 * rows * a["h"][-1] * d_out + base
+# Per-stage formulas of the known ``mor`` ops: ``f(args by schema name, out_shape) -> flops``, tensors as
+# their shapes, plus ``_device``/``_dtype`` of the first tensor argument (a Triton launch's tiles depend
+# on them). Rank-list tensors (``u``, ``du``: ``(B, T, RP)``) carry the number of ranks the kernel runs.
+def _triton_fwd(a, out):
+    """One launch: the base GEMM (with a weight), ``u = x A^T`` once per output-column tile, ``h B^T``."""
+    x, (d_out, ranks) = a["x"], a["lora_b"]
+    batch, rows, d_in = int(x[0]), _rows(x), int(x[-1])
+    rp = triton_rank_list(ranks if len(a["idx"]) == 3 else int(a.get("num_shared", 0) or 0) + a["idx"][-1])
+    tiles = fwd_column_tiles(a["_device"], a["_dtype"], batch, rows // max(batch, 1), d_out, rp)
+    base = 2 * rows * d_in * d_out if a.get("weight") is not None else 0
+    return base + 2 * rows * rp * d_in * tiles + 2 * rows * rp * d_out
 
 
 def _triton_bwd_dh(a, out):  # dh = dy B over the rank list, and dB^T = h^T dy in the same pass when need_db
@@ -359,8 +371,7 @@ def _lora_bwd(a, out):
 
 
 _STAGES = {
-    "triton_lora_shrink": _triton_shrink,
-    "triton_lora_expand": _triton_expand,
+    "triton_lora_fwd": _triton_fwd,
     "triton_lora_bwd_dh": _triton_bwd_dh,
     "triton_lora_bwd_dx": _triton_bwd_dx,
     "triton_lora_rank_grad": _triton_rank_grad,
@@ -407,11 +418,18 @@ def _formula_for(name: str, arg_names: list[str]):
             return None
         stage = _generic(name)
 
-    def formula(*args, out_shape=None, **kwargs) -> int:
+    def shape(v):
+        return v.shape if isinstance(v, torch.Tensor) else v
+
+    def formula(*args, out_val=None, **kwargs) -> int:  # registered raw: tensors, not shapes
         a = dict(zip(arg_names, args, strict=False))
         a.update(kwargs)
+        first = next((v for v in a.values() if isinstance(v, torch.Tensor)), None)
+        a = {name: shape(v) for name, v in a.items()}
+        if first is not None:
+            a["_device"], a["_dtype"] = first.device, first.dtype
         try:
-            return int(stage(a, out_shape))
+            return int(stage(a, tree_map(shape, out_val)))
         except Exception as err:  # a schema that changed under us must not break the user's counting
             logger.warning(
                 "mor_kernels.flops: no FLOP count for mor::%s (%s: %s); counted as 0", name, type(err).__name__, err
@@ -426,9 +444,10 @@ def register_flop_formulas() -> dict[str, str]:
 
     Loads the compiled extension and the Triton backend when they import (``mor::<op>`` and
     ``mor::triton_<op>``), then registers a formula for every stage it knows (``_STAGES``: the Triton
-    shrink/expand/backward launches, ``conv_up``, ``lora_fwd``/``lora_bwd``) and for any other op
-    whose schema names ``x``, ``lora_a``, ``idx`` and ``lora_b`` or ``weight``. A stage with a
-    rank-list tensor (``(B, T, RP)``) is counted at the ``RP`` ranks it runs; otherwise shapes alone
+    forward and backward launches, ``conv_up``, ``lora_fwd``/``lora_bwd``) and for any other op
+    whose schema names ``x``, ``lora_a``, ``idx`` and ``lora_b`` or ``weight``. A Triton stage is
+    counted at the ``RP`` ranks of its rank list, the forward with its recomputation of ``x A^T`` in
+    each output-column tile (the tiles its device and dtype get); otherwise shapes alone
     cannot say which slots are zero slots, so the count assumes every selected slot is a real rank
     under sample routing (the upper bound for a kernel that skips zero slots) and all ``R`` ranks under
     token routing (a dense tile). Routing and gate ops have no matmul and are skipped. Safe to call
@@ -456,7 +475,7 @@ def register_flop_formulas() -> dict[str, str]:
             _REGISTERED[name] = f"skipped: no matmul formula for arguments {arg_names}"
             continue
         try:
-            flop_counter.register_flop_formula(packet)(formula)
+            flop_counter.register_flop_formula(packet, get_raw=True)(formula)
         except Exception as err:
             _REGISTERED[name] = f"skipped: registration failed ({type(err).__name__}: {err})"
             continue

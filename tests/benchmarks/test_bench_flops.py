@@ -63,9 +63,10 @@ def test_active_ranks_and_executed_rank_rows():
     assert flops.active_rank_rows(tok, 2, tokens=3) == 9
     lin = flops.linear_layer(2, 10, 8, 8)
     assert flops.executed_rank_rows("reference", lin, 40, 120, False) == 20 * 40
-    assert flops.executed_rank_rows("triton", lin, 40, 120, False, num_shared=8, top_k=8) == 20 * 16
-    assert flops.executed_rank_rows("triton", lin, 40, 120, False, num_shared=8, top_k=9) == 20 * 32
-    assert flops.executed_rank_rows("triton", lin, 40, 120, True) == 20 * 64
+    # Triton linear: (forward down, up, backward down); d_out = 8 is one column tile
+    assert flops.executed_rank_rows("triton", lin, 40, 120, False, num_shared=8, top_k=8) == (20 * 16,) * 3
+    assert flops.executed_rank_rows("triton", lin, 40, 120, False, num_shared=8, top_k=9) == (20 * 32,) * 3
+    assert flops.executed_rank_rows("triton", lin, 40, 120, True) == (20 * 64,) * 3
     assert flops.executed_rank_rows("cpp", lin, 40, 120, True) == 120
     assert flops.executed_rank_rows("cuda", lin, 40, 120, False) == 120
     assert flops.executed_rank_rows("cuda", lin, 40, 120, True) == 20 * 40
@@ -76,11 +77,45 @@ def test_active_ranks_and_executed_rank_rows():
     # a (down, up) pair: down-projection over d_in, up over d_out
     assert flops.lora_flops(lin, (10, 4)) == 2 * (10 * 8 + 4 * 8)
     assert flops.lora_flops(lin, (10, 4), backward=True) == 3 * 2 * (10 * 8 + 4 * 8)
+    # a triple: the forward's down-projection repeated (30), the backward's not (10)
+    assert flops.lora_flops(lin, (30, 4, 10)) == 2 * (30 * 8 + 4 * 8)
+    assert flops.lora_flops(lin, (30, 4, 10), backward=True) == 2 * (30 * 8 + 4 * 8) + 4 * (10 * 8 + 4 * 8)
+
+
+def test_triton_linear_executed_flops_at_sd_shapes():
+    """The Triton forward recomputes u = x A^T in each output-column tile of the kernel's tile table: at
+    batch 1, bf16 on a GPU, 64-wide tiles at 4096x320 and 1024x640 (5 and 10 tiles), 128 at batch 8
+    1024x640 (5) and for token routing's 64 listed ranks at 4096x320 (3); float32 or the interpreter
+    at 1024x640: 128 (5). The backward runs the rank list once."""
+    rank_rows = flops.executed_rank_rows
+    paper = dict(num_shared=8, top_k=8)  # RP = 16 (sample routing), 64 (token routing, R = 40)
+    for (batch, tokens, d), token, kw, tiles in (
+        ((1, 4096, 320), False, {}, 5),
+        ((1, 1024, 640), False, {}, 10),
+        ((8, 1024, 640), False, {}, 5),
+        ((1, 4096, 320), True, {}, 3),
+        ((1, 1024, 640), False, dict(device="cuda", dtype=torch.float32), 5),
+        ((1, 1024, 640), False, dict(device="cpu", dtype=torch.bfloat16), 5),
+    ):
+        layer = flops.linear_layer(batch, tokens, d, d)
+        rp = 64 if token else 16
+        rows = layer.rows
+        got = rank_rows("triton", layer, 40, 0, token, **paper, **kw)
+        assert got == (rows * rp * tiles, rows * rp, rows * rp), (batch, tokens, d, token, kw)
+        useful = 2 * rows * rp * (d + d)
+        redundant = 2 * rows * rp * d * (tiles - 1)
+        assert flops.op_flops("mor_linear", layer, got) == flops.base_flops(layer) + useful + redundant
+        bwd = 2 * useful  # dh, dB, dA, dx over the list, once
+        assert flops.op_flops("mor_lora", layer, got, backward=True) == useful + redundant + bwd
+    # 4096x320 at batch 1: x A^T in all 5 tiles is RP / BLOCK_N = 16 / 64 of the base GEMM's MMA work
+    layer = flops.linear_layer(1, 4096, 320, 320)
+    down, _, _ = rank_rows("triton", layer, 40, 0, False, **paper)
+    assert 4 * (2 * down * 320) == flops.base_flops(layer)
 
 
 def _linear_case(requires_grad: bool):
     gen = torch.Generator().manual_seed(1)
-    B, T, d_in, d_out, R, S = 2, 24, 40, 56, 12, 4
+    B, T, d_in, d_out, R, S = 2, 24, 40, 150, 12, 4  # d_out: several column tiles of the Triton forward
     t = dict(
         x=torch.randn(B, T, d_in, generator=gen),
         weight=torch.randn(d_out, d_in, generator=gen),
@@ -179,13 +214,25 @@ def test_registered_stage_formulas_hand_computed():
     gate = torch.empty(B, k, **meta)
     h = torch.empty(B, T, RP, **meta)
     checked = 0
-    if status.get("triton_lora_shrink") == "registered":
-        f = flop_registry[torch.ops.mor.triton_lora_shrink]
-        assert f(x, a, idx, gate, S, 1.0, False, out_val=(h, torch.empty(0, **meta))) == 2 * B * T * RP * d_in
-        f = flop_registry[torch.ops.mor.triton_lora_expand]
-        assert f(x, w, None, b, h, idx, None, S, out_val=torch.empty(B, T, d_out, **meta)) == 2 * B * T * (
-            RP * d_out + d_in * d_out
-        )
+    if status.get("triton_lora_fwd") == "registered":
+        f = flop_registry[torch.ops.mor.triton_lora_fwd]
+        y, no_u = torch.empty(B, T, d_out, **meta), torch.empty(0, **meta)
+        # d_out = 32: one column tile; base GEMM + x A^T + h B^T over the 16 listed ranks
+        want = 2 * B * T * (d_in * d_out + RP * d_in + RP * d_out)
+        assert f(x, w, None, a, b, idx, gate, None, S, 1.0, False, out_val=(y, no_u)) == want
+        assert f(x, None, None, a, b, idx, gate, y, S, 1.0, True, out_val=(y, h)) == want - 2 * B * T * d_in * d_out
+        # d_out = 320 on a non-CUDA device: 64-wide column tiles, u = x A^T recomputed in each of 5
+        b320, w320, y320 = torch.empty(320, R, **meta), torch.empty(320, d_in, **meta), torch.empty(B, T, 320, **meta)
+        want = 2 * B * T * (d_in * 320 + 5 * RP * d_in + RP * 320)
+        assert f(x, w320, None, a, b320, idx, gate, None, S, 1.0, False, out_val=(y320, no_u)) == want
+        # token routing: all R = 40 ranks listed (64), 128-wide tiles (3)
+        tok, tok_gate = torch.empty(B, T, k, dtype=torch.int32, **meta), torch.empty(B, T, k, **meta)
+        want = 2 * B * T * (d_in * 320 + 3 * 64 * d_in + 64 * 320)
+        assert f(x, w320, None, a, b320, tok, tok_gate, None, S, 1.0, False, out_val=(y320, no_u)) == want
+        # the stage formula on a CUDA bf16 launch (the GPU tile table): 1024x640 at batch 1 -> 10 tiles
+        shapes = dict(x=(1, 1024, 640), weight=(640, 640), lora_a=(R, 640), lora_b=(640, R), idx=(1, k),
+                      num_shared=S, _device=torch.device("cuda"), _dtype=torch.bfloat16)  # fmt: skip
+        assert flops._triton_fwd(shapes, None) == 2 * 1024 * (640 * 640 + 10 * RP * 640 + RP * 640)
         f = flop_registry[torch.ops.mor.triton_lora_rank_grad]
         assert f(h, x, idx, S, R, out_val=torch.empty(R, d_in, **meta)) == 2 * B * T * RP * d_in
         f = flop_registry[torch.ops.mor.triton_lora_bwd_dh]
@@ -229,17 +276,34 @@ def test_flop_counter_counts_cpp_backend():
     assert counted(run) == flops.op_flops("mor_linear", layer, useful)
 
 
+def _record_fwd_grids(monkeypatch) -> list:
+    """The grid of every Triton forward launch (``grid[1]``: its output-column tiles) from now on."""
+    from mor_kernels.kernels import mor_lora as kernels
+
+    real, grids = kernels._fwd_kernel, []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return real[grid]
+
+    monkeypatch.setattr(kernels, "_fwd_kernel", Recorder())
+    return grids
+
+
 @pytest.mark.parametrize("backward", [False, True])
-def test_flop_counter_counts_triton_stages(backward):
-    """The registered per-stage formulas on the real Triton ops (interpreter on CPU): the forward is
-    shrink (``x A^T`` over the padded rank list) + expand (base GEMM + ``h B^T``)."""
+def test_flop_counter_counts_triton_stages(backward, monkeypatch):
+    """The registered per-stage formulas on the real Triton ops (interpreter on CPU): the forward is one
+    launch, the base GEMM + ``x A^T`` over the padded rank list in each of the output-column tiles the
+    launch's grid has (``u`` recomputed per tile) + ``h B^T``."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if "triton" not in mor_kernels.available_backends(device, "mor_linear"):
         pytest.skip(f"triton unavailable: {mor_kernels.dispatch.unavailable_reason('triton', 'mor_linear', device)}")
     from mor_kernels.kernels.mor_lora import padded_ranks
 
     status = flops.register_flop_formulas()
-    assert status.get("triton_lora_shrink") == "registered", status
+    assert status.get("triton_lora_fwd") == "registered", status
+    grids = _record_fwd_grids(monkeypatch)
     t, layer, R, S = _linear_case(False)
     t = {k: v.to(device) for k, v in t.items()}
     for name in ("x", "lora_a", "lora_b", "gate"):
@@ -255,10 +319,12 @@ def test_flop_counter_counts_triton_stages(backward):
         if backward:
             y.sum().backward()
 
-    fwd = 2 * rows * rp * d_in + 2 * rows * (rp * d_out + d_in * d_out)
+    n = counted(run)
+    assert len(grids) == 1 and grids[0][1] >= 2, grids  # d_out = 150: several column tiles
+    fwd = 2 * rows * rp * d_in * grids[0][1] + 2 * rows * (rp * d_out + d_in * d_out)
     # backward: dh (dy B over the list), dx (du A + dy W), dA (du^T x), dB (h^T dy)
     bwd = 2 * rows * rp * d_out + 2 * rows * (rp * d_in + d_out * d_in) + 2 * rows * rp * d_in + 2 * rows * rp * d_out
-    assert counted(run) == fwd + (bwd if backward else 0)
+    assert n == fwd + (bwd if backward else 0)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpp"])
@@ -286,10 +352,10 @@ def test_flop_counter_counts_fused_conv_forward(backend):
 
 
 def _routed_linear(device, *, token: bool, zero_slots: bool, requires_grad: bool, seed: int = 4):
-    """A mor_linear case (B 2, T 24, d_in 40, d_out 56, S 4 + E 8, k 3) with distinct routed ranks per unit
+    """A mor_linear case (B 2, T 24, d_in 40, d_out 150, S 4 + E 8, k 3) with distinct routed ranks per unit
     and, with ``zero_slots``, one zero slot in every other unit."""
     gen = torch.Generator().manual_seed(seed)
-    B, T, d_in, d_out, S, E, k = 2, 24, 40, 56, 4, 8, 3
+    B, T, d_in, d_out, S, E, k = 2, 24, 40, 150, 4, 8, 3
     units = B * T if token else B
     idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(units)]).to(torch.int32)
     if zero_slots:
@@ -324,23 +390,26 @@ def _model_vs_counter(backend: str, model: str, device, *, token: bool, zero_slo
             y.sum().backward()
 
     useful = flops.active_rank_rows(t["idx"].cpu(), S, layer.tokens)
-    executed = flops.executed_rank_rows(model, layer, R, useful, token, num_shared=S, top_k=k)
-    return counted(run), flops.op_flops("mor_linear", layer, executed, backward=backward)
+    run_on = dict(device=t["x"].device, dtype=t["x"].dtype)  # the tiles this run's launches get
+    executed = flops.executed_rank_rows(model, layer, R, useful, token, num_shared=S, top_k=k, **run_on)
+    return counted(run), flops.op_flops("mor_linear", layer, executed, backward=backward), executed
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("routing", ["sample", "token"])
-def test_executed_flops_triton_linear_match_the_counter(backward, routing):
+def test_executed_flops_triton_linear_match_the_counter(backward, routing, monkeypatch):
     """The benchmark's executed FLOPs for mor:triton (rank list padded to a power of two >= 16: S + k per
-    sample, R per token; zero slots included) against FlopCounterMode on the real Triton stages (their
-    rank-list outputs carry the width the kernels run)."""
+    sample, R per token; zero slots included; the forward's u recomputed per output-column tile) against
+    FlopCounterMode on the real Triton stages, and the model's column tiles against the launch's grid."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if "triton" not in mor_kernels.available_backends(device, "mor_linear"):
         pytest.skip(f"triton unavailable: {mor_kernels.dispatch.unavailable_reason('triton', 'mor_linear', device)}")
-    assert flops.register_flop_formulas().get("triton_lora_shrink") == "registered"
-    got, model = _model_vs_counter("triton", "triton", device, token=routing == "token", zero_slots=True,
-                                   backward=backward)  # fmt: skip
+    assert flops.register_flop_formulas().get("triton_lora_fwd") == "registered"
+    grids = _record_fwd_grids(monkeypatch)
+    got, model, (down, up, down_bwd) = _model_vs_counter("triton", "triton", device, token=routing == "token",
+                                                         zero_slots=True, backward=backward)  # fmt: skip
     assert got == model
+    assert len(grids) == 1 and grids[0][1] >= 2 and down == up * grids[0][1] and down_bwd == up
 
 
 def _need_cpp():
@@ -356,9 +425,9 @@ def test_executed_flops_cpp_linear_match_the_counter(backward):
     count S + k per sample, which equals the active ranks when no zero slot is picked and no rank twice:
     the case where the two can be compared (with zero slots the counter is the documented upper bound)."""
     _need_cpp()
-    got, model = _model_vs_counter("cpp", "cpp", "cpu", token=False, zero_slots=False, backward=backward)
+    got, model, _ = _model_vs_counter("cpp", "cpp", "cpu", token=False, zero_slots=False, backward=backward)
     assert got == model
-    got, model = _model_vs_counter("cpp", "cpp", "cpu", token=False, zero_slots=True, backward=backward)
+    got, model, _ = _model_vs_counter("cpp", "cpp", "cpu", token=False, zero_slots=True, backward=backward)
     assert got > model  # zero slots: the shape-only count is an upper bound of the active ranks
 
 
@@ -372,5 +441,6 @@ def test_executed_flops_cuda_linear_match_the_counter(backward, routing):
     from mor_kernels import dispatch
 
     assert dispatch._MODULES["cuda"] == dispatch._MODULES["cpp"]  # one implementation, two devices
-    got, model = _model_vs_counter("cpp", "cuda", "cpu", token=routing == "token", zero_slots=False, backward=backward)
+    got, model, _ = _model_vs_counter("cpp", "cuda", "cpu", token=routing == "token", zero_slots=False,
+                                      backward=backward)  # fmt: skip
     assert got == model
