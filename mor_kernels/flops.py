@@ -32,7 +32,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from torch.utils._pytree import tree_map
 
 from .kernels.mor_lora_tiles import fwd_column_tiles, rank_pad
 
@@ -137,8 +136,6 @@ def executed_rank_rows(
     *,
     num_shared: int = 0,
     top_k: int = 0,
-    device: torch.device | str = "cuda",
-    dtype: torch.dtype = torch.bfloat16,
 ) -> int | tuple[int, ...]:
     """Rank-rows a backend computes, from each backend's documented design: an int, a pair
     ``(down, up)`` when the down- and up-projections differ, or a triple ``(forward down, up, backward
@@ -148,8 +145,8 @@ def executed_rank_rows(
     - ``triton``: a rank list of ``RP = triton_rank_list(S + k)`` positions per sample (zero slots save
       loads, not dot FLOPs), ``triton_rank_list(R)`` under token routing. A Linear's one-kernel forward
       recomputes the down-projection in each of its ``cdiv(d_out, BLOCK_N)`` output-column tiles
-      (``BLOCK_N`` from the kernel's tile table for ``device`` and ``dtype``, by default the GPU bfloat16
-      run the benchmarks target), once in the backward: ``(rows RP tiles, rows RP, rows RP)``. A conv
+      (``BLOCK_N`` from the kernel's tile table, a function of the shapes alone), once in the
+      backward: ``(rows RP tiles, rows RP, rows RP)``. A conv
       runs its down-projection as extra output channels of the base conv (all ``R``) and the
       up-projection over the list;
     - ``cpp``: the active ranks only (per sample or per token); a conv: all ``R`` down, active up;
@@ -163,7 +160,7 @@ def executed_rank_rows(
         rp = triton_rank_list(ranks if token_routing else num_shared + top_k)
         if conv:
             return rows * ranks, rows * rp
-        tiles = fwd_column_tiles(torch.device(device), dtype, layer.batch, layer.tokens, layer.d_out, rp)
+        tiles = fwd_column_tiles(layer.batch, layer.tokens, layer.d_out, rp)
         return rows * rp * tiles, rows * rp, rows * rp
     if backend in ("cpp", "cuda"):
         active = rows * ranks if (backend == "cuda" and token_routing) else useful_rank_rows
@@ -313,15 +310,14 @@ def _outs(out_shape) -> list:
     return [out_shape]
 
 
-# Per-stage formulas of the known ``mor`` ops: ``f(args by schema name, out_shape) -> flops``, tensors as
-# their shapes, plus ``_device``/``_dtype`` of the first tensor argument (a Triton launch's tiles depend
-# on them). Rank-list tensors (``u``, ``du``: ``(B, T, RP)``) carry the number of ranks the kernel runs.
+# Per-stage formulas of the known ``mor`` ops: ``f(args by schema name, out_shape) -> flops``. Rank-list
+# tensors (``u``, ``du``: ``(B, T, RP)``) carry the number of ranks the kernel runs.
 def _triton_fwd(a, out):
     """One launch: the base GEMM (with a weight), ``u = x A^T`` once per output-column tile, ``h B^T``."""
     x, (d_out, ranks) = a["x"], a["lora_b"]
     batch, rows, d_in = int(x[0]), _rows(x), int(x[-1])
     rp = triton_rank_list(ranks if len(a["idx"]) == 3 else int(a.get("num_shared", 0) or 0) + a["idx"][-1])
-    tiles = fwd_column_tiles(a["_device"], a["_dtype"], batch, rows // max(batch, 1), d_out, rp)
+    tiles = fwd_column_tiles(batch, rows // max(batch, 1), d_out, rp)
     base = 2 * rows * d_in * d_out if a.get("weight") is not None else 0
     return base + 2 * rows * rp * d_in * tiles + 2 * rows * rp * d_out
 
@@ -418,18 +414,11 @@ def _formula_for(name: str, arg_names: list[str]):
             return None
         stage = _generic(name)
 
-    def shape(v):
-        return v.shape if isinstance(v, torch.Tensor) else v
-
-    def formula(*args, out_val=None, **kwargs) -> int:  # registered raw: tensors, not shapes
+    def formula(*args, out_shape=None, **kwargs) -> int:
         a = dict(zip(arg_names, args, strict=False))
         a.update(kwargs)
-        first = next((v for v in a.values() if isinstance(v, torch.Tensor)), None)
-        a = {name: shape(v) for name, v in a.items()}
-        if first is not None:
-            a["_device"], a["_dtype"] = first.device, first.dtype
         try:
-            return int(stage(a, tree_map(shape, out_val)))
+            return int(stage(a, out_shape))
         except Exception as err:  # a schema that changed under us must not break the user's counting
             logger.warning(
                 "mor_kernels.flops: no FLOP count for mor::%s (%s: %s); counted as 0", name, type(err).__name__, err
@@ -447,7 +436,7 @@ def register_flop_formulas() -> dict[str, str]:
     forward and backward launches, ``conv_up``, ``lora_fwd``/``lora_bwd``) and for any other op
     whose schema names ``x``, ``lora_a``, ``idx`` and ``lora_b`` or ``weight``. A Triton stage is
     counted at the ``RP`` ranks of its rank list, the forward with its recomputation of ``x A^T`` in
-    each output-column tile (the tiles its device and dtype get); otherwise shapes alone
+    each output-column tile; otherwise shapes alone
     cannot say which slots are zero slots, so the count assumes every selected slot is a real rank
     under sample routing (the upper bound for a kernel that skips zero slots) and all ``R`` ranks under
     token routing (a dense tile). Routing and gate ops have no matmul and are skipped. Safe to call
@@ -475,7 +464,7 @@ def register_flop_formulas() -> dict[str, str]:
             _REGISTERED[name] = f"skipped: no matmul formula for arguments {arg_names}"
             continue
         try:
-            flop_counter.register_flop_formula(packet, get_raw=True)(formula)
+            flop_counter.register_flop_formula(packet)(formula)
         except Exception as err:
             _REGISTERED[name] = f"skipped: registration failed ({type(err).__name__}: {err})"
             continue

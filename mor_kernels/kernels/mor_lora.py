@@ -37,7 +37,8 @@ T x d       before    now       ratio
 ==========  ========  ========  =====
 
 (training adds the same ``u`` write to both: 0.26, 0.07, 0.02, 0.004 MB). Token routing (``RP = pad(R)``,
-64 for the paper's R = 40) recomputes a wider ``u``: the tile table keeps ``BLOCK_N = 128`` there.
+64 for the paper's R = 40) recomputes a wider ``u``: the tile table keeps ``BLOCK_N = 128`` there at
+the SD widths.
 
 Backward: ``_bwd_dh_kernel`` reads ``dy`` once for both ``dh = dy B`` and ``dB^T = h^T dy``: it
 rebuilds ``h = scaling g u`` from the saved ``u`` before its loop over ``d_out`` and, per ``dy`` tile,

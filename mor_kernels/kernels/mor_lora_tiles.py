@@ -15,7 +15,7 @@ of the device kind, the dtype and the shapes. The choice, for 16-bit inputs on a
    at batch 8: 128x64, 128x128, 128x128, 64x64.
 
 float32 (IEEE dots, no tensor cores) and the interpreter use small 32-row tiles with the same
-``BLOCK_N`` rule (step 1).
+``BLOCK_N``, so the executed work (``u`` once per column tile) is a function of the shapes alone.
 """
 
 from __future__ import annotations
@@ -40,12 +40,9 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def fwd_config(device: torch.device, dtype: torch.dtype, batch: int, tokens: int, d_out: int, rp: int) -> dict:
-    """Tiles and launch options of ``_fwd_kernel`` for ``x (batch, tokens, d_in)``, ``d_out`` outputs and
-    ``RP`` listed ranks (see the module docstring)."""
+def fwd_tiles(batch: int, tokens: int, d_out: int, rp: int) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` of the forward on a GPU with 16-bit inputs (see the module docstring)."""
     bn = 64 if _cdiv(d_out, 64) * (64 + rp) < _cdiv(d_out, 128) * (128 + rp) else 128
-    if torch.device(device).type != "cuda" or dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=bn, BLOCK_K=32, num_warps=4, num_stages=2)
     bm = 128 if tokens >= 128 else 64
 
     def programs() -> int:
@@ -55,10 +52,20 @@ def fwd_config(device: torch.device, dtype: torch.dtype, batch: int, tokens: int
         bn = 64
     if programs() < NUM_SMS and bm == 128:
         bm = 64
+    return bm, bn
+
+
+def fwd_config(device: torch.device, dtype: torch.dtype, batch: int, tokens: int, d_out: int, rp: int) -> dict:
+    """Tiles and launch options of ``_fwd_kernel`` for ``x (batch, tokens, d_in)``, ``d_out`` outputs and
+    ``RP`` listed ranks. ``BLOCK_N`` is :func:`fwd_tiles`' on every device and dtype, so the work a
+    launch executes (:func:`fwd_column_tiles`) depends on the shapes alone."""
+    bm, bn = fwd_tiles(batch, tokens, d_out, rp)
+    if torch.device(device).type != "cuda" or dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=bn, BLOCK_K=32, num_warps=4, num_stages=2)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
 
 
-def fwd_column_tiles(device: torch.device, dtype: torch.dtype, batch: int, tokens: int, d_out: int, rp: int) -> int:
-    """Programs per row block along ``d_out``: each recomputes ``u`` (at least one, which computes ``u``
-    even when ``d_out = 0``)."""
-    return max(1, _cdiv(d_out, fwd_config(device, dtype, batch, tokens, d_out, rp)["BLOCK_N"]))
+def fwd_column_tiles(batch: int, tokens: int, d_out: int, rp: int) -> int:
+    """Programs per token block along ``d_out``, each of which computes ``u = x A^T`` (at least one, which
+    computes ``u`` even when ``d_out = 0``)."""
+    return max(1, _cdiv(d_out, fwd_tiles(batch, tokens, d_out, rp)[1]))

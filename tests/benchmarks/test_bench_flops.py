@@ -83,25 +83,22 @@ def test_active_ranks_and_executed_rank_rows():
 
 
 def test_triton_linear_executed_flops_at_sd_shapes():
-    """The Triton forward recomputes u = x A^T in each output-column tile of the kernel's tile table: at
-    batch 1, bf16 on a GPU, 64-wide tiles at 4096x320 and 1024x640 (5 and 10 tiles), 128 at batch 8
-    1024x640 (5) and for token routing's 64 listed ranks at 4096x320 (3); float32 or the interpreter
-    at 1024x640: 128 (5). The backward runs the rank list once."""
+    """The Triton forward recomputes u = x A^T in each output-column tile of the kernel's tile table:
+    64-wide tiles at 4096x320 and, at batch 1, at 1024x640 (5 and 10 tiles), 128 at batch 8 1024x640
+    (5) and for token routing's 64 listed ranks at 4096x320 (3). The backward runs the rank list once."""
     rank_rows = flops.executed_rank_rows
     paper = dict(num_shared=8, top_k=8)  # RP = 16 (sample routing), 64 (token routing, R = 40)
-    for (batch, tokens, d), token, kw, tiles in (
-        ((1, 4096, 320), False, {}, 5),
-        ((1, 1024, 640), False, {}, 10),
-        ((8, 1024, 640), False, {}, 5),
-        ((1, 4096, 320), True, {}, 3),
-        ((1, 1024, 640), False, dict(device="cuda", dtype=torch.float32), 5),
-        ((1, 1024, 640), False, dict(device="cpu", dtype=torch.bfloat16), 5),
+    for (batch, tokens, d), token, tiles in (
+        ((1, 4096, 320), False, 5),
+        ((1, 1024, 640), False, 10),
+        ((8, 1024, 640), False, 5),
+        ((1, 4096, 320), True, 3),
     ):
         layer = flops.linear_layer(batch, tokens, d, d)
         rp = 64 if token else 16
         rows = layer.rows
-        got = rank_rows("triton", layer, 40, 0, token, **paper, **kw)
-        assert got == (rows * rp * tiles, rows * rp, rows * rp), (batch, tokens, d, token, kw)
+        got = rank_rows("triton", layer, 40, 0, token, **paper)
+        assert got == (rows * rp * tiles, rows * rp, rows * rp), (batch, tokens, d, token)
         useful = 2 * rows * rp * (d + d)
         redundant = 2 * rows * rp * d * (tiles - 1)
         assert flops.op_flops("mor_linear", layer, got) == flops.base_flops(layer) + useful + redundant
@@ -192,6 +189,30 @@ def test_flop_counter_matches_benchmark_providers(bench, mode, shape):
             assert counted(fn) == flops.op_flops(op, layer, rank_rows, backward=mode == "fwd+bwd"), provider
 
 
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_flop_counter_matches_benchmark_triton_rows(bench, mode, routing, monkeypatch):
+    """The benchmark's mor:triton rows (executed FLOPs from flops.executed_rank_rows, as measure_case
+    computes them) against FlopCounterMode on the provider's own call, at a layer wide enough for three
+    column tiles of the forward (interpreter on CPU)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "triton" not in mor_kernels.available_backends(device, "mor_linear"):
+        pytest.skip(f"triton unavailable: {mor_kernels.dispatch.unavailable_reason('triton', 'mor_linear', device)}")
+    flops.register_flop_formulas()
+    s = bench.replace(bench.SHAPES["lin64x1280"], tokens=12, c_in=24, c_out=150)
+    case = bench.Case(s, 2, 4, 8, 2, 4, 1, routing, mode, "fp32")
+    t = bench.make_inputs(case, device)
+    layer = case.layer()
+    useful = flops.active_rank_rows(t["idx"].cpu(), case.num_shared, layer.tokens)
+    executed = flops.executed_rank_rows("triton", layer, case.ranks, useful, routing == "token",
+                                        num_shared=case.num_shared, top_k=case.top_k)  # fmt: skip
+    fn, _, _ = bench.prepare(case, "mor:triton", t)
+    grids = _record_fwd_grids(monkeypatch)
+    with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+        assert counted(fn) == flops.op_flops("mor_linear", layer, executed, backward=mode == "fwd+bwd")
+    assert len(grids) == 1 and executed[0] == executed[1] * grids[0][1] and grids[0][1] == 3
+
+
 def test_register_flop_formulas_is_safe_and_idempotent():
     first = flops.register_flop_formulas()
     second = flops.register_flop_formulas()
@@ -221,7 +242,7 @@ def test_registered_stage_formulas_hand_computed():
         want = 2 * B * T * (d_in * d_out + RP * d_in + RP * d_out)
         assert f(x, w, None, a, b, idx, gate, None, S, 1.0, False, out_val=(y, no_u)) == want
         assert f(x, None, None, a, b, idx, gate, y, S, 1.0, True, out_val=(y, h)) == want - 2 * B * T * d_in * d_out
-        # d_out = 320 on a non-CUDA device: 64-wide column tiles, u = x A^T recomputed in each of 5
+        # d_out = 320: 64-wide column tiles, u = x A^T recomputed in each of 5
         b320, w320, y320 = torch.empty(320, R, **meta), torch.empty(320, d_in, **meta), torch.empty(B, T, 320, **meta)
         want = 2 * B * T * (d_in * 320 + 5 * RP * d_in + RP * 320)
         assert f(x, w320, None, a, b320, idx, gate, None, S, 1.0, False, out_val=(y320, no_u)) == want
@@ -229,10 +250,11 @@ def test_registered_stage_formulas_hand_computed():
         tok, tok_gate = torch.empty(B, T, k, dtype=torch.int32, **meta), torch.empty(B, T, k, **meta)
         want = 2 * B * T * (d_in * 320 + 3 * 64 * d_in + 64 * 320)
         assert f(x, w320, None, a, b320, tok, tok_gate, None, S, 1.0, False, out_val=(y320, no_u)) == want
-        # the stage formula on a CUDA bf16 launch (the GPU tile table): 1024x640 at batch 1 -> 10 tiles
-        shapes = dict(x=(1, 1024, 640), weight=(640, 640), lora_a=(R, 640), lora_b=(640, R), idx=(1, k),
-                      num_shared=S, _device=torch.device("cuda"), _dtype=torch.bfloat16)  # fmt: skip
-        assert flops._triton_fwd(shapes, None) == 2 * 1024 * (640 * 640 + 10 * RP * 640 + RP * 640)
+        # 1024x640 at batch 1: 64-wide tiles (the grid fills the GPU), 10 of them
+        x640, w640 = torch.empty(1, 1024, 640, **meta), torch.empty(640, 640, **meta)
+        a640, b640, y640 = torch.empty(R, 640, **meta), torch.empty(640, R, **meta), torch.empty(1, 1024, 640, **meta)
+        want = 2 * 1024 * (640 * 640 + 10 * RP * 640 + RP * 640)
+        assert f(x640, w640, None, a640, b640, idx[:1], gate[:1], None, S, 1.0, False, out_val=(y640, no_u)) == want
         f = flop_registry[torch.ops.mor.triton_lora_rank_grad]
         assert f(h, x, idx, S, R, out_val=torch.empty(R, d_in, **meta)) == 2 * B * T * RP * d_in
         f = flop_registry[torch.ops.mor.triton_lora_bwd_dh]
@@ -390,8 +412,7 @@ def _model_vs_counter(backend: str, model: str, device, *, token: bool, zero_slo
             y.sum().backward()
 
     useful = flops.active_rank_rows(t["idx"].cpu(), S, layer.tokens)
-    run_on = dict(device=t["x"].device, dtype=t["x"].dtype)  # the tiles this run's launches get
-    executed = flops.executed_rank_rows(model, layer, R, useful, token, num_shared=S, top_k=k, **run_on)
+    executed = flops.executed_rank_rows(model, layer, R, useful, token, num_shared=S, top_k=k)
     return counted(run), flops.op_flops("mor_linear", layer, executed, backward=backward), executed
 
 

@@ -10,8 +10,9 @@ both routing levels. It runs in a subprocess because the other test modules set
 CPU tensors, the launches intercepted) at SD-like and at odd shapes, with ``gemm_config`` answering
 as on a GPU, and compiles exactly what each launch would: the JIT's own specialization of the
 arguments (16-divisible pointers, strides and sizes get ``tt.divisibility`` hints, as on a device),
-the launch's ``num_warps``/``num_stages``. So the 3-stage pipelined tile configs are compiled too, and
-the 16-bit GEMM loops are checked to be pipelined (``cp.async`` in the PTX).
+the launch's ``num_warps``/``num_stages``. So the 3-stage pipelined tile configs are compiled too (every
+tile the forward's table gives: 128x64, 64x64, 64x128, 128x128), and the 16-bit GEMM loops (the
+one-kernel forward's and dx's) are checked to be pipelined (``cp.async`` in the PTX).
 """
 
 import os
@@ -55,16 +56,24 @@ SCRIPT = textwrap.dedent(
         for tok in (False, True):
             rp = L.padded_ranks(40, 8, 8, tok)
             tag = f"{dt} token={tok}"
-            comp(L._shrink_kernel, dict(x_ptr=dt, a_ptr=dt, h_ptr=dt, u_ptr=f32, **rt),
-                 dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, STORE_U=True, BLOCK_M=L.BLOCK_M, BLOCK_K=L.BLOCK_K),
-                 "shrink " + tag)
-            for tokens in (64, 4096):  # the launchers' small and large GPU tiles
-                cfg = L.gemm_config(torch.device("cuda"), torch.float32 if dt == "*fp32" else torch.float16, tokens, 640)
+            dtype = torch.float32 if dt == "*fp32" else torch.float16
+            fwd = {}  # every forward tile the table gives at SD-like shapes, batch 1 and 8
+            for batch in (1, 8):
+                for tokens in (64, 256, 1024, 4096):
+                    for d_out in (320, 640, 1280):
+                        cfg = L.fwd_config(torch.device("cuda"), dtype, batch, tokens, d_out, rp)
+                        fwd[tuple(sorted(cfg.items()))] = cfg
+            fwd_ptrs = dict(x_ptr=dt, w_ptr=dt, bias_ptr=dt, a_ptr=dt, b_ptr=dt, base_ptr=dt, y_ptr=dt, u_ptr=f32, **rt)
+            for cfg in fwd.values():
+                cfg = dict(cfg)
                 warps = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-                comp(L._expand_kernel, dict(x_ptr=dt, w_ptr=dt, bias_ptr=dt, b_ptr=dt, h_ptr=dt, base_ptr=dt,
-                                            y_ptr=dt, **rt),
-                     dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, HAS_W=True, HAS_BIAS=True, HAS_BASE=True, **cfg),
-                     f"expand {tag} {cfg}", **warps)
+                for has_w in (True, False):  # mor_linear (+ bias), mor_lora (+ base)
+                    comp(L._fwd_kernel, fwd_ptrs,
+                         dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, HAS_W=has_w, HAS_BIAS=has_w, HAS_BASE=not has_w,
+                              STORE_U=has_w, **cfg), f"fwd {tag} W={has_w} {cfg} {warps}", **warps)
+            for tokens in (64, 4096):  # the dx launcher's small and large GPU tiles
+                cfg = L.gemm_config(torch.device("cuda"), dtype, tokens, 640)
+                warps = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
                 comp(L._bwd_dx_kernel, dict(du_ptr=f32, a_ptr=dt, dy_ptr=dt, w_ptr=dt, dx_ptr=dt, **rt),
                      dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, HAS_W=True, BLOCK_M=cfg["BLOCK_M"],
                           BLOCK_N=cfg["BLOCK_K"], BLOCK_K=cfg["BLOCK_N"]), f"bwd_dx {tag} {cfg}", **warps)
@@ -109,7 +118,7 @@ RECORD = textwrap.dedent(
 
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
-    launches = {}
+    launches, fwd_tiles = {}, set()
     state = dict(aligned=False)  # whether the shape being run has 16-divisible sizes and strides
 
     def record(self, *args, grid, warmup, **kwargs):  # what JITFunction.run compiles, minus the launch
@@ -118,22 +127,28 @@ RECORD = textwrap.dedent(
         options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, spec, options)
         key = (self.__name__, str(signature), str(constexprs), str(attrs), str(options))
         launches.setdefault(key, (self, signature, constexprs, attrs, options, state["aligned"]))
+        if self.__name__ == "_fwd_kernel" and kwargs["BLOCK_K"] == 64:  # a 16-bit GPU tile
+            fwd_tiles.add((kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
 
     JITFunction.run = record
-    gemm_config = L.gemm_config
+    gemm_config, fwd_config = L.gemm_config, L.fwd_config
     L.gemm_config = lambda device, dtype, tokens, n: gemm_config(torch.device("cuda"), dtype, tokens, n)
+    L.fwd_config = lambda device, dtype, *shape: fwd_config(torch.device("cuda"), dtype, *shape)
 
     def grads(out, tensors):
         torch.autograd.grad(out, [t for t in tensors if t is not None and t.requires_grad], torch.ones_like(out))
 
+    # forward tiles (16 bits, sample / token routing): 128x64 / 64x128 at 4096x320, 64x64 / 64x128 at the
+    # small ones, 128x128 at batch 2 x 4096 x 640 (its weight frozen: no CPU dW matmul of that size)
     LINEAR = [dict(batch=1, tokens=4096, d_in=320, d_out=320), dict(batch=2, tokens=64, d_in=640, d_out=1280),
-              dict(batch=2, tokens=130, d_in=41, d_out=67)]
+              dict(batch=2, tokens=130, d_in=41, d_out=67), dict(batch=2, tokens=4096, d_in=640, d_out=640)]
     PAPER = dict(num_shared=8, num_routed=32, num_zero=4, top_k=8)
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for routing in ("sample", "token"):
             for shape in LINEAR:
                 state["aligned"] = shape["d_in"] % 16 == 0 and shape["d_out"] % 16 == 0
                 c = random_case(routing=routing, **shape, **PAPER, seed=0).to(dtype, requires_grad=True)
+                c.weight.requires_grad_(shape["tokens"] * shape["batch"] < 8192)
                 y = TB.mor_linear(c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx, c.gate, 8, 0.5)
                 grads(y, [c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.gate])
             state["aligned"] = False
@@ -156,11 +171,14 @@ RECORD = textwrap.dedent(
             failures.append(f"{name} {signature} {constexprs} {options.num_warps}/{options.num_stages}: "
                             f"{type(err).__name__}: {str(err)[:1500]}")
             continue
-        gemm = name in ("_expand_kernel", "_bwd_dx_kernel", "_shrink_kernel")
+        gemm = name in ("_fwd_kernel", "_bwd_dx_kernel")
         lowp = any(v in ("*fp16", "*bf16") for k, v in signature.items() if k in ("x_ptr", "dy_ptr"))
         if gemm and lowp and aligned and options.num_stages >= 3 and "cp.async" not in kernel.asm["ptx"]:
             unpipelined.append(f"{name} {signature} {constexprs} {options.num_warps}/{options.num_stages}")
-    print("compiled:", dict(counts))
+    fwd_tiles = sorted(fwd_tiles)
+    print("compiled:", dict(counts), "16-bit forward tiles:", fwd_tiles)
+    if fwd_tiles != [(64, 64), (64, 128), (128, 64), (128, 128)]:
+        failures.append(f"the forward's GPU tiles were not all launched: {fwd_tiles}")
     print("\\n".join(failures) if failures else "all launches compiled")
     print("\\n".join(unpipelined) if unpipelined else "16-bit GEMM loops pipelined")
     raise SystemExit(1 if failures or unpipelined else 0)
