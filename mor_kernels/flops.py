@@ -151,7 +151,8 @@ def executed_rank_rows(
       up-projection over the list;
     - ``cpp``: the active ranks only (per sample or per token); a conv: all ``R`` down, active up;
     - ``cuda``: the active ranks under sample routing, all ``R`` under token routing (an upper bound);
-      a conv: all ``R`` down, active up;
+      a conv: all ``R`` down, active up (the 16-bit tensor-core forward pads the rank list to a multiple
+      of 16, not modelled here);
     - anything else: all ``R``.
     """
     rows = layer.rows

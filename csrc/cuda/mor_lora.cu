@@ -4,14 +4,17 @@
 // projects its tokens onto the active ranks (U = x A_act^T, staged through shared memory in kChunk-wide
 // slices), writes U to h for the backward, scales U by the gates, and expands it through lora_b into
 // y = base + U B_act^T. Sample routing reads only the rows of lora_a / lora_b of active ranks, so zero slots
-// save both loads and FLOPs. SIMT float32 math (no tensor cores yet).
+// save both loads and FLOPs. float32 inputs: SIMT float32 math. float16/bfloat16 inputs on sm_80+: the same
+// pass on tensor cores (WMMA 16x16x16, float32 accumulation; tile_mma.cuh), the rank list padded to 16.
+#include <type_traits>
+
 #ifndef MOR_EMULATE_CUDA
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "../checks.h"
 #endif
-#include "tile.cuh"
+#include "tile_mma.cuh"
 
 namespace mor {
 namespace cuda {
@@ -50,9 +53,76 @@ __global__ void __launch_bounds__(kThreads)
   expand_tile(sm.U, sm.rank, n_act, lora_bt, d_out, n0, valid, base, y);
 }
 
+// The same pass on tensor cores: MT is the MMA operand type (half / bfloat16; float in the CPU emulation).
+template <typename scalar_t, typename MT, bool TOKEN>
+__global__ void __launch_bounds__(kThreads)
+    lora_fwd_mma_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ lora_a,
+                        const scalar_t* __restrict__ lora_bt, const int32_t* __restrict__ idx,
+                        const float* __restrict__ gate, const scalar_t* __restrict__ base, scalar_t* __restrict__ y,
+                        float* __restrict__ h, int64_t tokens, int64_t d_in, int64_t d_out, int ranks, int num_shared,
+                        int k, float scaling) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // bfloat16 WMMA needs sm_80; the host never launches it below
+  MOR_DYNAMIC_SMEM_MMA(smem);
+  __shared__ int n_act_s;
+  const MmaSmem L(ranks, TOKEN, sizeof(MT));
+  char* raw = reinterpret_cast<char*>(smem);
+  int* rank = reinterpret_cast<int*>(raw + L.rank);
+  float* coef = reinterpret_cast<float*>(raw + L.coef);
+  float* gt = reinterpret_cast<float*>(raw + L.gt);
+  MT* xs = reinterpret_cast<MT*>(raw + L.xs);
+  MT* ws = reinterpret_cast<MT*>(raw + L.ws);
+  float* U = reinterpret_cast<float*>(raw + L.u);
+  MT* ug = reinterpret_cast<MT*>(raw + L.ug);
+  float* cs = reinterpret_cast<float*>(raw + L.cs);
+  const int64_t b = blockIdx.y;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int valid = static_cast<int>(min(static_cast<int64_t>(kTile), tokens - t0));
+  const int64_t n0 = b * tokens + t0;
+  int n_act;
+  if (TOKEN) {
+    build_token_gates(idx, gate, n0, valid, k, num_shared, ranks, scaling, rank, gt);
+    n_act = ranks;
+  } else {
+    if (threadIdx.x == 0) build_active(idx + b * k, gate + b * k, k, num_shared, ranks, scaling, rank, coef, &n_act_s);
+    __syncthreads();
+    n_act = n_act_s;
+  }
+  const int n_pad = pad16(n_act);
+  project_tile_mma(x, n0, valid, d_in, lora_a, rank, n_act, n_pad, xs, ws, U);
+  for (int p = threadIdx.x; p < kTile * n_pad; p += blockDim.x) {
+    const int t = p / n_pad, a = p % n_pad;
+    float g = 0.f;
+    if (a < n_act) {
+      const float u = U[p];
+      if (t < valid) h[(n0 + t) * ranks + rank[a]] = u;
+      g = u * (TOKEN ? gt[t * ranks + a] : coef[a]);
+    }
+    ug[p] = to_mma(g, ug);
+  }
+  // U's region is reused for the B_act staging: expand_tile_mma starts with a barrier
+  expand_tile_mma(ug, n_pad, rank, n_act, lora_bt, d_out, n0, valid, base, y, reinterpret_cast<MT*>(U), cs);
+#endif
+}
+
 }  // namespace
 
 #ifndef MOR_EMULATE_CUDA  // host code; tests/kernels/extension_emulation.cpp compiles the kernels above on a CPU
+
+// The forward kernel for scalar_t and its shared memory: the WMMA pass for 16-bit inputs on sm_80+, else SIMT.
+// (A function template, so the float instantiation never names the tensor-core kernel.)
+template <typename scalar_t>
+auto pick_fwd_kernel(bool token_routing, bool tensor_cores, int ranks, size_t* smem) {
+  auto kernel = token_routing ? lora_fwd_kernel<scalar_t, true> : lora_fwd_kernel<scalar_t, false>;
+  *smem = tile_smem_bytes(ranks, token_routing);
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    if (tensor_cores) {
+      using MT = typename MmaType<scalar_t>::type;
+      kernel = token_routing ? lora_fwd_mma_kernel<scalar_t, MT, true> : lora_fwd_mma_kernel<scalar_t, MT, false>;
+      *smem = MmaSmem(ranks, token_routing, sizeof(MT)).bytes;
+    }
+  }
+  return kernel;
+}
 
 std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                                             const at::Tensor& idx, const at::Tensor& gate, int64_t num_shared,
@@ -70,10 +140,11 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tenso
   auto h = at::zeros({s.batch, s.tokens, s.ranks}, x.options().dtype(at::kFloat));
   if (s.batch * s.tokens == 0) return {y, h};
   const dim3 grid(static_cast<unsigned>((s.tokens + kTile - 1) / kTile), static_cast<unsigned>(s.batch));
-  const size_t smem = tile_smem_bytes(s.ranks, s.token_routing);
   auto stream = at::cuda::getCurrentCUDAStream();
+  const bool tensor_cores = at::cuda::getCurrentDeviceProperties()->major >= 8;
   MOR_DISPATCH_KERNEL_TYPES(x.scalar_type(), "mor_lora_fwd_cuda", [&] {
-    auto kernel = s.token_routing ? lora_fwd_kernel<scalar_t, true> : lora_fwd_kernel<scalar_t, false>;
+    size_t smem = 0;
+    auto kernel = pick_fwd_kernel<scalar_t>(s.token_routing, tensor_cores, static_cast<int>(s.ranks), &smem);
     allow_smem(kernel, smem);
     kernel<<<grid, kThreads, smem, stream>>>(
         xc.data_ptr<scalar_t>(), ac.data_ptr<scalar_t>(), btc.data_ptr<scalar_t>(), idx_c.data_ptr<int32_t>(),

@@ -1,5 +1,6 @@
 // Device helpers shared by the MoR CUDA kernels: per-block routing tables and the two SIMT tile loops
-// (down-projection onto the active ranks, expansion back to a wide output). float32 accumulation.
+// (down-projection onto the active ranks, expansion back to a wide output). float32 accumulation. Their
+// tensor-core versions for 16-bit inputs are in tile_mma.cuh.
 //
 // A block owns kTile consecutive tokens of one sample. With sample routing the block first gathers the
 // sample's active ranks (shared, then the routed ranks picked by a slot; zero slots and out-of-range indices

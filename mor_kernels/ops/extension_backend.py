@@ -14,7 +14,8 @@ The C++ ops (schemas in ``csrc/registration.cpp``; CPU kernels in ``csrc/cpu``, 
   float32 and deterministic backward, see :mod:`.cudnn_conv`), then ``mor::conv_up`` applies gate, 1x1
   up-projection and the add in one pass; its backward is torch ops.
 
-Precision: the CUDA kernels accumulate in float32 (SIMT tiles, no tensor cores yet); the C++ CPU kernels
+Precision: the CUDA kernels accumulate in float32 (the forward on tensor cores for 16-bit inputs on sm_80+,
+with the gated rank activations rounded to the input dtype before the up-projection; SIMT otherwise); the C++ CPU kernels
 store float32 and accumulate in float64, and on CPU the half-precision base GEMM / convolution run in float32
 (CPU half-precision GEMMs may accumulate in half precision), so the CPU twin is at least as accurate as the
 reference path. ``mor_lora`` and ``mor_conv2d`` round their output once to ``x.dtype``; ``mor_linear`` adds

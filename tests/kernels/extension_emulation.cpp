@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define MOR_EMULATE_CUDA 1
@@ -22,6 +23,7 @@
 #define __host__
 #define __shared__ static
 #define MOR_DYNAMIC_SMEM(name) float* name = ::mor::cuda::emu_smem
+#define MOR_DYNAMIC_SMEM_MMA(name) float* name = ::mor::cuda::emu_smem
 #define __restrict__
 #define __launch_bounds__(...)
 
@@ -79,6 +81,56 @@ namespace cuda {
 float emu_smem[1 << 21];  // the kernels' dynamic shared memory
 }  // namespace cuda
 }  // namespace mor
+
+// Host stand-in for the nvcuda::wmma calls of csrc/cuda/tile_mma.cuh: a fragment holds its whole 16x16 tile
+// and lane 0 of each warp does the warp's fragment work (the other lanes' fragments are unused), so the
+// emulation checks the tiling, padding and shared-memory layout without data races.
+namespace emu_wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  float v[16 * 16];  // element (r, c) at v[r * 16 + c]
+};
+static bool lane0() { return threadIdx.x % 32 == 0; }
+template <typename Use, typename T, typename Layout>
+static void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  if (!lane0()) return;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c)
+      f.v[r * 16 + c] = static_cast<float>(std::is_same_v<Layout, col_major> ? p[c * ldm + r] : p[r * ldm + c]);
+}
+static void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm, layout_t l) {
+  if (!lane0()) return;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.v[r * 16 + c] = l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+}
+static void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t l) {
+  if (!lane0()) return;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) (l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.v[r * 16 + c];
+}
+static void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float value) {
+  for (float& e : f.v) e = value;
+}
+template <typename T, typename LA, typename LB>
+static void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  if (!lane0()) return;
+  float out[16 * 16];
+  for (int r = 0; r < 16; ++r)
+    for (int col = 0; col < 16; ++col) {
+      float s = c.v[r * 16 + col];
+      for (int kk = 0; kk < 16; ++kk) s += a.v[r * 16 + kk] * b.v[kk * 16 + col];
+      out[r * 16 + col] = s;
+    }
+  std::memcpy(d.v, out, sizeof out);
+}
+}  // namespace emu_wmma
 
 #include "../../csrc/cuda/conv_up.cu"
 #include "../../csrc/cuda/mor_lora.cu"
@@ -142,6 +194,20 @@ void emu_lora_fwd(const float* x, const float* lora_a, const float* lora_bt, con
     else
       lora_fwd_kernel<float, false>(x, lora_a, lora_bt, idx, gate, base, y, h, tokens, d_in, d_out, ranks, num_shared,
                                     k, scaling);
+  });
+}
+
+// The tensor-core forward (lora_fwd_mma_kernel) with float operands and the wmma stand-in above.
+void emu_lora_fwd_mma(const float* x, const float* lora_a, const float* lora_bt, const int32_t* idx,
+                      const float* gate, const float* base, float* y, float* h, int64_t batch, int64_t tokens,
+                      int64_t d_in, int64_t d_out, int ranks, int num_shared, int k, float scaling, int token) {
+  launch_tile(cdiv(tokens, kTile), static_cast<unsigned>(batch), [&] {
+    if (token)
+      lora_fwd_mma_kernel<float, float, true>(x, lora_a, lora_bt, idx, gate, base, y, h, tokens, d_in, d_out, ranks,
+                                              num_shared, k, scaling);
+    else
+      lora_fwd_mma_kernel<float, float, false>(x, lora_a, lora_bt, idx, gate, base, y, h, tokens, d_in, d_out, ranks,
+                                               num_shared, k, scaling);
   });
 }
 

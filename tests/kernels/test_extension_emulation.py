@@ -2,7 +2,8 @@
 block after the other (see extension_emulation.cpp), against the C++ CPU kernels and the reference.
 
 This checks the CUDA kernels' index arithmetic, shared-memory layout, routing tables and ordered reductions on
-machines without a GPU: blocks run either as one thread or as 256 host threads with real barriers, and
+machines without a GPU (the tensor-core forward too, with float operands and a host stand-in for the WMMA
+fragment calls): blocks run either as one thread or as 256 host threads with real barriers, and
 mor::route's warps as 32 host threads meeting at every shuffle. Timing-dependent races can still hide here; the
 GPU tests (marked ``gpu``) are the final word.
 """
@@ -48,6 +49,7 @@ def emu(tmp_path_factory):
     dll = ctypes.CDLL(str(lib))
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     dll.emu_lora_fwd.argtypes = [p] * 8 + [i64] * 4 + [i32] * 3 + [f32, i32]
+    dll.emu_lora_fwd_mma.argtypes = dll.emu_lora_fwd.argtypes
     dll.emu_lora_bwd.argtypes = [p] * 11 + [i64] * 4 + [i32] * 3 + [f32, i32]
     dll.emu_conv_up.argtypes = [p] * 5 + [i64] * 3 + [i32] * 3 + [f32]
     dll.emu_route.argtypes = [p] * 5 + [i64] + [i32] * 4
@@ -61,7 +63,7 @@ def _ptr(t):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
-def _emu_forward(emu, c, base):
+def _emu_forward(emu, c, base, tensor_cores=False):
     b, t, d_in = c.x.shape
     d_out, ranks = c.lora_b.shape
     bt = c.lora_b.t().contiguous()
@@ -69,7 +71,7 @@ def _emu_forward(emu, c, base):
     h = torch.zeros(b, t, ranks)
     idx, gate = c.idx.contiguous(), c.gate.contiguous()
     k, token = idx.shape[-1], int(idx.dim() == 3)
-    emu.emu_lora_fwd(
+    (emu.emu_lora_fwd_mma if tensor_cores else emu.emu_lora_fwd)(
         *map(_ptr, (c.x, c.lora_a, bt, idx, gate, base, y, h)),
         b,
         t,
@@ -121,6 +123,40 @@ def test_cuda_lora_kernels_emulated(emu, case, routing, block_threads):
     got[2] = grad_bt.t()
     for name, g, w in zip(("dx", "dlora_a", "dlora_b", "dgate"), got, want, strict=True):
         assert_parity(g, w, dtype=torch.float32, name=f"emulated CUDA {name}")
+
+
+MMA_CASES = {
+    **CASES,
+    "d_out130_r17": {
+        "tokens": 40,
+        "num_shared": 3,
+        "num_routed": 14,
+        "num_zero": 2,
+        "top_k": 5,
+        "d_in": 70,
+        "d_out": 130,
+    },
+}
+
+
+@pytest.mark.parametrize("block_threads", [1, 256])
+@pytest.mark.parametrize("routing", ["sample", "token"])
+@pytest.mark.parametrize("case", list(MMA_CASES))
+def test_cuda_tensor_core_forward_emulated(emu, case, routing, block_threads):
+    """The WMMA forward (16-bit inputs on sm_80+) with float operands and a host stand-in for the fragment
+    calls: its tiling over 16-wide rank and output tiles, the zero padding of the rank list, several output
+    chunks and the shared-memory layout, against the reference; h equals the SIMT kernel's."""
+    emu.emu_set_block_threads(block_threads)
+    c = random_case(routing=routing, **MMA_CASES[case], seed=41).to(torch.float32)
+    b, t, _ = c.x.shape
+    base = torch.randn(b, t, c.lora_b.shape[0])
+    y, h = _emu_forward(emu, c, base, tensor_cores=True)
+    r = c.to(torch.float64)
+    y64 = ref.mor_lora(r.x, r.lora_a, r.lora_b, r.idx, r.gate, r.num_shared, r.scaling, base=base.double())
+    assert_parity(y, y64, dtype=torch.float32, name="emulated tensor-core forward")
+    _, h_simt = _emu_forward(emu, c, base)
+    torch.testing.assert_close(h, h_simt, rtol=1e-6, atol=1e-6)
+    emu.emu_set_block_threads(1)
 
 
 @pytest.mark.parametrize("case", ["default", "r1", "zero_only_s0", "t70_r40"])
