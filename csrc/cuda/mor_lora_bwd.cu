@@ -39,15 +39,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t t0 = tile * kTile;
   const int valid = static_cast<int>(min(static_cast<int64_t>(kTile), tokens - t0));
   const int64_t n0 = b * tokens + t0;
-  int n_act;
-  if (TOKEN) {
-    build_token_gates(idx, gate, n0, valid, k, num_shared, ranks, scaling, sm.rank, sm.gt);
-    n_act = ranks;
-  } else {
-    if (threadIdx.x == 0) build_active(idx + b * k, gate + b * k, k, num_shared, ranks, scaling, sm.rank, sm.coef, &n_act_s);
-    __syncthreads();
-    n_act = n_act_s;
-  }
+  const int n_act = block_rank_list<TOKEN>(idx, gate, b, n0, valid, k, num_shared, ranks, scaling, sm.rank, sm.coef,
+                                           sm.gt, &n_act_s);
   project_tile(dy, n0, valid, d_out, lora_bt, sm.rank, n_act, sm.xs, sm.ws, sm.U);  // U = dyB
   for (int p = threadIdx.x; p < kTile * n_act; p += blockDim.x) {
     const int t = p / n_act, a = p % n_act;

@@ -75,6 +75,21 @@ __device__ inline void build_token_gates(const int32_t* __restrict__ idx, const 
   __syncthreads();
 }
 
+// The block's rank list (rank[0..n) and coef with sample routing; the token gate table gt with token
+// routing, where n = R) from the routing of sample b / tokens n0..n0+valid; returns n. Ends with a barrier.
+template <bool TOKEN>
+__device__ inline int block_rank_list(const int32_t* __restrict__ idx, const float* __restrict__ gate, int64_t b,
+                                      int64_t n0, int valid, int k, int num_shared, int ranks, float scaling,
+                                      int* rank, float* coef, float* gt, int* n_act_s) {
+  if (TOKEN) {
+    build_token_gates(idx, gate, n0, valid, k, num_shared, ranks, scaling, rank, gt);
+    return ranks;
+  }
+  if (threadIdx.x == 0) build_active(idx + b * k, gate + b * k, k, num_shared, ranks, scaling, rank, coef, n_act_s);
+  __syncthreads();
+  return *n_act_s;
+}
+
 // U[t * n_act + a] = sum_i src[(n0 + t) * dim + i] * w[rank[a] * dim + i] for t < valid (0 for the other rows).
 // xs: kTile * kPad floats, ws: n_act * kPad floats of shared memory. Ends with a barrier.
 template <typename TS, typename TW>
