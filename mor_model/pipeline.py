@@ -367,10 +367,6 @@ class MoRSRPipeline:
             self.unet.config, self.vae.config, self.dtype, device=self.device, batch=batch, free_bytes=free_bytes
         )
 
-    def auto_tile_size(self) -> int:
-        """The automatic UNet tile (latent pixels) for one image."""
-        return self.auto_tile_sizes()["unet"]
-
     def check_call(self, **options) -> None:
         """Raises ``ValueError`` for call options (``scale``, ``color_fix``, ``tile``...) this pipeline cannot
         take (see :func:`mor_model.tile_plan.check_call_options`)."""

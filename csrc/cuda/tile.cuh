@@ -151,9 +151,8 @@ inline size_t tile_smem_bytes(int64_t ranks, bool token_routing) {
 #ifndef MOR_EMULATE_CUDA
 template <typename Kernel>
 inline void allow_smem(Kernel kernel, size_t bytes) {
-  int device = 0, optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  // the device properties torch caches (no driver query per launch)
+  const int optin = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   TORCH_CHECK(bytes <= static_cast<size_t>(optin), "this MoR shape needs ", bytes,
               " bytes of shared memory per block, more than this GPU allows (", optin,
               "); use fewer ranks (token routing keeps a gate table of 32 tokens x R), or backend='triton'");
