@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""End-to-end one-step SR latency: the real ``mor_model.pipeline.MoRSRPipeline`` call, the UNet alone and
+"""End-to-end one-step SR latency: the real ``mor_model.sr.pipeline.MoRSRPipeline`` call, the UNet alone and
 the degradation estimator alone.
 
     python benchmarks/bench_pipeline.py             # CPU: a reduced-size model; GPU: SD 2.1-base size
@@ -26,8 +26,8 @@ Variants:
   and on the VAE encoder (OSEDiff-like);
 - ``mor:<backend>``: ``mor_model.inject_mor`` on the UNet (8 shared + 32 routed, 4 zero slots, top-8,
   degradation routing) and the VAE-encoder adapter the trainer writes by default (a plain rank-4 LoRA
-  stored as a MoR adapter, ``mor_model.train.VAE_LORA_TARGETS``), with each available backend;
-- ``mor-folded:<backend>``: the same after ``mor_model.pipeline.fold_shared_ranks`` on both (what
+  stored as a MoR adapter, ``mor_model.train.model.VAE_LORA_TARGETS``), with each available backend;
+- ``mor-folded:<backend>``: the same after ``mor_model.merge.fold_shared_ranks`` on both (what
   ``from_pretrained(fold_shared=True)`` does), on the fastest backend.
 
 Reports median / p20 / p80 latency, the ratio to ``none`` for the same part, the weights of the
@@ -143,7 +143,7 @@ def vae_adapter_config(backend: str):
     """The VAE-encoder adapter ``mor-sr train`` writes by default (``vae_adapter: lora``, rank 4): every
     rank always on (3 shared + 1 routed, no zero slot, top-1) on ``VAE_LORA_TARGETS``."""
     from mor_model import MoRConfig
-    from mor_model.train import VAE_LORA_TARGETS
+    from mor_model.train.model import VAE_LORA_TARGETS
 
     return MoRConfig(num_shared=3, num_routed=1, num_zero=0, top_k=1, target_modules=VAE_LORA_TARGETS, backend=backend)
 
@@ -206,12 +206,12 @@ def variants(args, unet, vae, device, dtype):
     """``{name: (unet, vae, (unet note, vae note))}``: each adapter variant on deep copies of the float32 ``unet``/``vae``,
     then cast to ``dtype`` (adapters put on and shared ranks folded in float32, as ``from_pretrained``)."""
     import mor_model
-    from mor_model.pipeline import fold_shared_ranks
+    from mor_model.merge import fold_shared_ranks
 
     out = {"none": (unet, vae, ("", ""))}
     if "lora" in args.variants:
         u, v = copy.deepcopy(unet), copy.deepcopy(vae)
-        from mor_model.train import VAE_LORA_TARGETS
+        from mor_model.train.model import VAE_LORA_TARGETS
 
         n_unet, n_vae = add_lora(u, 4), add_lora(v, 4, VAE_LORA_TARGETS)
         out["lora-r4"] = (u, v, (f"LoRA r4 on {n_unet} layers", f"LoRA r4 on {n_vae} encoder layers"))
@@ -333,7 +333,7 @@ def _run(args) -> dict:
     from diffusers import DDPMScheduler
 
     import mor_model
-    from mor_model.pipeline import MoRSRPipeline
+    from mor_model.sr.pipeline import MoRSRPipeline
     from mor_model.testing import SD21_SCHEDULER_CONFIG
 
     device, dtype = args.device, DTYPES[args.dtype]

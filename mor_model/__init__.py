@@ -1,8 +1,11 @@
-"""Model layer for MoR adapters: layers, injection into diffusers models, degradation-aware routing,
-losses, adapter files, and the one-step super-resolution pipeline (built on ``mor_kernels``).
+"""The MoR adapter layer: config, layers, routers, injection into diffusers/PyTorch models, degradation
+control and estimator, the balance loss, routing statistics, folding and adapter files (MOR_SPEC 6).
 
-Nothing here is kernel code; every MoR computation goes through ``mor_kernels``. Importing this
-package does not import diffusers, open_clip or matplotlib (they load on first use).
+Nothing here is kernel code; every MoR computation goes through ``mor_kernels``. The one-step SR
+application built on this layer lives in subpackages that this package does not import:
+``mor_model.sr`` (pipeline, tiling, image files), ``mor_model.train``, ``mor_model.eval`` and
+``mor_model.cli``. Importing this package does not import diffusers, open_clip, PIL or matplotlib
+(they load on first use).
 
 Typical use (MOR_SPEC sections 2-6)::
 
@@ -21,6 +24,7 @@ from .estimator import DEFAULT_PROMPT_PAIRS, DegradationEstimator
 from .inject import InjectionReport, inject_mor, remove_mor
 from .layers import MoRConv2d, MoRLayer, MoRLinear, base_state_dict, mor_layers, trainable_parameters
 from .losses import balance_loss, degradation_aware_balance_loss
+from .merge import fold_shared_ranks
 from .router import MoRRouter
 from .stats import RoutingStats, routing_stats, save_routing_heatmap
 
@@ -42,6 +46,7 @@ __all__ = [
     "clear_routing",
     "degradation",
     "degradation_aware_balance_loss",
+    "fold_shared_ranks",
     "inject_mor",
     "load_adapter",
     "mor_layers",

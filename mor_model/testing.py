@@ -1,7 +1,7 @@
 """A tiny random-weight model directory for tests, demos and first runs (MOR_SPEC section 6).
 
 ``tiny_model(path)`` writes, offline and in a few seconds on a CPU, a model directory in the layout
-:class:`mor_model.pipeline.MoRSRPipeline` and ``mor-sr upscale --model`` load::
+:class:`mor_model.sr.pipeline.MoRSRPipeline` and ``mor-sr upscale --model`` load::
 
     path/
       model_index.json          diffusers-style index (informative)
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .pipeline import ADAPTER_DIR, CLIP_DIR, VAE_ADAPTER_DIR
+from .sr.loading import ADAPTER_DIR, CLIP_DIR, VAE_ADAPTER_DIR
 
 __all__ = ["tiny_model", "TINY_UNET_CONFIG", "TINY_VAE_CONFIG", "TINY_CLIP_CONFIG", "TINY_MOR_CONFIG"]
 

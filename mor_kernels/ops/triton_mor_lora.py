@@ -20,6 +20,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..kernels import mor_lora as K
+from ..kernels import mor_lora_bwd as KB
 
 # ---------------------------------------------------------------------------------------------
 # custom ops
@@ -91,7 +92,7 @@ def triton_lora_bwd_dh(
     ``(B, T, RP)``, ``dgate`` float32 of idx's shape, and ``dB^T = sum_{b,t} h^T dy`` float32 ``(R, d_out)``
     with ``h = scaling g u`` (``(0,)`` unless ``need_db``); dy and lora_b of one dtype."""
     idx, gate = idx.contiguous(), gate.contiguous()
-    du, dgate, dbt = K.backward_dh(dy, lora_b, u.contiguous(), idx, gate, num_shared, scaling, need_db)
+    du, dgate, dbt = KB.backward_dh(dy, lora_b, u.contiguous(), idx, gate, num_shared, scaling, need_db)
     if idx.dim() == 2:  # sample routing: sum the per-block partials in a fixed order
         k = idx.shape[1]
         dgate = dgate.sum(1)[:, num_shared : num_shared + k]
@@ -118,7 +119,7 @@ def triton_lora_bwd_dx(
     weight: torch.Tensor | None,
 ) -> torch.Tensor:
     """``dx (B, T, d_in) = du A (+ dy W)`` in ``lora_a.dtype``."""
-    return K.backward_dx(du.contiguous(), lora_a, idx.contiguous(), num_shared, dy, weight, lora_a.dtype)
+    return KB.backward_dx(du.contiguous(), lora_a, idx.contiguous(), num_shared, dy, weight, lora_a.dtype)
 
 
 @triton_lora_bwd_dx.register_fake
@@ -134,7 +135,7 @@ def triton_lora_rank_grad(
 
     lhs ``(B, T, RP)`` float32 (``du`` for ``dA``), rhs ``(B, T, N)`` (``x``).
     """
-    partial = K.rank_grad_partials(lhs.contiguous(), rhs).sum(1)  # fixed-order sum over token chunks
+    partial = KB.rank_grad_partials(lhs.contiguous(), rhs).sum(1)  # fixed-order sum over token chunks
     return _to_ranks(partial, idx, num_shared, ranks)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
@@ -176,10 +178,10 @@ def test_flop_counter_matches_reference_conv(backward, kernel, stride, padding):
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("shape", ["lin64x1280", "conv3x3-8x8x1280"])
-def test_flop_counter_matches_benchmark_providers(bench, mode, shape):
+def test_flop_counter_matches_benchmark_providers(bench, bench_cases, mode, shape):
     """The benchmark's base and dense-LoRA providers execute exactly the FLOPs their rows report."""
-    s = bench.scaled(bench.SHAPES[shape], 0.25)
-    s = bench.replace(s, c_in=24, c_out=40)
+    s = bench_cases.scaled(bench.SHAPES[shape], 0.25)
+    s = dataclasses.replace(s, c_in=24, c_out=40)
     case = bench.Case(s, 2, 4, 8, 2, 4, 1, "sample", mode, "fp32")
     t = bench.make_inputs(case, torch.device("cpu"))
     layer = case.layer()
@@ -199,7 +201,7 @@ def test_flop_counter_matches_benchmark_triton_rows(bench, mode, routing, monkey
     if "triton" not in mor_kernels.available_backends(device, "mor_linear"):
         pytest.skip(f"triton unavailable: {mor_kernels.dispatch.unavailable_reason('triton', 'mor_linear', device)}")
     flops.register_flop_formulas()
-    s = bench.replace(bench.SHAPES["lin64x1280"], tokens=12, c_in=24, c_out=150)
+    s = dataclasses.replace(bench.SHAPES["lin64x1280"], tokens=12, c_in=24, c_out=150)
     case = bench.Case(s, 2, 4, 8, 2, 4, 1, routing, mode, "fp32")
     t = bench.make_inputs(case, device)
     layer = case.layer()

@@ -4,6 +4,7 @@ assertions), routing construction, flags, and failing/missing providers reported
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -119,12 +120,12 @@ def test_unavailable_providers_say_why(bench, tiny_run):
     assert seen == len({r["case"] for r in rows})
 
 
-def test_routing_construction(bench):
-    s = bench.replace(bench.SHAPES["lin64x1280"], tokens=7)
+def test_routing_construction(bench, bench_cases):
+    s = dataclasses.replace(bench.SHAPES["lin64x1280"], tokens=7)
     gen = torch.Generator().manual_seed(0)
     for routing, lead in (("sample", (3,)), ("token", (3, 7))):
         case = bench.Case(s, 3, 8, 32, 4, 8, 3, routing, "fwd", "fp32")
-        idx, gate = bench.make_routing(case, "cpu", gen)
+        idx, gate = bench_cases.make_routing(case, "cpu", gen)
         assert idx.dtype == torch.int32 and idx.shape == (*lead, 8) and gate.shape == (*lead, 8)
         assert ((idx == -1).sum(-1) == 3).all()
         assert ((idx >= -1) & (idx < 32)).all()

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from mor_kernels.kernels import mor_conv2d as C, mor_lora as L, route as R
+    from mor_kernels.kernels import mor_conv2d as C, mor_lora as L, mor_lora_bwd as LB, route as R
 
     failures = []
 
@@ -72,17 +72,17 @@ SCRIPT = textwrap.dedent(
                          dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, HAS_W=has_w, HAS_BIAS=has_w, HAS_BASE=not has_w,
                               STORE_U=has_w, **cfg), f"fwd {tag} W={has_w} {cfg} {warps}", **warps)
             for tokens in (64, 4096):  # the dx launcher's small and large GPU tiles
-                cfg = L.gemm_config(torch.device("cuda"), dtype, tokens, 640)
+                cfg = LB.gemm_config(torch.device("cuda"), dtype, tokens, 640)
                 warps = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-                comp(L._bwd_dx_kernel, dict(du_ptr=f32, a_ptr=dt, dy_ptr=dt, w_ptr=dt, dx_ptr=dt, **rt),
+                comp(LB._bwd_dx_kernel, dict(du_ptr=f32, a_ptr=dt, dy_ptr=dt, w_ptr=dt, dx_ptr=dt, **rt),
                      dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, HAS_W=True, BLOCK_M=cfg["BLOCK_M"],
                           BLOCK_N=cfg["BLOCK_K"], BLOCK_K=cfg["BLOCK_N"]), f"bwd_dx {tag} {cfg}", **warps)
-            dh = L.dh_config(torch.float32 if dt == "*fp32" else torch.float16, rp)
-            comp(L._bwd_dh_kernel, dict(dy_ptr=dt, b_ptr=dt, u_ptr=f32, du_ptr=f32, dgate_ptr=f32, dbt_ptr=f32, **rt),
+            dh = LB.dh_config(torch.float32 if dt == "*fp32" else torch.float16, rp)
+            comp(LB._bwd_dh_kernel, dict(dy_ptr=dt, b_ptr=dt, u_ptr=f32, du_ptr=f32, dgate_ptr=f32, dbt_ptr=f32, **rt),
                  dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, NEED_DB=True, BLOCK_M=dh["BLOCK_M"], BLOCK_N=dh["BLOCK_N"]),
                  "bwd_dh " + tag, num_warps=dh["num_warps"])
-            comp(L._rank_grad_kernel, dict(l_ptr=f32, r_ptr=dt, out_ptr=f32),
-                 dict(RP=rp, BLOCK_M=L.BLOCK_M, BLOCK_N=L.BLOCK_N), "rank_grad " + tag)
+            comp(LB._rank_grad_kernel, dict(l_ptr=f32, r_ptr=dt, out_ptr=f32),
+                 dict(RP=rp, BLOCK_M=LB.BLOCK_M, BLOCK_N=LB.BLOCK_N), "rank_grad " + tag)
         comp(C._conv_up_kernel, dict(z_ptr=dt, b_ptr=dt, bias_ptr=dt, y_ptr=dt, u_ptr=f32, **rt),
              dict(TOP_K=8, RP=16, HAS_BIAS=True, STORE_U=True, BLOCK_M=C.BLOCK_M, BLOCK_N=C.BLOCK_N), "conv_up " + dt)
     print("\\n".join(failures) if failures else "all kernels compiled")
@@ -112,7 +112,7 @@ RECORD = textwrap.dedent(
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    from mor_kernels.kernels import mor_lora as L
+    from mor_kernels.kernels import mor_lora as L, mor_lora_bwd as LB
     from mor_kernels.ops import triton_backend as TB
     from mor_kernels.testing import random_case
 
@@ -131,8 +131,8 @@ RECORD = textwrap.dedent(
             fwd_tiles.add((kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
 
     JITFunction.run = record
-    gemm_config, fwd_config = L.gemm_config, L.fwd_config
-    L.gemm_config = lambda device, dtype, tokens, n: gemm_config(torch.device("cuda"), dtype, tokens, n)
+    gemm_config, fwd_config = LB.gemm_config, L.fwd_config
+    LB.gemm_config = lambda device, dtype, tokens, n: gemm_config(torch.device("cuda"), dtype, tokens, n)
     L.fwd_config = lambda device, dtype, *shape: fwd_config(torch.device("cuda"), dtype, *shape)
 
     def grads(out, tensors):

@@ -224,7 +224,7 @@ def test_dA_dB_reduction_over_several_token_chunks(routing, monkeypatch):
     """The dA partial sums are split into token chunks (512 tokens), the dB and sample-routing gate
     partials into the dy pass's token blocks (128 tokens); small ones here so that T = 130 spans five
     of each, including a ragged last one."""
-    from mor_kernels.kernels import mor_lora as kernels
+    from mor_kernels.kernels import mor_lora_bwd as kernels
 
     monkeypatch.setattr(kernels, "TOKEN_CHUNK", 32)
     monkeypatch.setattr(kernels, "DH_BLOCK_M", 32)
@@ -292,10 +292,11 @@ def test_gpu_tile_configs(routing, dtype, tiles, monkeypatch):
     GPU tiles), run here under the interpreter on ragged sizes: T = 130, d_in = 41, d_out = 150 (two or
     three column tiles, the last one partial)."""
     from mor_kernels.kernels import mor_lora as kernels
+    from mor_kernels.kernels import mor_lora_bwd as bwd_kernels
 
     bm, bn, warps = tiles
     fwd = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=warps, num_stages=3)
-    dx = kernels.gemm_config(torch.device("cuda"), dtype, 4096 if bm == 128 else 64, 640)
+    dx = bwd_kernels.gemm_config(torch.device("cuda"), dtype, 4096 if bm == 128 else 64, 640)
     assert dx["BLOCK_M"] == bm and dx["num_stages"] == 3  # a GPU config, not the CPU one
     seen = []
 
@@ -308,7 +309,7 @@ def test_gpu_tile_configs(routing, dtype, tiles, monkeypatch):
         return dict(dx)
 
     monkeypatch.setattr(kernels, "fwd_config", fwd_config)
-    monkeypatch.setattr(kernels, "gemm_config", gemm_config)
+    monkeypatch.setattr(bwd_kernels, "gemm_config", gemm_config)
     check_parity(random_case(routing=routing, tokens=130, d_in=41, d_out=150, seed=16), dtype)
     assert sorted(seen) == [("dx", dtype), ("fwd", dtype)]  # one forward launch, one dx launch
 
@@ -331,11 +332,12 @@ class _LaunchLog:
 
 
 def _log_launches(monkeypatch):
-    from mor_kernels.kernels import mor_lora as kernels
+    from mor_kernels.kernels import mor_lora, mor_lora_bwd
 
     log = []
-    for name in [n for n in vars(kernels) if n.endswith("_kernel")]:
-        monkeypatch.setattr(kernels, name, _LaunchLog(name, getattr(kernels, name), log))
+    for kernels in (mor_lora, mor_lora_bwd):
+        for name in [n for n in vars(kernels) if n.endswith("_kernel")]:
+            monkeypatch.setattr(kernels, name, _LaunchLog(name, getattr(kernels, name), log))
     return log
 
 

@@ -10,7 +10,7 @@ pytest.importorskip("diffusers", reason="the [model] extra (diffusers) is not in
 pytest.importorskip("open_clip", reason="the [model] extra (open_clip_torch) is not installed")
 
 from mor_model.adapter_io import read_adapter_config  # noqa: E402
-from mor_model.pipeline import ADAPTER_DIR, CLIP_DIR, VAE_ADAPTER_DIR  # noqa: E402
+from mor_model.sr.loading import ADAPTER_DIR, CLIP_DIR, VAE_ADAPTER_DIR  # noqa: E402
 from mor_model.testing import tiny_model  # noqa: E402
 
 

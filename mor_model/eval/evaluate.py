@@ -2,7 +2,7 @@
 
 Pairs: every image of ``pred_dir`` is matched with the ground-truth image of ``gt_dir`` that has the
 same stem (after removing ``suffix`` from the prediction's stem, e.g. ``"_out"``); any extension.
-Unmatched files are reported. PSNR and SSIM (:mod:`mor_model.metrics`) are computed on the BT.601
+Unmatched files are reported. PSNR and SSIM (:mod:`mor_model.eval.metrics`) are computed on the BT.601
 Y channel with a border crop of ``crop_border`` pixels (the scale factor, 4 by default), as in the SR
 literature. Other metric names are pyiqa metrics (``lpips`` = AlexNet LPIPS, ``lpips-vgg``, ``dists``,
 ``musiq``, ``maniqa`` (KonIQ) vs ``maniqa-pipal`` (the OSEDiff tables), ``clipiqa``...): they run
@@ -175,7 +175,7 @@ def _run_metric(metric, pred: torch.Tensor, gt: torch.Tensor, device: torch.devi
 
 
 def _pair(pred_dir: Path, gt_dir: Path, suffix: str, result: EvalResult) -> list[tuple[str, Path, Path]]:
-    from .image_io import collect_images
+    from ..sr.image_io import collect_images
 
     preds = collect_images([pred_dir], recursive=True)
     gts = collect_images([gt_dir], recursive=True)
@@ -218,7 +218,7 @@ def evaluate(
     Full-reference metrics need equal sizes (a mismatch is an error for that image); pyiqa metrics get
     ``(1, 3, H, W)`` tensors in ``[0, 1]``; no-reference ones see the prediction only.
     """
-    from .image_io import ImageReadError, load_image
+    from ..sr.image_io import ImageReadError, load_image
     from .metrics import psnr, ssim
 
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)

@@ -13,7 +13,9 @@ pytest.importorskip("open_clip", reason="the [model] extra (open_clip_torch) is 
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (dev extra) is not installed")
 
 from mor_model import MoRConfig, degradation, inject_mor, mor_layers, set_degradation  # noqa: E402
-from mor_model.pipeline import MoRSRPipeline, fold_shared_ranks, resolve_dtype  # noqa: E402
+from mor_model.merge import fold_shared_ranks  # noqa: E402
+from mor_model.sr.loading import resolve_dtype  # noqa: E402
+from mor_model.sr.pipeline import MoRSRPipeline  # noqa: E402
 from mor_model.testing import tiny_model  # noqa: E402
 
 
@@ -227,7 +229,7 @@ def test_auto_tile_sizes(pipe):
 def test_scheduler_clip_and_thresholding_are_honoured(pipe):
     from diffusers import DDPMScheduler
 
-    from mor_model.x0 import clip_x0
+    from mor_model.sr.x0 import clip_x0
 
     torch.manual_seed(0)
     z = torch.randn(2, 4, 8, 8) * 3

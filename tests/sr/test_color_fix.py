@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mor_model.color_fix import adain_color_fix, color_fix, wavelet_color_fix, wavelet_decomposition
+from mor_model.sr.color_fix import adain_color_fix, color_fix, wavelet_color_fix, wavelet_decomposition
 
 
 def _smooth(seed: int, shape=(2, 3, 64, 72)) -> torch.Tensor:

@@ -16,10 +16,14 @@ skdata = pytest.importorskip("skimage.data")
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from mor_model import train as train_mod  # noqa: E402
+from mor_model.cli.train import CONFIG_HELP  # noqa: E402
+from mor_model.cli.train import main as train_main  # noqa: E402
 from mor_model.testing import tiny_model  # noqa: E402
-from mor_model.train_config import TrainConfig, load_config  # noqa: E402
-from mor_model.train_losses import LPIPSWeightsError, build_lpips  # noqa: E402
+from mor_model.train.checkpoints import OutputDirInUse, checkpoint_dirs  # noqa: E402
+from mor_model.train.config import TrainConfig, load_config  # noqa: E402
+from mor_model.train.loop import Trainer, build_loss_terms  # noqa: E402
+from mor_model.train.losses import LPIPSWeightsError, build_lpips  # noqa: E402
+from mor_model.train.model import build_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +95,11 @@ def test_config_validation_names_the_key(tmp_path, tiny, hr_dir, capsys):
     with pytest.raises(ValueError, match="missing required key 'data'"):
         TrainConfig.from_dict(data)
     # the command line turns config errors into exit code 2 with the message
-    assert train_mod.main([str(write_config(tmp_path / "bad.json", tiny, hr_dir, batch_size=0))]) == 2
+    assert train_main([str(write_config(tmp_path / "bad.json", tiny, hr_dir, batch_size=0))]) == 2
     assert "batch_size must be > 0" in capsys.readouterr().err
-    assert train_mod.main([str(tmp_path / "missing.json")]) == 2
+    assert train_main([str(tmp_path / "missing.json")]) == 2
     # a crop the model cannot take (tiny model: VAE factor 4 x UNet factor 2 = 8) is refused before training
-    assert train_mod.main([str(good), "--set", "data.crop_size=36"]) == 2
+    assert train_main([str(good), "--set", "data.crop_size=36"]) == 2
     assert "must be a multiple of 8" in capsys.readouterr().err
 
 
@@ -103,9 +107,9 @@ def test_help_example_spells_out_the_defaults():
     """`mor-sr train --help` shows a config "with every default spelled out": it must be the defaults."""
     import re
 
-    from mor_model.train_config import DataConfig
+    from mor_model.train.config import DataConfig
 
-    text = train_mod.CONFIG_HELP
+    text = CONFIG_HELP
     example = json.loads(re.sub(r"#[^\n]*", "", text[text.index("{") : text.rindex("}") + 1]))
     defaults = TrainConfig(model="m", output_dir="o", data=DataConfig(hr=["x"])).to_dict()
     for d in (example, defaults):
@@ -140,22 +144,22 @@ def test_missing_lpips_weights(tmp_path, tiny, hr_dir, capsys):
     with pytest.raises(LPIPSWeightsError, match="does not exist"):
         build_lpips("vgg", tmp_path / "vgg16.pth")
     path = write_config(tmp_path / "c.json", tiny, hr_dir, losses={"lpips": 2.0})
-    assert train_mod.main([str(path)]) == 2
+    assert train_main([str(path)]) == 2
     assert "lpips.allow_missing" in capsys.readouterr().err
     # allowed: the run goes on without the LPIPS term and says so
     cfg = load_config(path, sets=["lpips.allow_missing=true"])
     messages = []
-    terms = train_mod.build_loss_terms(cfg, log=messages.append)
+    terms = build_loss_terms(cfg, log=messages.append)
     assert [t.name for t in terms] == ["l2", "balance"]
     assert any("WITHOUT the LPIPS loss" in m for m in messages)
 
 
 # -- the training forward ----------------------------------------------------------------------------------
 def test_forward_matches_the_pipeline(tmp_path, tiny, hr_dir):
-    from mor_model.pipeline import MoRSRPipeline
+    from mor_model.sr.pipeline import MoRSRPipeline
 
     cfg = load_config(write_config(tmp_path / "c.json", tiny, hr_dir), sets=['vae_adapter="none"'])
-    model, params = train_mod.build_model(cfg, log=lambda m: None)
+    model, params = build_model(cfg, log=lambda m: None)
     assert params and all(k.startswith("unet.") for k in params)
     lq = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -200,9 +204,9 @@ def test_train_save_and_resume_exactly(tmp_path, tiny, hr_dir, alex_weights, one
         warmup_steps=2,
     )
     a = write_config(tmp_path / "a.json", tiny, hr_dir, output_dir="a", keep_checkpoints=1, **common)
-    assert train_mod.main([str(a)]) == 0
+    assert train_main([str(a)]) == 0
     run_a = tmp_path / "a"
-    assert [d.name for d in train_mod.checkpoint_dirs(run_a)] == ["step-00000002"]  # keep_checkpoints=1
+    assert [d.name for d in checkpoint_dirs(run_a)] == ["step-00000002"]  # keep_checkpoints=1
     ckpt = run_a / "checkpoints" / "step-00000002"
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
     assert (ckpt / "optimizer.bin").is_file() and not list(ckpt.glob("model*.safetensors"))  # no base weights
@@ -214,13 +218,13 @@ def test_train_save_and_resume_exactly(tmp_path, tiny, hr_dir, alex_weights, one
     assert [r["lr"] for r in log_a] == [5e-4, 1e-3]  # linear warm-up over 2 steps
 
     b = write_config(tmp_path / "b.json", tiny, hr_dir, output_dir="b", **common)
-    assert train_mod.main([str(b), "--max-steps", "1"]) == 0
+    assert train_main([str(b), "--max-steps", "1"]) == 0
     run_b = tmp_path / "b"
     after_one = _adapters(run_b / "final")
-    assert train_mod.main([str(b), "--max-steps", "2", "--resume"]) == 0
+    assert train_main([str(b), "--max-steps", "2", "--resume"]) == 0
     log_b = _log(run_b)
     assert [r["step"] for r in log_b] == [1, 2]
-    assert [d.name for d in train_mod.checkpoint_dirs(run_b)] == ["step-00000001", "step-00000002"]
+    assert [d.name for d in checkpoint_dirs(run_b)] == ["step-00000001", "step-00000002"]
     # the resumed run ends exactly where the uninterrupted one did: weights, lr and losses
     final_a, final_b = _adapters(run_a / "final"), _adapters(run_b / "final")
     assert final_a.keys() == final_b.keys()
@@ -231,7 +235,7 @@ def test_train_save_and_resume_exactly(tmp_path, tiny, hr_dir, alex_weights, one
         assert ra["lr"] == rb["lr"] and ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=0)
     # an explicit checkpoint path resumes too, and nothing is left to do at max_steps
     # the exported adapters (the VAE LoRA included) load into the inference pipeline
-    from mor_model.pipeline import MoRSRPipeline
+    from mor_model.sr.pipeline import MoRSRPipeline
 
     final = run_a / "final"
     pipe = MoRSRPipeline.from_pretrained(
@@ -246,7 +250,7 @@ def test_train_save_and_resume_exactly(tmp_path, tiny, hr_dir, alex_weights, one
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
 
     explicit = run_b / "checkpoints" / "step-00000002"
-    assert train_mod.main([str(b), "--max-steps", "2", "--resume-from", str(explicit)]) == 0
+    assert train_main([str(b), "--max-steps", "2", "--resume-from", str(explicit)]) == 0
     assert [r["step"] for r in _log(run_b)] == [1, 2]
 
 
@@ -256,36 +260,36 @@ def test_one_run_per_output_dir(tmp_path, tiny, hr_dir, capsys):
     while later ones exist is refused too, and with --overwrite only the later ones go."""
     cfg = write_config(tmp_path / "c.json", tiny, hr_dir, output_dir="run", keep_checkpoints=2)
     run = tmp_path / "run"
-    assert train_mod.main([str(cfg)]) == 0  # steps 1, 2
-    ckpts = lambda: [d.name for d in train_mod.checkpoint_dirs(run)]  # noqa: E731
+    assert train_main([str(cfg)]) == 0  # steps 1, 2
+    ckpts = lambda: [d.name for d in checkpoint_dirs(run)]  # noqa: E731
     assert ckpts() == ["step-00000001", "step-00000002"]
     log_before = (run / "train_log.jsonl").read_text()
     capsys.readouterr()
 
-    assert train_mod.main([str(cfg), "--max-steps", "1"]) == 2  # fresh start, no --resume, no --overwrite
+    assert train_main([str(cfg), "--max-steps", "1"]) == 2  # fresh start, no --resume, no --overwrite
     err = capsys.readouterr().err
     assert "earlier run" in err and "--resume" in err and "--overwrite" in err
     assert ckpts() == ["step-00000001", "step-00000002"] and (run / "train_log.jsonl").read_text() == log_before
-    with pytest.raises(train_mod.OutputDirInUse):  # the API refuses too
-        train_mod.Trainer(load_config(cfg), log=lambda m: None).train()
+    with pytest.raises(OutputDirInUse):  # the API refuses too
+        Trainer(load_config(cfg), log=lambda m: None).train()
 
     first = run / "checkpoints" / "step-00000001"
     state = lambda step: json.loads((run / "checkpoints" / f"step-0000000{step}" / "trainer_state.json").read_text())  # noqa: E731
     t1, t2 = state(1)["time"], state(2)["time"]
-    assert train_mod.main([str(cfg), "--resume-from", str(first)]) == 2
+    assert train_main([str(cfg), "--resume-from", str(first)]) == 2
     assert "later checkpoints" in capsys.readouterr().err and ckpts() == ["step-00000001", "step-00000002"]
-    assert train_mod.main([str(cfg), "--resume-from", str(first), "--overwrite"]) == 0
+    assert train_main([str(cfg), "--resume-from", str(first), "--overwrite"]) == 0
     assert ckpts() == ["step-00000001", "step-00000002"]
     assert state(1)["time"] == t1 and state(2)["time"] > t2  # step 2 was deleted and made again
     assert [r["step"] for r in _log(run)] == [1, 2]
 
-    assert train_mod.main([str(cfg), "--max-steps", "1", "--overwrite"]) == 0
+    assert train_main([str(cfg), "--max-steps", "1", "--overwrite"]) == 0
     assert ckpts() == ["step-00000001"] and [r["step"] for r in _log(run)] == [1]
     assert (run / "final" / "mor_adapter").is_dir()
 
 
 def test_only_adapters_train_and_the_loss_falls(tmp_path, tiny, hr_dir):
-    from mor_model.train_losses import LossTerm
+    from mor_model.train.losses import LossTerm
 
     path = write_config(
         tmp_path / "c.json",
@@ -303,7 +307,7 @@ def test_only_adapters_train_and_the_loss_falls(tmp_path, tiny, hr_dir):
         return inputs.pred.new_zeros(())
 
     extra_terms = [LossTerm("extra", 0.5, extra)]
-    trainer = train_mod.Trainer(load_config(path), log=lambda m: None, extra_terms=extra_terms)
+    trainer = Trainer(load_config(path), log=lambda m: None, extra_terms=extra_terms)
     core = trainer.core
     before = {k: v.clone() for k, v in core.state_dict().items()}
     trainable = {id(p) for p in trainer.params.values()}
@@ -334,7 +338,7 @@ def test_bf16_mixed_precision_step(tmp_path, tiny, hr_dir):
     path = write_config(tmp_path / "c.json", tiny, hr_dir, mixed_precision="bf16", cpu=True, data={"crop_size": 16})
     AcceleratorState._reset_state(True)  # the accelerate state is a per-process singleton
     try:
-        trainer = train_mod.Trainer(load_config(path), log=lambda m: None)
+        trainer = Trainer(load_config(path), log=lambda m: None)
         assert trainer.accelerator.mixed_precision == "bf16"
         before = {k: p.detach().clone() for k, p in trainer.params.items()}
         ds = trainer.dataloader().dataset
@@ -350,14 +354,14 @@ def test_bf16_mixed_precision_step(tmp_path, tiny, hr_dir):
 def test_routed_vae_adapter_is_trained_and_balanced(tmp_path, tiny, hr_dir):
     """vae_adapter 'mor' trains the model's routed VAE-encoder adapter (routers included) and balances it."""
     from mor_model.losses import balance_loss
-    from mor_model.train_losses import LossInputs
+    from mor_model.train.losses import LossInputs
 
     cfg = load_config(write_config(tmp_path / "c.json", tiny, hr_dir, vae_adapter="mor"))
-    model, params = train_mod.build_model(cfg, log=lambda m: None)
+    model, params = build_model(cfg, log=lambda m: None)
     assert any(k.startswith("vae.") and ".router." in k for k in params)
     lq = torch.rand(1, 3, 8, 8)
     pred, scores = model(lq)
-    (term,) = [t for t in train_mod.build_loss_terms(cfg) if t.name == "balance"]
+    (term,) = [t for t in build_loss_terms(cfg) if t.name == "balance"]
     value = term.fn(LossInputs(pred=pred, hr=pred.detach(), lq=lq, scores=scores, model=model))
     assert torch.equal(value, balance_loss(model)) and not torch.equal(value, balance_loss(model.unet))
     value.backward()
@@ -373,7 +377,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny, hr_dir)
     for flag in (False, True):
         cfg = load_config(write_config(tmp_path / "c.json", tiny, hr_dir, gradient_checkpointing=flag))
         torch.manual_seed(0)  # the fresh VAE LoRA's init
-        model, params = train_mod.build_model(cfg, log=lambda m: None)
+        model, params = build_model(cfg, log=lambda m: None)
         model.train()
         pred, _ = model(torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)))
         (pred.square().mean() + balance_loss(model.unet)).backward()

@@ -82,7 +82,7 @@ def l2_loss(inputs: LossInputs) -> torch.Tensor:
 def balance_term(model_attr: str | None = "unet") -> Callable[[LossInputs], torch.Tensor]:
     """The MoR balance loss (mean over the MoR layers) of ``inputs.model.<model_attr>``, or of the whole
     model when ``model_attr`` is None."""
-    from .losses import balance_loss
+    from ..losses import balance_loss
 
     def fn(inputs: LossInputs) -> torch.Tensor:
         model = getattr(inputs.model, "module", inputs.model)  # unwrap DDP

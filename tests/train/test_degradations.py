@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("PIL", reason="JPEG compression goes through Pillow (the [model] extra)")
 
-from mor_model.degradations import (  # noqa: E402
+from mor_model.eval.metrics import psnr  # noqa: E402
+from mor_model.train.degradations import (  # noqa: E402
     KERNEL_TYPES,
     DegradationConfig,
     add_gaussian_noise,
@@ -24,7 +25,6 @@ from mor_model.degradations import (  # noqa: E402
     random_mixed_kernel,
     sinc_kernel,
 )
-from mor_model.metrics import psnr  # noqa: E402
 
 
 def _hr(b=2, h=64, w=64, seed=0) -> torch.Tensor:

@@ -4,7 +4,7 @@
 from folders (searched recursively) and/or list files (one path per line, relative paths resolved
 against the list file's folder, ``#`` comments), takes a random ``crop_size`` crop (flipped at random),
 and makes the low-quality input with the degradation pipeline (``"realesrgan"``: the second-order
-Real-ESRGAN pipeline of :mod:`mor_model.degradations`; ``"bicubic"``: plain bicubic downscaling).
+Real-ESRGAN pipeline of :mod:`mor_model.train.degradations`; ``"bicubic"``: plain bicubic downscaling).
 
 Items are ``(lq, hr)``: float32 ``(3, crop/scale, crop/scale)`` and ``(3, crop, crop)`` in ``[0, 1]``.
 
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .image_io import ImageReadError, collect_images, is_image_file, load_image
+from ..sr.image_io import ImageReadError, collect_images, is_image_file, load_image
 
 __all__ = ["DEGRADATIONS", "SRDataset", "StepBatchSampler", "find_hr_images", "sample_seed"]
 
@@ -93,7 +93,7 @@ def _bicubic_down(hr: torch.Tensor, scale: int, generator: torch.Generator) -> t
 
 
 class _RealESRGAN:
-    """Picklable ``(hr (3, H, W), generator) -> lq`` around :func:`mor_model.degradations.degrade`."""
+    """Picklable ``(hr (3, H, W), generator) -> lq`` around :func:`mor_model.train.degradations.degrade`."""
 
     def __init__(self, scale: int, options: dict):
         from .degradations import DegradationConfig

@@ -1,9 +1,9 @@
 """Tile sizes and call options of the SR pipeline: the memory model, the automatic choice, the checks.
 
 ``auto_tile_sizes`` picks, per stage (VAE encoder in pixels, UNet and VAE decoder in latent pixels), the
-largest square tile whose modelled peak memory fits the budget (:func:`mor_model.tiling.choose_tile_size`),
+largest square tile whose modelled peak memory fits the budget (:func:`mor_model.sr.tiling.choose_tile_size`),
 capped at the tile sizes of the SR repositories. ``check_call_options`` validates what a caller passes
-to :meth:`mor_model.pipeline.MoRSRPipeline.__call__`; with :func:`model_factors` (read from the model's
+to :meth:`mor_model.sr.pipeline.MoRSRPipeline.__call__`; with :func:`model_factors` (read from the model's
 config files, no weights loaded) the CLI checks its arguments before it reads a single image.
 """
 
@@ -94,7 +94,7 @@ def auto_tile_sizes(
     free_bytes: int | None = None,
 ) -> dict[str, int]:
     """Tile sizes ``{"unet", "encoder", "decoder"}`` that fit the memory budget of ``batch`` images (see
-    :func:`tile_costs` and :func:`mor_model.tiling.choose_tile_size`; ``free_bytes`` replaces the device
+    :func:`tile_costs` and :func:`mor_model.sr.tiling.choose_tile_size`; ``free_bytes`` replaces the device
     query), capped at :data:`MAX_UNET_TILE`, :data:`MAX_ENCODER_TILE` pixels and :data:`MAX_DECODER_TILE`."""
     from .tiling import choose_tile_size
 

@@ -158,7 +158,7 @@ def test_bad_arguments_are_usage_errors_before_any_image(model_dir, inputs, tmp_
 
 def test_failures_of_any_kind_are_per_image(model_dir, inputs, tmp_path, monkeypatch, capsys):
     """An exception of an unexpected type on one image is reported and counted; the others are written."""
-    from mor_model.pipeline import MoRSRPipeline
+    from mor_model.sr.pipeline import MoRSRPipeline
 
     real = MoRSRPipeline.__call__
     calls = []
@@ -182,7 +182,7 @@ def test_failures_of_any_kind_are_per_image(model_dir, inputs, tmp_path, monkeyp
 
 def test_route_stats_runs_clip_once_and_survives_failures(model_dir, inputs, monkeypatch, tmp_path, capsys):
     from mor_model.estimator import DegradationEstimator
-    from mor_model.pipeline import MoRSRPipeline
+    from mor_model.sr.pipeline import MoRSRPipeline
 
     seen = []
     real_forward, real_call = DegradationEstimator.forward, MoRSRPipeline.__call__
@@ -245,10 +245,10 @@ def test_train_delegation(monkeypatch, capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "CONFIG" in text and "--overwrite" in text and "--resume" in text
-    monkeypatch.setitem(sys.modules, "mor_model.train", None)  # as if the module were missing
-    import mor_model
+    monkeypatch.setitem(sys.modules, "mor_model.cli.train", None)  # as if the module were missing
+    import mor_model.cli
 
-    monkeypatch.delattr(mor_model, "train", raising=False)
+    monkeypatch.delattr(mor_model.cli, "train", raising=False)
     assert main(["train", "cfg.json"]) == 2
     assert "training is not available" in capsys.readouterr().err
 

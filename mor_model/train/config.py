@@ -94,7 +94,7 @@ def _choice(where: str, value, choices):
 
 @dataclass
 class DataConfig:
-    """``data``: where the HR images are and how the pairs are made (:class:`mor_model.dataset.SRDataset`)."""
+    """``data``: where the HR images are and how the pairs are made (:class:`mor_model.train.data.SRDataset`)."""
 
     hr: list[str]  # folders (recursive), image files, list files (.txt/.list/.lst)
     crop_size: int = 512
@@ -192,7 +192,7 @@ class TrainConfig:
                 raise ValueError(f"losses.{name} must be a number >= 0, got {weight!r}")
         self.losses = {k: float(v) for k, v in self.losses.items()}
         if self.mor is not None:
-            from .config import MoRConfig
+            from ..config import MoRConfig
 
             MoRConfig.from_dict({**self.mor, "backend": self.backend})  # validate now, with clear errors
 

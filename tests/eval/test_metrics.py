@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mor_model.metrics import mse_to_psnr, psnr, rgb_to_y, ssim
+from mor_model.eval.metrics import mse_to_psnr, psnr, rgb_to_y, ssim
 
 
 def _img(seed: int, shape=(2, 3, 40, 44)) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 Image = pytest.importorskip("PIL.Image", reason="image I/O needs Pillow (the [model] extra)")
 
-from mor_model.image_io import (  # noqa: E402
+from mor_model.sr.image_io import (  # noqa: E402
     ImageReadError,
     collect_images,
     drop_earlier_outputs,

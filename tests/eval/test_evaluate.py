@@ -1,4 +1,4 @@
-"""mor_model.evaluate / `mor-sr eval`: pairing, known PSNR/SSIM values, CSV, unavailable metrics."""
+"""mor_model.eval.evaluate / `mor-sr eval`: pairing, known PSNR/SSIM values, CSV, unavailable metrics."""
 
 import csv
 import math
@@ -9,7 +9,7 @@ import pytest
 Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed")
 skimage_metrics = pytest.importorskip("skimage.metrics", reason="scikit-image (dev extra) is not installed")
 
-from mor_model.evaluate import evaluate, format_summary, write_csv  # noqa: E402
+from mor_model.eval.evaluate import evaluate, format_summary, write_csv  # noqa: E402
 
 
 def y_channel(rgb_uint8):

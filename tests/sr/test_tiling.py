@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mor_model.tiling import choose_tile_size, tile_starts, tile_weight, tiled_apply
+from mor_model.sr.tiling import choose_tile_size, tile_starts, tile_weight, tiled_apply
 
 
 def _rand(shape, seed=0):
@@ -264,7 +264,7 @@ SD21_VAE = {"block_out_channels": [128, 256, 512, 512]}
 
 
 def test_auto_tile_sizes_sd21_from_fake_free_memory():
-    from mor_model.tile_plan import auto_tile_sizes, tile_costs
+    from mor_model.sr.tile_plan import auto_tile_sizes, tile_costs
 
     def sizes(gib, dtype=torch.float16, batch=1):
         return auto_tile_sizes(SD21_UNET, SD21_VAE, dtype, device="cuda", batch=batch, free_bytes=gib << 30)
@@ -297,7 +297,7 @@ def _norm_net(seed=0):
 
 
 def test_groupnorm_stats_make_tiles_consistent():
-    from mor_model.tiling import GroupNormStats
+    from mor_model.sr.tiling import GroupNormStats
 
     net = _norm_net()
     x = _rand((2, 3, 40, 56), 3) + torch.linspace(-2, 2, 56)  # content that differs from tile to tile
@@ -324,7 +324,7 @@ def test_groupnorm_stats_make_tiles_consistent():
 
 
 def test_subsample_to_keeps_the_value_distribution():
-    from mor_model.tiling import subsample_to
+    from mor_model.sr.tiling import subsample_to
 
     checker = ((torch.arange(64)[:, None] + torch.arange(96)[None]) % 2).float()[None, None].expand(1, 2, 64, 96)
     small = subsample_to(checker, 24 * 24, multiple=4)

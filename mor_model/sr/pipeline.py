@@ -18,15 +18,15 @@ places, ``mor_adapter/`` (:data:`ADAPTER_DIR`, the UNet's MoR adapter), ``vae_en
 ``adapter``/``clip`` arguments override the defaults.
 
 Large images: the VAE encoder, the UNet and the VAE decoder each run on overlapping tiles blended
-with raised-cosine weights (:func:`mor_model.tiling.tiled_apply`) when the image is larger than that
+with raised-cosine weights (:func:`mor_model.sr.tiling.tiled_apply`) when the image is larger than that
 stage's tile: ``encoder_tile`` (pixels), ``tile`` (UNet, latent pixels) and ``decoder_tile`` (latent
-pixels). ``None`` (default) picks each from the device's free memory (:mod:`mor_model.tile_plan`,
+pixels). ``None`` (default) picks each from the device's free memory (:mod:`mor_model.sr.tile_plan`,
 capped at the sizes of the SR repositories: :data:`MAX_ENCODER_TILE`, :data:`MAX_UNET_TILE`,
 :data:`MAX_DECODER_TILE`); ``0`` runs that stage whole; ``tile=0`` disables tiling everywhere. The
 routing is per sample (the degradation scores come from the whole image), so every tile of an image
 uses the same ranks. GroupNorm statistics: with ``tile_norm="global"`` (default) every GroupNorm of a
 tiled stage normalises all tiles with one set of statistics, estimated from a pass over the whole
-image subsampled to one tile's size (:class:`mor_model.tiling.GroupNormStats`), instead of each
+image subsampled to one tile's size (:class:`mor_model.sr.tiling.GroupNormStats`), instead of each
 tile's own statistics (``tile_norm="tile"``), which is what makes tiles of different content come
 out in different colours and brightness (seams). Attention layers still see only their tile, so tiled
 and untiled results are close but not identical.
@@ -48,144 +48,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..control import set_degradation
+from ..layers import mor_layers
+from ..merge import fold_shared_ranks
 from .color_fix import color_fix as apply_color_fix
-from .control import set_degradation
-from .layers import MoRLinear, mor_layers
+from .loading import (
+    ADAPTER_DIR,
+    CLIP_DIR,
+    VAE_ADAPTER_DIR,
+    _cast_keeping_routers_fp32,
+    _check_device,
+    _load_estimator,
+    _needs_scores,
+    _resolve_adapter_path,
+    resolve_dtype,
+)
 from .tile_plan import (
-    MAX_DECODER_TILE,
-    MAX_ENCODER_TILE,
-    MAX_UNET_TILE,
-    TILE_NORMS,
     auto_tile_sizes,
     check_call_options,
 )
 from .x0 import clip_x0, x0_from_prediction
 
-__all__ = [
-    "MAX_DECODER_TILE",
-    "MAX_ENCODER_TILE",
-    "MAX_UNET_TILE",
-    "TILE_NORMS",
-    "ADAPTER_DIR",
-    "CLIP_DIR",
-    "VAE_ADAPTER_DIR",
-    "MoRSRPipeline",
-    "fold_shared_ranks",
-    "resolve_dtype",
-]
-
-#: default places inside a model directory
-ADAPTER_DIR = "mor_adapter"
-VAE_ADAPTER_DIR = "vae_encoder_adapter"
-CLIP_DIR = "degradation_clip"
-
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"fp32"``/``"fp16"``/``"bf16"`` (or the long names, or a torch dtype) -> torch dtype."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch dtype, got {dtype!r}")
-
-
-@torch.no_grad()
-def fold_shared_ranks(module: nn.Module) -> list[str]:
-    """Folds the shared ranks of every MoR layer under ``module`` into its base weight (inference only).
-
-    For each layer with ``S > 0`` shared ranks: ``W0 <- W0 + scaling * B[:, :S] @ A[:S]`` (Linear) or
-    ``W0[o] <- W0[o] + scaling * sum_r B[o, r] A[r]`` (Conv2d: a 1x1 conv after a kxk conv with the same
-    stride/padding/dilation is one kxk conv), computed in float32, then ``lora_a``/``lora_b`` keep only
-    the routed ranks and the layer runs with ``num_shared = 0``. Routed slot ``j`` was rank ``S + j``
-    and is now rank ``j``, so the routing is unchanged. New tensors replace the old ones (nothing is
-    written into tensors another model might share). Returns the names of the folded layers.
-    """
-    folded = []
-    for name, layer in mor_layers(module).items():
-        s = layer.num_shared
-        if s == 0:
-            continue
-        a, b = layer.lora_a.detach(), layer.lora_b.detach()
-        w = layer.base_layer.weight
-        if isinstance(layer, MoRLinear):
-            delta = b[:, :s].float() @ a[:s].float()
-        else:
-            delta = torch.einsum("or,rchw->ochw", b[:, :s].float(), a[:s].float())
-        layer.base_layer.weight = nn.Parameter((w.float() + layer.scaling * delta).to(w.dtype), requires_grad=False)
-        layer.lora_a = nn.Parameter(a[s:].clone(), requires_grad=False)
-        layer.lora_b = nn.Parameter(b[:, s:].clone(), requires_grad=False)
-        layer.num_shared = 0
-        layer.folded_shared_ranks = s
-        folded.append(name)
-    return folded
-
-
-def _load_estimator(clip, device: torch.device):
-    from .estimator import CONFIG_NAME, DegradationEstimator
-
-    if isinstance(clip, DegradationEstimator):
-        return clip.to(device)
-    path = Path(clip)
-    if path.is_dir():
-        return DegradationEstimator.from_local(path).to(device)
-    if path.is_file():
-        import json
-
-        cfg_file = path.parent / CONFIG_NAME
-        if not cfg_file.is_file():
-            raise FileNotFoundError(
-                f"CLIP checkpoint {path} has no {CONFIG_NAME} next to it; pass a directory written by "
-                "DegradationEstimator.save_local, or put the open_clip config beside the checkpoint"
-            )
-        meta = json.loads(cfg_file.read_text())
-        pre = meta.get("preprocess_cfg", {})
-        kwargs = {k: tuple(pre[k]) for k in ("mean", "std") if k in pre}
-        return DegradationEstimator.from_config(meta.get("model_cfg", meta), checkpoint=path, **kwargs).to(device)
-    raise FileNotFoundError(f"CLIP model {clip} does not exist (expected a directory or a checkpoint file)")
-
-
-def _resolve_adapter_path(path) -> Path:
-    """An adapter directory, or a file inside one (``.../mor_adapter/mor_adapter.safetensors``) -> the directory."""
-    path = Path(path)
-    return path.parent if path.is_file() else path
-
-
-def _cast_keeping_routers_fp32(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """``module.to(device, dtype)`` except the MoR routers' tensors, which stay float32 (the routing maths is
-    float32; rounding the router weights to fp16/bf16 could change which ranks are picked)."""
-    routers = [layer.router for layer in mor_layers(module).values()]
-    saved = [{k: v.detach().clone() for k, v in r.state_dict().items()} for r in routers]
-    # nn.Module.to: diffusers' override warns about fp32-kept modules on every dtype cast, even when there
-    # are none (diffusers 0.42); these models have none
-    nn.Module.to(module, device=device, dtype=dtype)
-    for r, state in zip(routers, saved, strict=True):
-        nn.Module.to(r, dtype=torch.float32)
-        r.load_state_dict(state)  # the exact float32 values, not the rounded ones cast back
-
-
-def _check_device(device: torch.device) -> None:
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} was asked for, but CUDA is not available here (use 'cpu')")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
-
-
-def _needs_scores(module: nn.Module) -> bool:
-    """True when a MoR layer under ``module`` routes on the degradation vector."""
-    return any(layer.config.uses_degradation for layer in mor_layers(module).values())
+__all__ = ["MoRSRPipeline"]
 
 
 def _round_up(n: int, m: int) -> int:
@@ -268,7 +152,7 @@ class MoRSRPipeline:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from .adapter_io import load_adapter
+        from ..adapter_io import load_adapter
 
         model_dir = Path(model_dir)
         missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (model_dir / d).is_dir()]
@@ -362,14 +246,14 @@ class MoRSRPipeline:
     # -- tiles -------------------------------------------------------------------------------------
     def auto_tile_sizes(self, batch: int = 1, *, free_bytes: int | None = None) -> dict[str, int]:
         """Tile sizes ``{"unet", "encoder", "decoder"}`` from the device's free memory (or ``free_bytes``);
-        see :func:`mor_model.tile_plan.auto_tile_sizes`."""
+        see :func:`mor_model.sr.tile_plan.auto_tile_sizes`."""
         return auto_tile_sizes(
             self.unet.config, self.vae.config, self.dtype, device=self.device, batch=batch, free_bytes=free_bytes
         )
 
     def check_call(self, **options) -> None:
         """Raises ``ValueError`` for call options (``scale``, ``color_fix``, ``tile``...) this pipeline cannot
-        take (see :func:`mor_model.tile_plan.check_call_options`)."""
+        take (see :func:`mor_model.sr.tile_plan.check_call_options`)."""
         check_call_options(vae_factor=self.vae_scale_factor, unet_factor=self.unet_factor, **options)
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""mor_model.dataset: HR crops and on-the-fly LR, reproducible per (seed, sample index)."""
+"""mor_model.train.data: HR crops and on-the-fly LR, reproducible per (seed, sample index)."""
 
 import warnings
 
@@ -11,7 +11,7 @@ skdata = pytest.importorskip("skimage.data")
 
 from PIL import Image  # noqa: E402
 
-from mor_model.dataset import SRDataset, StepBatchSampler, find_hr_images  # noqa: E402
+from mor_model.train.data import SRDataset, StepBatchSampler, find_hr_images  # noqa: E402
 
 
 @pytest.fixture(scope="module")

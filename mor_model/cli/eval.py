@@ -1,0 +1,63 @@
+"""``mor-sr eval --pred DIR --gt DIR``: PSNR/SSIM (Y channel, border crop) and pyiqa metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, err
+
+
+def add_parser(sub) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="PSNR/SSIM (+ pyiqa metrics) of predictions against ground truth",
+        description="Matches predictions and ground truth by file name (stem), computes PSNR and SSIM on the BT.601 "
+        "Y channel with a border crop, and pyiqa metrics when pyiqa and their weights are installed (nothing is "
+        "downloaded). Writes a per-image CSV and prints a summary table.",
+    )
+    ev.add_argument("--pred", required=True, metavar="DIR", help="folder of SR outputs")
+    ev.add_argument("--gt", required=True, metavar="DIR", help="folder of ground-truth images")
+    ev.add_argument(
+        "--metrics",
+        default="psnr,ssim",
+        help="comma-separated: psnr, ssim (built in) and pyiqa names, e.g. lpips (AlexNet), lpips-vgg, dists, musiq, "
+        "maniqa (KonIQ), maniqa-pipal (OSEDiff's tables), clipiqa (default psnr,ssim)",
+    )
+    ev.add_argument("--crop-border", type=int, default=4, help="pixels removed on each side (default 4 = scale)")
+    ev.add_argument("--rgb", action="store_true", help="PSNR/SSIM on RGB instead of the Y channel")
+    ev.add_argument("--suffix", default="", help="strip this from prediction stems before matching (e.g. _x4)")
+    ev.add_argument("--csv", metavar="FILE", help="per-image CSV (default: PRED/metrics.csv)")
+    ev.add_argument("--device", default="cpu", help="device for pyiqa metrics (default cpu)")
+
+
+def run(args) -> int:
+    from ..eval.evaluate import evaluate, format_summary, write_csv
+
+    metrics = [m for m in args.metrics.split(",") if m.strip()]
+    try:
+        result = evaluate(
+            args.pred,
+            args.gt,
+            metrics=metrics,
+            crop_border=args.crop_border,
+            y_channel=not args.rgb,
+            suffix=args.suffix,
+            device=args.device,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        err(str(e))
+        return EXIT_USAGE
+    for path, why in result.errors:
+        err(f"{path}: {why}")
+    for m, why in result.unavailable.items():
+        err(f"metric {m} unavailable: {why}")
+    csv_path = Path(args.csv) if args.csv else Path(args.pred) / "metrics.csv"
+    if result.rows:
+        write_csv(result, csv_path)
+    print(format_summary(result, crop_border=args.crop_border, y_channel=not args.rgb))
+    if result.rows:
+        print(f"per-image values: {csv_path}")
+    else:
+        err("no image pairs were evaluated")
+        return EXIT_FAILED
+    return EXIT_FAILED if result.errors else EXIT_OK

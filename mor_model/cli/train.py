@@ -1,0 +1,129 @@
+"""``mor-sr train CONFIG [overrides]``: the training command (the trainer is :mod:`mor_model.train`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+from ..train.checkpoints import OutputDirInUse, conflicting_outputs, refusal
+from ..train.config import load_config
+
+__all__ = ["CONFIG_HELP", "build_parser", "main"]
+
+CONFIG_HELP = """\
+CONFIG (JSON; YAML with PyYAML; relative paths are relative to the file). Required keys: model,
+output_dir, data.hr. Example with every default spelled out:
+
+  {"model": "sd21-base",              # diffusers dir: unet/ vae/ text_encoder/ tokenizer/ scheduler/
+   "output_dir": "runs/mor-x4",
+   "data": {"hr": ["LSDIR/HR", "ffhq10k.txt"], "crop_size": 512, "scale": 4, "flip": true,
+            "degradation": "realesrgan", "degradation_options": {}, "num_workers": 4},
+   "adapter": null,                   # start from this MoR adapter dir (default: model/mor_adapter if present)
+   "mor": null,                       # or: MoRConfig fields of a fresh UNet adapter, e.g. {"num_shared": 8}
+   "clip": null,                      # degradation CLIP dir (default: model/degradation_clip)
+   "vae_adapter": "lora", "vae_lora_rank": 4,    # "lora" | "mor" (model/vae_encoder_adapter) | "none"
+   "prompt": "", "timestep": 999, "backend": "auto",
+   "batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 25000,
+   "learning_rate": 5e-5, "lr_schedule": "constant", "warmup_steps": 0,   # constant | warmup | cosine
+   "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "weight_decay": 0.01,
+   "max_grad_norm": 1.0, "mixed_precision": "no", "gradient_checkpointing": false, "seed": 0,
+   "losses": {"l2": 1.0, "lpips": 2.0, "balance": 1.0},
+   "lpips": {"net": "vgg", "backbone_weights": null,    # a local torchvision vgg16/alexnet file,
+             "linear_weights": null, "allow_missing": false},  # e.g. "weights/vgg16-397923af.pth"
+   "checkpoint_every": 500, "keep_checkpoints": 3, "log_every": 1, "layer_stats_every": 1,
+   "resume": null, "overwrite": false, "cpu": false}
+
+Outputs: output_dir/checkpoints/step-N/ (adapters + optimizer/scheduler/RNG state), output_dir/final/
+(mor_adapter/, vae_encoder_adapter/: `mor-sr upscale --model MODEL --adapter output_dir/final/mor_adapter
+--vae-adapter output_dir/final/vae_encoder_adapter`), output_dir/train_log.jsonl (one JSON line per step).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mor-sr train",
+        description="Train the MoR adapters (UNet) and the VAE-encoder LoRA of the one-step SR model. "
+        "Launch on several GPUs with `accelerate launch -m mor_model train CONFIG`.",
+        epilog=CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", metavar="CONFIG", help="training config (.json, or .yaml/.yml with PyYAML)")
+    p.add_argument("--output-dir", help="override output_dir")
+    p.add_argument("--max-steps", type=int, help="override max_steps (optimiser steps)")
+    p.add_argument("--batch-size", type=int, help="override batch_size (per process)")
+    p.add_argument("--learning-rate", "--lr", type=float, dest="learning_rate", help="override learning_rate")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="override mixed_precision")
+    p.add_argument(
+        "--resume",
+        action="store_const",
+        const="latest",
+        help="resume from the newest complete checkpoint in output_dir/checkpoints (a fresh start if there is none)",
+    )
+    p.add_argument("--resume-from", metavar="CHECKPOINT_DIR", help="resume from this checkpoint directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="start although output_dir holds an earlier run: its checkpoints, log and final/ are deleted "
+        "(with --resume-from: only the checkpoints after the one resumed); without it such a start is refused",
+    )
+    p.add_argument("--cpu", action="store_true", default=None, help="train on the CPU")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set data.crop_size=256 --set losses.lpips=0 (VALUE is JSON or a string)",
+    )
+    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``mor-sr train CONFIG [overrides]``; returns the exit code (0 ok, 2 bad config or missing files)."""
+    args = build_parser().parse_args(argv)
+    overrides = {
+        "max_steps": args.max_steps,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "mixed_precision": args.mixed_precision,
+        "cpu": args.cpu,
+        "output_dir": os.path.abspath(args.output_dir) if args.output_dir else None,
+        "resume": os.path.abspath(args.resume_from) if args.resume_from else args.resume,
+        "overwrite": args.overwrite,
+    }
+    try:
+        cfg = load_config(args.config, overrides=overrides, sets=args.set)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        print(f"mor-sr train: error: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    conflicts = conflicting_outputs(cfg)
+    if conflicts and not cfg.overwrite:  # before the (slow) model loading
+        print(f"mor-sr train: error: {refusal(cfg, conflicts)}", file=sys.stderr)
+        return 2
+    from ..train.loop import Trainer
+    from ..train.losses import LPIPSWeightsError
+
+    try:
+        trainer = Trainer(cfg)
+    except (LPIPSWeightsError, FileNotFoundError, ValueError) as e:
+        print(f"mor-sr train: error: {e}", file=sys.stderr)
+        return 2
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*upsample_bicubic2d.*")
+        try:
+            trainer.train()
+        except OutputDirInUse as e:
+            print(f"mor-sr train: error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
