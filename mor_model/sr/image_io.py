@@ -212,7 +212,8 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None | object = _DE
     """Read an image file as an RGB float32 tensor (3, H, W) in ``[0, 1]``; raises ``ImageReadError``.
 
     Before anything is decoded, the size the header declares is checked against ``max_pixels``
-    (default: Pillow's ``PIL.Image.MAX_IMAGE_PIXELS`` at call time, about 89 million; None: no cap)
+    (default: Pillow's ``PIL.Image.MAX_IMAGE_PIXELS`` at call time, about 89 million; None: no cap of
+    ours, though Pillow's header parser still refuses more than twice its ``MAX_IMAGE_PIXELS``)
     and against the memory this process can still allocate, and a PNG's compressed data is checked
     to hold exactly the declared rows (:func:`mor_model.sr.image_checks.check_png_data`). Truncated
     files fail (Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is refused if something set it). Any
@@ -236,7 +237,7 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None | object = _DE
     try:
         check_png_data(path)
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decided that above
             with Image.open(path) as img:
                 if tuple(img.size) != (width, height):
                     raise ValueError(f"the file changed while it was read ({img.size} vs {(width, height)})")
@@ -252,7 +253,7 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None | object = _DE
         raise ImageReadError(path, "no such file") from None
     except PNGDataError as e:
         raise ImageReadError(path, str(e)) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageReadError(path, f"image too large ({e})") from None
     except MemoryError:
         raise ImageReadError(path, f"not enough memory to decode its {width}x{height} pixels") from None
