@@ -88,7 +88,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= data_size
         ):
-            raise bad(f"tensor {name!r} has data offsets {offsets!r} outside the {data_size}-byte data section")
+            raise bad(
+                f"tensor {name!r} has data offsets {offsets!r} outside the {data_size}-byte data section "
+                "(a cut or corrupt file)"
+            )
         nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
         if offsets[1] - offsets[0] != nbytes:
             raise bad(
