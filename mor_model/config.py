@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import re
 from dataclasses import dataclass, field
@@ -88,6 +89,8 @@ class MoRConfig:
         if self.alpha is not None:
             if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real):
                 raise TypeError(f"MoRConfig.alpha must be a real number or None, got {type(self.alpha).__name__}")
+            if not math.isfinite(self.alpha):
+                raise ValueError(f"MoRConfig.alpha must be finite, got {self.alpha}")
             self.alpha = float(self.alpha)
         _choice("routing", self.routing, ROUTING_LEVELS)
         _choice("router_input", self.router_input, ROUTER_INPUTS)
@@ -109,8 +112,8 @@ class MoRConfig:
                     raise ValueError(f"MoRConfig.target_modules: bad regular expression {pattern!r}: {err}") from None
         if isinstance(self.balance_alpha, bool) or not isinstance(self.balance_alpha, numbers.Real):
             raise TypeError(f"MoRConfig.balance_alpha must be a real number, got {type(self.balance_alpha).__name__}")
-        if self.balance_alpha < 0:
-            raise ValueError(f"MoRConfig.balance_alpha must be >= 0, got {self.balance_alpha}")
+        if not (math.isfinite(self.balance_alpha) and self.balance_alpha >= 0):
+            raise ValueError(f"MoRConfig.balance_alpha must be a finite number >= 0, got {self.balance_alpha}")
         self.balance_alpha = float(self.balance_alpha)
         self.num_degradation_dims = _int("num_degradation_dims", self.num_degradation_dims, 1)
         if not isinstance(self.renormalize, bool):

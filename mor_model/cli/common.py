@@ -162,21 +162,67 @@ def run_kwargs(args) -> dict:
     }
 
 
-def check_args(args) -> str | None:
-    """Problems with the arguments that need the model's configs (not its weights), or None: checked before
-    any image is read, so they are usage errors, not per-image failures."""
+def device_problem(device: str | None) -> str | None:
+    """Why ``--device`` cannot be used (a bad name, a device type the pipeline does not run on, CUDA
+    asked for but absent), naming the flag; None when it is fine or not given."""
     import torch
 
     from ..sr.loading import _check_device
+
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        return f"--device {device!r} is not a device name (expected cpu, cuda or cuda:N)"
+    if dev.type not in ("cpu", "cuda"):
+        return f"--device {device!r}: the pipeline runs on cpu or cuda devices only"
+    try:
+        _check_device(dev)
+    except ValueError as e:
+        return f"--device: {e}"
+    return None
+
+
+def input_trees(args) -> list:
+    """The model's folders and files (model, adapters, CLIP): outputs never land on a file inside them."""
+    return [p for p in (args.model, args.adapter, args.vae_adapter, args.clip) if p]
+
+
+def check_args(args) -> str | None:
+    """Problems with the arguments that need the model's configs (not its weights), or None: checked before
+    any image is read, so they are usage errors, not per-image failures."""
     from ..sr.tile_plan import check_call_options, model_factors
 
+    problem = device_problem(args.device)
+    if problem:
+        return problem
     try:
-        if args.device is not None:
-            _check_device(torch.device(args.device))
         vae_factor, unet_factor = model_factors(args.model)
         run = run_kwargs(args)
         options = {k: run[k] for k in ("scale", "color_fix", "tile", "tile_overlap", "encoder_tile", "decoder_tile")}
         check_call_options(vae_factor=vae_factor, unet_factor=unet_factor, tile_norm=args.tile_norm, **options)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:  # torch.device raises RuntimeError on bad names
+    except (ValueError, FileNotFoundError) as e:
         return str(e)
     return None
+
+
+def memory_problem(pipe, height: int, width: int, args, *, batch: int = 1) -> str | None:
+    """Why upscaling ``batch`` images of ``height x width`` with these options cannot fit in the memory the
+    host and the device have now (:func:`mor_model.sr.tile_plan.job_memory`), or None."""
+    from ..sr.host_memory import device_free_bytes, host_available_bytes
+    from ..sr.tile_plan import job_memory, memory_shortfall, resolve_tile_sizes
+
+    tiles = resolve_tile_sizes(args.tile, args.encoder_tile, args.decoder_tile, lambda: pipe.auto_tile_sizes(batch))
+    job = job_memory(
+        height,
+        width,
+        unet_config=pipe.unet.config,
+        vae_config=pipe.vae.config,
+        dtype=pipe.dtype,
+        device=pipe.device,
+        tiles=tiles,
+        scale=args.scale,
+        batch=batch,
+    )
+    return memory_shortfall(job, host_free=host_available_bytes(), device_free=device_free_bytes(pipe.device))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, err
+from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, device_problem, err, nonneg_int
+from .outputs import UsageError, check_output_files
 
 
 def add_parser(sub) -> None:
@@ -23,17 +24,32 @@ def add_parser(sub) -> None:
         help="comma-separated: psnr, ssim (built in) and pyiqa names, e.g. lpips (AlexNet), lpips-vgg, dists, musiq, "
         "maniqa (KonIQ), maniqa-pipal (OSEDiff's tables), clipiqa (default psnr,ssim)",
     )
-    ev.add_argument("--crop-border", type=int, default=4, help="pixels removed on each side (default 4 = scale)")
+    ev.add_argument("--crop-border", type=nonneg_int, default=4, help="pixels removed on each side (default 4 = scale)")
     ev.add_argument("--rgb", action="store_true", help="PSNR/SSIM on RGB instead of the Y channel")
     ev.add_argument("--suffix", default="", help="strip this from prediction stems before matching (e.g. _x4)")
-    ev.add_argument("--csv", metavar="FILE", help="per-image CSV (default: PRED/metrics.csv)")
+    ev.add_argument("--csv", metavar="FILE", help="per-image CSV (default: PRED/metrics.csv); never an input image")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing CSV")
     ev.add_argument("--device", default="cpu", help="device for pyiqa metrics (default cpu)")
 
 
 def run(args) -> int:
-    from ..eval.evaluate import evaluate, format_summary, write_csv
+    from ..eval.evaluate import check_metric_names, evaluate, format_summary, write_csv
+    from ..sr.image_io import collect_images
 
-    metrics = [m for m in args.metrics.split(",") if m.strip()]
+    csv_path = Path(args.csv) if args.csv else Path(args.pred) / "metrics.csv"
+    try:
+        metrics = check_metric_names(args.metrics.split(","))
+        problem = device_problem(args.device)
+        if problem:
+            raise UsageError(problem)
+        for flag, d in (("--pred", args.pred), ("--gt", args.gt)):
+            if not Path(d).is_dir():
+                raise UsageError(f"{flag} {d} is not a folder")
+        inputs = collect_images([args.pred, args.gt], recursive=True).files
+        check_output_files({"--csv": csv_path}, inputs=inputs, overwrite=args.overwrite)
+    except ValueError as e:  # UsageError included
+        err(str(e))
+        return EXIT_USAGE
     try:
         result = evaluate(
             args.pred,
@@ -51,9 +67,14 @@ def run(args) -> int:
         err(f"{path}: {why}")
     for m, why in result.unavailable.items():
         err(f"metric {m} unavailable: {why}")
-    csv_path = Path(args.csv) if args.csv else Path(args.pred) / "metrics.csv"
+    for m, names in result.infinite.items():
+        err(f"{len(names)} pairs have {m} = inf (identical images), left out of its mean: {', '.join(names[:5])}")
     if result.rows:
-        write_csv(result, csv_path)
+        try:
+            write_csv(result, csv_path, overwrite=args.overwrite)
+        except OSError as e:
+            err(f"cannot write {csv_path}: {e}")
+            return EXIT_FAILED
     print(format_summary(result, crop_border=args.crop_border, y_channel=not args.rgb))
     if result.rows:
         print(f"per-image values: {csv_path}")

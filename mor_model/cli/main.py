@@ -65,6 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     code = COMMANDS[args.command](args)
-    if args.command != "eval":
+    if args.command != "eval" and code != EXIT_USAGE:
         print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return code

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -12,9 +10,12 @@ from .common import (
     add_run_args,
     check_args,
     err,
+    input_trees,
     load_pipeline,
+    memory_problem,
     run_kwargs,
 )
+from .outputs import UsageError, check_output_files, write_output
 
 
 def add_parser(sub) -> None:
@@ -22,11 +23,15 @@ def add_parser(sub) -> None:
         "route-stats",
         help="active ranks per MoR layer for given images (table + heatmap PNG)",
         description="Runs the pipeline on each image and reports, per MoR layer, the active real ranks "
-        "(shared + selected non-zero slots) per image: a table on stdout and a heatmap PNG (layers x images).",
+        "(shared + selected non-zero slots) per image: a table on stdout and a heatmap PNG (layers x images). "
+        "-o and --json never name an input and replace nothing without --overwrite; both are written atomically.",
     )
     rs.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
-    rs.add_argument("-o", "--output", default="route_stats.png", metavar="PNG", help="heatmap path (route_stats.png)")
+    rs.add_argument(
+        "-o", "--output", default="route_stats.png", metavar="PNG", help="heatmap path (default route_stats.png)"
+    )
     rs.add_argument("--json", metavar="FILE", help="also write the statistics as JSON")
+    rs.add_argument("--overwrite", action="store_true", help="replace existing -o/--json files (never inputs)")
     rs.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
     add_model_args(rs)
     add_run_args(rs)
@@ -38,14 +43,30 @@ def run(args) -> int:
     import torch
 
     from ..layers import mor_layers
-    from ..sr.image_io import ImageReadError, collect_images, load_image
+    from ..sr.image_io import ImageReadError, collect_images, image_size, load_image
     from ..stats import RoutingStats, routing_stats, save_routing_heatmap
 
-    problem = check_args(args)
-    if problem:
-        err(problem)
-        return EXIT_USAGE
     collected = collect_images(args.inputs, recursive=args.recursive)
+    try:  # every usage error before the model is loaded or an image is read
+        problem = check_args(args)
+        if problem:
+            raise UsageError(problem)
+        outputs = check_output_files(
+            {"-o": args.output, "--json": args.json},
+            inputs=collected.files,
+            input_trees=input_trees(args),
+            overwrite=args.overwrite,
+        )
+        try:
+            import matplotlib  # noqa: F401 - the heatmap needs it; find out now, not after the model ran
+        except ImportError:
+            raise UsageError(
+                "the heatmap (-o) needs matplotlib, which is not installed: pip install 'mor-sr[model]' "
+                "(or pip install matplotlib)"
+            ) from None
+    except ValueError as e:  # UsageError included
+        err(str(e))
+        return EXIT_USAGE
     failures = 0
     for path, why in collected.errors:
         err(f"skipping {path}: {why}")
@@ -66,6 +87,12 @@ def run(args) -> int:
     layer_names = None
     for path in collected.files:
         try:
+            width, height = image_size(path)
+            why = memory_problem(pipe, height, width, args)
+            if why:
+                err(f"skipping {path}: too large for this machine ({width}x{height} input): it {why}")
+                failures += 1
+                continue
             img = load_image(path)
         except Exception as e:  # noqa: BLE001
             err(f"skipping unreadable image {path}: {e.reason if isinstance(e, ImageReadError) else e}")
@@ -109,13 +136,23 @@ def run(args) -> int:
     print()
     for j, (n, sev) in enumerate(zip(names, severities, strict=True)):
         print(f"image {j}: {n}  severity {sev:.3f}  mean active ranks {active[:, j].mean():.2f}")
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_routing_heatmap(stats, out, title="active real ranks (columns: images in the order above)")
-    print(f"heatmap: {out}")
-    if args.json:
-        data = stats.to_dict()
-        data.update({"images": names, "severity": severities})
-        Path(args.json).write_text(json.dumps(data, indent=1))
-        print(f"json: {args.json}")
+    try:
+        write_output(
+            outputs["-o"],
+            lambda tmp: save_routing_heatmap(
+                stats, tmp, title="active real ranks (columns: images in the order above)"
+            ),
+            overwrite=args.overwrite,
+        )
+        print(f"heatmap: {outputs['-o']}")
+        if "--json" in outputs:
+            data = stats.to_dict()
+            data.update({"images": names, "severity": severities})
+            write_output(
+                outputs["--json"], lambda tmp: tmp.write_text(json.dumps(data, indent=1)), overwrite=args.overwrite
+            )
+            print(f"json: {outputs['--json']}")
+    except OSError as e:
+        err(f"cannot write the results: {e}")
+        return EXIT_FAILED
     return EXIT_FAILED if failures else EXIT_OK

@@ -7,9 +7,11 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from ..train.checkpoints import OutputDirInUse, conflicting_outputs, refusal
-from ..train.config import load_config
+from ..train.config import load_config, missing_sources
+from .outputs import UsageError, check_output_folder, same_file
 
 __all__ = ["CONFIG_HELP", "build_parser", "main"]
 
@@ -78,8 +80,35 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override any config key, e.g. --set data.crop_size=256 --set losses.lpips=0 (VALUE is JSON or a string)",
     )
-    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument(
+        "--check", action="store_true", help="validate the config and its input paths (model, data.hr...), then exit"
+    )
     return p
+
+
+def check_train_paths(cfg) -> None:
+    """The inputs exist (:func:`mor_model.train.config.missing_sources`) and the run's outputs (under
+    ``output_dir``: checkpoints/, final/, the logs; ``--overwrite`` deletes them) hold no input (the output
+    rules of :mod:`mor_model.cli.outputs`); ``UsageError`` with every problem otherwise."""
+    from ..train.log import LAYERS_NAME, LOG_NAME
+
+    problems = missing_sources(cfg)
+    try:
+        check_output_folder("output_dir", cfg.output_dir)
+    except UsageError as e:
+        problems.append(str(e))
+    out = Path(cfg.output_dir)
+    written = [out / "checkpoints", out / "final", out / LOG_NAME, out / LAYERS_NAME]
+    inputs = [("model", cfg.model), ("adapter", cfg.adapter), ("clip", cfg.clip)]
+    inputs += [("data.hr", src) for src in cfg.data.hr]
+    for key, value in inputs:
+        if value is None:
+            continue
+        for w in written:
+            if same_file(value, w) or Path(value).resolve().is_relative_to(w.resolve()):
+                problems.append(f"{key} {value} lies in {w}, which this run writes (and --overwrite deletes)")
+    if problems:
+        raise UsageError("; ".join(problems))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides=overrides, sets=args.set)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        print(f"mor-sr train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        check_train_paths(cfg)
+    except UsageError as e:
         print(f"mor-sr train: error: {e}", file=sys.stderr)
         return 2
     if args.check:

@@ -26,6 +26,7 @@ import torch
 
 __all__ = [
     "BUILTIN_METRICS",
+    "PYIQA_METRICS",
     "EvalResult",
     "MetricUnavailable",
     "evaluate",
@@ -35,6 +36,34 @@ __all__ = [
 ]
 
 BUILTIN_METRICS = ("psnr", "ssim")
+#: pyiqa metric names this tool documents; with pyiqa installed, ``pyiqa.list_models()`` is the full list
+PYIQA_METRICS = (
+    "lpips", "lpips-vgg", "dists", "musiq", "musiq-koniq", "musiq-spaq", "maniqa", "maniqa-kadid", "maniqa-pipal",
+    "clipiqa", "clipiqa+", "niqe", "brisque", "nima", "topiq_fr", "topiq_nr", "pieapp", "ahiq", "dbcnn", "hyperiqa",
+    "paq2piq", "cnniqa", "ckdn", "ms_ssim", "fsim", "vif", "gmsd", "nlpd", "vsi", "mad", "liqe", "arniqa",
+)  # fmt: skip
+
+
+def check_metric_names(metrics) -> list[str]:
+    """The metric names, normalised; ``ValueError`` ("unknown metric ...", listing the known names) for a
+    name that is neither built in nor a pyiqa metric (pyiqa's own list when it is installed)."""
+    names = [m.strip().lower() for m in metrics if m.strip()]
+    if not names:
+        raise ValueError("metrics must name at least one metric")
+    try:
+        import pyiqa
+
+        pyiqa_names, where = sorted(pyiqa.list_models()), "pyiqa"
+    except Exception:  # noqa: BLE001 - absent or broken pyiqa: the documented names
+        pyiqa_names, where = list(PYIQA_METRICS), "pyiqa, not installed"
+    unknown = [m for m in names if m not in BUILTIN_METRICS and m not in pyiqa_names]
+    if unknown:
+        shown = ", ".join(pyiqa_names[:40]) + (f" ... ({len(pyiqa_names)} in all)" if len(pyiqa_names) > 40 else "")
+        raise ValueError(
+            f"unknown metric {', '.join(map(repr, unknown))}; known: {', '.join(BUILTIN_METRICS)} (built in); "
+            f"{shown} ({where})"
+        )
+    return names
 
 
 class MetricUnavailable(RuntimeError):
@@ -44,11 +73,14 @@ class MetricUnavailable(RuntimeError):
 @dataclass
 class EvalResult:
     """Per-image ``rows`` (``{"name", "pred", "gt", metric: value}``), per-metric ``summary`` means,
-    ``unavailable`` ``{metric: reason}`` and ``errors`` ``[(path, reason)]`` (unmatched or unreadable)."""
+    ``unavailable`` ``{metric: reason}``, ``errors`` ``[(path, reason)]`` (unmatched, unreadable, too small
+    for the border crop) and ``infinite`` ``{metric: [names]}``: pairs whose value is infinite (identical
+    images give PSNR inf), reported apart and left out of the mean, which is over the finite values."""
 
     metrics: list[str]
     rows: list[dict] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
+    infinite: dict[str, list[str]] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
     errors: list[tuple[str, str]] = field(default_factory=list)
 
@@ -227,9 +259,7 @@ def evaluate(
             raise FileNotFoundError(f"--{name} {d} is not a folder")
     if isinstance(crop_border, bool) or not isinstance(crop_border, int) or crop_border < 0:
         raise ValueError(f"crop_border must be a non-negative int, got {crop_border!r}")
-    metrics = [m.strip().lower() for m in metrics if m.strip()]
-    if not metrics:
-        raise ValueError("metrics must name at least one metric")
+    metrics = check_metric_names(metrics)
     device = torch.device(device)
     result = EvalResult(metrics=list(metrics))
     pairs = _pair(pred_dir, gt_dir, suffix, result)
@@ -256,11 +286,18 @@ def evaluate(
                 )
                 continue
             row = {"name": key, "pred": str(p), "gt": str(g)}
+            try:  # the built-in metrics first: a pair too small for the border crop is skipped, not fatal
+                for m in active:
+                    if m == "psnr":
+                        row[m] = float(psnr(pred, gt, crop_border=crop_border, y_channel=y_channel))
+                    elif m == "ssim":
+                        row[m] = float(ssim(pred, gt, crop_border=crop_border, y_channel=y_channel))
+            except ValueError as e:
+                result.errors.append((str(p), f"skipped: {e}"))
+                continue
             for m in list(active):
-                if m == "psnr":
-                    row[m] = float(psnr(pred, gt, crop_border=crop_border, y_channel=y_channel))
-                elif m == "ssim":
-                    row[m] = float(ssim(pred, gt, crop_border=crop_border, y_channel=y_channel))
+                if m in BUILTIN_METRICS:
+                    continue
                 else:
                     try:
                         row[m] = _run_metric(iqa[m], pred, gt, device)
@@ -272,24 +309,28 @@ def evaluate(
             result.rows.append(row)
             if progress is not None:
                 progress(i + 1, len(pairs))
-    for m in active:  # a plain mean: identical pairs (PSNR inf) make the PSNR mean inf, as in BasicSR
-        vals = [r[m] for r in result.rows]
+    for m in active:  # identical pairs (PSNR inf) are counted apart; the mean is over the finite values
+        vals = [r[m] for r in result.rows if math.isfinite(r[m])]
+        bad = [r["name"] for r in result.rows if not math.isfinite(r[m])]
+        if bad:
+            result.infinite[m] = bad
         result.summary[m] = math.fsum(vals) / len(vals) if vals else float("nan")
     return result
 
 
-def write_csv(result: EvalResult, path: str | os.PathLike) -> Path:
-    """One row per image (name, pred, gt, then the metrics), written atomically."""
+def write_csv(result: EvalResult, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """One row per image (name, pred, gt, then the metrics; ``inf`` for identical pairs), written atomically
+    (``overwrite=False`` never replaces an existing file)."""
+    from ..atomic_write import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     cols = ["name", "pred", "gt"] + [m for m in result.metrics if m in result.summary]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for row in result.rows:
-            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
-    os.replace(tmp, path)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            for row in result.rows:
+                w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
     return path
 
 
@@ -301,7 +342,11 @@ def format_summary(result: EvalResult, *, crop_border: int, y_channel: bool) -> 
     n = len(result.rows)
     for m in result.metrics:
         if m in result.summary:
-            lines.append(f"{m:<16}{result.summary[m]:>12.4f}  {n:>6}  {notes.get(m, 'pyiqa')}")
+            note = notes.get(m, "pyiqa")
+            k = len(result.infinite.get(m, ()))
+            if k:
+                note += f"; mean over {n - k} finite values, {k} identical pairs (inf) left out"
+            lines.append(f"{m:<16}{result.summary[m]:>12.4f}  {n - k:>6}  {note}")
         else:
             lines.append(f"{m:<16}{'n/a':>12}  {0:>6}  unavailable: {result.unavailable.get(m, '?')}")
     return "\n".join(lines)

@@ -7,25 +7,28 @@
   16-bit grey (full precision), 32-bit integer (read as 16-bit data) and float images (``[0, 1]``, or
   rescaled from 0-255/0-65535 when larger values occur) are converted; alpha is dropped (the colour
   channels are kept as stored); the EXIF orientation is applied. Pillow decodes 16-bit *RGB* files
-  to 8 bits, so those are read at 8-bit precision. Unreadable or
-  corrupt files raise ``ImageReadError`` (a ``ValueError``) naming the file.
+  to 8 bits, so those are read at 8-bit precision. Unreadable, corrupt or truncated files raise
+  ``ImageReadError`` (a ``ValueError``) naming the file; so does a header that declares more pixels
+  than ``max_pixels`` or than there is memory to decode (checked before decoding, with
+  :mod:`mor_model.sr.image_checks`). ``image_size(path)`` reads the declared size alone.
 - ``drop_earlier_outputs(collected, out_dir, ...)``: when the output folder overlaps the scanned
   input folders, takes earlier results out of the inputs (so a rerun skips them instead of
   upscaling them again), and refuses (``ValueError``) a layout where outputs could not be told from
   inputs.
 - ``plan_outputs(files, out_dir, ...)``: one output path per input that never equals an input file,
   never collides with another output, and keeps sub-folders of folder inputs; existing outputs are
-  marked to be skipped unless ``overwrite``.
+  marked to be skipped unless ``overwrite``. ``suffix`` must be a plain part of a file name
+  (``check_suffix``: no separator, no ``..``).
 - ``save_image(img, path)``: 8-bit PNG/JPEG/WebP/BMP/TIFF written to a temporary file in the same
-  folder and moved into place with ``os.replace`` (readers never see a half-written file; a failed
-  write leaves no partial file).
+  folder and moved into place (:func:`mor_model.atomic_write.atomic_path`: readers never see a
+  half-written file; a failed write leaves no partial file; ``overwrite=False`` never replaces a file).
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import secrets
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +36,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic_write import atomic_path
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageReadError",
     "CollectedImages",
     "OutputPlan",
     "collect_images",
+    "image_size",
     "load_image",
+    "check_suffix",
     "iter_images",
     "drop_earlier_outputs",
     "plan_outputs",
@@ -47,6 +54,7 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+_DEFAULT = object()  # "not given" for arguments whose default is read at call time
 _FORMATS = {
     ".png": "PNG",
     ".jpg": "JPEG",
@@ -161,24 +169,97 @@ def _to_float_array(img) -> np.ndarray:
     return np.clip(arr, 0.0, 1.0)
 
 
-def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """Read an image file as an RGB float32 tensor (3, H, W) in ``[0, 1]``; raises ``ImageReadError``."""
-    Image, ImageOps = _pil()
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` the file declares, read from its header (nothing is decoded; the EXIF
+    orientation is not applied); raises ``ImageReadError``."""
+    Image, _ = _pil()
     path = Path(path)
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now, so truncated/corrupt data fails here
-            img = ImageOps.exif_transpose(img)
-            arr = _to_float_array(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller applies its own cap
+            with Image.open(path) as img:
+                return tuple(img.size)
     except FileNotFoundError:
         raise ImageReadError(path, "no such file") from None
     except Image.DecompressionBombError as e:
         raise ImageReadError(path, f"image too large ({e})") from None
-    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure of the header parser is this file's problem
         raise ImageReadError(path, f"{type(e).__name__}: {e}") from None
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ImageReadError(path, "image is empty (0 pixels)")
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def _check_declared_size(path: Path, width: int, height: int, max_pixels: int | None) -> None:
+    from .host_memory import format_bytes, host_available_bytes
+    from .image_checks import DECODE_BYTES_PER_PIXEL
+
+    pixels = width * height
+    if max_pixels is not None and pixels > max_pixels:
+        raise ImageReadError(
+            path,
+            f"it declares {width}x{height} = {pixels} pixels, more than the limit of {max_pixels} "
+            "(PIL.Image.MAX_IMAGE_PIXELS, or max_pixels=)",
+        )
+    need = pixels * DECODE_BYTES_PER_PIXEL
+    free = host_available_bytes()
+    if free is not None and need > free:
+        raise ImageReadError(
+            path,
+            f"decoding its declared {width}x{height} pixels needs about {format_bytes(need)} of memory; "
+            f"{format_bytes(free)} is available",
+        )
+
+
+def load_image(path: str | os.PathLike, *, max_pixels: int | None | object = _DEFAULT) -> torch.Tensor:
+    """Read an image file as an RGB float32 tensor (3, H, W) in ``[0, 1]``; raises ``ImageReadError``.
+
+    Before anything is decoded, the size the header declares is checked against ``max_pixels``
+    (default: Pillow's ``PIL.Image.MAX_IMAGE_PIXELS`` at call time, about 89 million; None: no cap of
+    ours, though Pillow's header parser still refuses more than twice its ``MAX_IMAGE_PIXELS``)
+    and against the memory this process can still allocate, and a PNG's compressed data is checked
+    to hold exactly the declared rows (:func:`mor_model.sr.image_checks.check_png_data`). Truncated
+    files fail (Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is refused if something set it). Any
+    failure of the decoder, running out of memory included, is an ``ImageReadError`` naming the file.
+    """
+    Image, ImageOps = _pil()
+    from PIL import ImageFile
+
+    from .image_checks import PNGDataError, check_png_data
+
+    path = Path(path)
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise ImageReadError(
+            path,
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set (by this program or a library it imported): truncated "
+            "files would load with made-up pixels; set it back to False",
+        )
+    cap = Image.MAX_IMAGE_PIXELS if max_pixels is _DEFAULT else max_pixels
+    width, height = image_size(path)
+    _check_declared_size(path, width, height, cap)
+    try:
+        check_png_data(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decided that above
+            with Image.open(path) as img:
+                if tuple(img.size) != (width, height):
+                    raise ValueError(f"the file changed while it was read ({img.size} vs {(width, height)})")
+                img.load()  # decode now, so truncated/corrupt data fails here
+                img = ImageOps.exif_transpose(img)
+                arr = _to_float_array(img)
+            if arr.shape[0] == 0 or arr.shape[1] == 0:
+                raise ImageReadError(path, "image is empty (0 pixels)")
+            chw = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    except ImageReadError:
+        raise
+    except FileNotFoundError:
+        raise ImageReadError(path, "no such file") from None
+    except PNGDataError as e:
+        raise ImageReadError(path, str(e)) from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(path, f"image too large ({e})") from None
+    except MemoryError:
+        raise ImageReadError(path, f"not enough memory to decode its {width}x{height} pixels") from None
+    except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error, IndexError...
+        raise ImageReadError(path, f"{type(e).__name__}: {e}") from None
+    return chw
 
 
 def iter_images(
@@ -213,6 +294,7 @@ def drop_earlier_outputs(
       case-insensitively) are taken as earlier outputs and dropped; a rerun then skips their
       inputs instead of upscaling the outputs again.
     """
+    check_suffix(suffix)
     out = Path(out_dir).resolve()
     ext = ext if ext.startswith(".") else "." + ext
     rows = [(f, root, f.resolve(), None if root is None else root.resolve()) for f, root in
@@ -281,6 +363,7 @@ def plan_outputs(
         roots = [None] * len(files)
     if len(roots) != len(files):
         raise ValueError(f"roots must have one entry per file ({len(files)}), got {len(roots)}")
+    check_suffix(suffix)
     ext = ext if ext.startswith(".") else "." + ext
     if ext.lower() not in _FORMATS:
         raise ValueError(f"ext must be one of {tuple(_FORMATS)}, got {ext!r}")
@@ -299,21 +382,37 @@ def plan_outputs(
             [f"{f.stem}{suffix}{ext}", f"{f.stem}_{tag}{suffix}{ext}"],
             (f"{f.stem}_{tag}_{i}{suffix}{ext}" for i in itertools.count(1)),
         )
-        for name in names:
+        # the names are distinct, so at most len(inputs) + len(taken) of them can be in use: the search
+        # ends within that many tries (the bound turns a broken assumption into an error, not a hang)
+        for name in itertools.islice(names, len(inputs) + len(taken) + 2):
             out = folder / name
             key = str(out.resolve()).casefold()
             if key not in inputs and key not in taken:
                 break
+        else:
+            raise ValueError(f"found no free output name for {f} in {folder}")
         taken.add(key)
         plans.append(OutputPlan(f, out, skip=(not overwrite) and out.exists()))
     return plans
 
 
-def save_image(img: torch.Tensor, path: str | os.PathLike, *, quality: int = 95) -> Path:
+def check_suffix(suffix: str) -> str:
+    """``suffix`` for output names (``--suffix``): a plain piece of a file name. A path separator, ``..``
+    or a NUL byte could move an output out of its folder (``"/../../x"``); ``ValueError`` naming it."""
+    if not isinstance(suffix, str):
+        raise TypeError(f"suffix must be a str, got {type(suffix).__name__}")
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if any(c in suffix for c in seps) or ".." in suffix or "\0" in suffix:
+        raise ValueError(f"--suffix must be a plain part of a file name (no path separator, no '..'), got {suffix!r}")
+    return suffix
+
+
+def save_image(img: torch.Tensor, path: str | os.PathLike, *, quality: int = 95, overwrite: bool = True) -> Path:
     """Write an RGB image in ``[0, 1]`` ((3, H, W) or (1, 3, H, W), any float dtype or uint8) atomically.
 
     The format comes from the extension; values are clamped and rounded to 8 bits; JPEG/WebP use
-    ``quality``. Parent folders are created. Returns the path.
+    ``quality``. Parent folders are created. ``overwrite=False`` never replaces an existing file
+    (``FileExistsError``, even for a file that appeared while the image was being made). Returns the path.
     """
     Image, _ = _pil()
     path = Path(path)
@@ -332,22 +431,7 @@ def save_image(img: torch.Tensor, path: str | os.PathLike, *, quality: int = 95)
         arr = (img.detach().to("cpu", torch.float32).clamp(0, 1) * 255.0).round().to(torch.uint8)
     arr = arr.expand(3, -1, -1).permute(1, 2, 0).contiguous().numpy()
     pil = Image.fromarray(arr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a hidden temporary name in the same folder (same file system, so os.replace is atomic); created
-    # with O_EXCL and the usual 0o666 & ~umask permissions (mkstemp would make it 0o600)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            kwargs = {"quality": int(quality)} if fmt in ("JPEG", "WEBP") else {}
-            pil.save(fh, format=fmt, **kwargs)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    kwargs = {"quality": int(quality)} if fmt in ("JPEG", "WEBP") else {}
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        pil.save(tmp, format=fmt, **kwargs)
     return path

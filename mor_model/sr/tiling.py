@@ -16,9 +16,11 @@ Weights (per output pixel of a tile, separable ``w(y) w(x)``, accumulated in flo
 their sum, so a pointwise ``fn`` gives exactly the untiled result up to rounding):
 
 - ``"cosine"`` (default): 1 inside, a raised-cosine ramp over the actual overlap on each side that
-  has a neighbouring tile, none on sides at the image border. The weights of overlapping tiles sum
-  to exactly 1 (a partition of unity) and start from ~0 at every inner tile edge, so a tile's border
-  pixels (where a model sees the least context) count least and no seam can appear.
+  has a neighbouring tile, none on sides at the image border (:func:`axis_weights`; where three
+  tiles overlap, the ramps are narrowed so that at most two tiles share a pixel). The weights of
+  overlapping tiles sum to exactly 1 (a partition of unity) and start from ~0 at every inner tile
+  edge, so a tile's border pixels (where a model sees the least context) count least and no seam
+  can appear. :func:`tile_layout` returns the tiles and weights ``tiled_apply`` uses.
 - ``"gaussian"``: ``exp(-d^2 / (2 (sigma n)^2))`` with ``d`` the distance to the tile centre, ``n`` the
   tile length and ``sigma = 0.1`` (the MultiDiffusion/OSEDiff weighting: edge weights ~4e-6 so a tile
   enters without a visible step; transitions are steeper than the cosine ramps);
@@ -35,6 +37,7 @@ import contextlib
 import math
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
@@ -43,8 +46,11 @@ import torch.nn.functional as F
 __all__ = [
     "TILE_WEIGHTS",
     "GroupNormStats",
+    "TileLayout",
+    "axis_weights",
     "choose_tile_size",
     "subsample_to",
+    "tile_layout",
     "tile_starts",
     "tile_weight",
     "tiled_apply",
@@ -173,66 +179,147 @@ def tiled_apply(
         raise ValueError(f"tile_size ({th}, {tw}) must be positive and larger than overlap ({oh}, {ow})")
 
     b, _, h, w = x.shape
-    hp, wp = _round_up(h, multiple), _round_up(w, multiple)
+    layout = tile_layout(h, w, tile_size=(th, tw), overlap=(oh, ow), scale=sc, multiple=multiple, weight=weight)
+    hp, wp = layout.padded
     if (hp, wp) != (h, w):
         x = F.pad(x, (0, wp - w, 0, hp - h), mode=pad_mode)
-    th, tw = min(th, hp), min(tw, wp)
-    ys = tile_starts(hp, th, oh, multiple)
-    xs = tile_starts(wp, tw, ow, multiple)
-    oth, otw = _scaled(th, sc, "tile rows"), _scaled(tw, sc, "tile cols")
-    out_h, out_w = _scaled(hp, sc, "padded height"), _scaled(wp, sc, "padded width")
+    th, tw = layout.tile
+    oth, otw = layout.out_tile
+    out_h, out_w = layout.out_size
 
     acc = None
     dev = x.device if out_device is None else torch.device(out_device)
     norm = torch.zeros(out_h, out_w, dtype=torch.float32, device=dev)
     out_dtype = None
-    total, done = len(ys) * len(xs), 0
-    weights: dict[tuple, torch.Tensor] = {}  # blending weights by the tile's overlaps (few distinct ones)
-    for iy, y0 in enumerate(ys):
-        for ix, x0 in enumerate(xs):
-            tile_out = fn(x[..., y0 : y0 + th, x0 : x0 + tw])
-            if tile_out.dim() != 4 or tile_out.shape[0] != b or tuple(tile_out.shape[-2:]) != (oth, otw):
-                raise ValueError(
-                    f"fn returned shape {tuple(tile_out.shape)} for a tile of {(b, x.shape[1], th, tw)}; "
-                    f"expected (B={b}, C_out, {oth}, {otw}) for scale={sc}"
-                )
-            if acc is None:
-                out_dtype = tile_out.dtype
-                acc = torch.zeros(b, tile_out.shape[1], out_h, out_w, dtype=torch.float32, device=dev)
-            # overlap actually shared with the neighbour on each side (in output pixels), for "cosine"
-            ov_y = _scaled(th - (ys[iy + 1] - y0), sc, "overlap") if iy + 1 < len(ys) else 0
-            ov_x = _scaled(tw - (xs[ix + 1] - x0), sc, "overlap") if ix + 1 < len(xs) else 0
-            ov_yp = _scaled(th - (y0 - ys[iy - 1]), sc, "overlap") if iy > 0 else 0
-            ov_xp = _scaled(tw - (x0 - xs[ix - 1]), sc, "overlap") if ix > 0 else 0
-            key = (ov_yp, ov_y, ov_xp, ov_x) if weight == "cosine" else ()
-            if key not in weights:
-                weights[key] = _tile_weight_asym(oth, otw, weight, (ov_yp, ov_y, ov_xp, ov_x)).to(dev)
-            wt = weights[key]
-            oy, ox = _scaled(y0, sc, "tile start"), _scaled(x0, sc, "tile start")
-            acc[..., oy : oy + oth, ox : ox + otw] += tile_out.to(dev, torch.float32) * wt
-            norm[oy : oy + oth, ox : ox + otw] += wt
-            done += 1
-            if progress is not None:
-                progress(done, total)
+    total = len(layout.tiles)
+    for done, t in enumerate(layout.tiles, 1):
+        tile_out = fn(x[..., t.y0 : t.y0 + th, t.x0 : t.x0 + tw])
+        if tile_out.dim() != 4 or tile_out.shape[0] != b or tuple(tile_out.shape[-2:]) != (oth, otw):
+            raise ValueError(
+                f"fn returned shape {tuple(tile_out.shape)} for a tile of {(b, x.shape[1], th, tw)}; "
+                f"expected (B={b}, C_out, {oth}, {otw}) for scale={sc}"
+            )
+        if acc is None:
+            out_dtype = tile_out.dtype
+            acc = torch.zeros(b, tile_out.shape[1], out_h, out_w, dtype=torch.float32, device=dev)
+        wt = layout.weight(t).to(dev)
+        acc[..., t.oy : t.oy + oth, t.ox : t.ox + otw] += tile_out.to(dev, torch.float32) * wt
+        norm[t.oy : t.oy + oth, t.ox : t.ox + otw] += wt
+        if progress is not None:
+            progress(done, total)
     out = acc / norm
     return out[..., : math.ceil(h * sc), : math.ceil(w * sc)].to(out_dtype)
 
 
-def _tile_weight_asym(h: int, w: int, kind: str, ov: tuple[int, int, int, int]) -> torch.Tensor:
-    """Weights with per-side overlaps (top, bottom, left, right); 0 means no neighbour on that side."""
+@dataclass(frozen=True)
+class Tile:
+    """One tile of a :class:`TileLayout`: input offsets ``(y0, x0)``, output offsets ``(oy, ox)``, and its
+    row and column indices ``(iy, ix)`` in the grid."""
+
+    y0: int
+    x0: int
+    oy: int
+    ox: int
+    iy: int
+    ix: int
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where :func:`tiled_apply` puts its tiles and how it weights them (see :func:`tile_layout`)."""
+
+    padded: tuple[int, int]  # input size padded to a multiple of ``multiple``
+    tile: tuple[int, int]  # tile size in input pixels
+    out_tile: tuple[int, int]  # tile size in output pixels
+    out_size: tuple[int, int]  # output size before the final crop
+    tiles: list[Tile]
+    row_weights: list[torch.Tensor]  # 1-D float64 weights (out_tile[0]) of each tile row
+    col_weights: list[torch.Tensor]  # 1-D float64 weights (out_tile[1]) of each tile column
+
+    def weight(self, t: Tile) -> torch.Tensor:
+        """The float32 (out_tile) blending weights of tile ``t``."""
+        return torch.outer(self.row_weights[t.iy], self.col_weights[t.ix]).to(torch.float32)
+
+
+def tile_layout(
+    height: int,
+    width: int,
+    *,
+    tile_size: int | tuple[int, int],
+    overlap: int | tuple[int, int],
+    scale: float | Fraction = 1,
+    multiple: int = 1,
+    weight: str = "cosine",
+) -> TileLayout:
+    """The tiles and blending weights :func:`tiled_apply` uses for a ``height x width`` input (arguments as
+    there, already validated by it)."""
+    th, tw = (tile_size, tile_size) if isinstance(tile_size, int) else tuple(tile_size)
+    oh, ow = (overlap, overlap) if isinstance(overlap, int) else tuple(overlap)
+    sc = Fraction(scale).limit_denominator(64) if isinstance(scale, float) else Fraction(scale)
+    hp, wp = _round_up(height, multiple), _round_up(width, multiple)
+    th, tw = min(th, hp), min(tw, wp)
+    ys = tile_starts(hp, th, oh, multiple)
+    xs = tile_starts(wp, tw, ow, multiple)
+    oth, otw = _scaled(th, sc, "tile rows"), _scaled(tw, sc, "tile cols")
+    oys = [_scaled(y, sc, "tile start") for y in ys]
+    oxs = [_scaled(x, sc, "tile start") for x in xs]
+    tiles = [
+        Tile(y0, x0, oy, ox, iy, ix)
+        for iy, (y0, oy) in enumerate(zip(ys, oys, strict=True))
+        for ix, (x0, ox) in enumerate(zip(xs, oxs, strict=True))
+    ]
+    return TileLayout(
+        padded=(hp, wp),
+        tile=(th, tw),
+        out_tile=(oth, otw),
+        out_size=(_scaled(hp, sc, "padded height"), _scaled(wp, sc, "padded width")),
+        tiles=tiles,
+        row_weights=axis_weights(oys, oth, kind=weight),
+        col_weights=axis_weights(oxs, otw, kind=weight),
+    )
+
+
+def axis_weights(starts: list[int], tile: int, *, kind: str = "cosine") -> list[torch.Tensor]:
+    """1-D blending weights (float64, length ``tile``) of tiles starting at ``starts`` (increasing) along one
+    axis, one per tile.
+
+    ``"cosine"``: between neighbouring tiles a raised-cosine ramp runs over their transition region, the
+    tile ``i`` going down from 1 to 0 exactly where tile ``i + 1`` goes up (``w + (1 - w)``); elsewhere
+    the one tile that owns a position has weight 1 and the others 0, so the weights of all tiles sum to 1
+    at every position (a partition of unity). The transition region is the overlap of the two tiles;
+    where three tiles overlap (a large overlap relative to the tile), neighbouring regions are cut at
+    the middle of their intersection, so each position stays shared by at most two tiles. Gaussian and
+    uniform weights are the same for every tile (:func:`tile_weight`).
+    """
+    if kind not in TILE_WEIGHTS:
+        raise ValueError(f"weight must be one of {TILE_WEIGHTS}, got {kind!r}")
+    n = len(starts)
     if kind != "cosine":
-        return tile_weight(h, w, kind=kind)
-    top, bottom, left, right = ov
+        return [_ramp_1d(tile, 0, False, False, kind)] * n
+    lo = [starts[i + 1] for i in range(n - 1)]  # overlap of tiles i and i + 1: [lo, hi)
+    hi = [starts[i] + tile for i in range(n - 1)]
+    cuts = [(lo[i + 1] + hi[i]) // 2 for i in range(n - 2)]
+    regions = [
+        (max(lo[i], cuts[i - 1]) if i > 0 else lo[i], min(hi[i], cuts[i]) if i < n - 2 else hi[i]) for i in range(n - 1)
+    ]
+    out = []
+    for i, s in enumerate(starts):
+        pos = torch.arange(s, s + tile, dtype=torch.float64)
+        w = torch.ones(tile, dtype=torch.float64)
+        if i > 0:  # ramp up over the region shared with the previous tile, 0 before it
+            a, b = regions[i - 1]
+            w = torch.where(pos < a, 0.0, torch.where(pos < b, _cosine_up(pos, a, b), w))
+        if i < n - 1:  # ramp down over the region shared with the next tile, 0 after it
+            a, b = regions[i]
+            w = torch.where(pos >= b, 0.0, torch.where(pos >= a, 1.0 - _cosine_up(pos, a, b), w))
+        out.append(w)
+    return out
 
-    def axis(n: int, a: int, c: int) -> torch.Tensor:
-        wv = torch.ones(n, dtype=torch.float64)
-        if a:
-            wv *= _ramp_1d(n, a, True, False, "cosine")
-        if c:
-            wv *= _ramp_1d(n, c, False, True, "cosine")
-        return wv
 
-    return torch.outer(axis(h, top, bottom), axis(w, left, right)).to(torch.float32)
+def _cosine_up(pos: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """``0.5 - 0.5 cos(pi t)`` at pixel centres ``t = (pos - a + 0.5) / (b - a)`` of the region ``[a, b)``."""
+    t = (pos - a + 0.5) / max(b - a, 1)
+    return 0.5 - 0.5 * torch.cos(math.pi * t)
 
 
 def choose_tile_size(

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DataConfig", "LPIPSConfig", "TrainConfig", "load_config", "apply_override"]
+__all__ = ["DataConfig", "LPIPSConfig", "TrainConfig", "load_config", "apply_override", "missing_sources"]
 
 LR_SCHEDULES = ("constant", "warmup", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -273,3 +273,19 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None, sets: li
         apply_override(data, assignment)
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return TrainConfig.from_dict(data, base_dir=Path(path).resolve().parent)
+
+
+def missing_sources(cfg: TrainConfig) -> list[str]:
+    """What the config reads that is not there (``mor-sr train`` and ``--check`` stop on these before any
+    loading): the model folder, each ``data.hr`` source, and ``adapter``, ``clip`` and ``resume`` when set."""
+    problems = []
+    if not Path(cfg.model).is_dir():
+        problems.append(f"model {cfg.model} is not a folder")
+    problems += [f"data.hr source {src} does not exist" for src in cfg.data.hr if not Path(src).exists()]
+    for key in ("adapter", "clip"):
+        value = getattr(cfg, key)
+        if value is not None and not Path(value).exists():
+            problems.append(f"{key} {value} does not exist")
+    if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
+        problems.append(f"resume {cfg.resume} is not a folder")
+    return problems

@@ -175,3 +175,69 @@ def test_pyiqa_metrics_never_download(folders, tmp_path, monkeypatch):
     # everything is restored afterwards
     assert torch.hub.download_url_to_file is hub_before and socket.socket.connect == connect_before
     assert "connect" not in vars(socket.socket)
+
+
+# -- issue 15, item 10: small pairs, unknown metrics, identical pairs ------------------------------------
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """gt/pred with a normal pair, an identical pair and a pair too small for a 4-pixel border crop."""
+    rng = np.random.default_rng(1)
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir()
+    pred.mkdir()
+    a = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    same = rng.integers(0, 256, size=(24, 24, 3), dtype=np.uint8)
+    tiny = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    Image.fromarray(a).save(gt / "a.png")
+    Image.fromarray(np.clip(a.astype(int) + 5, 0, 255).astype(np.uint8)).save(pred / "a.png")
+    Image.fromarray(same).save(gt / "same.png")
+    Image.fromarray(same).save(pred / "same.png")
+    Image.fromarray(tiny).save(gt / "tiny.png")
+    Image.fromarray(tiny[::-1]).save(pred / "tiny.png")
+    return pred, gt
+
+
+def test_small_pairs_are_skipped_and_identical_pairs_counted_apart(mixed):
+    pred, gt = mixed
+    res = evaluate(pred, gt, crop_border=4)
+    assert [r["name"] for r in res.rows] == ["a", "same"]
+    assert any("tiny.png" in p and "skipped" in why and "crop" in why for p, why in res.errors), res.errors
+    assert math.isinf(res.rows[1]["psnr"]) and res.infinite == {"psnr": ["same"]}
+    assert math.isfinite(res.summary["psnr"]) and res.summary["psnr"] == res.rows[0]["psnr"]  # the finite one
+    assert res.summary["ssim"] == pytest.approx((res.rows[0]["ssim"] + 1.0) / 2)  # SSIM 1 is finite: kept
+    text = format_summary(res, crop_border=4, y_channel=True)
+    assert "mean over 1 finite values, 1 identical pairs (inf) left out" in text
+
+
+def test_unknown_metrics_are_named_with_the_known_ones(mixed):
+    from mor_model.eval.evaluate import check_metric_names
+
+    pred, gt = mixed
+    with pytest.raises(ValueError, match=r"unknown metric 'bogus'; known: psnr, ssim \(built in\); .*lpips"):
+        evaluate(pred, gt, metrics=["psnr", "bogus"])
+    assert check_metric_names([" PSNR", "lpips", ""]) == ["psnr", "lpips"]
+
+
+def test_eval_cli_reports_small_unknown_and_identical(mixed, capsys):
+    import hashlib
+
+    from mor_model.cli import main
+
+    pred, gt = mixed
+    digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(pred.parent.rglob("*.png"))}
+    assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--metrics", "bogus,psnr"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown metric 'bogus'" in err and "psnr, ssim (built in)" in err and "pyiqa is not installed" not in err
+    assert not (pred / "metrics.csv").exists()
+    code = main(["eval", "--pred", str(pred), "--gt", str(gt)])
+    out = capsys.readouterr()
+    assert code == 1  # one pair was skipped
+    assert "tiny.png" in out.err and "skipped" in out.err
+    assert "1 pairs have psnr = inf (identical images), left out of its mean: same" in out.err
+    rows = list(csv.DictReader((pred / "metrics.csv").open()))
+    assert [r["name"] for r in rows] == ["a", "same"] and rows[1]["psnr"] == "inf"
+    psnr_line = next(line for line in out.out.splitlines() if line.startswith("psnr"))
+    assert math.isfinite(float(psnr_line.split()[1])) and "1 identical pairs (inf) left out" in psnr_line
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in digest} == digest

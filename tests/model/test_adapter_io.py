@@ -83,23 +83,29 @@ def test_errors(tmp_path):
         load_adapter(nn.Linear(3, 3), tmp_path)
 
 
+def _rewrite_weights(src, dst, tensors):
+    """An adapter directory ``dst`` with the JSON of ``src`` and these tensors (its checksum updated)."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    dst.mkdir(exist_ok=True)
+    save_file(tensors, str(dst / "mor_adapter.safetensors"))
+    meta = json.loads((src / "mor_adapter.json").read_text())
+    meta["weights_sha256"] = hashlib.sha256((dst / "mor_adapter.safetensors").read_bytes()).hexdigest()
+    (dst / "mor_adapter.json").write_text(json.dumps(meta))
+    return dst
+
+
 def test_extra_tensors_are_listed_and_casts_are_announced(saved, tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     base, scores, y, path = saved
-    copied = tmp_path / "copy"
-    copied.mkdir()
-    (copied / "mor_adapter.json").write_text((path / "mor_adapter.json").read_text())
     tensors = load_file(str(path / "mor_adapter.safetensors"))
-    save_file({**tensors, "bogus.lora_a": torch.zeros(2)}, str(copied / "mor_adapter.safetensors"))
-    with pytest.raises(
-        ValueError, match=r"1 tensors of the file belong to no MoR layer of the model: \['bogus.lora_a'\]"
-    ):
+    copied = _rewrite_weights(path, tmp_path / "copy", {**tensors, "bogus.lora_a": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"'bogus.lora_a' belongs to no target of the JSON"):
         load_adapter(copy.deepcopy(base), copied)
-    save_file(
-        {k: v.half() if k.endswith("lora_b") else v for k, v in tensors.items()},
-        str(copied / "mor_adapter.safetensors"),
-    )
+    _rewrite_weights(path, copied, {k: v.half() if k.endswith("lora_b") else v for k, v in tensors.items()})
     with pytest.warns(UserWarning, match="cast to the model's parameter dtype"):
         load_adapter(copy.deepcopy(base), copied)
 

@@ -301,3 +301,53 @@ def test_token_router_checks_the_batch_of_the_scores():
     layer.router.set_degradation(torch.rand(3, 7))  # severity for 3 samples, input has 2
     with pytest.raises(ValueError, match="batch size 3 but the layer input has batch size 2"):
         layer(torch.randn(2, 4, 8))
+
+
+@pytest.mark.parametrize("router_input", ["token", "token+degradation"])
+def test_sample_routing_pools_the_mean_token_linear(router_input):
+    """Sample routing with a token router: the logits come from the mean of each sample's tokens (checked
+    against a hand-computed router output, so pooling the first or last token, or the sum, would fail)."""
+    torch.manual_seed(11)
+    cfg = small_config(router_input=router_input)
+    layer = MoRLinear(nn.Linear(6, 5), cfg)
+    randomize(layer, seed=5)
+    x, s = torch.randn(3, 4, 6) * 2, torch.rand(3, 7)
+    with degradation(layer, s):
+        y = layer(x)
+    t = layer.router.token
+    logits = x.double().mean(dim=1) @ t.weight.double().T + t.bias.double()  # (B, E + Z)
+    if router_input == "token+degradation":
+        r = layer.router.degradation
+        logits = logits + s.double() @ r.weight.double().T + r.bias.double()
+    torch.testing.assert_close(layer.router.last_probs.double(), torch.softmax(logits, -1), atol=1e-6, rtol=1e-6)
+    g = dense_gate(logits, cfg)  # (B, R)
+    ref = layer.base_layer(x).double() + ((x.double() @ layer.lora_a.double().T) * g[:, None]) @ layer.lora_b.double().T
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    # the check can fail: the first token alone gives other probabilities here
+    first = x.double()[:, 0] @ t.weight.double().T + t.bias.double()
+    if router_input == "token+degradation":
+        first = first + s.double() @ layer.router.degradation.weight.double().T + layer.router.degradation.bias.double()
+    assert not torch.allclose(torch.softmax(first, -1), layer.router.last_probs.double(), atol=1e-3)
+
+
+@pytest.mark.parametrize("router_input", ["token", "token+degradation"])
+def test_sample_routing_pools_the_mean_pixel_conv(router_input):
+    """The same for a conv: the token router reads the mean over H x W of each channel."""
+    torch.manual_seed(12)
+    cfg = small_config(router_input=router_input)
+    base = nn.Conv2d(3, 4, 3, padding=1)
+    layer = MoRConv2d(base, cfg)
+    randomize(layer, seed=6)
+    x, s = torch.randn(2, 3, 5, 7) * 2, torch.rand(2, 7)
+    with degradation(layer, s):
+        y = layer(x)
+    t = layer.router.token
+    logits = x.double().mean(dim=(2, 3)) @ t.weight.double().T + t.bias.double()
+    if router_input == "token+degradation":
+        r = layer.router.degradation
+        logits = logits + s.double() @ r.weight.double().T + r.bias.double()
+    torch.testing.assert_close(layer.router.last_probs.double(), torch.softmax(logits, -1), atol=1e-6, rtol=1e-6)
+    g = dense_gate(logits, cfg)
+    h = F.conv2d(x.double(), layer.lora_a.double(), None, 1, 1) * g[:, :, None, None]
+    ref = base(x).double() + F.conv2d(h, layer.lora_b.double()[:, :, None, None])
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)

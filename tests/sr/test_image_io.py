@@ -253,3 +253,172 @@ def test_save_bad_arguments(tmp_path):
         save_image(torch.rand(2, 3, 4, 4), tmp_path / "x.png")
     with pytest.raises(TypeError):
         save_image(np.zeros((4, 4, 3)), tmp_path / "x.png")
+
+
+def _cut_png(width, height, rows, *, interlace=False):
+    """A PNG whose valid, complete zlib stream holds only ``rows`` rows of the declared size."""
+    return _png_with_data(width, height, b"\x00" * ((1 + 3 * width) * rows), interlace=interlace)
+
+
+def _png_with_data(width, height, raw, *, interlace=False):
+    """An 8-bit RGB PNG with these filtered scanline bytes (compressed into one IDAT)."""
+    data = zlib.compress(raw, 9)
+
+    def chunk(tag, d):
+        return struct.pack(">I", len(d)) + tag + d + struct.pack(">I", zlib.crc32(tag + d))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, int(interlace))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def test_truncated_data_fails_on_load(tmp_path):
+    """The issue's 185-byte PNG declaring 9000x9000 with 4 rows loads with Pillow alone as a black image;
+    here it fails, naming the file, before anything of that size is allocated."""
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_cut_png(9000, 9000, 4))
+    assert len(bomb.read_bytes()) < 300
+    with Image.open(bomb) as im:
+        im.load()  # what Pillow does: no error
+        assert im.size == (9000, 9000)
+    with pytest.raises(ImageReadError, match="ends early: 108004 of the 243009000 bytes") as e:
+        load_image(bomb)
+    assert e.value.path == bomb
+    # every prefix of a real PNG fails too (or loads the same pixels, when only IEND is lost)
+    good = tmp_path / "good.png"
+    Image.fromarray(_rgb(9, 11)).save(good)
+    data, full = good.read_bytes(), load_image(good)
+    cut = tmp_path / "cut.png"
+    for n in range(0, len(data)):
+        cut.write_bytes(data[:n])
+        try:
+            assert torch.equal(load_image(cut), full), n
+        except ImageReadError:
+            pass
+
+
+def test_png_data_checks(tmp_path):
+    from mor_model.sr.image_checks import png_expected_bytes
+
+    p = tmp_path / "x.png"
+    p.write_bytes(_cut_png(7, 5, 5))  # complete: loads
+    assert load_image(p).shape == (3, 5, 7)
+    p.write_bytes(_cut_png(7, 5, 6))  # one row too many: a damaged header
+    with pytest.raises(ImageReadError, match="more rows than the header declares"):
+        load_image(p)
+    p.write_bytes(_cut_png(7, 5, 5, interlace=True))  # interlaced files count Adam7's passes
+    with pytest.raises(ImageReadError, match="ends early"):
+        load_image(p)
+    # Adam7 passes of a 7x5 image: (width, height) = (1, 1) (1, 1) (2, 1) (2, 2) (4, 1) (3, 3) (7, 2)
+    passes = [(1, 1), (1, 1), (2, 1), (2, 2), (4, 1), (3, 3), (7, 2)]
+    assert png_expected_bytes(7, 5, 8, 2, True) == sum(h * (1 + 3 * w) for w, h in passes) == 116
+    adam7 = tmp_path / "adam7_ok.png"  # exactly that many bytes (all filter 0, black): loads
+    adam7.write_bytes(_png_with_data(7, 5, b"\0" * 116, interlace=True))
+    assert load_image(adam7).max() == 0
+    adam7.write_bytes(_png_with_data(7, 5, b"\0" * 115, interlace=True))
+    with pytest.raises(ImageReadError, match="115 of the 116 bytes"):
+        load_image(adam7)
+    interlaced = tmp_path / "adam7.png"
+    Image.fromarray(_rgb(5, 7)).save(interlaced)  # Pillow writes non-interlaced; check a real 16-bit file too
+    _png16(tmp_path / "g16.png", np.arange(35, dtype=np.uint16).reshape(5, 7, 1) * 1000)
+    assert load_image(tmp_path / "g16.png").shape == (3, 5, 7)
+    raw = bytearray(interlaced.read_bytes())
+    raw[-20] ^= 0xFF  # inside the IDAT data: the chunk CRC no longer matches
+    interlaced.write_bytes(bytes(raw))
+    with pytest.raises(ImageReadError, match="CRC|corrupt"):
+        load_image(interlaced)
+
+
+def test_declared_size_is_checked_before_decoding(tmp_path, monkeypatch):
+    from mor_model.sr import host_memory
+
+    p = tmp_path / "a.png"
+    Image.fromarray(_rgb(20, 30)).save(p)
+    with pytest.raises(ImageReadError, match="declares 30x20 = 600 pixels, more than the limit of 599"):
+        load_image(p, max_pixels=599)
+    assert load_image(p, max_pixels=600).shape == (3, 20, 30)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # Pillow's own cap, read at call time
+    with pytest.raises(ImageReadError, match="more than the limit of 400"):
+        load_image(p)
+    assert load_image(p, max_pixels=None).shape == (3, 20, 30)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # above twice the cap Pillow's header parser refuses it
+    with pytest.raises(ImageReadError, match="image too large"):
+        load_image(p, max_pixels=None)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89478485)
+    monkeypatch.setattr(host_memory, "host_available_bytes", lambda: 1000)
+    with pytest.raises(ImageReadError, match="needs about 28.1 KiB of memory; 1000 B is available"):
+        load_image(p)
+
+
+def test_load_truncated_images_switch_is_refused(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    p = tmp_path / "a.jpg"
+    Image.fromarray(_rgb(16, 16)).save(p)
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(ImageReadError, match="LOAD_TRUNCATED_IMAGES is set"):
+        load_image(p)
+
+
+def test_suffix_cannot_leave_the_output_folder(tmp_path):
+    from mor_model.sr.image_io import check_suffix
+
+    a, b = tmp_path / "x" / "a.png", tmp_path / "y" / "a.png"  # two inputs whose names collide
+    for f in (a, b):
+        f.parent.mkdir()
+        Image.fromarray(_rgb()).save(f)
+    for bad in ("/../../ESCAPED", "../x", "a/b", "a\\b", "..", "x\0y"):
+        with pytest.raises(ValueError, match="--suffix must be a plain part of a file name"):
+            check_suffix(bad)
+        with pytest.raises(ValueError, match="--suffix"):
+            plan_outputs([a, b], tmp_path / "out", suffix=bad)
+        collected = collect_images([tmp_path / "x", tmp_path / "y"])
+        with pytest.raises(ValueError, match="--suffix"):
+            drop_earlier_outputs(collected, tmp_path / "out", suffix=bad)
+    assert check_suffix("_x4.v2") == "_x4.v2"
+
+
+def test_output_name_planning_always_terminates(tmp_path, monkeypatch):
+    """With the suffix check switched off, the issue's suffix maps every candidate name of colliding
+    inputs to one path: planning now stops with an error instead of looping forever."""
+    import threading
+
+    from mor_model.sr import image_io
+
+    a, b = tmp_path / "x" / "a.png", tmp_path / "y" / "a.png"
+    for f in (a, b):
+        f.parent.mkdir()
+        Image.fromarray(_rgb()).save(f)
+    monkeypatch.setattr(image_io, "check_suffix", lambda s: s)
+    outcome = []
+
+    def plan():
+        try:
+            plan_outputs([a, b], tmp_path / "out" / "deep", suffix="/../../ESCAPED")
+        except ValueError as e:
+            outcome.append(str(e))
+
+    worker = threading.Thread(target=plan, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "plan_outputs did not terminate"
+    assert outcome and "found no free output name" in outcome[0]
+    # many inputs sharing a stem still get distinct names, quickly
+    files = []
+    for ext in (".png", ".jpg", ".webp", ".bmp", ".tif", ".tiff", ".jpeg"):
+        f = tmp_path / "many" / f"p{ext}"
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(b"x")
+        files.append(f)
+    plans = plan_outputs(files, tmp_path / "many", ext=".png")
+    assert len({p.output for p in plans}) == len(files) and not {p.output for p in plans} & set(files)
+
+
+def test_save_without_overwrite_never_replaces(tmp_path):
+    target = tmp_path / "o.png"
+    target.write_bytes(b"someone else's file")
+    with pytest.raises(FileExistsError):
+        save_image(torch.ones(3, 4, 4), target, overwrite=False)
+    assert target.read_bytes() == b"someone else's file"
+    assert [p.name for p in tmp_path.iterdir()] == ["o.png"]
+    save_image(torch.ones(3, 4, 4), tmp_path / "new.png", overwrite=False)
+    assert load_image(tmp_path / "new.png").min() == 1

@@ -1,5 +1,7 @@
 """Tiled processing: agreement with untiled results, weight normalisation, seams, odd sizes."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -332,3 +334,69 @@ def test_subsample_to_keeps_the_value_distribution():
     assert set(small.unique().tolist()) <= {0.0, 1.0} and small.std() > 0.4  # area averaging would give 0.5 flat
     x = torch.rand(1, 3, 8, 8)
     assert subsample_to(x, 64) is x and subsample_to(x, 1, multiple=4).shape[-2:] == (4, 4)
+
+
+@pytest.mark.parametrize(
+    "hw, tile, overlap, scale, multiple",
+    [
+        ((37, 53), 16, 6, 1, 1),  # uneven sizes, ordinary overlaps
+        ((100, 41), 96, 32, 1, 8),  # two tiles overlapping by far more than half a tile
+        ((162, 70), 96, 32, 1, 2),  # three tiles over one pixel (stride 33 < tile / 2)
+        ((45, 29), 8, 6, 8, 1),  # decoder-style upscaling, overlap close to the tile
+        ((83, 61), 32, 8, 0.125, 8),  # encoder-style downscaling
+    ],
+)
+def test_weights_tiled_apply_uses_are_a_partition_of_unity(hw, tile, overlap, scale, multiple, monkeypatch):
+    """The weights tiled_apply multiplies each tile by (recorded from its calls, placed where it placed the
+    tile) sum to 1 on every output pixel, are small at inner tile edges and are 1 where one tile covers."""
+    from mor_model.sr import tiling
+
+    used = []
+    real = tiling.TileLayout.weight
+
+    def recording(self, t):
+        w = real(self, t)
+        used.append((t.oy, t.ox, w.double()))
+        return w
+
+    monkeypatch.setattr(tiling.TileLayout, "weight", recording)
+    x = _rand((1, 2, *hw), 5)
+    s = scale if scale >= 1 else 1
+
+    def fn(t):
+        if scale >= 1:
+            return F.interpolate(t, scale_factor=s, mode="nearest")
+        return F.avg_pool2d(t, int(round(1 / scale)))
+
+    out = tiled_apply(fn, x, tile_size=tile, overlap=overlap, scale=scale, multiple=multiple)
+    assert len(used) > 1
+    hp, wp = -(-hw[0] // multiple) * multiple, -(-hw[1] // multiple) * multiple
+    total = torch.zeros(int(hp * scale), int(wp * scale), dtype=torch.float64)
+    cover = torch.zeros_like(total)
+    for oy, ox, w in used:
+        total[oy : oy + w.shape[0], ox : ox + w.shape[1]] += w
+        cover[oy : oy + w.shape[0], ox : ox + w.shape[1]] += 1
+    torch.testing.assert_close(total, torch.ones_like(total), atol=1e-6, rtol=0)
+    assert out.shape[-2:] == (math.ceil(hw[0] * scale), math.ceil(hw[1] * scale))
+    # at an inner edge (a neighbour beyond it) a tile counts at most as much as that neighbour: the ramp's
+    # first step, 0.5 - 0.5 cos(pi / (2 L)) for a transition over L pixels (0.5 only for L = 1)
+    for oy, ox, w in used:
+        if oy > 0:
+            assert w[0].max() <= 0.5 + 1e-12
+        if ox > 0:
+            assert w[:, 0].max() <= 0.5 + 1e-12
+        alone = cover[oy : oy + w.shape[0], ox : ox + w.shape[1]] == 1
+        assert torch.equal(w[alone], torch.ones_like(w[alone]))
+
+
+def test_axis_weights_share_pixels_between_two_tiles_at_most():
+    from mor_model.sr.tiling import axis_weights
+
+    starts = tile_starts(162, 96, 32, 2)
+    assert len(starts) == 3 and starts[2] < starts[0] + 96  # three tiles overlap somewhere
+    weights = axis_weights(starts, 96)
+    grid = torch.zeros(3, 162, dtype=torch.float64)
+    for i, (s, w) in enumerate(zip(starts, weights, strict=True)):
+        grid[i, s : s + 96] = w
+    torch.testing.assert_close(grid.sum(0), torch.ones(162, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert int(((grid > 0).sum(0)).max()) == 2
