@@ -183,6 +183,10 @@ class Trainer:
         self._log = log or (lambda msg: acc.print(msg))
         self.log = TrainLog(self.out, acc.is_main_process)
         set_seed(cfg.seed)
+        if cfg.resume is not None:  # a checkpoint of other terms is refused now, before the model loads
+            path = latest_checkpoint(self.out) if cfg.resume == "latest" else Path(cfg.resume)
+            if path is not None and (path / STATE_NAME).is_file():
+                self._check_resumable(path)
         self.model, self.params = build_model(cfg, log=self._log)
         needs_objective = cfg.losses.get("vsd", 0) > 0 or cfg.losses.get("gan", 0) > 0
         self.objective = Objective(cfg, self.model) if needs_objective else None
@@ -222,7 +226,9 @@ class Trainer:
         self.progress = _Progress()
         self.micro_step = 0  # micro-steps done: the data sampler's position, and the samples' noise ids
         # the model is not prepared: no DDP wrapper (see .distributed); autocast comes from acc.autocast()
-        self.optimizers = dict(zip(optimizers, acc.prepare(*optimizers.values()), strict=True))
+        prepared = acc.prepare(*optimizers.values())
+        prepared = prepared if isinstance(prepared, tuple) else (prepared,)  # one object comes back bare
+        self.optimizers = dict(zip(optimizers, prepared, strict=True))
         self.optimizer = self.optimizers["generator"]
         # the LR schedulers are stepped once per optimiser step by us (not prepared: accelerate would step
         # them once per process), and checkpointed with the step counter
