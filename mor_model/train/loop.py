@@ -34,8 +34,9 @@ Outputs under ``output_dir``:
 - ``checkpoints/step-XXXXXXXX/``: ``mor_adapter/`` and ``vae_encoder_adapter/`` (adapter
   safetensors), ``fake_score_lora.safetensors`` (psi) and ``discriminator_heads.safetensors`` when those
   terms are on, the optimiser (one file per optimiser), LR-scheduler and RNG states
-  (``accelerate.save_state``) and ``trainer_state.json``; written to a temporary folder and renamed when complete, so a crash never
-  leaves a half checkpoint that resume would pick up. The last ``keep_checkpoints`` are kept.
+  (``accelerate.save_state``) and ``trainer_state.json``; written to a temporary folder and renamed
+  when complete, so a crash never leaves a half checkpoint that resume would pick up. The last
+  ``keep_checkpoints`` are kept.
 - ``final/``: the adapters of the last step (``mor_adapter/``, ``vae_encoder_adapter/``).
 - ``train_log.jsonl``: one JSON object per logged step (every loss term unweighted, ``loss`` the
   generator's weighted total, ``fake_score`` and ``discriminator`` losses with the heads' mean logits

@@ -413,6 +413,34 @@ def test_gan_without_vsd_and_vsd_without_gan(tmp_path, tiny, hr_dir):
         assert all(torch.isfinite(torch.tensor(v)) for v in values.values())
 
 
+def test_full_objective_under_bf16_autocast_with_checkpointing(tmp_path, tiny, hr_dir, alex_weights):
+    """bf16 autocast, gradient checkpointing and accumulation together: finite terms, every group steps
+    once the window is complete, adapters / psi / heads stay float32."""
+    from accelerate.state import AcceleratorState
+
+    path = full_config(
+        tmp_path / "c.json", tiny, hr_dir, alex_weights, mixed_precision="bf16", cpu=True, gradient_checkpointing=True
+    )
+    AcceleratorState._reset_state(True)  # the accelerate state is a per-process singleton
+    try:
+        trainer = Trainer(load_config(path, sets=["gradient_accumulation_steps=2"]), log=lambda m: None)
+        assert trainer.accelerator.mixed_precision == "bf16"
+        groups = trainer.param_groups
+        before = {k: [p.detach().clone() for p in ps] for k, ps in groups.items()}
+        lq, hr = _batch(trainer)
+        values, norms = trainer.train_step(lq, hr)
+        assert all(v is None for v in norms.values())  # mid-window: nothing stepped
+        assert all(torch.equal(a, p) for k, ps in groups.items() for a, p in zip(before[k], ps, strict=True))
+        values, norms = trainer.train_step(lq, hr)
+        assert set(norms) == {"grad_norm", "grad_norm_fake_score", "grad_norm_discriminator"}
+        assert all(torch.isfinite(torch.tensor(v)) for v in [*values.values(), *norms.values()]), (values, norms)
+        for k, ps in groups.items():
+            assert all(p.dtype == torch.float32 for p in ps), k
+            assert any(not torch.equal(a, p) for a, p in zip(before[k], ps, strict=True)), k
+    finally:
+        AcceleratorState._reset_state(True)
+
+
 # -- two processes ----------------------------------------------------------------------------------------
 def _close(x: torch.Tensor, ref: torch.Tensor) -> bool:
     """Equal within float tolerance, per tensor: batch-1 and batch-2 passes round differently (measured here:
