@@ -276,6 +276,14 @@ class TrainConfig:
             if not _is_real(weight) or weight < 0:
                 raise ValueError(f"losses.{name} must be a number >= 0, got {weight!r}")
         self.losses = {k: float(v) for k, v in self.losses.items()}
+        two_phase = self.losses.get("vsd", 0) > 0 or self.losses.get("gan", 0) > 0
+        if self.mixed_precision == "fp16" and self.gradient_accumulation_steps > 1 and two_phase:
+            # the three optimisers share accelerate's loss scale, updated at each optimiser step: inside an
+            # accumulation window the fake-score and discriminator gradients would mix two scales
+            raise ValueError(
+                "mixed_precision 'fp16' with gradient_accumulation_steps > 1 is not supported with the vsd/gan "
+                "losses (their optimisers share one loss scale): use mixed_precision 'bf16', or no accumulation"
+            )
         if self.mor is not None:
             from ..config import MoRConfig
 

@@ -77,6 +77,7 @@ def test_losses_by_name_and_bad_objective_configs_stop_before_any_step(tmp_path,
         (["gan.loss=wasserstein"], "gan.loss must be one of"),
         (["gan.learning_rate=-0.1"], "gan.learning_rate must be > 0"),
         (["vsd.negative_prompt=3"], "vsd.negative_prompt must be a string"),
+        (["losses=l2,gan", "mixed_precision=fp16", "gradient_accumulation_steps=2"], "mixed_precision 'fp16'"),
     ]
     for sets, match in cases:
         with pytest.raises((ValueError, TypeError), match=match):
@@ -137,6 +138,8 @@ def test_switched_scores_are_real_and_share_the_weights(tmp_path, tiny, hr_dir):
 
     from mor_model.merge import fold_shared_ranks
 
+    with adapters_disabled(torch.nn.Linear(2, 2)):  # nothing to switch off: a no-op
+        pass
     folded = copy.deepcopy(unet)
     fold_shared_ranks(folded)
     with pytest.raises(ValueError, match="folded"):
