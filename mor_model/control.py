@@ -1,5 +1,6 @@
 """How the degradation vector reaches the routers: ``set_degradation`` and the ``degradation``
-context manager (MOR_SPEC section 6)."""
+context manager (MOR_SPEC section 6); and ``adapters_disabled``, which runs a model as its frozen base
+(the pretrained model) without a second copy of the weights."""
 
 from __future__ import annotations
 
@@ -56,3 +57,46 @@ def clear_routing(module: nn.Module) -> None:
     """Forgets the stored routing of the last forward in every MoR layer (frees the autograd graph)."""
     for router in _routers(module):
         router.clear_state()
+
+
+@contextlib.contextmanager
+def adapters_disabled(module: nn.Module):
+    """``with adapters_disabled(model): model(...)`` runs every MoR layer under ``module`` as its frozen base layer.
+
+    Inside the block each MoR layer's forward is its ``base_layer`` (hooks on the MoR layer itself still
+    run); routers are not called, so no degradation scores are needed, and the routing each router
+    stored in the last adapted forward (``last_probs``, ``last_idx``... which the balance loss and the
+    routing statistics read) is put back on exit even if a forward inside the block cleared it. The
+    same frozen weights therefore serve as the pretrained model without holding a second copy.
+
+    A module without MoR layers is left as it is. Nesting is allowed. Backward through a forward run
+    inside the block sees the same base layers only if it runs inside the block too, or if the forward
+    stored its activations (under gradient checkpointing the blocks are recomputed at backward time).
+
+    Raises:
+        ValueError: a layer's base weight holds folded shared ranks (:func:`mor_model.fold_shared_ranks`),
+            so its base layer is no longer the pretrained one.
+    """
+    layers = list(mor_layers(module).values())
+    folded = [name for name, layer in mor_layers(module).items() if getattr(layer, "folded_shared_ranks", 0)]
+    if folded:
+        raise ValueError(
+            f"adapters_disabled: {len(folded)} MoR layers (e.g. {folded[0]!r}) have shared ranks folded into their "
+            "base weights (fold_shared_ranks), so switching the adapters off would not give the pretrained layer"
+        )
+    saved = [(layer.__dict__.get("forward"), _routing_state(layer.router)) for layer in layers]
+    for layer in layers:
+        layer.__dict__["forward"] = layer.base_layer.__call__  # an instance attribute wins over the class method
+    try:
+        yield module
+    finally:
+        for layer, (forward, state) in zip(layers, saved, strict=True):
+            if forward is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.__dict__["forward"] = forward
+            layer.router.last_probs, layer.router.last_idx, layer.router.last_severity, layer.router.last_batch = state
+
+
+def _routing_state(router):
+    return router.last_probs, router.last_idx, router.last_severity, router.last_batch

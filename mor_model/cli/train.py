@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from ..train.checkpoints import OutputDirInUse, conflicting_outputs, refusal
-from ..train.config import load_config, missing_sources
+from ..train.config import OSEDIFF_NEGATIVE_PROMPT, load_config, missing_sources
 from .outputs import UsageError, check_output_folder, same_file
 
 __all__ = ["CONFIG_HELP", "build_parser", "main"]
@@ -32,16 +32,24 @@ output_dir, data.hr. Example with every default spelled out:
    "learning_rate": 5e-5, "lr_schedule": "constant", "warmup_steps": 0,   # constant | warmup | cosine
    "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "weight_decay": 0.01,
    "max_grad_norm": 1.0, "mixed_precision": "no", "gradient_checkpointing": false, "seed": 0,
-   "losses": {"l2": 1.0, "lpips": 2.0, "balance": 1.0},
+   "losses": {"l2": 1.0, "lpips": 2.0, "balance": 1.0},   # or by name with default weights (vsd 1, gan 0.5):
+                                                          # "l2,lpips,vsd,gan,balance" = the full objective
    "lpips": {"net": "vgg", "backbone_weights": null,    # a local torchvision vgg16/alexnet file,
              "linear_weights": null, "allow_missing": false},  # e.g. "weights/vgg16-397923af.pth"
+   "vsd": {"t_min": 20, "t_max": 980, "guidance_scale": 7.5,      # OSEDiff's VSD (with losses.vsd > 0)
+           "negative_prompt": NEGATIVE_PROMPT,
+           "lora_rank": 4, "lora_alpha": 8.0, "learning_rate": null},   # fake-score LoRA; null lr: learning_rate
+   "gan": {"loss": "non_saturating", "t_min": 20, "t_max": 980,   # or "hinge" (with losses.gan > 0)
+           "head_channels": 128, "learning_rate": null},
    "checkpoint_every": 500, "keep_checkpoints": 3, "log_every": 1, "layer_stats_every": 1,
    "resume": null, "overwrite": false, "cpu": false}
 
 Outputs: output_dir/checkpoints/step-N/ (adapters + optimizer/scheduler/RNG state), output_dir/final/
 (mor_adapter/, vae_encoder_adapter/: `mor-sr upscale --model MODEL --adapter output_dir/final/mor_adapter
 --vae-adapter output_dir/final/vae_encoder_adapter`), output_dir/train_log.jsonl (one JSON line per step).
-"""
+Several processes: `accelerate launch --num_processes N -m mor_model train CONFIG` (on a machine without
+GPUs add --multi_gpu, which makes accelerate start N processes; they train on the CPU with gloo).
+""".replace("NEGATIVE_PROMPT", json.dumps(OSEDIFF_NEGATIVE_PROMPT))
 
 
 def build_parser() -> argparse.ArgumentParser:

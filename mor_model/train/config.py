@@ -15,12 +15,32 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DataConfig", "LPIPSConfig", "TrainConfig", "load_config", "apply_override", "missing_sources"]
+__all__ = [
+    "DEFAULT_LOSS_WEIGHTS",
+    "DataConfig",
+    "GANConfig",
+    "LPIPSConfig",
+    "TrainConfig",
+    "VSDConfig",
+    "apply_override",
+    "load_config",
+    "missing_sources",
+]
 
 LR_SCHEDULES = ("constant", "warmup", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 VAE_ADAPTERS = ("lora", "mor", "none")
-KNOWN_LOSSES = ("l2", "lpips", "balance")
+KNOWN_LOSSES = ("l2", "lpips", "balance", "vsd", "gan")
+#: the weight of a loss selected by name (``losses: "l2,lpips,vsd,gan,balance"``): OSEDiff's L2 1, LPIPS 2 and
+#: VSD 1; the balance loss 1 (MOR_SPEC section 5); GAN 0.5 (S3Diff's and pix2pix-turbo's lambda_gan, see README)
+DEFAULT_LOSS_WEIGHTS = {"l2": 1.0, "lpips": 2.0, "balance": 1.0, "vsd": 1.0, "gan": 0.5}
+GAN_LOSSES = ("non_saturating", "hinge")
+#: OSEDiff's training negative prompt (its train_osediff.py --neg_prompt default), for the VSD guidance
+OSEDIFF_NEGATIVE_PROMPT = (
+    "painting, oil painting, illustration, drawing, art, sketch, cartoon, CG Style, 3D render, unreal engine, "
+    "blurring, dirty, messy, worst quality, low quality, frames, watermark, signature, jpeg artifacts, deformed, "
+    "lowres, over-smooth"
+)
 
 
 def _is_int(v) -> bool:
@@ -128,6 +148,67 @@ class LPIPSConfig:
         _choice("lpips.net", self.net, ("vgg", "alex"))
 
 
+def _timestep_range(section: str, t_min: int, t_max: int) -> None:
+    if not 0 <= t_min < 1000:
+        raise ValueError(f"{section}.t_min must be in [0, 1000), got {t_min}")
+    if not 0 < t_max <= 1000:
+        raise ValueError(f"{section}.t_max must be in (0, 1000], got {t_max}")
+    if t_min >= t_max:
+        raise ValueError(
+            f"{section}.t_min ({t_min}) must be < {section}.t_max ({t_max}): t is drawn from [t_min, t_max)"
+        )
+
+
+@dataclass
+class VSDConfig:
+    """``vsd``: variational score distillation as in OSEDiff (used when ``losses`` has ``vsd``).
+
+    The generated latent is noised at ``t`` drawn uniformly from ``[t_min, t_max)`` (OSEDiff's
+    ``torch.randint(20, 980)``); the pretrained score is the frozen UNet with every adapter off and
+    classifier-free guidance ``guidance_scale`` against ``negative_prompt``; the fake score is the frozen
+    UNet plus its own LoRA (rank ``lora_rank``, scaling ``lora_alpha / lora_rank``), trained with the
+    diffusion loss at its own ``learning_rate`` (null: ``learning_rate``)."""
+
+    t_min: int = 20
+    t_max: int = 980
+    guidance_scale: float = 7.5
+    negative_prompt: str = OSEDIFF_NEGATIVE_PROMPT
+    lora_rank: int = 4
+    lora_alpha: float = 8.0  # PEFT's LoraConfig default, which OSEDiff's rank-4 LoRA runs with (scaling 2)
+    learning_rate: float | None = None
+
+    def __post_init__(self):
+        _timestep_range("vsd", self.t_min, self.t_max)
+        _positive("vsd.guidance_scale", self.guidance_scale, zero=True)
+        _positive("vsd.lora_rank", self.lora_rank)
+        _positive("vsd.lora_alpha", self.lora_alpha)
+        if self.learning_rate is not None:
+            _positive("vsd.learning_rate", self.learning_rate)
+
+
+@dataclass
+class GANConfig:
+    """``gan``: the discriminator on frozen UNet features (used when ``losses`` has ``gan``).
+
+    Features of the UNet's down blocks and mid block (the frozen weights, every adapter off) at a
+    timestep drawn from ``[t_min, t_max)``, one small trainable head per scale (``head_channels`` wide);
+    ``loss``: ``"non_saturating"`` (softplus) or ``"hinge"``; the heads' ``learning_rate`` (null:
+    ``learning_rate``)."""
+
+    loss: str = "non_saturating"
+    t_min: int = 20
+    t_max: int = 980
+    head_channels: int = 128
+    learning_rate: float | None = None
+
+    def __post_init__(self):
+        _choice("gan.loss", self.loss, GAN_LOSSES)
+        _timestep_range("gan", self.t_min, self.t_max)
+        _positive("gan.head_channels", self.head_channels)
+        if self.learning_rate is not None:
+            _positive("gan.learning_rate", self.learning_rate)
+
+
 @dataclass
 class TrainConfig:
     """The whole training configuration (one JSON/YAML file; paths relative to the file's folder)."""
@@ -157,8 +238,11 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     gradient_checkpointing: bool = False
     seed: int = 0
-    losses: dict = field(default_factory=lambda: {"l2": 1.0, "lpips": 2.0, "balance": 1.0})
+    # {name: weight}, or names with their default weights: "l2,lpips,vsd,gan,balance" (DEFAULT_LOSS_WEIGHTS)
+    losses: dict | list[str] = field(default_factory=lambda: {"l2": 1.0, "lpips": 2.0, "balance": 1.0})
     lpips: LPIPSConfig = field(default_factory=LPIPSConfig)
+    vsd: VSDConfig = field(default_factory=VSDConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
     checkpoint_every: int = 500
     keep_checkpoints: int = 3  # 0: keep all
     log_every: int = 1
@@ -184,6 +268,8 @@ class TrainConfig:
         _choice("backend", self.backend, ("auto", "reference", "triton", "cuda", "cpp"))
         if self.lr_schedule == "warmup" and self.warmup_steps == 0:
             raise ValueError("lr_schedule 'warmup' needs warmup_steps > 0")
+        if isinstance(self.losses, list):
+            self.losses = _losses_by_name(self.losses)
         if not self.losses:
             raise ValueError(f"losses must name at least one of {KNOWN_LOSSES} with its weight")
         for name, weight in self.losses.items():
@@ -191,6 +277,14 @@ class TrainConfig:
             if not _is_real(weight) or weight < 0:
                 raise ValueError(f"losses.{name} must be a number >= 0, got {weight!r}")
         self.losses = {k: float(v) for k, v in self.losses.items()}
+        two_phase = self.losses.get("vsd", 0) > 0 or self.losses.get("gan", 0) > 0
+        if self.mixed_precision == "fp16" and self.gradient_accumulation_steps > 1 and two_phase:
+            # the three optimisers share accelerate's loss scale, updated at each optimiser step: inside an
+            # accumulation window the fake-score and discriminator gradients would mix two scales
+            raise ValueError(
+                "mixed_precision 'fp16' with gradient_accumulation_steps > 1 is not supported with the vsd/gan "
+                "losses (their optimisers share one loss scale): use mixed_precision 'bf16', or no accumulation"
+            )
         if self.mor is not None:
             from ..config import MoRConfig
 
@@ -220,7 +314,20 @@ class TrainConfig:
         self.lpips.linear_weights = fix(self.lpips.linear_weights)
 
 
-_NESTED = {"DataConfig": DataConfig, "LPIPSConfig": LPIPSConfig}
+def _losses_by_name(names: list[str]) -> dict[str, float]:
+    """``["l2,lpips", "vsd"]`` -> ``{"l2": 1.0, "lpips": 2.0, "vsd": 1.0}`` (the default weights)."""
+    out: dict[str, float] = {}
+    for name in (n.strip() for item in names for n in item.split(",")):
+        if not name:
+            continue
+        _choice("losses key", name, KNOWN_LOSSES)
+        if name in out:
+            raise ValueError(f"losses names {name!r} twice")
+        out[name] = DEFAULT_LOSS_WEIGHTS[name]
+    return out
+
+
+_NESTED = {"DataConfig": DataConfig, "LPIPSConfig": LPIPSConfig, "VSDConfig": VSDConfig, "GANConfig": GANConfig}
 
 
 def read_config_file(path: str | os.PathLike) -> dict:

@@ -7,9 +7,24 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
-__all__ = ["LAYERS_NAME", "LOG_NAME", "TrainLog"]
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """The run's peak memory so far in MiB and what it measures: on CUDA the peak of
+    ``torch.cuda.max_memory_allocated`` (tensors; the caching allocator reserves more), elsewhere the
+    process's peak resident set size (everything the process holds, Python and libraries included)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), "process peak RSS"
+
+
+__all__ = ["LAYERS_NAME", "LOG_NAME", "TrainLog", "peak_memory_mb"]
 
 LOG_NAME = "train_log.jsonl"
 LAYERS_NAME = "routing_layers.json"

@@ -8,9 +8,12 @@ Each term is a callable ``term(batch: LossInputs) -> scalar tensor``. The built-
 - ``"balance"``: the degradation-aware load-balancing loss of the last forward
   (:func:`mor_model.balance_loss`, already scaled by ``MoRConfig.balance_alpha``), weight 1.
 
-GAN and VSD terms are a later step: they plug in as more entries of the list, e.g.
-``Trainer(cfg, extra_terms=[LossTerm("gan", 0.5, gan_fn, discriminator)])`` (a term's ``module`` is
-moved to the device; a term that trains parameters of its own steps its own optimiser inside ``fn``).
+The VSD and GAN terms of the generator come from :class:`mor_model.train.objective.Objective`; more
+terms plug in as entries of the list (``Trainer(cfg, extra_terms=[LossTerm(...)])``).
+
+On several processes the balance loss counts the selections ``f`` over the whole global batch (one
+all-reduce of the counts), so the run matches one process with the same global batch; ``P`` is a
+per-unit mean and averages with the gradients.
 """
 
 from __future__ import annotations
@@ -85,10 +88,49 @@ def balance_term(model_attr: str | None = "unet") -> Callable[[LossInputs], torc
     from ..losses import balance_loss
 
     def fn(inputs: LossInputs) -> torch.Tensor:
+        from .distributed import is_distributed
+
         model = getattr(inputs.model, "module", inputs.model)  # unwrap DDP
-        return balance_loss(model if model_attr is None else getattr(model, model_attr))
+        model = model if model_attr is None else getattr(model, model_attr)
+        return global_balance_loss(model) if is_distributed() else balance_loss(model)
 
     return fn
+
+
+def global_balance_loss(module: nn.Module) -> torch.Tensor:
+    """:func:`mor_model.balance_loss` with the selection fractions ``f`` of every layer counted over all
+    processes (``P``, the mean router probability, stays local: averaging the gradients over the
+    processes averages it). Every process must route the same layers with the same number of units."""
+    import torch.distributed as dist
+
+    from ..layers import mor_layers
+    from ..losses import top_k_slots
+
+    layers = [m for m in mor_layers(module).values() if m.router.last_probs is not None]
+    if not layers:
+        raise RuntimeError("no MoR layer under this module has routed anything yet: run a forward pass first")
+    counts = []
+    for layer in layers:
+        probs = layer.router.last_probs
+        chosen = top_k_slots(probs, layer.config.top_k).reshape(-1)
+        c = torch.zeros(probs.shape[1] + 1, device=probs.device)
+        c.index_add_(0, chosen, torch.ones_like(chosen, dtype=torch.float32))
+        c[-1] = probs.shape[0]  # units
+        counts.append(c)
+    flat = torch.cat(counts)
+    dist.all_reduce(flat)
+    losses, offset = [], 0
+    for layer in layers:
+        router, cfg = layer.router, layer.config
+        probs = router.last_probs.float()
+        slots = probs.shape[1]
+        c = flat[offset : offset + slots + 1]
+        offset += slots + 1
+        f = c[:slots] / (c[slots] * cfg.top_k)
+        sev = router.last_severity.detach().to(device=probs.device, dtype=torch.float32)
+        weighted = torch.cat([probs[:, : cfg.num_routed], probs[:, cfg.num_routed :] * sev[:, None]], dim=1)
+        losses.append(slots * (f * (cfg.balance_alpha * weighted.mean(dim=0))).sum())
+    return torch.stack(losses).mean()
 
 
 class LPIPSWeightsError(FileNotFoundError):

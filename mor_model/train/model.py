@@ -25,8 +25,10 @@ class OneStepSR(nn.Module):
     with ``tile=0``, ``color_fix="none"``, no clamping of the returned prediction's gradient path
     beyond the ``[-1, 1]`` clamp).
 
-    ``forward(lq (B, 3, h, w) in [0, 1]) -> (pred (B, 3, scale h, scale w) in [-1, 1], scores (B, D))``.
-    ``scale h`` must be a multiple of the VAE factor times the UNet factor (no padding in training).
+    ``forward(lq (B, 3, h, w) in [0, 1]) -> (pred (B, 3, scale h, scale w) in [-1, 1], scores (B, D))``;
+    with ``return_latent=True`` also the clean latent ``x0`` the decoder got (``(B, C, H/f, W/f)`` float32,
+    what VSD and the GAN look at). ``scale h`` must be a multiple of the VAE factor times the UNet factor
+    (no padding in training). ``negative_prompt_embeds`` (optional) is kept for the VSD guidance.
     """
 
     def __init__(
@@ -41,12 +43,16 @@ class OneStepSR(nn.Module):
         scale,
         timestep=999,
         scheduler_config=None,
+        negative_prompt_embeds=None,
     ):
         super().__init__()
         from ..layers import mor_layers
 
         self.unet, self.vae, self.estimator = unet, vae, estimator
         self.register_buffer("prompt_embeds", prompt_embeds.detach().float(), persistent=False)
+        negative = None if negative_prompt_embeds is None else negative_prompt_embeds.detach().float()
+        self.register_buffer("negative_prompt_embeds", negative, persistent=False)
+        self.register_buffer("alphas_cumprod", torch.as_tensor(alphas_cumprod).detach().float(), persistent=False)
         abar = float(alphas_cumprod[timestep])
         self.alpha_bar = abar
         self.sqrt_abar, self.sqrt_one_minus_abar = math.sqrt(abar), math.sqrt(1 - abar)
@@ -65,7 +71,21 @@ class OneStepSR(nn.Module):
             m.eval()
         return self
 
-    def forward(self, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def latents(self, images: torch.Tensor) -> torch.Tensor:
+        """The latents of ``images (B, 3, H, W)`` in ``[-1, 1]`` (VAE mode, shifted and scaled, float32)."""
+        cfg = self.vae.config
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        return ((self.vae.encode(images).latent_dist.mode() - shift) * cfg.scaling_factor).float()
+
+    def base_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`latents` through the frozen VAE encoder with every adapter off (no gradient): where real
+        images live for the discriminator."""
+        from ..control import adapters_disabled
+
+        with torch.no_grad(), adapters_disabled(self.vae):
+            return self.latents(images)
+
+    def forward(self, lq: torch.Tensor, return_latent: bool = False):
         from ..control import set_degradation
 
         b, _, h, w = lq.shape
@@ -90,6 +110,8 @@ class OneStepSR(nn.Module):
         if self.scheduler_config is not None:
             x0 = clip_x0(x0, self.scheduler_config)
         out = self.vae.decode(x0 / cfg.scaling_factor + shift).sample
+        if return_latent:
+            return out.float().clamp(-1, 1), scores, x0
         return out.float().clamp(-1, 1), scores
 
 
@@ -157,9 +179,11 @@ def build_model(cfg: TrainConfig, log=print) -> tuple[OneStepSR, dict[str, nn.Pa
 
     tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", torch_dtype=torch.float32)
+    # VSD guides the pretrained score against a negative prompt (OSEDiff's by default)
+    prompts = [cfg.prompt] + ([cfg.vsd.negative_prompt] if cfg.losses.get("vsd", 0) > 0 else [])
     with torch.no_grad():
         ids = tokenizer(
-            [cfg.prompt],
+            prompts,
             padding="max_length",
             max_length=tokenizer.model_max_length,
             truncation=True,
@@ -167,6 +191,7 @@ def build_model(cfg: TrainConfig, log=print) -> tuple[OneStepSR, dict[str, nn.Pa
         ).input_ids
         embeds = text_encoder(ids)[0]
     del text_encoder
+    embeds, negative = embeds[:1], (embeds[1:] if len(prompts) > 1 else None)
 
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -180,6 +205,7 @@ def build_model(cfg: TrainConfig, log=print) -> tuple[OneStepSR, dict[str, nn.Pa
         scale=cfg.data.scale,
         timestep=cfg.timestep,
         scheduler_config=scheduler.config,
+        negative_prompt_embeds=negative,
     )
     multiple = model.vae_factor * model.unet_factor
     if cfg.data.crop_size % multiple:

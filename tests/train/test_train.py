@@ -11,63 +11,18 @@ import torch
 pytest.importorskip("accelerate")
 pytest.importorskip("diffusers")
 pytest.importorskip("open_clip")
-skdata = pytest.importorskip("skimage.data")
+pytest.importorskip("skimage.data")
 
-from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from train_helpers import write_config  # noqa: E402
 
 from mor_model.cli.train import CONFIG_HELP  # noqa: E402
 from mor_model.cli.train import main as train_main  # noqa: E402
-from mor_model.testing import tiny_model  # noqa: E402
 from mor_model.train.checkpoints import OutputDirInUse, checkpoint_dirs  # noqa: E402
 from mor_model.train.config import TrainConfig, load_config  # noqa: E402
 from mor_model.train.loop import Trainer, build_loss_terms  # noqa: E402
 from mor_model.train.losses import LPIPSWeightsError, build_lpips  # noqa: E402
 from mor_model.train.model import build_model  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def hr_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hr")
-    Image.fromarray(skdata.astronaut()[::4, ::4]).save(root / "astronaut.png")
-    Image.fromarray(skdata.chelsea()[::2, ::2]).save(root / "chelsea.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def alex_weights(tmp_path_factory):
-    """A local 'torchvision alexnet' checkpoint (random weights: only the loading path matters)."""
-    tv = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    features = tv.models.alexnet(weights=None).features
-    path = tmp_path_factory.mktemp("lpips") / "alexnet-local.pth"
-    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
-    return path
-
-
-def write_config(path, tiny, hr_dir, **overrides):
-    cfg = {
-        "model": str(tiny),
-        "output_dir": "run",
-        "data": {"hr": [str(hr_dir)], "crop_size": 32, "degradation": "bicubic", "num_workers": 0},
-        "batch_size": 2,
-        "max_steps": 2,
-        "checkpoint_every": 1,
-        "losses": {"l2": 1.0, "balance": 1.0},
-        "seed": 0,
-    }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            cfg[key] = {**cfg[key], **value}
-        else:
-            cfg[key] = value
-    path.write_text(json.dumps(cfg))
-    return path
 
 
 # -- config -------------------------------------------------------------------------------------------
@@ -180,17 +135,6 @@ def _adapters(run_dir):
 
 def _log(run):
     return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture
-def one_cpu_thread():
-    """PyTorch's multi-threaded CPU backward of LPIPS' AlexNet is not bitwise repeatable from run to run
-    (measured here: with 2 threads, the LPIPS gradient of the second step differed in 4 of 5 identical
-    runs; with 1 thread in none), so the bitwise resume check runs on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_train_save_and_resume_exactly(tmp_path, tiny, hr_dir, alex_weights, one_cpu_thread):
