@@ -56,7 +56,7 @@ The wheels folder, made once on a machine with PyPI (pure-Python wheels for the 
 
 On a remote GPU machine that sends back one folder: copy the repository and .whl there, run the command
 above with OUT_DIR = that folder and a 10-minute limit (the script stops itself after --budget seconds,
-480 by default), and fetch the 8 files. Commit them under benchmarks/results/<gpu>-<date>/ with the command
+480 by default), and fetch the 8 files. A copy without .git: prefix GPU_CHECK_COMMIT=<sha> to name the commit. Commit them under benchmarks/results/<gpu>-<date>/ with the command
 (benchmarks/README.md, "GPU check").
 
 CPU check that the script still works (CI runs it): bash benchmarks/gpu_check.sh --dry-run OUT_DIR

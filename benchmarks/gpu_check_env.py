@@ -5,6 +5,7 @@ free memory, torch/triton/CUDA/cuDNN/nvcc/Python versions, the packages the test
     python benchmarks/gpu_check_env.py OUT.json
 
 Runs in its own process so that a CUDA initialisation failure is reported here, not inside the driver script.
+Where the tree has no ``.git`` (a copy sent to a GPU machine), ``GPU_CHECK_COMMIT=<sha>`` names the commit.
 Every probe that fails records why (``"<field>_error"``) instead of stopping the others.
 """
 
@@ -59,6 +60,8 @@ def collect() -> dict:
     probe("packages", versions)
     probe("git_commit", lambda: _cmd(["git", "rev-parse", "HEAD"]))
     probe("git_dirty", lambda: bool(_cmd(["git", "status", "--porcelain", "--untracked-files=no"])))
+    if "git_commit" not in info and os.environ.get("GPU_CHECK_COMMIT"):  # a copy of the tree without .git
+        info["git_commit"] = os.environ["GPU_CHECK_COMMIT"] + " (from GPU_CHECK_COMMIT)"
     probe("nvcc", lambda: _cmd(["nvcc", "--version"]).splitlines()[-1])
     probe("compute_sanitizer", lambda: _cmd([_tool("compute-sanitizer"), "--version"]).splitlines()[-1])
     probe(

@@ -209,7 +209,7 @@ def analyse(entry: str, ptxas: str | None, cuobjdump: str | None) -> dict | None
             head = f.read()
         m = re.search(r"tt\.func public @\w+\((.*?)\)\s*(attributes|\{)", head, re.S)
         ptrs = re.findall(r"!tt\.ptr<(\w+)>", m.group(1) if m else "")
-        row["dtype"] = next((p for p in ptrs if p in ("bf16", "f16", "f32")), "")
+        row["dtype"] = next((t for t in ("bf16", "f16", "f32") if t in ptrs), "")  # a 16-bit operand, else f32
     if not os.path.exists(ptx_path):
         row["note"] = "no PTX in the cache entry"
         return row
@@ -235,6 +235,15 @@ def analyse(entry: str, ptxas: str | None, cuobjdump: str | None) -> dict | None
         proc = subprocess.run([cuobjdump, "-sass", cubin_path], capture_output=True, text=True, timeout=120)
         row["sass_hgmma"] = len(re.findall(r"\bHGMMA\b", proc.stdout)) if proc.returncode == 0 else ""
     return row
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -263,33 +272,28 @@ def main(argv=None) -> int:
     if args.mode == "launch" and not torch.cuda.is_available():
         raise SystemExit("--mode launch needs a CUDA device; use --mode aot")
     ops = LaunchOps() if args.mode == "launch" else AotOps()
-    first_case, failures = {}, []
-    for label, op, c in cases(args):
-        for backward in (False, True) if op != "route" else (False,):
-            before = set(os.listdir(args.cache))
-            case = f"{label} {'fwd+bwd' if backward else 'fwd'}"
-            try:
-                run_case(op, c, ops, backward)
-                if args.mode == "launch":
-                    torch.cuda.synchronize()
-                else:
-                    failures += [f"{case}: {f}" for f in ops.compile()]
-            except Exception as err:  # report every case that fails, then go on
-                failures.append(f"{case}: {type(err).__name__}: {str(err)[:500]}")
-            for entry in sorted(set(os.listdir(args.cache)) - before):
-                first_case.setdefault(entry, case)
     ptxas, cuobjdump = find_tool("ptxas"), find_tool("cuobjdump")
-    rows = []
-    for entry, case in first_case.items():
-        row = analyse(os.path.join(args.cache, entry), ptxas, cuobjdump)
-        if row is not None:
-            rows.append({**row, "first_case": case})
-    tmp = args.csv + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, args.csv)
+    rows, failures = [], []
+    try:
+        for label, op, c in cases(args):
+            for backward in (False, True) if op != "route" else (False,):
+                before = set(os.listdir(args.cache))
+                case = f"{label} {'fwd+bwd' if backward else 'fwd'}"
+                try:
+                    run_case(op, c, ops, backward)
+                    if args.mode == "launch":
+                        torch.cuda.synchronize()
+                    else:
+                        failures += [f"{case}: {f}" for f in ops.compile()]
+                except Exception as err:  # report every case that fails, then go on
+                    failures.append(f"{case}: {type(err).__name__}: {str(err)[:500]}")
+                for entry in sorted(set(os.listdir(args.cache)) - before):
+                    row = analyse(os.path.join(args.cache, entry), ptxas, cuobjdump)
+                    if row is not None:
+                        rows.append({**row, "first_case": case})
+                write_csv(rows, args.csv)  # after every case: a run stopped at its time cap keeps the table so far
+    except KeyboardInterrupt:  # gpu_check.sh's time cap (SIGINT): keep what was compiled
+        failures.append("interrupted at the time cap: the table holds the cases run so far")
     print(f"{'kernel':22s} {'dtype':5s} {'warps':>5s} {'stages':>6s} {'smem':>7s} {'regs':>5s} {'spill':>6s} "
           f"{'wgmma':>5s} {'HGMMA':>5s}  first compiled for")  # fmt: skip
     for r in rows:
