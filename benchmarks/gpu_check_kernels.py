@@ -104,18 +104,41 @@ class LaunchOps:
         return self.m.mor_conv2d(*args[:9], stride=args[9], padding=args[10], dilation=args[11], backend="triton")
 
 
+def answer_as_on_a_gpu() -> list[str]:
+    """Every tile-table function of ``mor_kernels.kernels`` (a ``*_config`` whose first parameter is ``device``),
+    in every module that holds it, answers as for a CUDA device, so the launchers pick their GPU tiles on CPU
+    tensors. Returns the patched ``module.name``s."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import torch
+
+    import mor_kernels.kernels as package
+
+    cuda, patched = torch.device("cuda"), []
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for name, fn in list(vars(module).items()):
+            if not (name.endswith("_config") and inspect.isfunction(fn)):
+                continue
+            params = list(inspect.signature(fn).parameters)
+            if params[:1] == ["device"]:
+                setattr(module, name, lambda device, *a, _f=fn, **k: _f(cuda, *a, **k))
+                patched.append(f"{info.name}.{name}")
+    return patched
+
+
 class AotOps:
     """aot mode: the Triton backend's ops on CPU tensors, every ``JITFunction.run`` recorded instead of launched
     and compiled for sm_90 by :meth:`compile` (triton 3.8's JIT internals, as in test_triton_gpu_compile.py)."""
 
     def __init__(self):
-        import torch
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource, make_backend
         from triton.runtime.jit import JITFunction, create_function_from_signature
 
-        from mor_kernels.kernels import mor_lora, mor_lora_bwd
         from mor_kernels.ops import triton_backend
 
         self.triton, self.ASTSource = triton, ASTSource
@@ -131,11 +154,7 @@ class AotOps:
             self.pending.setdefault(key, (fn, signature, constexprs, attrs, options))
 
         JITFunction.run = record
-        cuda = torch.device("cuda")  # the tile tables answer as on a GPU, where the launchers ask them
-        for module, name in ((mor_lora, "fwd_config"), (mor_lora_bwd, "gemm_config")):
-            original = getattr(module, name, None)
-            if original is not None:
-                setattr(module, name, lambda device, *a, _f=original, **k: _f(cuda, *a, **k))
+        answer_as_on_a_gpu()
         self.ops = triton_backend
 
     def route(self, logits, k, z):
