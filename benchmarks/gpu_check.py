@@ -70,7 +70,7 @@ compute-sanitizer, no wheels for the pipeline) says why in summary.md and does n
 @dataclasses.dataclass
 class Stage:
     name: str
-    status: str = "not run"  # passed | failed | error | skipped | dry-run (ran on the CPU) | not run
+    status: str = "not run"  # passed | failed | error | skipped | dry-run (ran on the CPU) | running | not run
     seconds: float = 0.0
     cap_s: float | None = None
     summary: str = ""

@@ -261,3 +261,133 @@ def test_gpu_mark_selects_the_gpu_parity_tests():
                    "test_triton_ops.py::test_forward_captures_in_a_cuda_graph", "test_gpu_sd_shapes"):  # fmt: skip
         assert needed in ids, needed
     assert "test_triton_gpu_compile" not in ids and "test_reference_" not in ids
+
+
+# ------------------------------------------------------------------------------------------------
+# the GPU path, with every command stubbed (no GPU here): the commands it would run and how it reads them
+
+
+class FakeCommands:
+    """Stands in for ``Runner.sh``: records each command and writes what the real one would (JUnit, benchmark
+    JSON, sanitizer output) into its log and output paths."""
+
+    def __init__(self, run, sanitizer_text="========= ERROR SUMMARY: 0 errors\n"):
+        self.run, self.sanitizer_text, self.calls = run, sanitizer_text, []
+
+    def __call__(self, cmd, log, cap, env=None):
+        self.calls.append((cmd, env or self.run.env))
+        path = os.path.join(self.run.logs, log)
+        text, rc = "ok\n", 0
+        if "pytest" in cmd:
+            junit = cmd[cmd.index("--junitxml") + 1]
+            cases = '<testcase classname="t" name="a"/><testcase classname="t" name="b"/>'
+            with open(junit, "w") as f:
+                f.write(JUNIT.format(errors=0, n=2, cases=cases))
+        elif cmd[1] == "-c" and "_extension" in cmd[2]:  # the extension check
+            stages = _import("gpu_check_stages")
+            text = json.dumps({"loaded": True, "why": None, "cuda_ops": list(stages.CUDA_OPS)}) + "\n"
+        elif "--tool" in cmd:
+            text = self.sanitizer_text
+            rc = 86 if "ERROR SUMMARY: 0" not in text and "SUMMARY" in text else (0 if "SUMMARY" in text else 1)
+        elif any(c.endswith(("bench_mor_lora.py", "bench_pipeline.py")) for c in cmd):
+            out = cmd[cmd.index("--out") + 1]
+            os.makedirs(out, exist_ok=True)
+            stem = "bench_pipeline" if cmd[1].endswith("bench_pipeline.py") else "bench_mor_lora"
+            rows = ([dict(part="unet", variant="none", status="ok", ratio_to_none=1.0),
+                     dict(part="unet", variant="mor:triton", status="ok", ratio_to_none=1.03, median_ms=9.0)]
+                    if stem == "bench_pipeline" else [_row("base", 1.0, ratio_to_base=1.0),
+                                                     _row("mor:triton", 1.1, ratio_to_base=1.1)])  # fmt: skip
+            with open(os.path.join(out, f"{stem}-cuda-T.json"), "w") as f:
+                json.dump({"meta": {"device_name": "NVIDIA H200", "torch": "2.11"}, "rows": rows}, f)
+        with open(path, "w") as f:
+            f.write(text)
+        return {"rc": rc, "timed_out": False, "seconds": 1.0, "log": path}
+
+
+def _gpu_runner(gc, tmp_path, monkeypatch, **fake):
+    stages = _import("gpu_check_stages")
+    run = _runner(gc, tmp_path)
+    run.dry, run.gpu = False, True
+    run.args.dry_run = False
+    run.envinfo = {"gpu": {"capability": "9.0"}}
+    run.extension = {"loaded": True, "why": None, "cuda_ops": list(stages.CUDA_OPS)}
+    run.have_model_deps = True
+    run.sh = FakeCommands(run, **fake)
+    monkeypatch.setattr(stages, "find_sanitizer", lambda: "/opt/cuda/bin/compute-sanitizer")
+    return stages, run
+
+
+def test_gpu_path_runs_the_gpu_commands_and_reads_their_outputs(gc, tmp_path, monkeypatch):
+    stages, run = _gpu_runner(gc, tmp_path, monkeypatch)
+    parts = stages.parity_triton_any_device(run)
+    stages.parity_stage(run, parts)
+    stages.sanitize_stage(run)
+    stages.bench_stage(run)
+    assert stages.finish(run) == 0
+    cmds = [" ".join(c) for c, _ in run.sh.calls]
+    parity = [(c, env) for c, env in run.sh.calls if "pytest" in c]
+    assert "-m not gpu" in " ".join(parity[0][0]) and "test_triton_gpu_compile.py" not in " ".join(parity[0][0])
+    assert "-m gpu tests/kernels" in " ".join(parity[1][0]) and parity[1][1]["MOR_REQUIRE_CUDA_BUILD"] == "1"
+    assert "--ignore=tests/kernels" in " ".join(parity[2][0])
+    assert sum("--tool memcheck" in c for c in cmds) == 1 and sum("--tool racecheck" in c for c in cmds) == 1
+    memcheck_env = next(env for c, env in run.sh.calls if "memcheck" in c)
+    assert memcheck_env["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
+    bench = [c for c in cmds if "bench_mor_lora.py" in c]
+    assert len(bench) == 3 and all("--device cuda" in c and "--dtypes bf16" in c for c in bench)
+    assert "--shapes linear" in bench[0] and "--shapes conv" in bench[1] and "--sweep zero" in bench[2]
+    assert any("bench_pipeline.py --device cuda --full-size" in c for c in cmds)
+    by = {s.name: s for s in run.stages.values()}
+    assert by["parity"].status == "passed" and by["parity"].summary.count("2 passed, 0 failed") == 3
+    assert by["sanitize"].status == "passed" and by["bench"].status == "passed"
+    goals = {(g["key"], g["backend"]): g["verdict"] for g in run.goal_rows}
+    assert goals[("linear", "mor:triton")] == "met" and goals[("unet", "mor:triton")] == "met"
+    out = sorted(os.listdir(run.out))
+    assert {"parity.xml", "bench_mor_lora.csv", "bench_pipeline.csv", "summary.md"} <= set(out) and len(out) <= 8
+    with open(os.path.join(run.out, "bench_mor_lora.csv")) as f:
+        header = f.readline()
+    assert header.startswith("run,") and "meta_device_name" in header
+
+
+@pytest.mark.parametrize(
+    "text,status",
+    [
+        ("========= Invalid __global__ read of size 4\n========= ERROR SUMMARY: 2 errors\n", "failed"),
+        ("========= Error: Device not supported\n", "skipped"),
+        ("Traceback ... RuntimeError: CUDA error\n", "error"),
+    ],
+)
+def test_sanitizer_outcomes(gc, tmp_path, monkeypatch, text, status):
+    stages, run = _gpu_runner(gc, tmp_path, monkeypatch, sanitizer_text=text)
+    stages.sanitize_stage(run)
+    assert run.stages["sanitize"].status == status
+    if status == "failed":
+        assert "Invalid __global__ read" in run.stages["sanitize"].summary
+        assert stages.finish(run) == 1
+
+
+def test_install_on_a_gpu_installs_the_wheels_and_builds_for_the_device_arch(gc, tmp_path, monkeypatch):
+    stages, run = _gpu_runner(gc, tmp_path, monkeypatch)
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    (wheels / "diffusers-0.42.1-py3-none-any.whl").write_bytes(b"")
+    run.args.wheels = str(wheels)
+    started = []
+
+    def start(cmd, log, env=None):
+        started.append((cmd, env))
+        return subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+
+    run.start = start
+    build = stages.install_stage(run)
+    assert build is not None and run.stages["install"].status == "running"  # the build runs in the background
+    stages.finish_build(run, *build)
+    install = run.stages["install"]
+    assert install.status == "passed", install.summary
+    pip = next(c for c, _ in run.sh.calls if "pip" in c)
+    assert pip[pip.index("install") :][:5] == ["install", "-q", "--no-index", "--no-deps", "--no-compile"]
+    site = pip[pip.index("--target") + 1]
+    assert site in run.env["PYTHONPATH"].split(os.pathsep) and run.env["PYTHONPATH"].startswith(REPO)
+    ((cmd, env),) = started
+    assert cmd[1:] == ["setup.py", "build_ext", "--inplace"]
+    assert env["TORCH_CUDA_ARCH_LIST"] == "9.0" and env["MAX_JOBS"] == str(os.cpu_count())
+    assert "5/5 ops" in install.summary and "1 wheels installed (diffusers)" in install.summary
