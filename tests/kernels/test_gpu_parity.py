@@ -6,7 +6,8 @@ any device, but only one SD Linear shape (1024x640) and one SD conv on the GPU; 
 ``backend="cuda"`` on small odd shapes only. The Triton forward picks its tile from a table by shape and the
 CUDA kernels size their grids by shape, so each SD shape is its own code path. Oracle and budget as everywhere
 (MOR_SPEC section 7): the reference in float64 on the same rounded inputs, and the reference's own error in
-the tested dtype; forward and every gradient (x, weight, bias, lora_a, lora_b, gate).
+the tested dtype; forward and every gradient (x, weight, bias, lora_a, lora_b, gate). Odd sizes run here too,
+for both backends, so that ``pytest -m gpu`` alone covers them.
 """
 
 from __future__ import annotations
@@ -120,6 +121,28 @@ def test_sd_conv(backend, side, channels, kernel, dtype):
     _require(backend, "mor_conv2d", dtype)
     case = random_case(kernel_size=kernel, conv={"padding": (kernel // 2,) * 2}, batch=1, d_in=channels,
                        d_out=channels, height=side, width=side, **PAPER, seed=side + kernel)  # fmt: skip
+    check_on_gpu(case, dtype, backend)
+
+
+# odd sizes: nothing 16-divisible (ragged token, channel and rank tiles), on the GPU for both backends
+ODD_LINEAR = [dict(batch=3, tokens=130, d_in=41, d_out=67), dict(batch=1, tokens=1, d_in=320, d_out=33)]
+
+
+@pytest.mark.parametrize("routing", ["sample", "token"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ODD_LINEAR, ids=["130x41x67", "1x320x33"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_odd_linear(backend, shape, dtype, routing):
+    _require(backend, "mor_linear", dtype)
+    check_on_gpu(random_case(routing=routing, **shape, **PAPER, seed=7), dtype, backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_odd_conv(backend, dtype):
+    _require(backend, "mor_conv2d", dtype)
+    case = random_case(kernel_size=3, conv={"padding": (1, 1), "stride": (2, 2)}, batch=2, d_in=5, d_out=67,
+                       height=13, width=11, **PAPER, seed=8)  # fmt: skip
     check_on_gpu(case, dtype, backend)
 
 
