@@ -190,7 +190,8 @@ class Runner:
         """After each stage: stages.json, summary.md and logs.tar.gz rewritten (a run cut short keeps them)."""
         if stage is not None:
             self.say(f"{stage.name}: {stage.status}: {stage.summary}")
-        self.info["files"] = sorted(n for n in os.listdir(self.out) if not n.startswith("."))
+        present = {n for n in os.listdir(self.out) if not n.startswith(".")}
+        self.info["files"] = sorted(present | {"stages.json", "summary.md", "logs.tar.gz"})
         state = {"info": self.info, "stages": [dataclasses.asdict(s) for s in self.stages.values()],
                  "goals": self.goal_rows}  # fmt: skip
         self.write("stages.json", json.dumps(state, indent=1, default=str).encode())
@@ -205,8 +206,8 @@ class Runner:
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz") as tar:
             for root, _, files in os.walk(self.work):
-                if "triton-cache" in root or os.sep + "site" in root[len(self.work) :]:
-                    continue
+                if os.path.relpath(root, self.work).split(os.sep)[0] in ("triton-cache", "site"):
+                    continue  # compiled kernels and installed wheels: large, and not evidence
                 for name in sorted(files):
                     path = os.path.join(root, name)
                     size = os.path.getsize(path)
