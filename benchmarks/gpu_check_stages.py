@@ -19,6 +19,7 @@ import gpu_check_report as report
 #: seconds kept back for each later stage when an earlier one is capped (the stages' floors)
 FLOORS = {"kernels": 20, "parity": 90, "sanitize": 30, "bench": 120}
 SUMMARY_RESERVE = 5
+NOT_SELECTED = "not selected (--stages)"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_OPS = ("route", "dense_gate", "lora_fwd", "lora_bwd", "conv_up")
 CHECK_EXTENSION = (
@@ -39,7 +40,7 @@ def reserve(run, after: str) -> float:
 def run_all(run) -> int:
     for name in run.stages:
         if name not in run.args.stages and name != "env":
-            run.stages[name].status, run.stages[name].summary = "skipped", "not selected (--stages)"
+            run.stages[name].status, run.stages[name].summary = "skipped", NOT_SELECTED
     env_stage(run)
     if run.stages["env"].status == "error":
         for name in run.args.stages:
@@ -478,7 +479,7 @@ def finish(run) -> int:
     if errors:
         run.info["verdict"] = f"INCOMPLETE: could not finish {', '.join(errors)} (no check failed)"
         return 3
-    skipped = [s.name for s in states if s.status == "skipped"]
+    skipped = [s.name for s in states if s.status == "skipped" and s.summary != NOT_SELECTED]
     run.info["verdict"] = ("dry run passed (CPU, not a GPU result)" if run.dry else "every stage that ran passed") + (
         f"; could not run: {', '.join(skipped)} (see why below)" if skipped else ""
     )
