@@ -113,11 +113,13 @@ def test_cpu_kernels_are_built_with_openmp():
 
 
 @needs_extension
-def test_fakes_come_with_the_extension_not_the_backend_module():
+def test_fakes_come_with_the_extension_not_the_backend_module(tmp_path):
     """torch.ops.mor.* trace with fake tensors as soon as the extension is loaded (direct use, no backend
     module imported): checked in a fresh interpreter."""
     import subprocess
     import sys
+
+    import mor_kernels
 
     code = (
         "import sys, torch\n"
@@ -131,4 +133,8 @@ def test_fakes_come_with_the_extension_not_the_backend_module():
         "    y, h = torch.ops.mor.lora_fwd(x, a, b, idx, gate, 2, 1.0, None)\n"
         "assert tuple(y.shape) == (2, 5, 6) and tuple(h.shape) == (2, 5, 4)\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # The child imports the mor_kernels this process imported (after `pip install .`, the installed copy and its
+    # _C), not the source tree that `python -c` would put first when run from the repository root.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mor_kernels.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
