@@ -1,4 +1,16 @@
-"""Reference MoR low-rank path (MOR_SPEC section 2.2): ``base + scaling * B (g * (A x))``."""
+"""Reference MoR low-rank path (MOR_SPEC section 2.2): ``base + scaling * B (g * (A x))``.
+
+- Sample routing: each sample's active ranks are gathered (:mod:`.rank_lists`), so the work is the
+  active ranks' and a rank no sample picked is never read.
+- Token routing: all ``R`` ranks for every token, the unpicked ones masked per token with
+  ``torch.where`` before the gate multiplies them. A non-finite ``lora_b`` column cannot be masked
+  per token inside one GEMM (``0 * inf`` is NaN), so where ``lora_b`` holds non-finite values (checked on
+  the host where that is free, assumed elsewhere) the up-projection runs on the finite part and the
+  tokens that picked a non-finite column get that column's contribution separately.
+
+Either way a rank with ``g = 0`` contributes exactly zero, non-finite weights included, forward and
+backward (only the poisoned rank's own ``lora_a``/``lora_b`` gradient may be non-finite).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from .dense_gate import dense_gate
+from .rank_lists import gather_a, gather_b, host_sync_allowed, sample_rank_lists
+
+
+def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t.to(dtype)``, skipping the call when there is nothing to do (each op call costs microseconds)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
@@ -15,23 +33,67 @@ def compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
     return torch.float32
 
 
-def routing_gate(idx, gate, num_shared, ranks, scaling, ndim, dtype) -> torch.Tensor:
-    """Dense gate times ``scaling``, shaped to broadcast against ``(B, *tokens, R)`` rank activations.
+def gated(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``h * weight`` (broadcast), in place where no gradient is recorded (one tensor less)."""
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return h * weight
+    return h.mul_(weight)
 
-    Sample routing (``idx`` is ``(B, k)``) gives ``(B, 1, ..., 1, R)``; token routing gives
-    ``(B, *tokens, R)``.
-    """
-    g = dense_gate(idx, gate, num_shared, ranks, dtype) * scaling
-    if idx.dim() == 2 and ndim > 2:
-        g = g.view(g.shape[0], *([1] * (ndim - 2)), ranks)
-    return g
+
+def _sample_delta_into(y, x, lora_a, lora_b, idx, gate, num_shared, scaling, dtype, *, inplace):
+    """``y + scaling B (g * A x)`` for ``x (B, T, d_in)``, ``y (B, T, d_out)`` (or None: the delta alone),
+    over each sample's gathered ranks; ``inplace`` adds into ``y``."""
+    lists = sample_rank_lists(idx, gate, num_shared, lora_a.shape[0], scaling, dtype)
+    x = cast(x, dtype)
+    if lists.batch == 1 and lists.all_valid:  # one sample: plain GEMMs over its rank list
+        a = cast(lora_a, dtype).index_select(0, lists.ranks)  # (n, d_in)
+        b = cast(lora_b, dtype).index_select(1, lists.ranks)  # (d_out, n)
+        h = gated(F.linear(x, a), lists.weight)  # (1, T, n)
+        if y is None:
+            return F.linear(h, b)
+        y2, h2 = y.view(-1, y.shape[-1]), h.view(-1, h.shape[-1])
+        return (y2.addmm_(h2, b.t()) if inplace else torch.addmm(y2, h2, b.t())).view(y.shape)
+    a = gather_a(cast(lora_a, dtype), lists)  # (B, n, d_in)
+    b = gather_b(cast(lora_b, dtype), lists)  # (B, d_out, n)
+    h = gated(torch.bmm(x, a.transpose(1, 2)), lists.weight[:, None, :])  # (B, T, n)
+    if y is None:
+        return torch.bmm(h, b.transpose(1, 2))
+    if inplace:
+        return y.baddbmm_(h, b.transpose(1, 2))
+    return torch.baddbmm(y, h, b.transpose(1, 2))
+
+
+def _token_delta(x, lora_a, lora_b, idx, gate, num_shared, scaling, dtype) -> torch.Tensor:
+    """``scaling B (g * A x)`` under token routing (``idx``/``gate (B, T, k)``), all ranks, masked per token."""
+    ranks = lora_a.shape[0]
+    g = dense_gate(idx, gate, num_shared, ranks, dtype) * scaling  # (B, T, R)
+    picked = dense_gate(idx, torch.ones_like(gate), num_shared, ranks, torch.float32) > 0
+    h = torch.where(picked, F.linear(cast(x, dtype), cast(lora_a, dtype)), 0) * g  # (B, T, R)
+    b = cast(lora_b, dtype)
+    if host_sync_allowed(b) and bool(torch.isfinite(b).all()):
+        return F.linear(h, b)
+    finite = torch.isfinite(b)
+    out = F.linear(h, torch.where(finite, b, 0))
+    # The tokens that picked a column with non-finite entries get that column's contribution, masked per
+    # token after the product (0 * inf is NaN for the others). It is left out of the backward, whose
+    # masked zeros would meet the same infs; the tokens it reaches have a non-finite output anyway.
+    bad = torch.where(finite, 0, b).detach()
+    hits = F.linear(picked.to(dtype), (~finite).to(dtype)) > 0  # (B, T, d_out): token picked a bad entry
+    return out + torch.where(hits, F.linear(h.detach(), bad), 0)
 
 
 def lora_delta(x, lora_a, lora_b, idx, gate, num_shared, scaling, dtype) -> torch.Tensor:
-    """``scaling * B (g * (A x))`` computed in ``dtype``, for ``x (B, *tokens, d_in)``."""
-    h = F.linear(x.to(dtype), lora_a.to(dtype))
-    h = h * routing_gate(idx, gate, num_shared, lora_a.shape[0], scaling, x.dim(), dtype)
-    return F.linear(h, lora_b.to(dtype))
+    """``scaling * B (g * (A x))`` computed in ``dtype``, for ``x (B, T, d_in)``."""
+    if idx.dim() == 2:
+        return _sample_delta_into(None, x, lora_a, lora_b, idx, gate, num_shared, scaling, dtype, inplace=False)
+    return _token_delta(x, lora_a, lora_b, idx, gate, num_shared, scaling, dtype)
+
+
+def add_lora_delta(y, x, lora_a, lora_b, idx, gate, num_shared, scaling, dtype) -> torch.Tensor:
+    """``y + scaling * B (g * (A x))``, into ``y`` (an intermediate of the caller: it is overwritten)."""
+    if idx.dim() == 2:
+        return _sample_delta_into(y, x, lora_a, lora_b, idx, gate, num_shared, scaling, dtype, inplace=True)
+    return y.add_(_token_delta(x, lora_a, lora_b, idx, gate, num_shared, scaling, dtype))
 
 
 def mor_lora(
@@ -48,13 +110,16 @@ def mor_lora(
 ) -> torch.Tensor:
     """MoR delta (plus ``base`` when given), pure PyTorch, differentiable.
 
-    Shapes: ``x (B, *tokens, d_in)``, ``lora_a (R, d_in)``, ``lora_b (d_out, R)``, ``idx``/``gate``
-    ``(B, k)`` (sample routing) or ``(B, *tokens, k)`` (token routing), ``base (B, *tokens, d_out)``.
-    Returns ``(B, *tokens, d_out)`` in ``x.dtype``. Inputs are assumed valid: the public
-    ``mor_kernels.mor_lora`` checks them first.
+    Shapes: ``x (B, T, d_in)``, ``lora_a (R, d_in)``, ``lora_b (d_out, R)``, ``idx``/``gate``
+    ``(B, k)`` (sample routing) or ``(B, T, k)`` (token routing), ``base (B, T, d_out)``.
+    Returns ``(B, T, d_out)`` in ``x.dtype``; ``base`` is never modified. Inputs are assumed valid:
+    the public ``mor_kernels.mor_lora`` checks them (and flattens the token dimensions) first.
     """
     ct = compute_dtype(x.dtype, upcast)
-    out = lora_delta(x, lora_a, lora_b, idx, gate, num_shared, scaling, ct)
-    if base is not None:
-        out = base.to(ct) + out
-    return out.to(x.dtype)
+    if base is None:
+        out = lora_delta(x, lora_a, lora_b, idx, gate, num_shared, scaling, ct)
+    elif idx.dim() == 2:
+        out = _sample_delta_into(cast(base, ct), x, lora_a, lora_b, idx, gate, num_shared, scaling, ct, inplace=False)
+    else:
+        out = cast(base, ct) + _token_delta(x, lora_a, lora_b, idx, gate, num_shared, scaling, ct)
+    return cast(out, x.dtype)
