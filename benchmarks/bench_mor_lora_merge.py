@@ -6,15 +6,18 @@
     python benchmarks/bench_mor_lora_merge.py --active 8,16       # more active-rank counts
 
 For each layer shape and token count ``T`` (per sample) it times, interleaved in the same run, the bare
-base layer, the reference low-rank path (each sample's active ranks gathered) and the merged path
-(``W_b = W0 + scaling B diag(g) A`` once, then one base GEMM/conv), inference, batch 1, and reports
+base layer and the two paths a MoR layer runs in inference once its rank factors are prepared for the
+image (``mor_kernels.reference.factors``; ``mor_model.inference``): the low-rank path (base layer plus
+``b (a x)`` added into its output) and the merged path (``W_b = W0 + b a``, then one base GEMM/conv),
+batch 1, each after an elementwise op that leaves ``x`` in the caches as the previous layer of a model
+does. It reports
 
-    rho = T (d_in + d_out) / (d_in d_out)        (d_in = C_in kh kw for a conv)
+    rho = T (C_in + C_out) / (C_in kh kw C_out)
 
-the ratio of the low-rank path's activation traffic to the merge's weight traffic. The merged path wins
-above a crossover ``rho*``; the run prints ``rho*`` per shape (interpolated between the two token counts
-around the crossing) and the constant the cost model uses (the largest ``rho* x active / 16`` over the
-shapes, so that merging never loses where the run measured). Writes CSV/JSON like the other benchmarks.
+the low-rank path's activation traffic over the merge's weight traffic. The merged path wins above a
+crossover ``rho*`` (per layer kind: Linear and 1x1 convs, larger kernels); the run prints ``rho*`` per
+shape (interpolated between the token counts around the crossing), which
+``mor_kernels.dispatch.MERGE_CROSSOVER`` records. Writes CSV/JSON like the other benchmarks.
 """
 
 from __future__ import annotations
@@ -30,8 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_common as common  # noqa: E402
 
-from mor_kernels import reference  # noqa: E402
-from mor_kernels.reference.merged import mor_conv2d_merged, mor_linear_merged  # noqa: E402
+from mor_kernels.reference import factors  # noqa: E402
 
 # (kind, channels, kernel): the SD 2.1 widths
 SHAPES = [("linear", c, 1) for c in (320, 640, 1280)] + [("conv", c, k) for k in (3, 1) for c in (320, 640, 1280)]
@@ -51,11 +53,9 @@ def token_counts(kind: str, kernel: int, channels: int, max_flop: float) -> list
 def inputs(kind, channels, kernel, tokens, active, device, gen):
     s, e = 8, 32
     k = active - s
-    x = (
-        torch.randn(1, channels, math.isqrt(tokens), math.isqrt(tokens), generator=gen)
-        if kind == "conv"
-        else torch.randn(1, tokens, channels, generator=gen)
-    )
+    side = math.isqrt(tokens)
+    x = torch.randn(1, channels, side, side, generator=gen) if kind == "conv" else torch.randn(1, tokens, channels,
+                                                                                                generator=gen)  # fmt: skip
     kk = (kernel, kernel) if kind == "conv" else ()
     fan = channels * kernel * kernel
     w = torch.randn(channels, channels, *kk, generator=gen) * fan**-0.5
@@ -69,31 +69,39 @@ def inputs(kind, channels, kernel, tokens, active, device, gen):
 
 def measure(kind, channels, kernel, tokens, active, device, budget):
     gen = torch.Generator().manual_seed(tokens)
-    (x, w, bias, a, b, idx, gate), s = inputs(kind, channels, kernel, tokens, active, device, gen)
+    (x0, w, bias, a, b, idx, gate), s = inputs(kind, channels, kernel, tokens, active, device, gen)
+    f = factors.rank_factors(a, b, idx, gate, s, 1.0, x0.dtype)
     pad = kernel // 2
+
+    def prev():  # the previous layer's elementwise output: x fresh in the caches
+        return torch.nn.functional.silu(x0)
+
     if kind == "conv":
         fns = {
-            "base": lambda: torch.nn.functional.conv2d(x, w, bias, 1, pad),
-            "lowrank": lambda: reference.mor_conv2d(x, w, bias, a, b, idx, gate, s, 1.0, 1, pad, 1),
-            "merged": lambda: mor_conv2d_merged(x, w, bias, a, b, idx, gate, s, 1.0, 1, pad, 1),
+            "base": lambda: torch.nn.functional.conv2d(prev(), w, bias, 1, pad),
+            "lowrank": lambda: factors.add_lowrank_conv2d(
+                torch.nn.functional.conv2d(x := prev(), w, bias, 1, pad), x, f, 1, pad, 1
+            ),
+            "merged": lambda: factors.merged_conv2d(prev(), factors.merge_weights(w, f), bias, 1, pad, 1),
         }
     else:
         fns = {
-            "base": lambda: torch.nn.functional.linear(x, w, bias),
-            "lowrank": lambda: reference.mor_linear(x, w, bias, a, b, idx, gate, s, 1.0),
-            "merged": lambda: mor_linear_merged(x, w, bias, a, b, idx, gate, s, 1.0),
+            "base": lambda: torch.nn.functional.linear(prev(), w, bias),
+            "lowrank": lambda: factors.add_lowrank_linear(
+                torch.nn.functional.linear(x := prev(), w, bias), x, f, inplace=True
+            ),
+            "merged": lambda: factors.merged_linear(prev(), factors.merge_weights(w, f), bias),
         }
     with torch.no_grad():
         if device.type == "cuda":
             t = {n: common.time_fn(fn, device, budget_s=budget) for n, fn in fns.items()}
         else:
             t = common.time_cpu_interleaved({n: (fn, ()) for n, fn in fns.items()}, budget_s=budget)
-    d_in = channels * kernel * kernel
     ms = {n: v.median_ms for n, v in t.items()}
     return {
         "kind": kind, "channels": channels, "kernel": kernel, "tokens": tokens, "active": active,
-        "rho": tokens * (d_in + channels) / (d_in * channels), "base_ms": ms["base"], "lowrank_ms": ms["lowrank"],
-        "merged_ms": ms["merged"], "merged_over_lowrank": ms["merged"] / ms["lowrank"],
+        "rho": tokens * 2 * channels / (channels * kernel * kernel * channels), "base_ms": ms["base"],
+        "lowrank_ms": ms["lowrank"], "merged_ms": ms["merged"], "merged_over_lowrank": ms["merged"] / ms["lowrank"],
         "lowrank_over_base": ms["lowrank"] / ms["base"], "merged_over_base": ms["merged"] / ms["base"],
     }  # fmt: skip
 
@@ -117,7 +125,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default=None)
     p.add_argument("--active", default="16", help="comma list of active ranks per sample (8 shared + picks)")
     p.add_argument("--kinds", default="linear,conv", help="linear, conv")
-    p.add_argument("--max-gflop", type=float, default=None, help="largest base layer timed (default 0.6 CPU)")
+    p.add_argument("--max-gflop", type=float, default=None, help="largest base layer timed (default 1.5 CPU)")
     p.add_argument("--budget", type=float, default=0.2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
@@ -126,7 +134,7 @@ def main(argv=None) -> dict:
     threads = torch.get_num_threads()
     try:
         note = common.threads_note(args.threads, device.type == "cuda")
-        cap = (args.max_gflop or (0.6 if device.type == "cpu" else 50.0)) * 1e9
+        cap = (args.max_gflop or (1.5 if device.type == "cpu" else 50.0)) * 1e9
         meta = common.environment(device)
         meta.update(threads_note=note, budget_s=args.budget)
         print(f"merge crossover on {device.type} ({meta['device_name']}), fp32, batch 1, {note}; load "
@@ -151,12 +159,9 @@ def main(argv=None) -> dict:
                 rho = crossover(shape_rows)
                 print(f"  -> crossover rho* = {rho if rho is None else f'{rho:.3f}'}", flush=True)
                 if rho is not None:
-                    fits.append(rho * active / 16)
-        if fits:
-            print(
-                f"cost-model constant (largest rho* x active/16): {max(fits):.3f}; per shape {[round(f, 3) for f in fits]}"
-            )
-        meta["merge_constant"] = max(fits) if fits else None
+                    fits.append(("linear" if kernel == 1 else "conv", active, round(rho, 3)))
+        print(f"crossovers (kind, active ranks, rho*): {fits}")
+        meta["crossovers"] = fits
         stem = f"bench_mor_lora_merge-{device.type}-{meta['time_utc'].replace(':', '').replace('+0000', 'Z')}"
         paths = common.write_outputs(args.out, stem, meta, rows, FIELDS)
         print(f"wrote {paths['csv']} and {paths['json']}")

@@ -98,17 +98,22 @@ def decision(device_type: str, dtype: torch.dtype) -> Decision | None:
     return next((d for d in DECISIONS if d.device == device_type and dtype in d.dtypes), None)
 
 
-#: Merged inference: a sample's merged weight ``W0 + scaling B diag(g) A`` costs a weight-sized GEMM
-#: output; the low-rank path costs two skinny GEMMs over the sample's activations. Merging wins when
-#: ``rho = T (d_in + d_out) / (d_in d_out)`` (``T`` tokens per sample, ``d_in = C_in kh kw`` for a conv)
-#: exceeds the crossover measured for the device type (value, measurement). No entry: never merged by "auto".
+#: Merged inference: a sample's merged weight ``W0 + scaling B diag(g) A`` costs a pass over a weight-sized
+#: tensor; the low-rank path costs passes over the sample's activations (two skinny GEMMs, or a rank conv
+#: and a 1x1 up-projection). Merging wins when
+#:     rho = T (C_in + C_out) / (C_in kh kw C_out)          (T tokens per sample; a Linear has kh = kw = 1)
+#: exceeds the crossover measured for the device type and layer kind (:func:`merge_kind`: "linear",
+#: "conv1x1", "conv" for larger kernels), with the measurement. No entry: "auto" never merges there.
 MERGE_CROSSOVER = {
-    "cpu": (
-        3.0,
-        "benchmarks/bench_mor_lora_merge.py on the 2-core Xeon (fp32, batch 1, 1 thread, load ~10): merged beat "
-        "the gathered low-rank path above rho* = 2.7 (Linear 320) and 3.0 (1x1 conv 320) with 16 active ranks, "
-        "2.5-4.6 with 8; wider layers (640, 1280; 3x3 convs) did not cross below rho 1.6",
-    ),
+    ("cpu", "linear"): 1.5,
+    ("cpu", "conv1x1"): 2.1,
+    ("cpu", "conv"): 1.7,
+}
+MERGE_MEASURED = {
+    "cpu": "benchmarks/bench_mor_lora_merge.py on the 2-core Xeon (fp32, batch 1, 16 active ranks, 1 thread, "
+    "load 4.6, commit 0cafc16), the per-image prepared paths: merged over low-rank crossed 1 at rho 0.79 "
+    "(Linear 320) and 1.42 (Linear 640; Linear 1280 not up to rho 0.4), 2.13 and 2.03 (1x1 conv 320, 640), "
+    "1.65 (3x3 conv 320; 1.04 at rho 0.36 for 640)",
 }
 MERGE_MODES = ("auto", "never", "always")
 
@@ -121,34 +126,43 @@ class MergePlan:
     why: str
 
 
+def merge_kind(kernel: tuple[int, ...] = ()) -> str:
+    """``"linear"`` (no kernel), ``"conv1x1"`` or ``"conv"`` (a larger kernel)."""
+    if not kernel:
+        return "linear"
+    return "conv1x1" if all(k == 1 for k in kernel) else "conv"
+
+
 def merge_rule(device_type: str) -> str:
     """The merge rule of ``merge="auto"`` on ``device_type``, for :meth:`Choice.explain`."""
-    entry = MERGE_CROSSOVER.get(device_type)
-    if entry is None:
+    limits = {kind: MERGE_CROSSOVER.get((device_type, kind)) for kind in ("linear", "conv1x1", "conv")}
+    if all(v is None for v in limits.values()):
         return (
             f"not by 'auto' on {device_type} (no measured crossover; merge='always' forces it); sample routing, "
             "inference only"
         )
+    shown = ", ".join(f"{v:g} ({k})" for k, v in limits.items() if v is not None)
     return (
-        f"sample routing, no gradient needed, and rho = T (d_in + d_out) / (d_in d_out) > {entry[0]:g} "
-        f"(measured: {entry[1]})"
+        f"sample routing, no gradient needed, and rho = T (C_in + C_out) / (C_in kh kw C_out) > {shown} "
+        f"(measured: {MERGE_MEASURED.get(device_type, '?')})"
     )
 
 
 def merge_plan(
     device_type: str,
     tokens: int,
-    d_in: int,
-    d_out: int,
+    c_in: int,
+    c_out: int,
     *,
+    kernel: tuple[int, ...] = (),
     mode: str = "auto",
     backend: str = "auto",
     token_routing: bool = False,
     needs_grad: bool = False,
 ) -> MergePlan:
     """Whether a MoR call runs per-sample merged weights (``mode``: ``"auto"`` = the cost model, with
-    ``backend="auto"`` only; ``"always"``; ``"never"``). ``tokens`` per sample; ``d_in`` includes the
-    kernel taps of a conv. Gradients and token routing never merge."""
+    ``backend="auto"`` only; ``"always"``; ``"never"``). ``tokens`` per sample (output pixels of a conv),
+    ``kernel`` the conv's ``(kh, kw)`` (empty for a Linear). Gradients and token routing never merge."""
     if mode not in MERGE_MODES:
         raise ValueError(f"merge must be one of {MERGE_MODES}, got {mode!r}")
     if mode == "never":
@@ -163,13 +177,18 @@ def merge_plan(
         return MergePlan(True, "merge='always'")
     if backend != "auto":
         return MergePlan(False, f"backend={backend!r} was asked for (merge='auto' applies to backend='auto')")
-    entry = MERGE_CROSSOVER.get(device_type)
-    if entry is None:
-        return MergePlan(False, f"no measured merge crossover on {device_type}")
-    rho = tokens * (d_in + d_out) / max(d_in * d_out, 1)
-    if rho > entry[0]:
-        return MergePlan(True, f"rho = T (d_in + d_out) / (d_in d_out) = {rho:.2f} > {entry[0]:g} (cost model)")
-    return MergePlan(False, f"rho = T (d_in + d_out) / (d_in d_out) = {rho:.2f} <= {entry[0]:g} (cost model)")
+    kind = merge_kind(kernel)
+    limit = MERGE_CROSSOVER.get((device_type, kind))
+    if limit is None:
+        return MergePlan(False, f"no measured merge crossover for a {kind} layer on {device_type}")
+    taps = 1
+    for k in kernel:
+        taps *= k
+    rho = tokens * (c_in + c_out) / max(c_in * taps * c_out, 1)
+    verdict = ">" if rho > limit else "<="
+    return MergePlan(
+        rho > limit, f"rho = T (C_in + C_out) / (C_in kh kw C_out) = {rho:.2f} {verdict} {limit:g} ({kind})"
+    )
 
 
 class BackendUnavailableError(RuntimeError):

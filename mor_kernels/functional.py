@@ -19,6 +19,7 @@ runs with autocast off, so every backend sees one compute dtype (``gate`` stays 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -105,16 +106,18 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
-def _merge_plan(merge, backend, x, info, *tensors) -> dispatch.MergePlan:
+def _merge_plan(merge, backend, x, info, weight, *tensors) -> dispatch.MergePlan:
+    kernel = tuple(weight.shape[2:])
     return dispatch.merge_plan(
         x.device.type,
         info.tokens,
-        info.d_in,
+        info.d_in // max(math.prod(kernel), 1),
         info.d_out,
+        kernel=kernel,
         mode=merge,
         backend=backend,
         token_routing=info.token_routing,
-        needs_grad=_needs_grad(x, *tensors),
+        needs_grad=_needs_grad(x, weight, *tensors),
     )
 
 
@@ -126,18 +129,19 @@ def merge_decision(op: str, x: torch.Tensor, weight: torch.Tensor, lora_a: torch
     device and ``requires_grad`` of the tensors are read."""
     if op == "mor_linear":
         tokens = x.numel() // max(x.shape[0] * x.shape[-1], 1)
-        d_in, d_out = x.shape[-1], weight.shape[0]
+        c_in, d_out = x.shape[-1], weight.shape[0]
     elif op == "mor_conv2d":
         from .validation import conv_out_size, pair
 
         (sh, sw), (ph, pw), (dh, dw) = pair("stride", stride), pair("padding", padding), pair("dilation", dilation)
         kh, kw = weight.shape[2:]
         tokens = conv_out_size(x.shape[2], kh, sh, ph, dh) * conv_out_size(x.shape[3], kw, sw, pw, dw)
-        d_in, d_out = weight[0].numel(), weight.shape[0]
+        c_in, d_out = weight.shape[1], weight.shape[0]
     else:
         raise ValueError(f"op must be 'mor_linear' or 'mor_conv2d', got {op!r}")
     token = op == "mor_linear" and idx.dim() > 2
-    return dispatch.merge_plan(x.device.type, tokens, d_in, d_out, mode=merge, backend=backend, token_routing=token,
+    return dispatch.merge_plan(x.device.type, tokens, c_in, d_out, kernel=tuple(weight.shape[2:]), mode=merge,
+                               backend=backend, token_routing=token,
                                needs_grad=_needs_grad(x, weight, bias, lora_a, lora_b, gate))  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """Reference MoR convolution: base conv + 1x1 up-projection of gated rank channels (MOR_SPEC 2.2).
 
-Each sample's active ranks are gathered (:mod:`.rank_lists`): one ``k x k`` convolution with ``n``
+Each sample's active ranks are gathered (:mod:`.factors`): one ``k x k`` convolution with ``n``
 output channels (a grouped convolution, one group per sample, when the batch has several samples),
 then the gated 1x1 up-projection added into the base conv's output.
 """
@@ -10,33 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .mor_lora import cast, compute_dtype, gated
-from .rank_lists import gather_a, gather_b, sample_rank_lists
-
-
-def rank_conv(x: torch.Tensor, a: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
-    """``x (B, C_in, H, W)`` convolved per sample with its own filters ``a (B, n, C_in, kh, kw)``:
-    ``(B, n, H_out, W_out)`` (one plain conv for B = 1, else a grouped conv with ``groups = B``)."""
-    batch, n = a.shape[:2]
-    if batch == 1:
-        return F.conv2d(x, a[0], None, stride, padding, dilation)
-    flat = x.reshape(1, batch * x.shape[1], *x.shape[2:])
-    h = F.conv2d(flat, a.reshape(batch * n, *a.shape[2:]), None, stride, padding, dilation, groups=batch)
-    return h.view(batch, n, *h.shape[2:])
-
-
-def add_up_projection(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``y (B, C_out, H, W) += b (B, C_out, n) @ h (B, n, H, W)`` over the pixels, in place when ``y`` is
-    NCHW- or NHWC-contiguous (out of place otherwise)."""
-    batch, c_out = y.shape[:2]
-    if y.is_contiguous():
-        y.view(batch, c_out, -1).baddbmm_(b, h.reshape(batch, h.shape[1], -1))
-        return y
-    if y.is_contiguous(memory_format=torch.channels_last):
-        ht = h.permute(0, 2, 3, 1).reshape(batch, -1, h.shape[1])  # (B, HW, n)
-        y.permute(0, 2, 3, 1).view(batch, -1, c_out).baddbmm_(ht, b.transpose(1, 2))
-        return y
-    return y + torch.einsum("bon,bnhw->bohw", b, h)
+from .factors import add_lowrank_conv2d, cast, rank_factors
+from .mor_lora import compute_dtype
 
 
 def mor_conv2d(
@@ -65,8 +40,6 @@ def mor_conv2d(
     ct = compute_dtype(x.dtype, upcast)
     xc = cast(x, ct)
     y = F.conv2d(xc, cast(weight, ct), cast(bias, ct), stride, padding, dilation)
-    lists = sample_rank_lists(idx, gate, num_shared, lora_a.shape[0], scaling, ct)
-    h = rank_conv(xc, gather_a(cast(lora_a, ct), lists), stride, padding, dilation)  # (B, n, H_out, W_out)
-    h = gated(h, lists.weight[:, :, None, None])
-    y = add_up_projection(y, h, gather_b(cast(lora_b, ct), lists))
+    f = rank_factors(lora_a, lora_b, idx, gate, num_shared, scaling, ct)
+    y = add_lowrank_conv2d(y, xc, f, stride, padding, dilation)
     return cast(y, x.dtype)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .mor_lora import add_lora_delta, cast, compute_dtype
+from .factors import cast
+from .mor_lora import add_lora_delta, compute_dtype
 
 
 def mor_linear(

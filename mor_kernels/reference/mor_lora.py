@@ -18,12 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from .dense_gate import dense_gate
-from .rank_lists import gather_a, gather_b, host_sync_allowed, sample_rank_lists
-
-
-def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """``t.to(dtype)``, skipping the call when there is nothing to do (each op call costs microseconds)."""
-    return t if t is None or t.dtype == dtype else t.to(dtype)
+from .factors import add_lowrank_linear, cast, rank_factors
+from .rank_lists import host_sync_allowed
 
 
 def compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
@@ -33,34 +29,11 @@ def compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
     return torch.float32
 
 
-def gated(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``h * weight`` (broadcast), in place where no gradient is recorded (one tensor less)."""
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return h * weight
-    return h.mul_(weight)
-
-
 def _sample_delta_into(y, x, lora_a, lora_b, idx, gate, num_shared, scaling, dtype, *, inplace):
     """``y + scaling B (g * A x)`` for ``x (B, T, d_in)``, ``y (B, T, d_out)`` (or None: the delta alone),
     over each sample's gathered ranks; ``inplace`` adds into ``y``."""
-    lists = sample_rank_lists(idx, gate, num_shared, lora_a.shape[0], scaling, dtype)
-    x = cast(x, dtype)
-    if lists.batch == 1 and lists.all_valid:  # one sample: plain GEMMs over its rank list
-        a = cast(lora_a, dtype).index_select(0, lists.ranks)  # (n, d_in)
-        b = cast(lora_b, dtype).index_select(1, lists.ranks)  # (d_out, n)
-        h = gated(F.linear(x, a), lists.weight)  # (1, T, n)
-        if y is None:
-            return F.linear(h, b)
-        y2, h2 = y.view(-1, y.shape[-1]), h.view(-1, h.shape[-1])
-        return (y2.addmm_(h2, b.t()) if inplace else torch.addmm(y2, h2, b.t())).view(y.shape)
-    a = gather_a(cast(lora_a, dtype), lists)  # (B, n, d_in)
-    b = gather_b(cast(lora_b, dtype), lists)  # (B, d_out, n)
-    h = gated(torch.bmm(x, a.transpose(1, 2)), lists.weight[:, None, :])  # (B, T, n)
-    if y is None:
-        return torch.bmm(h, b.transpose(1, 2))
-    if inplace:
-        return y.baddbmm_(h, b.transpose(1, 2))
-    return torch.baddbmm(y, h, b.transpose(1, 2))
+    f = rank_factors(lora_a, lora_b, idx, gate, num_shared, scaling, dtype)
+    return add_lowrank_linear(y, cast(x, dtype), f, inplace=inplace)
 
 
 def _token_delta(x, lora_a, lora_b, idx, gate, num_shared, scaling, dtype) -> torch.Tensor:
