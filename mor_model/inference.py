@@ -64,9 +64,10 @@ class _Entry:
 
     def valid(self, layer, dtype: torch.dtype) -> bool:
         """Made for ``dtype`` from the layer's current tensors, none changed in place since."""
-        if dtype != self.dtype or _refs(layer) != self.refs:  # tuple == compares identities first
+        if dtype != self.dtype:
             return False
-        return all(t._version == v for t, v in zip(self.refs, self.versions, strict=True))
+        now = _refs(layer)
+        return all(t is r and t._version == v for t, r, v in zip(now, self.refs, self.versions, strict=True))
 
 
 def _refs(layer) -> tuple:

@@ -3,10 +3,10 @@
 - Sample routing: each sample's active ranks are gathered (:mod:`.rank_lists`), so the work is the
   active ranks' and a rank no sample picked is never read.
 - Token routing: all ``R`` ranks for every token, the unpicked ones masked per token with
-  ``torch.where`` before the gate multiplies them. A non-finite ``lora_b`` column cannot be masked
-  per token inside one GEMM (``0 * inf`` is NaN), so where ``lora_b`` holds non-finite values (checked on
-  the host where that is free, assumed elsewhere) the up-projection runs on the finite part and the
-  tokens that picked a non-finite column get that column's contribution separately.
+  ``torch.where`` before the gate multiplies them. A non-finite weight cannot be masked per token inside
+  one GEMM (``0 * inf`` is NaN), so where ``lora_a``/``lora_b`` hold non-finite values (checked on the
+  host where that is free, assumed elsewhere) the GEMMs run on their finite parts and the tokens that
+  picked a non-finite rank get its contribution separately.
 
 Either way a rank with ``g = 0`` contributes exactly zero, non-finite weights included, forward and
 backward (only the poisoned rank's own ``lora_a``/``lora_b`` gradient may be non-finite).
@@ -36,23 +36,37 @@ def _sample_delta_into(y, x, lora_a, lora_b, idx, gate, num_shared, scaling, dty
     return add_lowrank_linear(y, cast(x, dtype), f, inplace=inplace)
 
 
+def _split_finite(w: torch.Tensor):
+    """``(finite part, non-finite part or None)`` of ``w``: the non-finite entries zeroed in the first, the
+    finite ones in the second (None when ``w`` is known finite, checked on the host where that is free)."""
+    if host_sync_allowed(w) and bool(torch.isfinite(w).all()):
+        return w, None
+    finite = torch.isfinite(w)
+    return torch.where(finite, w, 0), torch.where(finite, 0, w).detach()
+
+
 def _token_delta(x, lora_a, lora_b, idx, gate, num_shared, scaling, dtype) -> torch.Tensor:
-    """``scaling B (g * A x)`` under token routing (``idx``/``gate (B, T, k)``), all ranks, masked per token."""
+    """``scaling B (g * A x)`` under token routing (``idx``/``gate (B, T, k)``), all ranks, masked per token.
+
+    The GEMMs over all ``R`` ranks run on the finite parts of ``A`` and ``B`` (``0 * inf`` would be NaN for
+    every token, forward or backward); the tokens that picked a rank with non-finite entries get that rank's
+    contribution apart, masked per token after the product and left out of the backward (their output is
+    non-finite anyway)."""
     ranks = lora_a.shape[0]
     g = dense_gate(idx, gate, num_shared, ranks, dtype) * scaling  # (B, T, R)
     picked = dense_gate(idx, torch.ones_like(gate), num_shared, ranks, torch.float32) > 0
-    h = torch.where(picked, F.linear(cast(x, dtype), cast(lora_a, dtype)), 0) * g  # (B, T, R)
-    b = cast(lora_b, dtype)
-    if host_sync_allowed(b) and bool(torch.isfinite(b).all()):
-        return F.linear(h, b)
-    finite = torch.isfinite(b)
-    out = F.linear(h, torch.where(finite, b, 0))
-    # The tokens that picked a column with non-finite entries get that column's contribution, masked per
-    # token after the product (0 * inf is NaN for the others). It is left out of the backward, whose
-    # masked zeros would meet the same infs; the tokens it reaches have a non-finite output anyway.
-    bad = torch.where(finite, 0, b).detach()
-    hits = F.linear(picked.to(dtype), (~finite).to(dtype)) > 0  # (B, T, d_out): token picked a bad entry
-    return out + torch.where(hits, F.linear(h.detach(), bad), 0)
+    x = cast(x, dtype)
+    a, a_bad = _split_finite(cast(lora_a, dtype))
+    h = F.linear(x, a)
+    if a_bad is not None:
+        h = h + torch.where(picked, F.linear(x.detach(), a_bad), 0)
+    h = torch.where(picked, h, 0) * g  # (B, T, R)
+    b, b_bad = _split_finite(cast(lora_b, dtype))
+    out = F.linear(h, b)
+    if b_bad is not None:
+        hits = F.linear(picked.to(dtype), (b_bad != 0).to(dtype)) > 0  # (B, T, d_out): picked a bad entry
+        out = out + torch.where(hits, F.linear(h.detach(), b_bad), 0)
+    return out
 
 
 def lora_delta(x, lora_a, lora_b, idx, gate, num_shared, scaling, dtype) -> torch.Tensor:
