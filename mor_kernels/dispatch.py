@@ -88,7 +88,7 @@ _NOT_OFFERED = {
     "cpu": {
         "cpp": "measured slower than the reference on CPU (see the decision); the C++ kernels are the CUDA "
         "kernels' CPU twin for tests: ask for backend='cpp'",
-        "triton": None,  # the interpreter: unavailable_reason says why
+        "triton": None,  # the interpreter (a test path): unavailable_reason says why
     },
 }
 
@@ -284,8 +284,8 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype = to
         skipped = []
         found = decision(device.type, dtype)
         order = found.order if found else ("reference",)
-        for name, why in _NOT_OFFERED.get(device.type, {}).items():
-            why = why or unavailable_reason(name, op, device, dtype, auto=True)
+        for name, not_offered in _NOT_OFFERED.get(device.type, {}).items():
+            why = unavailable_reason(name, op, device, dtype, auto=True) or not_offered  # it cannot run, or not faster
             if why is not None:
                 skipped.append((name, why))
         for name in order:
