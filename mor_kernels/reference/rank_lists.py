@@ -80,9 +80,13 @@ def _host_rank_lists(idx, gate, num_shared, num_ranks, scaling, dtype) -> RankLi
     s = float(scaling)
     if torch.is_grad_enabled() and gate.requires_grad:  # the gate stays in the autograd graph
         k = gate.shape[1]
-        slots = torch.tensor([p + [k] * (most - len(p)) for p in picks], dtype=torch.long).view(batch, most)
-        routed = torch.nn.functional.pad(gate.to(dtype), (0, 1)).gather(1, slots) * s  # slot k: 0
-        weight = torch.cat([torch.full((batch, num_shared), s, dtype=dtype), routed], dim=1)
+        if most == k and all(len(p) == k for p in picks):  # every slot picked a rank: the gates in slot order
+            routed = gate.to(dtype) * s
+        else:
+            slots = torch.tensor([p + [k] * (most - len(p)) for p in picks], dtype=torch.long).view(batch, most)
+            routed = torch.nn.functional.pad(gate.to(dtype), (0, 1)).gather(1, slots) * s  # slot k: 0
+        shared = torch.full((batch, num_shared), s, dtype=dtype)
+        weight = torch.cat([shared, routed], dim=1) if num_shared else routed
     else:
         gates = gate.tolist()
         weight = []
