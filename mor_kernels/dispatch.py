@@ -70,10 +70,11 @@ DECISIONS = (
         "cpu",
         _FLOATS,
         ("reference",),
-        f"{_CPU_RUN}, commit 8e57852: the C++ kernels ran 1.28-3.36x the bare layer forward and 1.91-4.20x "
-        "fwd+bwd against the reference's 1.17-2.20x and 1.19-1.95x, slower at every shape; they are the CUDA "
-        "kernels' CPU twin for tests (backend='cpp'), not a speed path. fp16/bf16 on CPU: the reference computes "
-        "in float32 (not measured apart)",
+        f"{_CPU_RUN}, commit 1b2d081 (load 4.7): the C++ kernels ran 1.42-3.40x the bare layer forward and "
+        "1.83-3.97x fwd+bwd against the reference's 1.09-1.45x and 1.14-1.83x (8e57852, before the reference "
+        "gathered active ranks: 1.28-3.36x and 1.91-4.20x against 1.17-2.20x and 1.19-1.95x), slower at every "
+        "shape; they are the CUDA kernels' CPU twin for tests (backend='cpp'), not a speed path. fp16/bf16 on CPU: "
+        "the reference computes in float32 (not measured apart)",
     ),
     Decision(
         "cuda",
