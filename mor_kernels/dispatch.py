@@ -112,7 +112,7 @@ MERGE_CROSSOVER = {
 }
 MERGE_MEASURED = {
     "cpu": "benchmarks/bench_mor_lora_merge.py on the 2-core Xeon (fp32, batch 1, 16 active ranks, 1 thread, "
-    "load 4.6, commit 0cafc16), the per-image prepared paths: merged over low-rank crossed 1 at rho 0.79 "
+    "load 4.6, commit 0cafc16 with the reference factors module of ab61348), the per-image prepared paths: merged over low-rank crossed 1 at rho 0.79 "
     "(Linear 320) and 1.42 (Linear 640; Linear 1280 not up to rho 0.4), 2.13 and 2.03 (1x1 conv 320, 640), "
     "1.65 (3x3 conv 320; 1.04 at rho 0.36 for 640)",
 }
