@@ -73,14 +73,15 @@ def provider_fn(case: Case, provider: str, t: dict[str, torch.Tensor]):
         return lora
     backend = provider.split(":", 1)[1]
     args = (x, w, b, t["lora_a"], t["lora_b"], t["idx"], t["gate"], case.num_shared, scaling)
+    # called as the MoR layers call them: indices from route, so no index check (a device sync per call)
     if conv:
 
         def mor():
-            return mor_kernels.mor_conv2d(*args, 1, pad, 1, backend=backend)
+            return mor_kernels.mor_conv2d(*args, 1, pad, 1, backend=backend, check_indices=False)
     else:
 
         def mor():
-            return mor_kernels.mor_linear(*args, backend=backend)
+            return mor_kernels.mor_linear(*args, backend=backend, check_indices=False)
 
     return mor
 
@@ -93,6 +94,8 @@ def unavailable(case: Case, provider: str, device: torch.device, explicit: bool)
     dtype = DTYPES[case.dtype]
     if case.shape.kind == "conv2d" and case.routing == "token":
         return "mor_conv2d routes per sample only"
+    if backend == "auto":
+        return None
     if backend in mor_kernels.available_backends(device, case.op, dtype):
         if backend == "triton" and device.type == "cpu" and not explicit:
             return (
@@ -100,6 +103,27 @@ def unavailable(case: Case, provider: str, device: torch.device, explicit: bool)
             )
         return None
     return dispatch.unavailable_reason(backend, case.op, device, dtype) or "not listed by available_backends"
+
+
+def executed_rank_rows(case: Case, provider: str, layer, t: dict, useful_rr: int, device: torch.device):
+    """What ``provider`` computes, in rank-rows (``mor_kernels.flops``): for ``mor:auto`` the backend
+    ``"auto"`` resolves to, or the merged path when ``mor_kernels.merge_decision`` picks it."""
+    backend = provider.split(":")[1]
+    token = case.routing == "token"
+    idx = t["idx"].cpu()
+    width = None if token else flops.rank_list_width(idx, case.num_shared, case.ranks, host=device.type == "cpu")
+    if backend == "auto":
+        op = case.op
+        with torch.no_grad() if case.mode == "fwd" else torch.enable_grad():
+            trainable = {n: t[n].detach().requires_grad_(case.mode != "fwd") for n in ("x", "lora_a", "gate")}
+            plan = mor_kernels.merge_decision(op, trainable["x"], t["weight"], trainable["lora_a"], t["idx"],
+                                              gate=trainable["gate"], padding=case.shape.kernel // 2)  # fmt: skip
+        if plan.merge:
+            same = case.batch == 1 or bool((idx == idx[:1]).all() and (t["gate"] == t["gate"][:1]).all())
+            return flops.merged_rank_rows(layer, 1 if same else case.batch, width)
+        backend = dispatch.resolve(op, "auto", device, DTYPES[case.dtype]).backend
+    return flops.executed_rank_rows(backend, layer, case.ranks, useful_rr, token, num_shared=case.num_shared,
+                                    top_k=case.top_k, list_width=width)  # fmt: skip
 
 
 TRAINABLE = {"base": ("x",), "lora": ("x", "dense_a", "dense_b"), "mor": ("x", "lora_a", "lora_b", "gate")}
@@ -186,15 +210,7 @@ def measure_case(case: Case, providers, device, args, copy_gbps: float) -> list[
             op, rank_rows, ranks_read, route = "lora", layer.rows * case.active, case.active, 0
         else:
             op, ranks_read, route = case.op, touched, t["idx"].numel()
-            rank_rows = flops.executed_rank_rows(
-                provider.split(":")[1],
-                layer,
-                case.ranks,
-                useful_rr,
-                case.routing == "token",
-                num_shared=case.num_shared,
-                top_k=case.top_k,
-            )
+            rank_rows = executed_rank_rows(case, provider, layer, t, useful_rr, device)
         row["useful_flop"] = flops.op_flops(op, layer, useful_rr if op != "base" else 0, backward=backward)
         row["executed_flop"] = flops.op_flops(op, layer, rank_rows, backward=backward)
         row["min_bytes"] = flops.min_bytes(

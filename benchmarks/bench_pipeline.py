@@ -17,7 +17,13 @@ Parts, each timed for every variant in the same run (variants of a part interlea
   one UNet pass at t = 999, VAE decode, colour fix (AdaIN). The prompt embedding is cached by the
   pipeline, so the text encoder (a fixed random embedding here) is not in the timed calls;
 - ``unet``: the UNet alone at t = 999 (degradation scores set once, outside the timed calls);
-- ``estimator``: the CLIP degradation estimator alone, float32 (ViT-L/14-sized; ViT-B/32 reduced).
+- ``estimator``: the CLIP degradation estimator alone, float32 (ViT-L/14-sized; ViT-B/32 reduced);
+- ``unet-sd21``: on a CPU run (``--sd21-latent``, default 32), the SD 2.1-base UNet at its real sizes at a
+  small latent (32x32: 258 MoR layers at the widths that matter, in a few minutes on 2 cores), float32:
+  ``none``, ``lora-r4``, ``mor:auto`` (a MoR model as loaded: per-image routing, merged weights where the
+  cost model says so), ``mor-lowrank:auto`` (``set_merge(unet, "never")``) and ``mor-folded:auto``. Every
+  MoR call sets the scores first (``set_degradation``), so each call pays what one image pays: the
+  routing, the rank factors and the merged weights are made in the timed call.
 
 Variants:
 
@@ -26,7 +32,8 @@ Variants:
   and on the VAE encoder (OSEDiff-like);
 - ``mor:<backend>``: ``mor_model.inject_mor`` on the UNet (8 shared + 32 routed, 4 zero slots, top-8,
   degradation routing) and the VAE-encoder adapter the trainer writes by default (a plain rank-4 LoRA
-  stored as a MoR adapter, ``mor_model.train.model.VAE_LORA_TARGETS``), with each available backend;
+  stored as a MoR adapter, ``mor_model.train.model.VAE_LORA_TARGETS``), with ``backend="auto"`` (what a
+  model gets by default, ``mor:auto``) and each available backend;
 - ``mor-folded:<backend>``: the same after ``mor_model.merge.fold_shared_ranks`` on both (what
   ``from_pretrained(fold_shared=True)`` does), on the fastest backend.
 
@@ -199,6 +206,8 @@ def mor_backends(args, device, dtype) -> tuple[list[str], dict[str, str]]:
         if b not in backends
     }
     wanted = [b for b in backends if "mor" in args.variants or f"mor:{b}" in args.variants]
+    if "mor" in args.variants or "mor:auto" in args.variants:
+        wanted.insert(0, "auto")  # what a model gets by default: auto's backend, per-image routing and merging
     return wanted, skipped
 
 
@@ -237,6 +246,55 @@ def variants(args, unet, vae, device, dtype):
     return cast, skipped
 
 
+def sd21_unet_jobs(args, device) -> tuple[dict, dict, dict]:
+    """The ``unet-sd21`` part: ``({variant: fn}, {variant: note}, {variant: weights MB})`` for the SD 2.1-base
+    UNet at its real sizes at a ``--sd21-latent`` latent, batch ``--batch``, float32 (see the module
+    docstring). The variants share the base weights (one copy in memory)."""
+    from diffusers import UNet2DConditionModel
+
+    import mor_model
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**UNET_SD21).to(device).eval().requires_grad_(False)
+    shared = {id(t): t for t in [*unet.parameters(), *unet.buffers()]}
+    gen = torch.Generator().manual_seed(2)
+    side, b = args.sd21_latent, args.batch
+    z = torch.randn(b, 4, side, side, generator=gen).to(device)
+    embeds = torch.randn(b, 77, UNET_SD21["cross_attention_dim"], generator=gen).to(device)
+    t = torch.full((b,), 999, device=device, dtype=torch.long)
+    scores = torch.rand(b, 7, generator=gen).to(device)
+    models, notes = {"none": unet}, {"none": f"SD 2.1-base UNet, latent {side}x{side}"}
+    if "lora" in args.variants:
+        models["lora-r4"] = copy.deepcopy(unet, dict(shared))
+        notes["lora-r4"] = f"LoRA r4 on {add_lora(models['lora-r4'], 4)} layers"
+    if "mor" in args.variants or "mor:auto" in args.variants:
+        mor = copy.deepcopy(unet, dict(shared))
+        report = mor_model.inject_mor(mor, mor_model.MoRConfig())
+        for layer in mor_model.mor_layers(mor).values():
+            nn.init.normal_(layer.lora_b, std=0.02)  # as if trained
+        models["mor:auto"] = mor
+        notes["mor:auto"] = f"MoR on {len(report.replaced)} layers, merge='auto'"
+        lowrank = copy.deepcopy(mor, dict(shared))
+        mor_model.set_merge(lowrank, "never")
+        models["mor-lowrank:auto"], notes["mor-lowrank:auto"] = lowrank, "the same, merge='never' (low-rank path)"
+        if "folded" in args.variants:
+            folded = copy.deepcopy(mor, dict(shared))
+            notes["mor-folded:auto"] = f"fold_shared_ranks on {len(mor_model.merge.fold_shared_ranks(folded))} layers"
+            models["mor-folded:auto"] = folded
+
+    def job(u):
+        if not mor_model.mor_layers(u):
+            return lambda: u(z, t, encoder_hidden_states=embeds).sample
+
+        def call():
+            mor_model.set_degradation(u, scores)  # a new image: its routing and merged weights are made again
+            return u(z, t, encoder_hidden_states=embeds).sample
+
+        return call
+
+    return {n: job(u) for n, u in models.items()}, notes, {n: _nbytes(u) for n, u in models.items()}
+
+
 def estimator_model(args, device):
     """The degradation estimator, float32 (the pipeline never casts it)."""
     from mor_model import DegradationEstimator
@@ -270,6 +328,12 @@ def parse_args(argv=None):
     p.add_argument("--min-samples", type=int, default=5, help="CPU: samples per job at least")
     p.add_argument("--rounds", type=int, default=None, help="GPU: interleaved rounds (default 1)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1; 0 = torch's default)")
+    p.add_argument(
+        "--sd21-latent",
+        type=int,
+        default=None,
+        help="CPU: also time the SD 2.1-base UNet at real sizes at this latent side (default 32; 0 = skip)",
+    )
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -281,13 +345,17 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     args.budget = args.budget or (0.5 if gpu else 0.3)
+    if args.sd21_latent is None:
+        args.sd21_latent = 0 if gpu or args.full_size else 32
+    if args.sd21_latent % 8:
+        raise SystemExit(f"--sd21-latent must be a multiple of 8 (the UNet's factor), got {args.sd21_latent}")
     args.rounds = args.rounds or 1
     args.threads_note = common.threads_note(args.threads, gpu)
     return args
 
 
 FIELDS = ("variant", "part", "note", "status", "reason", "batch", "resolution", "dtype", "full_size", "timer",
-          "median_ms", "p20_ms", "p80_ms", "samples", "ratio_to_none", "weights_mb", "peak_act_mb")  # fmt: skip
+          "median_ms", "p20_ms", "p80_ms", "samples", "ratio_to_none", "weights_mb", "peak_act_mb", "latent")  # fmt: skip
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -394,11 +462,20 @@ def _run(args) -> dict:
             tm, pk = time_jobs(part_jobs, device, args)
         timings.update({(name, part): v for name, v in tm.items()})
         peak.update({(name, part): v for name, v in pk.items()})
+    if args.sd21_latent:
+        sd_jobs, sd_notes, sd_weights = sd21_unet_jobs(args, device)
+        tm, pk = time_jobs(sd_jobs, device, args)
+        timings.update({(name, "unet-sd21"): v for name, v in tm.items()})
+        notes.update({(name, "unet-sd21"): v for name, v in sd_notes.items()})
+        weights.update({(name, "unet-sd21"): v for name, v in sd_weights.items()})
     rows = {}
     for key, tm in timings.items():
         row = {"variant": key[0], "part": key[1], "note": notes[key], "status": "ok", "reason": "", "batch": args.batch,
                "resolution": args.resolution, "dtype": args.dtype if key[1] != "estimator" else "fp32",
-               "full_size": args.full_size, "weights_mb": weights[key], "peak_act_mb": peak.get(key)}  # fmt: skip
+               "full_size": args.full_size, "weights_mb": weights[key], "peak_act_mb": peak.get(key),
+               "latent": args.resolution // 8}  # fmt: skip
+        if key[1] == "unet-sd21":
+            row.update(resolution=args.sd21_latent * 8, latent=args.sd21_latent, full_size=True, dtype="fp32")
         if isinstance(tm, Exception):
             row.update(status="error", reason=f"{type(tm).__name__}: {tm}"[:300])
         else:

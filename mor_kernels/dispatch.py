@@ -1,21 +1,29 @@
-"""Which backend runs an op, and why a faster one did not.
+"""Which backend runs an op, and why a faster one did not; and, per call, whether merged inference runs.
 
-Backends, fastest first for each device type:
+Backends:
 
 - ``"triton"``: fused Triton kernels (``mor_kernels.ops.triton_backend``); CUDA tensors, or CPU tensors
   under ``TRITON_INTERPRET=1`` (the interpreter is for testing, so ``"auto"`` never picks it on CPU);
 - ``"cuda"``: the compiled extension's CUDA kernels (``mor_kernels.ops.extension_backend``);
-- ``"cpp"``: the compiled extension's CPU kernels (same module); slower than the reference's BLAS
-  GEMMs on CPU, so ``"auto"`` lists it with that reason and runs the reference;
-- ``"reference"``: pure PyTorch (``mor_kernels.reference``), any device, always available.
+- ``"cpp"``: the compiled extension's CPU kernels (same module): the oracle-independent CPU twin of the
+  CUDA kernels, for tests; measured slower than the reference on CPU, so ``"auto"`` does not offer it
+  (:data:`DECISIONS`);
+- ``"reference"``: pure PyTorch (``mor_kernels.reference``), any device, always available; on CPU the
+  fastest measured path (each sample's active ranks gathered).
+
+``"auto"`` tries the backends of :data:`DECISIONS` for the device type and dtype in order; each entry
+cites the measurement behind it. On top of the backend, :func:`merge_plan` decides per call whether a
+sample-routed inference call folds its active ranks into per-sample merged weights
+(:mod:`mor_kernels.reference.merged`), from a cost model with the crossover measured per device type
+(:data:`MERGE_CROSSOVER`).
 
 A backend module provides the ops it implements as functions with the canonical signatures (see
-``mor_kernels.functional``) and may define ``unavailable_reason(op, device) -> str | None`` for
-checks that only it knows: ``unavailable_reason(op, device, dtype) -> str | None`` (kernels
-registered for this device, dtype support...). ``dtype`` is the dtype of the op's main input.
+``mor_kernels.functional``) and may define ``unavailable_reason(op, device, dtype) -> str | None`` for
+checks that only it knows (kernels registered for this device, dtype support...). ``dtype`` is the
+dtype of the op's main input.
 
-``resolve`` returns a :class:`Choice` that lists every faster backend it skipped with the reason;
-``explain`` renders that for a user. Nothing here touches the GPU at import time.
+``resolve`` returns a :class:`Choice` that lists every backend it skipped with the reason; ``explain``
+renders that for a user. Nothing here touches the GPU at import time.
 """
 
 from __future__ import annotations
@@ -39,8 +47,149 @@ _MODULES = {
     "cpp": "mor_kernels.ops.extension_backend",
     "reference": "mor_kernels.reference",
 }
-#: the order ``"auto"`` tries, per device type; other device types get the reference.
-AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "triton", "reference")}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What ``"auto"`` tries for ``device`` type and ``dtypes``, in order, and the measurement behind it."""
+
+    device: str
+    dtypes: tuple[torch.dtype, ...]
+    order: tuple[str, ...]
+    measured: str
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_CPU_RUN = (
+    "benchmarks/bench_mor_lora.py default run (fp32, batch 1, sample routing, 1 thread) on the 2-core Xeon of "
+    "benchmarks/README.md"
+)
+#: The measured decisions behind ``"auto"``, first match wins (device type, dtypes -> backends in order).
+DECISIONS = (
+    Decision(
+        "cpu",
+        _FLOATS,
+        ("reference",),
+        f"{_CPU_RUN}, commit 1b2d081 (load 4.7): the C++ kernels ran 1.42-3.40x the bare layer forward and "
+        "1.83-3.97x fwd+bwd against the reference's 1.09-1.45x and 1.14-1.83x (8e57852, before the reference "
+        "gathered active ranks: 1.28-3.36x and 1.91-4.20x against 1.17-2.20x and 1.19-1.95x), slower at every "
+        "shape; they are the CUDA kernels' CPU twin for tests (backend='cpp'), not a speed path. fp16/bf16 on CPU: "
+        "the reference computes in float32 (not measured apart)",
+    ),
+    Decision(
+        "cuda",
+        _FLOATS,
+        ("triton", "cuda", "reference"),
+        "design order (fused Triton first, then the extension's CUDA kernels); not measured yet: no GPU run "
+        "is committed (benchmarks/gpu_check.sh records one)",
+    ),
+)
+#: backends ``"auto"`` leaves out for a device type, with the reason (listed by ``explain``)
+_NOT_OFFERED = {
+    "cpu": {
+        "cpp": "measured slower than the reference on CPU (see the decision); the C++ kernels are the CUDA "
+        "kernels' CPU twin for tests: ask for backend='cpp'",
+        "triton": None,  # the interpreter (a test path): unavailable_reason says why
+    },
+}
+
+
+def decision(device_type: str, dtype: torch.dtype) -> Decision | None:
+    """The measured decision for ``device_type`` and ``dtype`` (None: other devices get the reference)."""
+    return next((d for d in DECISIONS if d.device == device_type and dtype in d.dtypes), None)
+
+
+#: Merged inference: a sample's merged weight ``W0 + scaling B diag(g) A`` costs a pass over a weight-sized
+#: tensor; the low-rank path costs passes over the sample's activations (two skinny GEMMs, or a rank conv
+#: and a 1x1 up-projection). Merging wins when
+#:     rho = T (C_in + C_out) / (C_in kh kw C_out)          (T tokens per sample; a Linear has kh = kw = 1)
+#: exceeds the crossover measured for the device type and layer kind (:func:`merge_kind`: "linear",
+#: "conv1x1", "conv" for larger kernels), with the measurement. No entry: "auto" never merges there.
+MERGE_CROSSOVER = {
+    ("cpu", "linear"): 1.5,
+    ("cpu", "conv1x1"): 2.1,
+    ("cpu", "conv"): 1.7,
+}
+MERGE_MEASURED = {
+    "cpu": "benchmarks/bench_mor_lora_merge.py on the 2-core Xeon (fp32, batch 1, 16 active ranks, 1 thread, "
+    "load 4.6, commit 0cafc16 with the reference factors module of ab61348), the per-image prepared paths: merged over low-rank crossed 1 at rho 0.79 "
+    "(Linear 320) and 1.42 (Linear 640; Linear 1280 not up to rho 0.4), 2.13 and 2.03 (1x1 conv 320, 640), "
+    "1.65 (3x3 conv 320; 1.04 at rho 0.36 for 640)",
+}
+MERGE_MODES = ("auto", "never", "always")
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Whether a call runs per-sample merged weights, and why (one line)."""
+
+    merge: bool
+    why: str
+
+
+def merge_kind(kernel: tuple[int, ...] = ()) -> str:
+    """``"linear"`` (no kernel), ``"conv1x1"`` or ``"conv"`` (a larger kernel)."""
+    if not kernel:
+        return "linear"
+    return "conv1x1" if all(k == 1 for k in kernel) else "conv"
+
+
+def merge_rule(device_type: str) -> str:
+    """The merge rule of ``merge="auto"`` on ``device_type``, for :meth:`Choice.explain`."""
+    limits = {kind: MERGE_CROSSOVER.get((device_type, kind)) for kind in ("linear", "conv1x1", "conv")}
+    if all(v is None for v in limits.values()):
+        return (
+            f"not by 'auto' on {device_type} (no measured crossover; merge='always' forces it); sample routing, "
+            "inference only"
+        )
+    shown = ", ".join(f"{v:g} ({k})" for k, v in limits.items() if v is not None)
+    return (
+        f"sample routing, no gradient needed, and rho = T (C_in + C_out) / (C_in kh kw C_out) > {shown} "
+        f"(measured: {MERGE_MEASURED.get(device_type, '?')})"
+    )
+
+
+def merge_plan(
+    device_type: str,
+    tokens: int,
+    c_in: int,
+    c_out: int,
+    *,
+    kernel: tuple[int, ...] = (),
+    mode: str = "auto",
+    backend: str = "auto",
+    token_routing: bool = False,
+    needs_grad: bool = False,
+) -> MergePlan:
+    """Whether a MoR call runs per-sample merged weights (``mode``: ``"auto"`` = the cost model, with
+    ``backend="auto"`` only; ``"always"``; ``"never"``). ``tokens`` per sample (output pixels of a conv),
+    ``kernel`` the conv's ``(kh, kw)`` (empty for a Linear). Gradients and token routing never merge."""
+    if mode not in MERGE_MODES:
+        raise ValueError(f"merge must be one of {MERGE_MODES}, got {mode!r}")
+    if mode == "never":
+        return MergePlan(False, "merge='never'")
+    if token_routing:
+        return MergePlan(False, "token routing: the ranks differ per token")
+    if needs_grad:
+        return MergePlan(False, "a gradient is needed: merged weights are for inference only")
+    if torch.compiler.is_compiling():
+        return MergePlan(False, "torch.compile is tracing (the merge decides on host values)")
+    if mode == "always":
+        return MergePlan(True, "merge='always'")
+    if backend != "auto":
+        return MergePlan(False, f"backend={backend!r} was asked for (merge='auto' applies to backend='auto')")
+    kind = merge_kind(kernel)
+    limit = MERGE_CROSSOVER.get((device_type, kind))
+    if limit is None:
+        return MergePlan(False, f"no measured merge crossover for a {kind} layer on {device_type}")
+    taps = 1
+    for k in kernel:
+        taps *= k
+    rho = tokens * (c_in + c_out) / max(c_in * taps * c_out, 1)
+    verdict = ">" if rho > limit else "<="
+    return MergePlan(
+        rho > limit, f"rho = T (C_in + C_out) / (C_in kh kw C_out) = {rho:.2f} {verdict} {limit:g} ({kind})"
+    )
 
 
 class BackendUnavailableError(RuntimeError):
@@ -53,11 +202,16 @@ class Choice:
     device: str
     dtype: torch.dtype
     backend: str
-    skipped: tuple[tuple[str, str], ...]  # (faster backend, why it was not used)
+    skipped: tuple[tuple[str, str], ...]  # (backend, why it was not used)
+    measured: str = ""  # the measurement behind an "auto" decision
 
     def explain(self) -> str:
         lines = [f"mor_kernels.{self.op} on {self.device} ({self.dtype}): backend {self.backend!r}"]
         lines += [f"  not {name!r}: {why}" for name, why in self.skipped]
+        if self.measured:
+            lines.append(f"  measured: {self.measured}")
+        if self.op in ("mor_linear", "mor_conv2d"):
+            lines.append(f"  merged inference: {merge_rule(self.device)}")
         return "\n".join(lines)
 
 
@@ -103,12 +257,6 @@ def unavailable_reason(
         return f"{_MODULES[backend]} does not implement {op}"
     check = getattr(module, "unavailable_reason", None)
     why = check(op, device, dtype) if check is not None else None
-    if why is None and backend == "cpp" and auto:
-        # Measured with `benchmarks/bench_mor_lora.py --shapes linear --modes fwd,fwd+bwd --sweep none` on a
-        # 2-core Xeon (1 thread, OpenMP build, commit 5e1f08d): the reference's BLAS GEMMs beat the C++
-        # kernels (forward 1.24-1.89x vs 1.59-3.98x the bare base layer; fwd+bwd 1.31-1.73x vs 1.96-4.60x),
-        # so they run only when asked for.
-        return "the C++ kernels are slower on CPU than the reference's BLAS GEMMs; ask for backend='cpp'"
     return why
 
 
@@ -135,10 +283,16 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype = to
         choice = Choice(op, device.type, dtype, backend, ())
     else:
         skipped = []
-        for name in AUTO_ORDER.get(device.type, ("reference",)):
+        found = decision(device.type, dtype)
+        order = found.order if found else ("reference",)
+        for name, not_offered in _NOT_OFFERED.get(device.type, {}).items():
+            why = unavailable_reason(name, op, device, dtype, auto=True) or not_offered  # it cannot run, or not faster
+            if why is not None:
+                skipped.append((name, why))
+        for name in order:
             why = unavailable_reason(name, op, device, dtype, auto=True)
             if why is None:
-                choice = Choice(op, device.type, dtype, name, tuple(skipped))
+                choice = Choice(op, device.type, dtype, name, tuple(skipped), found.measured if found else "")
                 break
             skipped.append((name, why))
         else:  # unreachable while the reference is always available; kept as a clear failure

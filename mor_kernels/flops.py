@@ -14,9 +14,9 @@ Conventions (the same as ``torch.utils.flop_counter``):
   and one column of ``lora_b`` (a 1x1 up-projection).
 - LoRA work is counted in **rank-rows**: the sum over output rows of the ranks applied to that row.
   *Useful* FLOPs use the active ranks (shared + distinct routed ranks picked; a zero slot costs
-  nothing); *executed* FLOPs use what a backend actually computes (the reference computes all
-  ``R`` ranks and multiplies the unused ones by a zero gate; :func:`executed_rank_rows` has each
-  backend's).
+  nothing); *executed* FLOPs use what a backend actually computes (the reference gathers each
+  sample's rank list under sample routing and runs all ``R`` ranks, masked, under token routing;
+  :func:`executed_rank_rows` has each backend's; :func:`merged_rank_rows` the merged inference path).
 - Backward assumes a frozen base weight (no ``dW`` unless ``weight_grad=True``), ``x`` needing its
   gradient (an adapter inside a network), and gradients for ``lora_a``/``lora_b``: the LoRA part
   costs twice its forward (``dh = dy B``, ``dB = dy^T h``, ``dA = dh^T x``, ``dx += dh A``), or
@@ -122,6 +122,24 @@ def ranks_touched(idx: torch.Tensor, num_shared: int) -> int:
     return num_shared + routed
 
 
+def rank_list_width(idx: torch.Tensor, num_shared: int, ranks: int, *, host: bool = True) -> int:
+    """The width of the reference's per-sample rank lists under sample routing (``idx (B, k)``): ``S`` plus
+    the most routed picks of any sample (duplicates count twice) where the lists are built on the host
+    (CPU), ``S + k`` elsewhere (``host=False``: every slot kept, masked)."""
+    if not host:
+        return num_shared + idx.shape[-1]
+    real = (idx >= 0) & (idx < ranks - num_shared)
+    return num_shared + (int(real.sum(-1).max()) if idx.numel() else 0)
+
+
+def merged_rank_rows(layer: Layer, weights: int, width: int) -> tuple[int, int]:
+    """Merged inference as ``(down, up)`` rank-rows for :func:`lora_flops`: building one merged weight
+    ``W0 + B diag(g) A`` over a ``width``-rank list is a ``(d_out x width) @ (width x d_in)`` GEMM, i.e.
+    the down-projection of ``d_out`` rows; ``weights`` merged weights (1, or one per sample); the base
+    GEMM/conv then runs on the merged weight (counted by ``base_flops``)."""
+    return weights * layer.d_out * width, 0
+
+
 def triton_rank_list(n: int) -> int:
     """The Triton kernels' rank-list width for ``n`` ranks: a power of two, at least 16 (``tl.dot``)."""
     return rank_pad(n)
@@ -136,12 +154,14 @@ def executed_rank_rows(
     *,
     num_shared: int = 0,
     top_k: int = 0,
+    list_width: int | None = None,
 ) -> int | tuple[int, ...]:
     """Rank-rows a backend computes, from each backend's documented design: an int, a pair
     ``(down, up)`` when the down- and up-projections differ, or a triple ``(forward down, up, backward
     down)`` when the forward recomputes the down-projection (see :func:`lora_flops`).
 
-    - ``reference``: all ``R`` ranks for every row;
+    - ``reference``: under sample routing each sample's gathered rank list, ``list_width`` ranks per row
+      (:func:`rank_list_width`; default ``S + k``); all ``R`` under token routing;
     - ``triton``: a rank list of ``RP = triton_rank_list(S + k)`` positions per sample (zero slots save
       loads, not dot FLOPs), ``triton_rank_list(R)`` under token routing. A Linear's one-kernel forward
       recomputes the down-projection in each of its ``cdiv(d_out, BLOCK_N)`` output-column tiles
@@ -166,6 +186,8 @@ def executed_rank_rows(
     if backend in ("cpp", "cuda"):
         active = rows * ranks if (backend == "cuda" and token_routing) else useful_rank_rows
         return (rows * ranks, active) if conv else active
+    if backend == "reference" and not token_routing:
+        return rows * (num_shared + top_k if list_width is None else list_width)
     return rows * ranks
 
 
@@ -445,6 +467,11 @@ def register_flop_formulas() -> dict[str, str]:
     """
     from torch.utils import flop_counter
 
+    aten = torch.ops.aten
+    for inplace, op in ((aten.addmm_, aten.addmm), (aten.baddbmm_, aten.baddbmm)):
+        # the reference adds its low-rank part into the base output in place (no extra output tensor)
+        if inplace not in flop_counter.flop_registry and op in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(inplace, get_raw=True)(flop_counter.flop_registry[op])
     for lib, why in _load_op_libraries().items():
         _REGISTERED.setdefault(f"<{lib}>", f"not loaded: {why}")
     for name in _mor_op_names():

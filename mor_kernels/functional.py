@@ -7,7 +7,11 @@ Backends are called with canonical arguments, after the checks:
   ``(B, T, d_out)`` or None, ``scaling`` a float;
 - for convolutions ``stride``/``padding``/``dilation`` as pairs of ints.
 
-so a backend never re-implements the checks or the reshaping. Inside ``torch.autocast`` the ops act
+so a backend never re-implements the checks or the reshaping. ``mor_linear``/``mor_conv2d`` with sample
+routing and no gradient needed may instead run per-sample merged weights
+(:mod:`mor_kernels.reference.merged`): ``merge="auto"`` (default) asks the cost model of
+:func:`mor_kernels.dispatch.merge_plan` when ``backend="auto"``; :func:`merge_decision` says what a call
+would run and why. Inside ``torch.autocast`` the ops act
 like ``F.linear``/``F.conv2d``: the float operands are cast to the autocast dtype first and the backend
 runs with autocast off, so every backend sees one compute dtype (``gate`` stays float32).
 """
@@ -15,10 +19,12 @@ runs with autocast off, so every backend sees one compute dtype (``gate`` stays 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
 from . import dispatch
+from .reference import merged
 from .validation import check_mor_conv2d, check_mor_linear, check_mor_lora, check_route
 
 
@@ -85,11 +91,58 @@ def _autocast(dtype: torch.dtype | None, *tensors):
     )
 
 
-def _no_autocast(x: torch.Tensor):
-    """The backends run with autocast off (their operands already have the compute dtype)."""
-    if x.device.type not in ("cuda", "cpu"):  # no autocast there (meta tensors...)
-        return contextlib.nullcontext()
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _no_autocast(x: torch.Tensor, autocast: torch.dtype | None):
+    """The backends run with autocast off (their operands already have the compute dtype); nothing to do
+    when ``autocast`` (the dtype :func:`_autocast_dtype` found) is None."""
+    if autocast is None or x.device.type not in ("cuda", "cpu"):  # no autocast there (meta tensors...)
+        return _NO_CONTEXT
     return torch.autocast(x.device.type, enabled=False)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _merge_plan(merge, backend, x, info, weight, *tensors) -> dispatch.MergePlan:
+    kernel = tuple(weight.shape[2:])
+    return dispatch.merge_plan(
+        x.device.type,
+        info.tokens,
+        info.d_in // max(math.prod(kernel), 1),
+        info.d_out,
+        kernel=kernel,
+        mode=merge,
+        backend=backend,
+        token_routing=info.token_routing,
+        needs_grad=_needs_grad(x, weight, *tensors),
+    )
+
+
+def merge_decision(op: str, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, idx: torch.Tensor, *,
+                   bias=None, lora_b=None, gate=None, stride=1, padding=0, dilation=1, backend: str = "auto",
+                   merge: str = "auto") -> dispatch.MergePlan:  # fmt: skip
+    """What ``mor_linear``/``mor_conv2d`` (``op``) would do with these arguments (grad mode included):
+    per-sample merged weights or the low-rank path, and why. Shapes as in the ops; only the sizes, the
+    device and ``requires_grad`` of the tensors are read."""
+    if op == "mor_linear":
+        tokens = x.numel() // max(x.shape[0] * x.shape[-1], 1)
+        c_in, d_out = x.shape[-1], weight.shape[0]
+    elif op == "mor_conv2d":
+        from .validation import conv_out_size, pair
+
+        (sh, sw), (ph, pw), (dh, dw) = pair("stride", stride), pair("padding", padding), pair("dilation", dilation)
+        kh, kw = weight.shape[2:]
+        tokens = conv_out_size(x.shape[2], kh, sh, ph, dh) * conv_out_size(x.shape[3], kw, sw, pw, dw)
+        c_in, d_out = weight.shape[1], weight.shape[0]
+    else:
+        raise ValueError(f"op must be 'mor_linear' or 'mor_conv2d', got {op!r}")
+    token = op == "mor_linear" and idx.dim() > 2
+    return dispatch.merge_plan(x.device.type, tokens, c_in, d_out, kernel=tuple(weight.shape[2:]), mode=merge,
+                               backend=backend, token_routing=token,
+                               needs_grad=_needs_grad(x, weight, bias, lora_a, lora_b, gate))  # fmt: skip
 
 
 def mor_lora(
@@ -116,13 +169,14 @@ def mor_lora(
     ``check_indices=False`` skips the index-range check, the one check that synchronises with the
     device; pass it only for indices made by :func:`route`.
     """
-    x, lora_a, lora_b, base = _autocast(_autocast_dtype(x), x, lora_a, lora_b, base)
+    autocast = _autocast_dtype(x)
+    x, lora_a, lora_b, base = _autocast(autocast, x, lora_a, lora_b, base)
     info = check_mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, base, check_indices)
     impl = dispatch.implementation("mor_lora", backend, x.device, x.dtype)
     idx, gate = _routing(idx, gate, info)
     tokens = _as_tokens(x, info.tokens)
     base = None if base is None else _as_tokens(base, info.tokens)
-    with _no_autocast(x):
+    with _no_autocast(x, autocast):
         out = impl(tokens, lora_a, lora_b, idx, gate, info.num_shared, float(scaling), base=base)
     return out.reshape(*x.shape[:-1], info.d_out)
 
@@ -140,17 +194,27 @@ def mor_linear(
     *,
     backend: str = "auto",
     check_indices: bool = True,
+    merge: str = "auto",
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias) + mor_lora(x, ...)``, the base GEMM fused where the backend can.
 
     Shapes: ``weight (d_out, d_in)``, ``bias (d_out,)`` or None; the rest as in :func:`mor_lora`.
     Returns ``(B, *tokens, d_out)`` in ``x.dtype``. ``check_indices``: see :func:`mor_lora`.
+    ``merge``: ``"auto"`` (with ``backend="auto"``, per-sample merged weights where the measured cost
+    model of :func:`mor_kernels.dispatch.merge_plan` says they are faster), ``"always"`` or ``"never"``;
+    sample routing without a gradient only (see :func:`merge_decision`).
     """
-    x, weight, bias, lora_a, lora_b = _autocast(_autocast_dtype(x), x, weight, bias, lora_a, lora_b)
+    autocast = _autocast_dtype(x)
+    x, weight, bias, lora_a, lora_b = _autocast(autocast, x, weight, bias, lora_a, lora_b)
     info = check_mor_linear(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, check_indices)
+    if _merge_plan(merge, backend, x, info, weight, bias, lora_a, lora_b, gate).merge:
+        with _no_autocast(x, autocast):
+            out = merged.mor_linear_merged(_as_tokens(x, info.tokens), weight, bias, lora_a, lora_b, _int32(idx), gate,
+                                           info.num_shared, float(scaling))  # fmt: skip
+        return out.reshape(*x.shape[:-1], info.d_out)
     impl = dispatch.implementation("mor_linear", backend, x.device, x.dtype)
     idx, gate = _routing(idx, gate, info)
-    with _no_autocast(x):
+    with _no_autocast(x, autocast):
         out = impl(_as_tokens(x, info.tokens), weight, bias, lora_a, lora_b, idx, gate, info.num_shared, float(scaling))
     return out.reshape(*x.shape[:-1], info.d_out)
 
@@ -171,6 +235,7 @@ def mor_conv2d(
     *,
     backend: str = "auto",
     check_indices: bool = True,
+    merge: str = "auto",
 ) -> torch.Tensor:
     """MoR convolution ``conv(x, W0) + b + scaling * B (g * conv(x, A))``, sample routing.
 
@@ -178,13 +243,19 @@ def mor_conv2d(
     ``bias (C_out,)`` or None, ``lora_a (R, C_in, kh, kw)``, ``lora_b (C_out, R)``,
     ``idx``/``gate (B, k)``. ``stride``/``padding``/``dilation``: int or pair, as ``F.conv2d``
     (groups = 1). Returns ``(B, C_out, H_out, W_out)`` in ``x.dtype``. ``check_indices``: see
-    :func:`mor_lora`.
+    :func:`mor_lora`; ``merge``: see :func:`mor_linear` (the merged weight of a conv is the 1x1 x kxk
+    composition ``W0 + scaling B diag(g) A``, run as a grouped conv when the samples' ranks differ).
     """
-    x, weight, bias, lora_a, lora_b = _autocast(_autocast_dtype(x), x, weight, bias, lora_a, lora_b)
-    _, s, p, d = check_mor_conv2d(
+    autocast = _autocast_dtype(x)
+    x, weight, bias, lora_a, lora_b = _autocast(autocast, x, weight, bias, lora_a, lora_b)
+    info, s, p, d = check_mor_conv2d(
         x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation, check_indices
     )
-    impl = dispatch.implementation("mor_conv2d", backend, x.device, x.dtype)
     idx = _int32(idx)
-    with _no_autocast(x):
+    if _merge_plan(merge, backend, x, info, weight, bias, lora_a, lora_b, gate).merge:
+        with _no_autocast(x, autocast):
+            return merged.mor_conv2d_merged(x, weight, bias, lora_a, lora_b, idx, gate, int(num_shared), float(scaling),
+                                            s, p, d)  # fmt: skip
+    impl = dispatch.implementation("mor_conv2d", backend, x.device, x.dtype)
+    with _no_autocast(x, autocast):
         return impl(x, weight, bias, lora_a, lora_b, idx, gate, int(num_shared), float(scaling), s, p, d)

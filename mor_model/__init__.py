@@ -24,7 +24,7 @@ from .estimator import DEFAULT_PROMPT_PAIRS, DegradationEstimator
 from .inject import InjectionReport, inject_mor, remove_mor
 from .layers import MoRConv2d, MoRLayer, MoRLinear, base_state_dict, mor_layers, trainable_parameters
 from .losses import balance_loss, degradation_aware_balance_loss
-from .merge import fold_shared_ranks
+from .merge import fold_shared_ranks, set_merge
 from .router import MoRRouter
 from .stats import RoutingStats, routing_stats, save_routing_heatmap
 
@@ -55,5 +55,6 @@ __all__ = [
     "save_adapter",
     "save_routing_heatmap",
     "set_degradation",
+    "set_merge",
     "trainable_parameters",
 ]

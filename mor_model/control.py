@@ -9,15 +9,20 @@ import contextlib
 import torch
 from torch import nn
 
+from .inference import attach
 from .layers import mor_layers
 from .router import check_scores
 
 
-def _routers(module: nn.Module):
+def _layers(module: nn.Module):
     layers = mor_layers(module)
     if not layers:
         raise ValueError("no MoR layers under this module: call mor_model.inject_mor(module, config) first")
-    return [layer.router for layer in layers.values()]
+    return list(layers.values())
+
+
+def _routers(module: nn.Module):
+    return [layer.router for layer in _layers(module)]
 
 
 def set_degradation(module: nn.Module, scores: torch.Tensor | None, severity: torch.Tensor | None = None) -> None:
@@ -31,26 +36,28 @@ def set_degradation(module: nn.Module, scores: torch.Tensor | None, severity: to
             ``scores.mean(-1)`` (MOR_SPEC section 3).
 
     The scores stay set until changed or cleared; every forward checks that their batch size
-    matches the layer input's.
+    matches the layer input's. In inference the layers route once per scores and may keep per-image
+    merged weights (:mod:`mor_model.inference`): setting new scores, or None, drops them.
     """
-    routers = _routers(module)
+    layers = _layers(module)
     if scores is not None:
-        check_scores(scores, routers[0].num_degradation_dims)
-    for router in routers:
-        router.set_degradation(scores, severity)
+        check_scores(scores, layers[0].router.num_degradation_dims)
+    for layer in layers:
+        layer.router.set_degradation(scores, severity)
+    attach(layers, scores)
 
 
 @contextlib.contextmanager
 def degradation(module: nn.Module, scores: torch.Tensor, severity: torch.Tensor | None = None):
     """``with degradation(model, scores): model(...)``: sets the scores, restores the previous ones on exit."""
-    routers = _routers(module)
-    previous = [(r._scores, r._severity) for r in routers]
+    layers = _layers(module)
+    previous = [(layer.router._scores, layer.router._severity, layer._image_state) for layer in layers]
     set_degradation(module, scores, severity)
     try:
         yield module
     finally:
-        for router, (s, sev) in zip(routers, previous, strict=True):
-            router._scores, router._severity = s, sev
+        for layer, (s, sev, state) in zip(layers, previous, strict=True):
+            layer.router._scores, layer.router._severity, layer._image_state = s, sev, state
 
 
 def clear_routing(module: nn.Module) -> None:

@@ -55,6 +55,11 @@ class MoRLayer(nn.Module):
         self.router = MoRRouter(config, d_in, token_routing_allowed=isinstance(self, MoRLinear))
         self.router.to(device=w.device)
         self._register_load_state_dict_pre_hook(_map_base_keys, with_module=True)
+        #: inference with sample routing: "auto" (per-sample merged weights where mor_kernels' measured cost
+        #: model says they are faster), "always" or "never"; set for a whole model with mor_model.set_merge
+        self.merge = "auto"
+        self.last_path = ""  # what the last forward ran and why (see explain)
+        self._image_state = None  # mor_model.inference.ImageState, set by set_degradation
 
     # Code that reads ``layer.weight`` / ``layer.bias`` (e.g. for the dtype) keeps working.
     @property
@@ -74,10 +79,14 @@ class MoRLayer(nn.Module):
         """The trainable parameters (adapter and router), by name relative to this layer."""
         return {n: p for n, p in self.named_parameters() if not n.startswith("base_layer.")}
 
-    def _operands(self, x: torch.Tensor):
-        """``x, weight, bias, lora_a, lora_b`` in one compute dtype: the autocast dtype inside
-        ``torch.autocast`` (as nn.Linear/Conv2d would run), else ``x.dtype`` for the adapter (the base
-        weights must then match ``x``, as for the plain layer)."""
+    def explain(self) -> str:
+        """What the last forward ran (merged weights, prepared low-rank path, or a backend's op) and why."""
+        return self.last_path or "no forward yet"
+
+    def _base_operands(self, x: torch.Tensor):
+        """``x, weight, bias`` in one compute dtype: the autocast dtype inside ``torch.autocast`` (as
+        nn.Linear/Conv2d would run), else ``x.dtype`` (the base weights must then match ``x``, as for the
+        plain layer)."""
         base = self.base_layer
         weight, bias = base.weight, base.bias
         device = x.device.type
@@ -85,7 +94,26 @@ class MoRLayer(nn.Module):
             dt = torch.get_autocast_dtype(device)
             x, weight = x.to(dt), weight.to(dt)
             bias = None if bias is None else bias.to(dt)
+        return x, weight, bias
+
+    def _operands(self, x: torch.Tensor):
+        """``x, weight, bias, lora_a, lora_b`` in one compute dtype (see :meth:`_base_operands`)."""
+        x, weight, bias = self._base_operands(x)
         return x, weight, bias, self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
+
+    def _prepared(self, x: torch.Tensor, conv: dict | None) -> torch.Tensor | None:
+        """The output through the per-image state (``mor_model.inference``), or None when it does not apply
+        (``last_path`` then says why)."""
+        state = self._image_state
+        why = "no per-image state (scores not set through mor_model.set_degradation)"
+        if state is not None:
+            xc, weight, bias = self._base_operands(x)  # the compute dtype (autocast's) picks the entry
+            entry = state.lookup(self, xc)
+            if entry is not None:
+                return state.forward(self, entry, xc, weight, bias, conv)
+            why = state.why_not(self, x)
+        self.last_path = f"per call (backend {self.config.backend!r}, merge={self.merge!r}): {why}"
+        return None
 
 
 class MoRLinear(MoRLayer):
@@ -100,6 +128,9 @@ class MoRLinear(MoRLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise ValueError(f"MoRLinear expects x of shape (B, *tokens, {self.in_features}) with a batch dimension")
+        y = self._prepared(x, None)
+        if y is not None:
+            return y
         idx, gate = self.router(x)
         x, weight, bias, a, b = self._operands(x)
         return mor_kernels.mor_linear(
@@ -114,6 +145,7 @@ class MoRLinear(MoRLayer):
             self.scaling,
             backend=self.config.backend,
             check_indices=False,  # idx comes from mor_kernels.route: no device sync per layer
+            merge=self.merge,
         )
 
 
@@ -130,10 +162,18 @@ class MoRConv2d(MoRLayer):
         super().__init__(base_layer, config, (c_in, kh, kw), c_out, c_in)
         self.in_channels, self.out_channels = c_in, c_out
         self.padding = numeric_padding(base_layer)
+        self._conv = {
+            "stride": tuple(base_layer.stride),
+            "padding": self.padding,
+            "dilation": tuple(base_layer.dilation),
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"MoRConv2d expects x of shape (B, {self.in_channels}, H, W)")
+        y = self._prepared(x, self._conv)
+        if y is not None:
+            return y
         idx, gate = self.router(x, channels_last=False)
         x, weight, bias, a, b = self._operands(x)
         base = self.base_layer
@@ -152,6 +192,7 @@ class MoRConv2d(MoRLayer):
             base.dilation,
             backend=self.config.backend,
             check_indices=False,  # idx comes from mor_kernels.route: no device sync per layer
+            merge=self.merge,
         )
 
 

@@ -1,13 +1,38 @@
-"""Folding adapter ranks into the frozen base weights (inference only)."""
+"""Folding adapter ranks into the frozen base weights (inference only): the shared ranks once for good
+(:func:`fold_shared_ranks`), or each image's active ranks for that image (:func:`set_merge`, the
+per-sample merged inference of ``mor_model.inference`` and ``mor_kernels.merge_decision``)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .inference import MERGE_MODES
 from .layers import MoRLinear, mor_layers
 
-__all__ = ["fold_shared_ranks"]
+__all__ = ["fold_shared_ranks", "set_merge"]
+
+
+def set_merge(module: nn.Module, mode: str) -> list[str]:
+    """Sets how every MoR layer under ``module`` runs in inference with sample routing:
+
+    - ``"auto"`` (the layers' default): per-sample merged weights ``W0 + scaling B_act diag(g) A_act`` where
+      the measured cost model of ``mor_kernels.dispatch.merge_plan`` says they beat the low-rank path for
+      the call's size and device (one base GEMM/conv per sample; built once per image, reused across its
+      tiles, dropped with its scores);
+    - ``"always"``: merged weights whenever the call is eligible (sample routing, no gradient);
+    - ``"never"``: the low-rank path always.
+
+    Training forwards (a gradient needed) and token routing never merge. Returns the layers' names.
+    """
+    if mode not in MERGE_MODES:
+        raise ValueError(f"mode must be one of {MERGE_MODES}, got {mode!r}")
+    layers = mor_layers(module)
+    if not layers:
+        raise ValueError("no MoR layers under this module: call mor_model.inject_mor(module, config) first")
+    for layer in layers.values():
+        layer.merge = mode
+    return list(layers)
 
 
 @torch.no_grad()

@@ -77,3 +77,41 @@ def test_auto_on_a_gpu_warns_when_only_the_reference_can_run(monkeypatch):
     monkeypatch.setattr(dispatch, "unavailable_reason", fake)
     with pytest.warns(UserWarning, match=r"running the reference path(.|\n)*not 'triton': triton is broken here"):
         assert dispatch.resolve("mor_linear", "auto", torch.device("cuda")).backend == "reference"
+
+
+def test_auto_cites_the_measured_decision_and_the_merge_rule():
+    """'auto' picks from a table of measured decisions per device type and dtype, and explain says which
+    measurement, which backends it left out and why, and when a call runs merged weights."""
+    choice = dispatch.resolve("mor_conv2d", "auto", torch.device("cpu"), torch.bfloat16)
+    assert choice.backend == "reference" and choice.measured == dispatch.decision("cpu", torch.bfloat16).measured
+    text = choice.explain()
+    assert "measured: benchmarks/bench_mor_lora.py" in text
+    assert "not 'cpp'" in text and "twin" in text  # kept for tests, not offered as a speed path
+    assert "merged inference: sample routing, no gradient needed, and rho" in text
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        assert dispatch.decision("cpu", dtype).order == ("reference",)
+    assert dispatch.decision("cuda", torch.bfloat16).order[0] == "triton"
+    assert "not measured" in dispatch.decision("cuda", torch.bfloat16).measured  # said, not hidden
+    assert "not by 'auto' on cuda" in dispatch.merge_rule("cuda")
+
+
+def test_cpp_still_runs_when_asked_for():
+    if "cpp" not in mor_kernels.available_backends("cpu"):
+        pytest.skip(f"cpp backend unavailable: {dispatch.unavailable_reason('cpp', 'mor_linear', torch.device('cpu'))}")
+    case = random_case(seed=12)
+    args = (
+        case.x,
+        case.weight,
+        case.bias,
+        case.lora_a,
+        case.lora_b,
+        case.idx,
+        case.gate,
+        case.num_shared,
+        case.scaling,
+    )
+    assert dispatch.resolve("mor_linear", "cpp", torch.device("cpu")).backend == "cpp"
+    torch.testing.assert_close(
+        mor_kernels.mor_linear(*args, backend="cpp"), mor_kernels.mor_linear(*args, backend="reference"),
+        rtol=1e-4, atol=1e-4,
+    )  # fmt: skip

@@ -1,11 +1,17 @@
-"""Reference MoR convolution: base conv + 1x1 up-projection of gated rank channels (MOR_SPEC 2.2)."""
+"""Reference MoR convolution: base conv + 1x1 up-projection of gated rank channels (MOR_SPEC 2.2).
+
+Each sample's active ranks are gathered (:mod:`.factors`): one ``k x k`` convolution with ``n``
+output channels (a grouped convolution, one group per sample, when the batch has several samples),
+then the gated 1x1 up-projection added into the base conv's output.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .mor_lora import compute_dtype, routing_gate
+from .factors import add_lowrank_conv2d, cast, rank_factors
+from .mor_lora import compute_dtype
 
 
 def mor_conv2d(
@@ -32,10 +38,8 @@ def mor_conv2d(
     W_out)`` in ``x.dtype``.
     """
     ct = compute_dtype(x.dtype, upcast)
-    xc = x.to(ct)
-    y = F.conv2d(xc, weight.to(ct), None if bias is None else bias.to(ct), stride, padding, dilation)
-    h = F.conv2d(xc, lora_a.to(ct), None, stride, padding, dilation)  # (B, R, H_out, W_out)
-    g = routing_gate(idx, gate, num_shared, lora_a.shape[0], scaling, 2, ct)  # (B, R)
-    h = h * g[:, :, None, None]
-    y = y + F.conv2d(h, lora_b.to(ct)[:, :, None, None])
-    return y.to(x.dtype)
+    xc = cast(x, ct)
+    y = F.conv2d(xc, cast(weight, ct), cast(bias, ct), stride, padding, dilation)
+    f = rank_factors(lora_a, lora_b, idx, gate, num_shared, scaling, ct)
+    y = add_lowrank_conv2d(y, xc, f, stride, padding, dilation)
+    return cast(y, x.dtype)

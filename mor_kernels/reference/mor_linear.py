@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .mor_lora import compute_dtype, lora_delta
+from .factors import cast
+from .mor_lora import add_lora_delta, compute_dtype
 
 
 def mor_linear(
@@ -21,12 +22,14 @@ def mor_linear(
     *,
     upcast: bool = True,
 ) -> torch.Tensor:
-    """``W0 x + b + scaling * B (g * (A x))`` with the base GEMM in the same compute dtype.
+    """``W0 x + b + scaling * B (g * (A x))`` with the base GEMM in the same compute dtype; the
+    low-rank part is added into the base GEMM's output (one output tensor, no extra pass).
 
-    Shapes: ``x (B, *tokens, d_in)``, ``weight (d_out, d_in)``, ``bias (d_out,)`` or None, the rest
-    as in ``mor_lora``. Returns ``(B, *tokens, d_out)`` in ``x.dtype``.
+    Shapes: ``x (B, T, d_in)``, ``weight (d_out, d_in)``, ``bias (d_out,)`` or None, the rest as in
+    ``mor_lora``. Returns ``(B, T, d_out)`` in ``x.dtype``.
     """
     ct = compute_dtype(x.dtype, upcast)
-    y = F.linear(x.to(ct), weight.to(ct), None if bias is None else bias.to(ct))
-    y = y + lora_delta(x, lora_a, lora_b, idx, gate, num_shared, scaling, ct)
-    return y.to(x.dtype)
+    xc = cast(x, ct)
+    y = F.linear(xc, cast(weight, ct), cast(bias, ct))
+    y = add_lora_delta(y, xc, lora_a, lora_b, idx, gate, num_shared, scaling, ct)
+    return cast(y, x.dtype)

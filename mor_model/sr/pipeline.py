@@ -35,6 +35,14 @@ and untiled results are close but not identical.
 (``W0 += scaling * B[:, :S] @ A[:S]``; for a conv the 1x1 x kxk composition) and keeps only the
 routed ranks in the adapter, so inference pays for the routed part only (inference only: do not
 save or train a folded model).
+
+Per image, the MoR layers route once (the scores are the image's) and ``merge`` picks how each layer
+applies its active ranks (:func:`mor_model.set_merge`): ``"auto"`` (default) folds them into per-image
+merged weights ``W0 + scaling B_act diag(g) A_act`` where ``mor_kernels``' measured cost model says
+that is faster than the low-rank path (layers with many tokens per weight), ``"always"``, or
+``"never"``. Merged weights are made on the image's first use and reused by its tiles (and the
+GroupNorm statistics pass), then dropped with its scores at the end of the call; ``layer.explain()``
+says what each layer ran.
 """
 
 from __future__ import annotations
@@ -49,8 +57,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..control import set_degradation
+from ..inference import MERGE_MODES
 from ..layers import mor_layers
-from ..merge import fold_shared_ranks
+from ..merge import fold_shared_ranks, set_merge
 from .color_fix import color_fix as apply_color_fix
 from .loading import (
     ADAPTER_DIR,
@@ -97,7 +106,10 @@ class MoRSRPipeline:
         device: torch.device,
         dtype: torch.dtype,
         timestep: int = 999,
+        merge: str = "auto",
     ):
+        if merge not in MERGE_MODES:
+            raise ValueError(f"merge must be one of {MERGE_MODES}, got {merge!r}")
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.scheduler, self.estimator = tokenizer, scheduler, estimator
         self.device, self.dtype, self.timestep = device, dtype, int(timestep)
@@ -115,6 +127,10 @@ class MoRSRPipeline:
             if dims and dims != {n}:
                 raise ValueError(f"the adapters expect {sorted(dims)} degradation scores but the estimator gives {n}")
         self._prompt_cache: dict[str, torch.Tensor] = {}
+        self.merge = merge
+        for m in (unet, vae):
+            if mor_layers(m):
+                set_merge(m, merge)
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -129,6 +145,7 @@ class MoRSRPipeline:
         device: str | torch.device | None = None,
         backend: str = "auto",
         fold_shared: bool = False,
+        merge: str = "auto",
     ) -> MoRSRPipeline:
         """Loads the components of ``model_dir`` (diffusers layout, see the module docstring).
 
@@ -148,6 +165,8 @@ class MoRSRPipeline:
                 ``ValueError``.
             backend: the ``mor_kernels`` backend of the adapters (``"auto"``, ``"reference"``...).
             fold_shared: fold the shared ranks into the base weights (see :func:`fold_shared_ranks`).
+            merge: per-image merged weights: ``"auto"`` (the measured cost model), ``"always"`` or
+                ``"never"`` (see the module docstring and :func:`mor_model.set_merge`).
         """
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -197,7 +216,9 @@ class MoRSRPipeline:
 
         for m in (unet, vae, text_encoder):
             _cast_keeping_routers_fp32(m.requires_grad_(False).eval(), device, torch_dtype)
-        return cls(unet, vae, text_encoder, tokenizer, scheduler, estimator, device=device, dtype=torch_dtype)
+        return cls(
+            unet, vae, text_encoder, tokenizer, scheduler, estimator, device=device, dtype=torch_dtype, merge=merge
+        )
 
     # -- pieces ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -28,6 +28,8 @@ TINY = [
     "2",
     "--clip",
     "tiny",
+    "--sd21-latent",
+    "0",
 ]
 
 
@@ -148,3 +150,24 @@ def test_lora_wrapper_matches_base_plus_low_rank(bench):
     want = m.base(x) + m.lora_B(m.lora_A(x))
     torch.testing.assert_close(m(x), want)
     assert m.lora_A.weight.shape == (2, 4, 3, 3) and m.lora_B.weight.shape == (6, 2, 1, 1)
+
+
+def test_sd21_unet_part_times_every_variant_per_image(bench, monkeypatch, tmp_path):
+    """The unet-sd21 part (here on the reduced UNet config standing in for SD 2.1's): every variant timed with
+    its ratio to none, each MoR call setting the scores (one image per call), the latent in the rows."""
+    import mor_model
+
+    pipeline = pipeline_module(bench)
+    monkeypatch.setattr(pipeline, "UNET_SD21", pipeline.UNET_SMALL)
+    calls = []
+    real = mor_model.set_degradation
+    monkeypatch.setattr(mor_model, "set_degradation", lambda m, s: calls.append(s is not None) or real(m, s))
+    argv = TINY[:-1] + ["8", "--variants", "lora,mor,folded", "--out", str(tmp_path)]
+    rows = [r for r in pipeline.main(argv)["rows"] if r.get("part") == "unet-sd21"]
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == {"none", "lora-r4", "mor:auto", "mor-lowrank:auto", "mor-folded:auto"}
+    for r in rows:
+        assert r["status"] == "ok" and r["latent"] == 8 and r["resolution"] == 64 and r["samples"] >= 2
+        assert math.isfinite(r["ratio_to_none"]) and r["ratio_to_none"] > 0
+    assert by["none"]["ratio_to_none"] == 1.0 and "merge='never'" in by["mor-lowrank:auto"]["note"]
+    assert calls.count(True) >= 3 * 2  # the three MoR variants, at least two timed samples each

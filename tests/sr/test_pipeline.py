@@ -107,6 +107,26 @@ def test_fold_shared_matches(model_dir, pipe):
     torch.testing.assert_close(folded(lq, color_fix="none"), pipe(lq, color_fix="none"), atol=2e-4, rtol=0)
 
 
+def test_merged_inference_matches_the_low_rank_path(model_dir, pipe):
+    """merge="always" (every layer through per-image merged weights) and "never" (the low-rank path) give the
+    default pipeline's result within float32 rounding, tiled (the merged weights made once per image, reused
+    by its tiles and the statistics pass) and not; the weights are gone after the call."""
+    lq = astronaut((24, 24))
+    want = pipe(lq, color_fix="none", tile=0)
+    for merge in ("always", "never"):
+        other = MoRSRPipeline.from_pretrained(model_dir, device="cpu", merge=merge)
+        layers = mor_layers(other.unet)
+        torch.testing.assert_close(other(lq, color_fix="none", tile=0), want, atol=2e-4, rtol=0)
+        assert all(
+            layer.explain().startswith("merged" if merge == "always" else "low-rank") for layer in layers.values()
+        )
+        tiled = other(lq, color_fix="none", tile=8, tile_overlap=4)
+        torch.testing.assert_close(tiled, pipe(lq, color_fix="none", tile=8, tile_overlap=4), atol=2e-4, rtol=0)
+        assert all(layer._image_state is None for layer in layers.values())  # dropped with the scores
+    with pytest.raises(ValueError, match="merge must be one of"):
+        MoRSRPipeline.from_pretrained(model_dir, device="cpu", merge="yes")
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_fold_shared_ranks_layer(kind):
     torch.manual_seed(0)

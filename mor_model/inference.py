@@ -1,0 +1,247 @@
+"""Per-image inference state of the MoR layers: routing once per image, merged weights per image.
+
+With sample routing on the degradation vector, a layer's ranks and gates depend on the image's scores
+alone, so in inference they need not be recomputed per call. :func:`attach` (called by
+``set_degradation``) gives every MoR layer of a module one shared :class:`ImageState` for the scores.
+The first layer that runs in inference (no gradient needed, sample routing, router on the degradation
+vector only, the scores still the router's) prepares the whole module in one pass:
+
+- the routing of every layer: each router's logits, then one ``mor_kernels.route`` call for all of
+  them (the same arithmetic as the routers, which go on recording ``last_probs``/``last_idx`` for the
+  statistics);
+- each layer's active low-rank factors (``mor_kernels.reference.factors``: the picked rows of ``A``,
+  the picked columns of ``B`` with the gates folded in).
+
+Each call then runs, by the layer's ``merge`` mode and ``mor_kernels.dispatch.merge_plan``'s measured
+cost model: the **merged path** (``W_b = W0 + B_act diag(g) A_act`` built on the first call that wants
+it and kept for the image's later calls: tiles, the GroupNorm statistics pass), the **prepared
+low-rank path** where ``"auto"`` runs the reference backend (the base layer plus two skinny GEMMs: the
+op count of a dense LoRA), or the backend's fused op with the prepared routing. ``layer.last_path``
+says which ran and why. Running small ops back to back here, not one by one between the model's big
+GEMMs (where each waits on caches the GEMMs evicted), is most of what makes a layer cheap on a CPU.
+
+Nothing outlives the scores: new scores (or ``None``) replace the state, and with it every merged
+weight. A layer whose weights changed in place since the preparation (``load_adapter``) prepares
+itself again; a forward that needs gradients never uses the state.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import mor_kernels
+from mor_kernels import dispatch
+from mor_kernels.reference.factors import (
+    RankFactors,
+    add_lowrank_conv2d,
+    add_lowrank_linear,
+    merge_weights,
+    merged_conv2d,
+    merged_linear,
+    rank_factors,
+)
+
+MERGE_MODES = dispatch.MERGE_MODES
+
+
+@dataclass
+class _Entry:
+    """One layer's prepared inference: routing, factors, the merged weight once built, and what it was made of."""
+
+    idx: torch.Tensor  # (B, k) int32
+    gate: torch.Tensor  # (B, k) float32
+    router_state: dict  # what MoRRouter.forward would record (last_probs, last_idx, ...)
+    dtype: torch.dtype
+    refs: tuple  # the tensors the entry was made from ...
+    versions: tuple  # ... and their in-place version counters then
+    factors: RankFactors | None = None
+    merged: torch.Tensor | None = None
+    runs: dict = field(default_factory=dict)  # (x shape, device) -> (last_path, fn): the decision per size
+
+    def valid(self, layer, dtype: torch.dtype) -> bool:
+        """Made for ``dtype`` from the layer's current tensors, none changed in place since."""
+        if dtype != self.dtype:
+            return False
+        now = _refs(layer)
+        return all(t is r and t._version == v for t, r, v in zip(now, self.refs, self.versions, strict=True))
+
+
+def _refs(layer) -> tuple:
+    """The tensors a layer's entry depends on besides the scores (fetched from the module dicts: attribute
+    access on a module is slow, and this runs once per call)."""
+    p, router = layer._parameters, layer._modules["router"]._modules["degradation"]._parameters
+    return (p["lora_a"], p["lora_b"], layer._modules["base_layer"]._parameters["weight"], router["weight"],
+            router["bias"])  # fmt: skip
+
+
+def _eligible(layer) -> str | None:
+    """Why ``layer`` routes on something else than the scores alone (None when it does not)."""
+    r = layer.router
+    if r.token is not None or r.degradation is None or r.routing != "sample":
+        return "the routing depends on the tokens (routing or router_input), not on the scores alone"
+    return None
+
+
+def needs_grad(layer, x: torch.Tensor) -> bool:
+    """Whether this forward records a gradient for the layer (then it never uses the per-image state)."""
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(p.requires_grad for p in layer.parameters())
+
+
+class ImageState:
+    """The per-image inference state shared by the MoR layers of one module (see the module docstring)."""
+
+    def __init__(self, layers, scores: torch.Tensor):
+        self.layers = list(layers)
+        self.scores = scores
+        self._entries: dict[int, _Entry] | None = None
+
+    def lookup(self, layer, x: torch.Tensor) -> _Entry | None:
+        """``layer``'s entry for this call, or None when the state does not apply (:meth:`why_not`)."""
+        if needs_grad(layer, x) or torch.compiler.is_compiling() or x.shape[0] != self.scores.shape[0]:
+            return None
+        if layer._modules["router"].__dict__["_scores"] is not self.scores:
+            return None
+        if self._entries is None:
+            self._prepare()
+        entry = self._entries.get(id(layer))
+        if entry is None or not entry.valid(layer, x.dtype):
+            if _eligible(layer) is not None:
+                return None
+            entry = self._entries[id(layer)] = self._route_one(layer, x.dtype)
+        return entry
+
+    def why_not(self, layer, x: torch.Tensor) -> str:
+        """Why :meth:`lookup` returned None."""
+        if needs_grad(layer, x):
+            return "a gradient is needed"
+        if torch.compiler.is_compiling():
+            return "torch.compile is tracing"
+        if x.shape[0] != self.scores.shape[0]:
+            return "batch size differs from the scores'"
+        if layer.router._scores is not self.scores:
+            return "the router's scores changed since set_degradation"
+        return _eligible(layer) or "?"
+
+    # -- preparation ---------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        """Routes every eligible layer in one ``route`` call per router configuration, and gathers factors."""
+        groups: dict[tuple, list] = {}
+        for layer in self.layers:
+            r = layer.router
+            if r._scores is self.scores and _eligible(layer) is None:
+                key = (r.top_k, r.num_zero, r.renormalize, r.backend, r.degradation.weight.shape[0])
+                groups.setdefault(key, []).append(layer)
+        self._entries = {}
+        with torch.no_grad():
+            for (top_k, num_zero, renormalize, backend, _), layers in groups.items():
+                # each router's own logits code (the scores stand in for x: only their batch size is read)
+                logits = torch.stack([layer.router._logits(self.scores, True) for layer in layers])
+                idx, gate, probs = mor_kernels.route(logits, top_k, num_zero, renormalize, backend=backend)
+                for i, layer in enumerate(layers):
+                    dtype = layer.base_layer.weight.dtype
+                    self._entries[id(layer)] = self._entry(layer, idx[i], gate[i], probs[i], dtype)
+
+    def _route_one(self, layer, dtype: torch.dtype) -> _Entry:
+        """One layer routed on its own (its weights changed since the preparation, or another dtype)."""
+        with torch.no_grad():
+            idx, gate = layer.router(self.scores)  # the scores stand in for x (batch size only)
+            return self._entry(layer, idx, gate, layer.router.last_probs, dtype)
+
+    def _entry(self, layer, idx, gate, probs, dtype) -> _Entry:
+        batch = self.scores.shape[0]
+        sev = layer.router._severity
+        state = {"last_probs": probs, "last_idx": idx, "last_batch": batch,
+                 "last_severity": sev.to(probs.device) if sev is not None else torch.ones(batch, device=probs.device)}  # fmt: skip
+        refs = _refs(layer)
+        entry = _Entry(idx, gate, state, dtype, refs, tuple(t._version for t in refs))
+        entry.factors = rank_factors(layer.lora_a, layer.lora_b, idx, gate, layer.num_shared, layer.scaling, dtype)
+        return entry
+
+    # -- one call ------------------------------------------------------------------------------
+    def forward(self, layer, entry: _Entry, x: torch.Tensor, weight, bias, conv: dict | None) -> torch.Tensor:
+        """``layer``'s output for ``x`` (operands already in the compute dtype); ``conv``: the conv settings.
+        The path is decided once per entry and input size (the decision and its reason are kept)."""
+        layer._modules["router"].__dict__.update(entry.router_state)  # what the router would record
+        size = (x.shape, x.device)
+        run = entry.runs.get(size)
+        if run is None:
+            run = entry.runs[size] = _decide(layer, entry, x, weight, conv)
+        layer.__dict__["last_path"] = run[0]
+        return run[1](x, weight, bias)
+
+
+def _decide(layer, entry: _Entry, x: torch.Tensor, weight: torch.Tensor, conv: dict | None):
+    """``(what runs and why, fn(x, weight, bias))`` for this entry and input size."""
+    batch = x.shape[0]
+    if conv is None:
+        tokens, c_in = x.numel() // max(batch * x.shape[-1], 1), x.shape[-1]
+    else:
+        tokens, c_in = _conv_tokens(x, weight, conv), weight.shape[1]
+    plan = dispatch.merge_plan(x.device.type, tokens, c_in, weight.shape[0], mode=layer.merge,
+                               backend=layer.config.backend, kernel=tuple(weight.shape[2:]))  # fmt: skip
+    f = entry.factors
+    if plan.merge:
+
+        def merged(x, weight, bias):
+            if entry.merged is None:  # built by the first call that wants it, kept for the image's later calls
+                entry.merged = merge_weights(weight, f)
+            if conv is None:
+                return merged_linear(x, entry.merged, bias)
+            return merged_conv2d(x, entry.merged, bias, conv["stride"], conv["padding"], conv["dilation"])
+
+        return f"merged (per-image weights): {plan.why}", merged
+    op = "mor_linear" if conv is None else "mor_conv2d"
+    backend = dispatch.resolve(op, layer.config.backend, x.device, x.dtype).backend
+    if backend == "reference":
+        why = f"low-rank (reference, rank factors prepared per image): {plan.why}"
+        if conv is None:
+            return why, functools.partial(_lowrank_linear, f=f)
+        s, p, d = conv["stride"], conv["padding"], conv["dilation"]
+
+        def lowrank_conv(x, weight, bias):
+            y = F.conv2d(x, weight, bias, s, p, d)
+            return add_lowrank_conv2d(y, x, f, s, p, d)
+
+        return why, lowrank_conv
+
+    def fused(x, weight, bias):
+        args = (x, weight, bias, layer.lora_a.to(x.dtype), layer.lora_b.to(x.dtype), entry.idx, entry.gate)
+        args += (layer.num_shared, layer.scaling)
+        kw = dict(backend=layer.config.backend, check_indices=False, merge="never")
+        if conv is None:
+            return mor_kernels.mor_linear(*args, **kw)
+        return mor_kernels.mor_conv2d(*args, conv["stride"], conv["padding"], conv["dilation"], **kw)
+
+    return f"low-rank (backend {backend!r}, routing prepared per image): {plan.why}", fused
+
+
+def _lowrank_linear(x, weight, bias, f: RankFactors) -> torch.Tensor:
+    y = F.linear(x, weight, bias)
+    if f.single:
+        return add_lowrank_linear(y, x, f, inplace=True)
+    batch = x.shape[0]
+    y3 = add_lowrank_linear(y.view(batch, -1, y.shape[-1]), x.reshape(batch, -1, x.shape[-1]), f, inplace=True)
+    return y3.view(y.shape)
+
+
+def _conv_tokens(x, weight, conv) -> int:
+    out = 1
+    for i in (0, 1):
+        k, s, p, d = weight.shape[2 + i], conv["stride"][i], conv["padding"][i], conv["dilation"][i]
+        out *= (x.shape[2 + i] + 2 * p - d * (k - 1) - 1) // s + 1
+    return out
+
+
+def attach(layers, scores: torch.Tensor | None) -> None:
+    """Gives ``layers`` a fresh shared :class:`ImageState` for ``scores`` (None: drops it, merged weights and
+    all)."""
+    layers = list(layers)
+    state = None if scores is None else ImageState(layers, scores)
+    for layer in layers:
+        layer._image_state = state

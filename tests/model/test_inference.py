@@ -1,0 +1,124 @@
+"""Per-image inference of MoR layers (mor_model.inference, set_merge): the same outputs as the per-call path
+within MOR_SPEC 7, routing once per scores, merged weights made once per image and dropped with its scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mor_tiny import randomize_adapters, small_config, tiny_unet, unet_inputs
+from torch import nn
+
+import mor_model
+from mor_kernels.reference import factors
+from mor_kernels.testing import TOLERANCES
+from mor_model import degradation, inject_mor, mor_layers, set_degradation, set_merge
+
+pytest.importorskip("diffusers", reason="the [model] extra (diffusers) is not installed")
+ATOL, RTOL = TOLERANCES[torch.float32]
+
+
+@pytest.fixture()
+def unet():
+    model = tiny_unet()
+    inject_mor(model, small_config(backend="auto"))
+    randomize_adapters(model)
+    return model
+
+
+def _forward(model, *, grad=False):
+    x, t, enc = unet_inputs()
+    with torch.set_grad_enabled(grad):
+        return model(x, t, encoder_hidden_states=enc).sample.detach()
+
+
+SCORES = torch.rand(2, 7, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("mode", ["auto", "always", "never"])
+def test_prepared_inference_matches_the_per_call_path(unet, mode):
+    set_merge(unet, mode)
+    set_degradation(unet, SCORES)
+    want = _forward(unet, grad=True)  # a gradient is needed: every layer runs the MoR op per call
+    assert all(layer.explain().startswith("per call") for layer in mor_layers(unet).values())
+    want_idx = {n: layer.router.last_idx.clone() for n, layer in mor_layers(unet).items()}
+    want_loss = mor_model.balance_loss(unet).item()
+    got = _forward(unet)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    paths = [layer.explain() for layer in mor_layers(unet).values()]
+    prefix = {"always": ("merged",), "never": ("low-rank",), "auto": ("merged", "low-rank")}[mode]
+    assert all(p.startswith(prefix) for p in paths), paths
+    if mode == "auto":  # the tiny model's layers have many tokens per weight: the cost model merges some
+        assert any(p.startswith("merged") for p in paths) and "rho" in paths[0]
+    # the routers record what they record per call: statistics and the balance loss see the same routing
+    for name, layer in mor_layers(unet).items():
+        assert torch.equal(layer.router.last_idx, want_idx[name]), name
+    assert mor_model.balance_loss(unet).item() == pytest.approx(want_loss, rel=1e-6)
+
+
+def test_routing_once_per_scores_and_merged_weights_once_per_image(unet, monkeypatch):
+    set_merge(unet, "always")
+    merges, routes = [], []
+    real_merge = factors.merge_weights
+    monkeypatch.setattr("mor_model.inference.merge_weights", lambda w, f: merges.append(1) or real_merge(w, f))
+    real_route = mor_model.inference.mor_kernels.route
+    monkeypatch.setattr(
+        mor_model.inference.mor_kernels, "route", lambda *a, **k: routes.append(1) or real_route(*a, **k)
+    )
+    layers = mor_layers(unet)
+    set_degradation(unet, SCORES)
+    first = _forward(unet)
+    assert len(merges) == len(layers) and len(routes) == 1  # every layer routed in one call
+    state = next(iter(layers.values()))._image_state
+    weights = {n: state._entries[id(layer)].merged for n, layer in layers.items()}
+    assert torch.equal(_forward(unet), first)  # a second tile of the same image: nothing made again
+    assert len(merges) == len(layers) and len(routes) == 1
+    assert all(state._entries[id(layer)].merged is weights[n] for n, layer in layers.items())
+    set_degradation(unet, SCORES.flip(0))  # the next image: a new state, the old merged weights dropped
+    assert all(layer._image_state is not state for layer in layers.values())
+    _forward(unet)
+    assert len(merges) == 2 * len(layers) and len(routes) == 2
+    set_degradation(unet, None)
+    assert all(layer._image_state is None for layer in layers.values())
+
+
+def test_weights_changed_in_place_are_prepared_again(unet):
+    set_degradation(unet, SCORES)
+    before = _forward(unet)
+    layer = next(iter(mor_layers(unet).values()))
+    with torch.no_grad():
+        layer.lora_b.mul_(3)  # as load_adapter does: copy_ into the parameters
+    after = _forward(unet)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, _forward(unet, grad=True), atol=ATOL, rtol=RTOL)
+
+
+def test_degradation_context_restores_the_previous_image(unet):
+    set_degradation(unet, SCORES)
+    layers = list(mor_layers(unet).values())
+    state = layers[0]._image_state
+    outer = _forward(unet)
+    with degradation(unet, SCORES.flip(0)):
+        assert layers[0]._image_state is not state
+        inner = _forward(unet)
+    assert all(layer._image_state is state for layer in layers)
+    assert torch.equal(_forward(unet), outer) and not torch.equal(inner, outer)
+
+
+def test_token_routed_layers_run_per_call_and_say_why():
+    layer = mor_model.MoRLinear(nn.Linear(6, 5), small_config(router_input="token+degradation", backend="auto"))
+    randomize_adapters(layer)
+    x = torch.randn(2, 3, 6)
+    set_degradation(layer, SCORES)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.explain().startswith("per call") and "depends on the tokens" in layer.explain()
+    torch.testing.assert_close(y, layer(x).detach(), atol=ATOL, rtol=RTOL)
+
+
+def test_set_merge_checks_its_arguments(unet):
+    assert len(set_merge(unet, "never")) == len(mor_layers(unet))
+    assert {layer.merge for layer in mor_layers(unet).values()} == {"never"}
+    with pytest.raises(ValueError, match="mode must be one of"):
+        set_merge(unet, "sometimes")
+    with pytest.raises(ValueError, match="no MoR layers"):
+        set_merge(nn.Linear(2, 2), "auto")
