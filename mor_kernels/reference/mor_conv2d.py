@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .mor_lora import compute_dtype, routing_gate
+from .mor_lora import compute_dtype, finite_ranks, gate_ranks, routing_gate
 
 
 def mor_conv2d(
@@ -33,9 +33,11 @@ def mor_conv2d(
     """
     ct = compute_dtype(x.dtype, upcast)
     xc = x.to(ct)
+    a, b, bad = finite_ranks(lora_a.to(ct), lora_b.to(ct))  # MOR_SPEC 2.2: see gate_ranks
+    ranks = lora_a.shape[0]
     y = F.conv2d(xc, weight.to(ct), None if bias is None else bias.to(ct), stride, padding, dilation)
-    h = F.conv2d(xc, lora_a.to(ct), None, stride, padding, dilation)  # (B, R, H_out, W_out)
-    g = routing_gate(idx, gate, num_shared, lora_a.shape[0], scaling, 2, ct)  # (B, R)
-    h = h * g[:, :, None, None]
-    y = y + F.conv2d(h, lora_b.to(ct)[:, :, None, None])
+    h = F.conv2d(xc, a, None, stride, padding, dilation).movedim(1, -1)  # (B, H_out, W_out, R)
+    g = routing_gate(idx, gate, num_shared, ranks, 1.0, 4, ct)  # (B, 1, 1, R)
+    h = gate_ranks(h, g * scaling, g, bad).movedim(-1, 1)
+    y = y + F.conv2d(h, b[:, :, None, None])
     return y.to(x.dtype)

@@ -27,11 +27,33 @@ def routing_gate(idx, gate, num_shared, ranks, scaling, ndim, dtype) -> torch.Te
     return g
 
 
+def finite_ranks(lora_a: torch.Tensor, lora_b: torch.Tensor):
+    """``(a, b, bad)``: the weights with every rank that holds a non-finite value zeroed (``lora_a`` rows,
+    ``lora_b`` columns) and ``bad (R,)`` marking those ranks. Any layout of ``lora_a`` ``(R, ...)``."""
+    bad = ~(torch.isfinite(lora_a).flatten(1).all(1) & torch.isfinite(lora_b).all(0))
+    a = torch.where(bad.view(-1, *([1] * (lora_a.dim() - 1))), 0, lora_a)
+    return a, torch.where(bad, 0, lora_b), bad
+
+
+def gate_ranks(h: torch.Tensor, g: torch.Tensor, g_rank: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``h * g`` over the rank dimension (last of ``h``, ``g`` and ``g_rank``), with NaN where a unit picks a
+    rank in ``bad`` (``g_rank``: the dense gate before scaling, 0 where the unit does not pick the rank).
+
+    MOR_SPEC 2.2: a rank with ``g = 0`` contributes exactly zero whatever its weights hold. ``h`` comes from
+    the sanitised weights of :func:`finite_ranks`, so ``0 * h`` is a true zero; the units that do pick a
+    non-finite rank get NaN (a diverged rank is not hidden), through ``torch.where``, which passes no
+    gradient to the masked entries: the other ranks' and units' gradients are those without the bad rank."""
+    return torch.where((g_rank != 0) & bad, torch.nan, h * g)
+
+
 def lora_delta(x, lora_a, lora_b, idx, gate, num_shared, scaling, dtype) -> torch.Tensor:
     """``scaling * B (g * (A x))`` computed in ``dtype``, for ``x (B, *tokens, d_in)``."""
-    h = F.linear(x.to(dtype), lora_a.to(dtype))
-    h = h * routing_gate(idx, gate, num_shared, lora_a.shape[0], scaling, x.dim(), dtype)
-    return F.linear(h, lora_b.to(dtype))
+    a, b, bad = finite_ranks(lora_a.to(dtype), lora_b.to(dtype))
+    ranks = lora_a.shape[0]
+    h = F.linear(x.to(dtype), a)
+    g = routing_gate(idx, gate, num_shared, ranks, 1.0, x.dim(), dtype)
+    h = gate_ranks(h, g * scaling, g, bad)
+    return F.linear(h, b)
 
 
 def mor_lora(
