@@ -228,10 +228,14 @@ class _ConvUp(torch.autograd.Function):
         h = out[:, c_out:].to(acc)  # (B, R, H, W), ungated rank activations
         dyb = torch.einsum("bohw,or->brhw", dy, lora_b.to(acc))
         grad_out = grad_b = grad_gate = None
+        # MOR_SPEC 2.2: a rank a sample does not pick (g = 0) gets exactly zero, whatever its weights hold
+        picked = (g != 0)[:, :, None, None]
         if need[0]:
-            grad_out = torch.cat([grad_y.to(out.dtype), (dyb * g[:, :, None, None]).to(out.dtype)], dim=1)
+            dh = torch.where(picked, dyb * g[:, :, None, None], 0)
+            grad_out = torch.cat([grad_y.to(out.dtype), dh.to(out.dtype)], dim=1)
         if need[1]:
-            grad_b = torch.einsum("bohw,brhw->or", dy, h * g[:, :, None, None]).to(lora_b.dtype)
+            hg = torch.where(picked, h * g[:, :, None, None], 0)
+            grad_b = torch.einsum("bohw,brhw->or", dy, hg).to(lora_b.dtype)
         if need[3]:
             q = (dyb * h).sum((2, 3))  # (B, R)
             valid = (idx >= 0) & (idx < ranks - s)
@@ -242,15 +246,18 @@ class _ConvUp(torch.autograd.Function):
 
 class _Conv2d(torch.autograd.Function):
     """``F.conv2d(x, weight, bias)`` through the :mod:`.cudnn_conv` ops: TF32 off for float32 operands,
-    deterministic backward convolutions (on CPU the settings change nothing)."""
+    deterministic backward convolutions (on CPU the settings change nothing). The filters from ``ranks_from``
+    on are rank filters: the input gradient sees them with non-finite values zeroed, since the gradient of a
+    rank channel is zero for every sample that does not pick the rank and ``0 * NaN`` would reach their
+    ``dx`` (MOR_SPEC 2.2)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, ranks_from):
         conv = (list(stride), list(padding), list(dilation))
         out = conv2d_op(x, weight, *conv)
         if bias is not None:
             out.add_(bias.to(out.dtype).view(1, -1, 1, 1))
-        ctx.conv, ctx.has_bias = conv, bias is not None
+        ctx.conv, ctx.has_bias, ctx.ranks_from = conv, bias is not None, ranks_from
         ctx.save_for_backward(x, weight)
         return out
 
@@ -260,10 +267,15 @@ class _Conv2d(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         dz = dz.contiguous()
-        dx = conv2d_input_op(x, weight, dz, *ctx.conv) if need[0] else None
-        dw = conv2d_weight_op(x, weight, dz, *ctx.conv) if need[1] else None
+        dx = dw = None
+        if need[0]:
+            rows = torch.arange(weight.shape[0], device=weight.device).view(-1, 1, 1, 1) >= ctx.ranks_from
+            filters = torch.where(rows & ~torch.isfinite(weight), 0, weight)
+            dx = conv2d_input_op(x, filters, dz, *ctx.conv)
+        if need[1]:
+            dw = conv2d_weight_op(x, weight, dz, *ctx.conv)
         db = dz.sum((0, 2, 3)) if ctx.has_bias and need[2] else None
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation):
@@ -272,7 +284,7 @@ def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, 
     dt = _dense_dtype(x)  # on CPU half precision: the rank channels stay float32 too, rounded once at the end
     w = torch.cat([weight, lora_a], dim=0).to(dt)
     b = None if bias is None else torch.cat([bias, bias.new_zeros(ranks)]).to(dt)
-    out = _Conv2d.apply(x.to(dt), w, b, stride, padding, dilation)
+    out = _Conv2d.apply(x.to(dt), w, b, stride, padding, dilation, weight.shape[0])
     idx, gate, b = idx.to(torch.int32), _gate32(gate), lora_b.to(out.dtype)
     y = torch.cat(
         [_ConvUp.apply(out[c], b, idx[c], gate[c], int(num_shared), float(scaling)) for c in _chunks(x.shape[0])]
