@@ -173,6 +173,43 @@ def _dot_picked(h, w, acc, GUARD: tl.constexpr):
     return acc
 
 
+@triton.jit
+def _split_arrive(acc, aux, ws_acc_ptr, ws_aux_ptr, lock_ptr, tile, pid_s,
+                  SPLIT_K: tl.constexpr, HAS_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  AUX: tl.constexpr):  # fmt: skip
+    """Split-K, first half: split ``pid_s`` of ``tile`` writes its float32 partials ``acc (BLOCK_M, BLOCK_N)``
+    (unless not ``HAS_ACC``) and ``aux (BLOCK_M, AUX)`` to ``ws_acc (tiles, S, BLOCK_M, BLOCK_N)`` /
+    ``ws_aux (tiles, S, BLOCK_M, AUX)`` and counts itself in ``lock[tile]``; true for the split that counts
+    last, which then owns the tile (:func:`_split_sum`)."""
+    i = tl.arange(0, BLOCK_M).to(tl.int64)[:, None]
+    slot = tile * SPLIT_K + pid_s
+    if HAS_ACC:
+        tl.store(ws_acc_ptr + (slot * BLOCK_M + i) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], acc)
+    tl.store(ws_aux_ptr + (slot * BLOCK_M + i) * AUX + tl.arange(0, AUX)[None, :], aux)
+    tl.debug_barrier()  # every thread's partial is written before the count releases them
+    return tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
+
+
+@triton.jit
+def _split_sum(ws_acc_ptr, ws_aux_ptr, lock_ptr, tile,
+               SPLIT_K: tl.constexpr, HAS_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               AUX: tl.constexpr):  # fmt: skip
+    """Split-K, second half (the last split of ``tile`` only): the sums of the ``S`` partials in split order,
+    whichever split came last (a fixed order: bitwise repeatable); resets ``lock[tile]`` to zero for the next
+    launch (and a CUDA graph's next replay)."""
+    i = tl.arange(0, BLOCK_M).to(tl.int64)[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    aux = tl.zeros((BLOCK_M, AUX), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        slot = tile * SPLIT_K + s
+        if HAS_ACC:
+            acc += tl.load(ws_acc_ptr + (slot * BLOCK_M + i) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :],
+                           cache_modifier=".cg")  # fmt: skip
+        aux += tl.load(ws_aux_ptr + (slot * BLOCK_M + i) * AUX + tl.arange(0, AUX)[None, :], cache_modifier=".cg")
+    tl.store(lock_ptr + tile, 0)
+    return acc, aux
+
+
 # ---------------------------------------------------------------------------------------------
 # forward
 
@@ -278,19 +315,8 @@ def _fwd_kernel(
                       TOP_K, RP, TOKEN_ROUTING, HAS_BIAS, HAS_BASE, STORE_U, BLOCK_M)  # fmt: skip
     else:
         tile = (pid_b * tl.num_programs(0) + pid_m) * (tl.num_programs(1) // SPLIT_K) + pid_n
-        i = tl.arange(0, BLOCK_M).to(tl.int64)[:, None]
-        acc_at = ws_acc_ptr + ((tile * SPLIT_K) * BLOCK_M + i) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        u_at = ws_u_ptr + ((tile * SPLIT_K) * BLOCK_M + i) * RP + tl.arange(0, RP)[None, :]
-        tl.store(acc_at + pid_s * BLOCK_M * BLOCK_N, acc)
-        tl.store(u_at + pid_s * BLOCK_M * RP, u)
-        tl.debug_barrier()  # every thread's partial is written before the count releases them
-        if tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            u = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):  # split order, whichever split came last: bitwise repeatable
-                acc += tl.load(acc_at + s * BLOCK_M * BLOCK_N, cache_modifier=".cg")
-                u += tl.load(u_at + s * BLOCK_M * RP, cache_modifier=".cg")
-            tl.store(lock_ptr + tile, 0)  # ready for the next launch (and for a CUDA graph's next replay)
+        if _split_arrive(acc, u, ws_acc_ptr, ws_u_ptr, lock_ptr, tile, pid_s, SPLIT_K, HAS_W, BLOCK_M, BLOCK_N, RP):
+            acc, u = _split_sum(ws_acc_ptr, ws_u_ptr, lock_ptr, tile, SPLIT_K, HAS_W, BLOCK_M, BLOCK_N, RP)
             _fwd_epilogue(acc, u, x_ptr, bias_ptr, b_ptr, idx_ptr, gate_ptr, base_ptr, y_ptr, u_ptr,
                           rank, active, offs_m, offs_n, mask_m, mask_n, pid_b, pid_n, T, num_shared, num_routed,
                           scaling, stride_bn, stride_br, stride_ib, stride_it, stride_sb, stride_st, stride_sn,
@@ -347,9 +373,18 @@ def split_workspace(device: torch.device, floats: int, locks: int) -> tuple[torc
     return ws, lock
 
 
-def forward(
-    x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared: int, scaling: float, store_u: bool, out=None
-):
+def split_buffers(placeholder, tiles: int, split: int, block_m: int, block_n: int, aux: int):
+    """``(ws_acc, ws_aux, lock)`` views of :func:`split_workspace` for a split-K launch over ``tiles`` tiles, on
+    ``placeholder``'s device (which stands in for all three when ``split == 1``: nothing is allocated)."""
+    if split == 1:
+        return placeholder, placeholder, placeholder
+    device = placeholder.device
+    n_acc = tiles * split * block_m * block_n
+    ws, lock = split_workspace(device, n_acc + tiles * split * block_m * aux, tiles)
+    return ws[:n_acc], ws[n_acc:], lock
+
+
+def forward(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared: int, scaling: float, store_u: bool, out=None):
     """One launch: y ``(B, T, d_out)`` in ``x.dtype`` = (x W^T + bias) + scaling B (g * (A x)) (+ base), and
     ``u = x A^T`` float32 ``(B, T, RP)`` over the rank list (``(0,)`` unless ``store_u``). ``y`` is allocated in
     ``x``'s layout (:func:`like_tokens`) unless ``out``, a ``(B, T, d_out)`` tensor of any strides, is given."""
@@ -369,13 +404,7 @@ def forward(
     split = cfg["SPLIT_K"]
     # at least one column of programs, so that u is computed even when d_out = 0
     tiles = (triton.cdiv(tokens, cfg["BLOCK_M"]), max(1, triton.cdiv(d_out, cfg["BLOCK_N"])), batch)
-    ws_acc = ws_u = lock = y
-    if split > 1:
-        n_tiles = tiles[0] * tiles[1] * batch
-        per_split = cfg["BLOCK_M"] * (cfg["BLOCK_N"] + rp)
-        ws, lock = split_workspace(x.device, n_tiles * split * per_split, n_tiles)
-        ws_acc = ws[: n_tiles * split * cfg["BLOCK_M"] * cfg["BLOCK_N"]]
-        ws_u = ws[ws_acc.numel() : n_tiles * split * per_split]
+    ws_acc, ws_u, lock = split_buffers(y, tiles[0] * tiles[1] * batch, split, cfg["BLOCK_M"], cfg["BLOCK_N"], rp)
     _fwd_kernel[(tiles[0], tiles[1] * split, batch)](
         x, w, bias if bias is not None else y, lora_a, lora_b, idx, gate, base if base is not None else y, y,
         u if store_u else y, ws_acc, ws_u, lock,

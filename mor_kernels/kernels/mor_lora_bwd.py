@@ -27,29 +27,91 @@ import torch
 import triton
 import triton.language as tl
 
-from .mor_lora import _dot, _dot_picked, _gates, _rank_list, _routing_strides, _same_dtype, like_tokens
+from .mor_lora import (
+    _dot,
+    _dot_picked,
+    _gates,
+    _rank_list,
+    _routing_strides,
+    _same_dtype,
+    _split_arrive,
+    _split_sum,
+    like_tokens,
+    split_buffers,
+)
 from .mor_lora_tiles import bwd_config
 
 REDUCE_BLOCK = 64  # columns per program of the reduction
 
 
 @triton.jit
+def _bwd_epilogue(
+    acc, dh, g, u, a_ptr, x_ptr, idx_ptr, dx_ptr, part_row, gpart_ptr, dgate_ptr,
+    rank, active, offs_m, offs_c, mask_m, mask_c, pid_b, pid_m, first, n_m,
+    T, d_in, num_shared, num_routed, scaling,
+    stride_ar, stride_ak, stride_xb, stride_xt, stride_xk, stride_db, stride_dt, stride_dk, stride_ib, stride_it,
+    TOP_K: tl.constexpr, RP: tl.constexpr, TOKEN_ROUTING: tl.constexpr, NEED_DX: tl.constexpr,
+    NEED_DA: tl.constexpr, NEED_DG: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """After the ``d_out`` loop: ``du = scaling g dh`` (zero where ``g = 0``), ``dx = acc + du A``, the ``dA``
+    partial ``du^T x`` and the gate gradient."""
+    p = tl.arange(0, RP)
+    du = tl.where(g != 0, dh * g, 0.0)  # an unpicked rank's dh (dy times its column of B) never reaches dx
+    if NEED_DX:
+        at = tl.load(
+            a_ptr + rank[:, None] * stride_ar + offs_c[None, :] * stride_ak,
+            mask=active[:, None] & mask_c[None, :],
+            other=0.0,
+        )
+        acc = _dot_picked(du.to(at.dtype), at, acc, TOKEN_ROUTING)
+        dx_ptrs = dx_ptr + pid_b * stride_db + offs_m[:, None] * stride_dt + offs_c[None, :] * stride_dk
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+    if NEED_DA:
+        xt = tl.load(
+            x_ptr + pid_b * stride_xb + offs_m[:, None] * stride_xt + offs_c[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_c[None, :],
+            other=0.0,
+        )
+        # float32 operands: these sums run over every token, so rounding du to 16 bits would cost more than
+        # the float16 tolerance allows (a small GEMM next to the base layer's)
+        part = _dot(tl.trans(du), xt.to(tl.float32), tl.zeros((RP, BLOCK_N), dtype=tl.float32))
+        tl.store(part_row + offs_c[None, :], part, mask=mask_c[None, :])
+    if NEED_DG:
+        if first:
+            c = dh * u * scaling  # d(loss)/d(gate of position p), per token
+            if TOKEN_ROUTING:
+                base = pid_b * stride_ib + offs_m * stride_it
+                for j in range(TOP_K):
+                    sel = tl.load(idx_ptr + base + j, mask=mask_m, other=-1)
+                    ok = (sel >= 0) & (sel < num_routed)
+                    dg = tl.sum(tl.where(p[None, :] == (num_shared + sel)[:, None], c, 0.0), axis=1)
+                    tl.store(dgate_ptr + (pid_b * T + offs_m) * TOP_K + j, tl.where(ok, dg, 0.0), mask=mask_m)
+            else:
+                tl.store(gpart_ptr + (pid_b * n_m + pid_m) * RP + p, tl.sum(c, axis=0))
+
+
+@triton.jit
 def _bwd_kernel(
     dy_ptr, w_ptr, a_ptr, b_ptr, x_ptr, u_ptr, idx_ptr, gate_ptr, dx_ptr, part_ptr, gpart_ptr, dgate_ptr,
+    ws_acc_ptr, ws_dh_ptr, lock_ptr,
     T, d_in, d_out, num_shared, num_routed, scaling,
     stride_yb, stride_yt, stride_yn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_xb, stride_xt, stride_xk, stride_db, stride_dt, stride_dk, stride_ib, stride_it,
     TOP_K: tl.constexpr, RP: tl.constexpr, TOKEN_ROUTING: tl.constexpr, HAS_W: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr, NEED_DG: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """dy ``(B, T, d_out)``, u ``(B, T, RP)`` float32 -> dx ``(B, T, d_in)`` (its ``BLOCK_N`` columns), partials
     ``part (B, n_m, RP, d_in + d_out)`` float32 (``du^T x`` in the first ``d_in`` columns, ``h^T dy`` after),
     the gate gradient (token routing: ``dgate (B, T, k)``; sample routing: ``gpart (B, n_m, RP)``).
-    Grid ``(n_m = cdiv(T, BLOCK_M), cdiv(d_in, BLOCK_N) (1 without dx/dA), B)``."""
+    Grid ``(n_m = cdiv(T, BLOCK_M), cdiv(d_in, BLOCK_N) (1 without dx/dA) * SPLIT_K, B)``; with ``SPLIT_K > 1``
+    the ``d_out`` loop is split as the forward splits its ``d_in`` loop (``acc`` and ``dh`` partials, the last
+    split of a tile sums them in split order)."""
     pid_m = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1).to(tl.int64)
+    pid_ks = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2).to(tl.int64)
+    pid_k = pid_ks // SPLIT_K
+    pid_s = pid_ks % SPLIT_K
     n_m = tl.num_programs(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_c = pid_k * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -66,7 +128,11 @@ def _bwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dh = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
     dy_row = dy_ptr + pid_b * stride_yb + offs_m[:, None] * stride_yt
-    for n0 in range(0, d_out, BLOCK_K):
+    n_steps = tl.cdiv(d_out, BLOCK_K)
+    n_lo = (pid_s * n_steps // SPLIT_K) * BLOCK_K
+    n_hi = ((pid_s + 1) * n_steps // SPLIT_K) * BLOCK_K
+    # one dy tile read for both products: [dy W | dy B] as one extended N; each d_in tile recomputes dh
+    for n0 in range(n_lo, n_hi, BLOCK_K):
         offs_n = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_n = offs_n < d_out
         dyt = tl.load(dy_row + offs_n[None, :] * stride_yn, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
@@ -89,37 +155,23 @@ def _bwd_kernel(
                 # than the float16 tolerance allows (a small GEMM next to the base layer's).
                 part = _dot(ht, dyt.to(tl.float32), tl.zeros((RP, BLOCK_K), dtype=tl.float32))
                 tl.store(part_row + d_in + offs_n[None, :], part, mask=mask_n[None, :])
-    du = tl.where(g != 0, dh * g, 0.0)  # an unpicked rank's dh (dy times its column of B) never reaches dx
-    if NEED_DX:
-        at = tl.load(
-            a_ptr + rank[:, None] * stride_ar + offs_c[None, :] * stride_ak,
-            mask=active[:, None] & mask_c[None, :],
-            other=0.0,
-        )
-        acc = _dot_picked(du.to(at.dtype), at, acc, TOKEN_ROUTING)
-        dx_ptrs = dx_ptr + pid_b * stride_db + offs_m[:, None] * stride_dt + offs_c[None, :] * stride_dk
-        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
-    if NEED_DA:
-        xt = tl.load(
-            x_ptr + pid_b * stride_xb + offs_m[:, None] * stride_xt + offs_c[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_c[None, :],
-            other=0.0,
-        )
-        # float32 operands: these sums run over every token (see dB above)
-        part = _dot(tl.trans(du), xt.to(tl.float32), tl.zeros((RP, BLOCK_N), dtype=tl.float32))
-        tl.store(part_row + offs_c[None, :], part, mask=mask_c[None, :])
-    if NEED_DG:
-        if first:
-            c = dh * u * scaling  # d(loss)/d(gate of position p), per token
-            if TOKEN_ROUTING:
-                base = pid_b * stride_ib + offs_m * stride_it
-                for j in range(TOP_K):
-                    sel = tl.load(idx_ptr + base + j, mask=mask_m, other=-1)
-                    ok = (sel >= 0) & (sel < num_routed)
-                    dg = tl.sum(tl.where(p[None, :] == (num_shared + sel)[:, None], c, 0.0), axis=1)
-                    tl.store(dgate_ptr + (pid_b * T + offs_m) * TOP_K + j, tl.where(ok, dg, 0.0), mask=mask_m)
-            else:
-                tl.store(gpart_ptr + (pid_b * n_m + pid_m) * RP + p, tl.sum(c, axis=0))
+    if SPLIT_K == 1:
+        _bwd_epilogue(acc, dh, g, u, a_ptr, x_ptr, idx_ptr, dx_ptr, part_row, gpart_ptr, dgate_ptr,
+                      rank, active, offs_m, offs_c, mask_m, mask_c, pid_b, pid_m, first, n_m,
+                      T, d_in, num_shared, num_routed, scaling,
+                      stride_ar, stride_ak, stride_xb, stride_xt, stride_xk, stride_db, stride_dt, stride_dk,
+                      stride_ib, stride_it,
+                      TOP_K, RP, TOKEN_ROUTING, NEED_DX, NEED_DA, NEED_DG, BLOCK_N)  # fmt: skip
+    else:
+        tile = (pid_b * n_m + pid_m) * (tl.num_programs(1) // SPLIT_K) + pid_k
+        if _split_arrive(acc, dh, ws_acc_ptr, ws_dh_ptr, lock_ptr, tile, pid_s, SPLIT_K, HAS_W, BLOCK_M, BLOCK_N, RP):
+            acc, dh = _split_sum(ws_acc_ptr, ws_dh_ptr, lock_ptr, tile, SPLIT_K, HAS_W, BLOCK_M, BLOCK_N, RP)
+            _bwd_epilogue(acc, dh, g, u, a_ptr, x_ptr, idx_ptr, dx_ptr, part_row, gpart_ptr, dgate_ptr,
+                          rank, active, offs_m, offs_c, mask_m, mask_c, pid_b, pid_m, first, n_m,
+                          T, d_in, num_shared, num_routed, scaling,
+                          stride_ar, stride_ak, stride_xb, stride_xt, stride_xk, stride_db, stride_dt, stride_dk,
+                          stride_ib, stride_it,
+                          TOP_K, RP, TOKEN_ROUTING, NEED_DX, NEED_DA, NEED_DG, BLOCK_N)  # fmt: skip
 
 
 @triton.jit
@@ -194,7 +246,7 @@ def backward(dy, x, weight, lora_a, lora_b, u, idx, gate, num_shared: int, scali
             if t is not None:
                 t.zero_()
         return dx, da, db, dgate
-    cfg = bwd_config(dev, dy.dtype, batch, tokens, d_in, rp)
+    cfg = bwd_config(dev, dy.dtype, batch, tokens, d_in, d_out, rp)
     n_m = triton.cdiv(tokens, cfg["BLOCK_M"])
     partials = need_da or need_db
     part = torch.empty((batch, n_m, rp, d_in + d_out) if partials else (0,), dtype=torch.float32, device=dev)
@@ -203,9 +255,11 @@ def backward(dy, x, weight, lora_a, lora_b, u, idx, gate, num_shared: int, scali
     n_k = max(1, triton.cdiv(d_in, cfg["BLOCK_N"])) if (need_dx or need_da) else 1
     has_w = weight is not None and need_dx
     dxs = dx.stride() if dx is not None else (0, 0, 0)
-    _bwd_kernel[(n_m, n_k, batch)](
+    split = cfg["SPLIT_K"]
+    ws_acc, ws_dh, lock = split_buffers(u, n_m * n_k * batch, split, cfg["BLOCK_M"], cfg["BLOCK_N"], rp)
+    _bwd_kernel[(n_m, n_k * split, batch)](
         dy, weight if has_w else lora_b, lora_a, lora_b, x, u, idx, gate, dx if dx is not None else u, part, gpart,
-        dgate if dgate is not None else u,
+        dgate if dgate is not None else u, ws_acc, ws_dh, lock,
         tokens, d_in, d_out, num_shared, ranks - num_shared, scaling,
         *dy.stride(), *(weight.stride() if has_w else (0, 0)), *lora_a.stride(), *lora_b.stride(), *x.stride(),
         *dxs, stride_ib, stride_it,

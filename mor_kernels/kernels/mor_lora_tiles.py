@@ -41,8 +41,10 @@ float32 (IEEE dots, no tensor cores) and the interpreter use small 32-row tiles 
 no split, so the executed work (``u`` once per column tile) is a function of the shapes alone.
 
 Backward (:func:`bwd_config`): one program per (token block, ``d_in`` tile, sample) reads ``dy`` once for
-``dy W`` and ``dy B`` (``dh``, recomputed per ``d_in`` tile like the forward's ``u``); the tiles follow the
-same fill rule (no split: the ``dx`` GEMM's K is ``d_out``, and a split would need its own reduction).
+``dy W`` and ``dy B`` (``dh``, recomputed per ``d_in`` tile like the forward's ``u``): the forward mirrored,
+with the same rule for the tiles and the split (of the ``d_out`` loop), ``d_in`` and ``d_out`` exchanged.
+At batch 1, ``RP = 16``: 64 tokens x 1280 -> 64x64 tiles, 4 splits (80 programs; the former ``dh`` pass had
+one); 256 x 1280 -> 64x64, 2 splits (160).
 """
 
 from __future__ import annotations
@@ -115,16 +117,21 @@ def fwd_column_tiles(batch: int, tokens: int, d_out: int, rp: int) -> int:
     return max(1, _cdiv(d_out, fill_tiles(batch, tokens, d_out, rp)[1]))
 
 
-def bwd_config(device: torch.device, dtype: torch.dtype, batch: int, tokens: int, d_in: int, rp: int) -> dict:
-    """Tiles of ``_bwd_kernel`` (token block ``BLOCK_M``, ``d_in`` tile ``BLOCK_N``, ``d_out`` step ``BLOCK_K``):
-    the forward's fill rule over the ``dx`` GEMM's output ``(T, d_in)``; small tiles for float32 and the
-    interpreter."""
+def bwd_config(
+    device: torch.device, dtype: torch.dtype, batch: int, tokens: int, d_in: int, d_out: int, rp: int
+) -> dict:
+    """Tiles of ``_bwd_kernel`` (token block ``BLOCK_M``, ``d_in`` tile ``BLOCK_N``, ``d_out`` step ``BLOCK_K``,
+    ``SPLIT_K`` of the ``d_out`` loop): the forward's rule with the roles of ``d_in`` and ``d_out`` exchanged (the
+    ``dx`` GEMM's output is ``(T, d_in)``, its reduction ``d_out``); small tiles and no split for float32 and the
+    interpreter, with the same ``BLOCK_N`` (so the executed work, :func:`bwd_column_tiles`, depends on the shapes
+    alone)."""
+    bm, bn, split = fwd_tiles(batch, tokens, d_out, d_in, rp)
     if torch.device(device).type != "cuda" or dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
-    bm, bn = fill_tiles(batch, tokens, d_in, rp)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
+        return dict(BLOCK_M=32, BLOCK_N=bn, BLOCK_K=32, SPLIT_K=1, num_warps=4, num_stages=2)
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, SPLIT_K=split, num_warps=warps, num_stages=3)
 
 
-def bwd_column_tiles(device: torch.device, dtype: torch.dtype, batch: int, tokens: int, d_in: int, rp: int) -> int:
-    """Programs per token block along ``d_in`` in the backward, each of which recomputes ``dh = dy B``."""
-    return max(1, _cdiv(d_in, bwd_config(device, dtype, batch, tokens, d_in, rp)["BLOCK_N"]))
+def bwd_column_tiles(batch: int, tokens: int, d_in: int, d_out: int, rp: int) -> int:
+    """Programs per token block along ``d_in`` in the backward, each of which computes ``dh = dy B``."""
+    return max(1, _cdiv(d_in, fill_tiles(batch, tokens, d_in, rp)[1]))

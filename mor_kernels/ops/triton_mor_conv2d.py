@@ -129,15 +129,22 @@ def triton_conv2d_bwd(
             if split:  # one rounding of each half, as a 16-bit cuDNN weight gradient gives, then their sum
                 da = torch.add(da[:ranks], da[ranks:])
             da = da.to(lora_a.dtype)
-    return dx, dw, da, db if db is not None else empty, dgate if dgate is not None else empty
+    dx = dx.contiguous(memory_format=_format(x))  # a no-op unless the convolution chose another layout
+    return dx, dw.contiguous(), da.contiguous(), db if db is not None else empty, dgate if dgate is not None else empty
+
+
+def _format(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
 @triton_conv2d_bwd.register_fake
 def _(dy, x, weight, lora_a, lora_b, z_rank, idx, gate, num_shared, scaling, stride, padding, dilation, needs):
     empty = dy.new_empty((0,))
-    shapes = (x, weight, lora_a, lora_b)
-    outs = [torch.empty_like(t) if n else empty for t, n in zip(shapes, needs[:4], strict=True)]
-    return (*outs, idx.new_empty(idx.shape, dtype=torch.float32) if needs[4] else empty)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_format(x)) if needs[0] else empty
+    dw = weight.new_empty(weight.shape) if needs[1] else empty
+    da = lora_a.new_empty(lora_a.shape) if needs[2] else empty
+    db = lora_b.new_empty(lora_b.shape) if needs[3] else empty
+    return dx, dw, da, db, idx.new_empty(idx.shape, dtype=torch.float32) if needs[4] else empty
 
 
 # ---------------------------------------------------------------------------------------------

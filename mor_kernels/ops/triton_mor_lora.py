@@ -117,7 +117,9 @@ class _MoRLinearFn(torch.autograd.Function):
         if need_x or need_a or need_b or need_gate:
             needs = [need_x, need_a, need_b, need_gate]
             w = weight if need_x else None
-            dx, da, db, dgate = triton_lora_bwd(dy, x, w, lora_a, lora_b, u, idx, gate, ctx.num_shared, ctx.scaling, needs)
+            dx, da, db, dgate = triton_lora_bwd(
+                dy, x, w, lora_a, lora_b, u, idx, gate, ctx.num_shared, ctx.scaling, needs
+            )
             dx, da, db = (t if n else None for t, n in zip((dx, da, db), needs, strict=False))
             dgate = dgate.to(gate.dtype) if need_gate else None
         if need_w:
