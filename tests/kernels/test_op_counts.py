@@ -161,3 +161,35 @@ def test_triton_conv_backward_counts(dtype):
         assert n.ops == convs
     else:  # on CPU the 16-bit backward convolutions run in float32 (casts around them), then dA's halves
         assert [op for op in n.ops if op != "aten::to"] == convs + ["aten::add"]
+
+
+def _need(backend, op="mor_linear"):
+    why = dispatch.unavailable_reason(backend, op, torch.device("cpu"))
+    if why is not None:
+        pytest.skip(f"{backend}: {why}")
+
+
+def test_cpp_linear_counts():
+    """backend='cpp': the base GEMM (F.linear) and one mor::lora_fwd, which copies lora_b transposed (a rank-sized
+    copy) and writes h (zeros at the unpicked ranks) only when a backward will run."""
+    _need("cpp")
+    c = random_case(tokens=40, d_out=150, seed=9).to(torch.float32, requires_grad=True)
+    with torch.no_grad(), counting() as n:
+        y = _linear(c, "cpp")
+    assert n.launches == [] and n.ops == ["aten::linear", "aten::contiguous"]
+    assert sorted(n.allocations) == sorted(nbytes(y) * 2 + nbytes(c.lora_b))  # base, y, lora_b^T
+    with counting() as n:
+        y = _linear(c, "cpp")
+    assert n.ops == ["aten::linear", "aten::contiguous", "aten::zeros"]  # + h (B, T, R) float32
+    assert sorted(n.allocations) == sorted(nbytes(y) * 2 + nbytes(c.lora_b) + [2 * 40 * 8 * 4])
+
+
+def test_cpp_conv_forward_counts():
+    """backend='cpp': the base and the rank convolutions (no [W0; A] weight), the bias add, one mor::conv_up."""
+    _need("cpp", "mor_conv2d")
+    c = random_case(kernel_size=3, conv={"padding": 1}, d_in=6, d_out=20, seed=10).to(torch.float32)
+    with torch.no_grad(), counting() as n:
+        y = _conv(c, "cpp")
+    assert n.ops == ["aten::conv2d", "aten::add_", "aten::conv2d"]
+    z_rank = y.shape[0] * c.lora_a.shape[0] * y.shape[2] * y.shape[3] * 4
+    assert n.allocations == nbytes(y) + [z_rank] + nbytes(y)  # base, z_rank, y
