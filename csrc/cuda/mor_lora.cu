@@ -61,9 +61,11 @@ __global__ void __launch_bounds__(kThreads)
   expand_tile(sm.U, sm.rank, n_act, lora_bt, d_out, c_lo, c_hi, n0, valid, base, y);
 }
 
-// The same pass on tensor cores: MT is the MMA operand type (half / bfloat16; float in the CPU emulation).
+// The same pass on tensor cores: MT is the MMA operand type (half / bfloat16; float in the CPU emulation). At least
+// two blocks per SM: up to 128 registers a thread (ptxas otherwise settles at 64 here and spills the token-routing
+// instance's fragments).
 template <typename scalar_t, typename MT, bool TOKEN>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     lora_fwd_mma_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ lora_a,
                         const scalar_t* __restrict__ lora_bt, const int32_t* __restrict__ idx,
                         const float* __restrict__ gate, const scalar_t* __restrict__ base, scalar_t* __restrict__ y,

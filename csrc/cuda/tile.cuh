@@ -150,10 +150,14 @@ __device__ void expand_tile(const float* C, const int* rank, int n_act, const TW
     for (int t = 0; t < kTile; ++t) acc[t] = (base != nullptr && t < valid) ? static_cast<float>(base[(n0 + t) * dim + c]) : 0.f;
     for (int a = 0; a < n_act; ++a) {
       const float wv = static_cast<float>(w[static_cast<int64_t>(rank[a]) * dim + c]);
+      if (isfinite(wv)) {
 #pragma unroll
-      for (int t = 0; t < kTile; ++t) {
-        const float cv = C[t * n_act + a];
-        acc[t] = cv != 0.f ? fmaf(cv, wv, acc[t]) : acc[t];
+        for (int t = 0; t < kTile; ++t) acc[t] += C[t * n_act + a] * wv;
+      } else {  // rare: only the tokens that use this rank see its non-finite weight
+#pragma unroll
+        for (int t = 0; t < kTile; ++t) {
+          if (C[t * n_act + a] != 0.f) acc[t] += C[t * n_act + a] * wv;
+        }
       }
     }
 #pragma unroll

@@ -142,6 +142,19 @@ __device__ void project_tile_mma(const TS* __restrict__ src, int64_t n0, int val
   __syncthreads();
 }
 
+// NaN in the output tile rows (cs: kTile x kChunkN) of the tokens whose ug is nonzero on a rank flagged in bad. Kept
+// out of line: the rare path must not cost the common one registers.
+template <typename MT>
+__device__ __noinline__ void poison_users(const MT* ug, int n_pad, int n_act, const int* bad, float* cs) {
+  for (int t = threadIdx.x; t < kTile; t += blockDim.x) {
+    bool uses = false;
+    for (int a = 0; a < n_act; ++a) uses = uses || (bad[a] && from_mma(ug[t * n_pad + a]) != 0.f);
+    if (uses) {
+      for (int cc = 0; cc < kChunkN; ++cc) cs[t * kChunkN + cc] = __int_as_float(0x7fc00000);  // NaN
+    }
+  }
+}
+
 // out[(n0 + t) * dim + c] = base[...] (or 0) + sum_a ug[t * n_pad + a] * w[rank[a] * dim + c] for t < valid and the
 // columns c in [c_lo, c_hi). bs: n_pad x kChunkN (MT), cs: kTile x kChunkN floats, bad: n_pad + 1 ints. Starts with
 // a barrier; ends after the stores.
@@ -191,17 +204,13 @@ __device__ void expand_tile_mma(const MT* ug, int n_pad, const int* rank, int n_
       wmma::store_matrix_sync(c_tile, acc, kChunkN, wmma::mem_row_major);
     }
     __syncthreads();
-    const bool any_bad = bad[n_pad] != 0;
+    if (bad[n_pad] != 0) {  // block-uniform, rare: a non-finite value in this chunk of B_act
+      poison_users(ug, n_pad, n_act, bad, cs);
+      __syncthreads();
+    }
     for (int e = threadIdx.x; e < kTile * kChunkN; e += blockDim.x) {
       const int t = e / kChunkN, cc = e % kChunkN;
-      if (t >= valid || c0 + cc >= c_hi) continue;
-      float v = cs[e];
-      if (any_bad) {
-        for (int a = 0; a < n_act; ++a) {
-          if (bad[a] && from_mma(ug[t * n_pad + a]) != 0.f) v = __int_as_float(0x7fc00000);  // NaN
-        }
-      }
-      out[(n0 + t) * dim + c0 + cc] = static_cast<TO>(v);
+      if (t < valid && c0 + cc < c_hi) out[(n0 + t) * dim + c0 + cc] = static_cast<TO>(cs[e]);
     }
   }
 }

@@ -25,6 +25,7 @@
 #define MOR_DYNAMIC_SMEM(name) float* name = ::mor::cuda::emu_smem
 #define __restrict__
 #define __launch_bounds__(...)
+#define __noinline__
 
 struct EmuDim3 {
   unsigned x = 0, y = 0, z = 0;
