@@ -12,8 +12,8 @@ Ranks are handled as a "rank list" of ``RP`` positions (a constexpr power of two
   per-token gates expanded in registers from ``(idx, gate)``.
 
 Forward: one kernel, ``_fwd_kernel`` (LoRAFusion's "[x | h] as one extended K", here as one extended
-N over the same K loop). Grid ``(cdiv(T, BLOCK_M), max(1, cdiv(d_out, BLOCK_N)), B)``, fixed by the shapes (no
-data-dependent grid, no atomics, no host sync: CUDA graphs can capture it). Each program loops once
+N over the same K loop). Grid ``(cdiv(T, BLOCK_M), max(1, cdiv(d_out, BLOCK_N)) * SPLIT_K, B)``, fixed by the
+shapes (no data-dependent grid, no atomic adds, no host sync: CUDA graphs can capture it). Each program loops once
 over ``d_in``, loading each ``x`` tile once for both ``acc += x W^T`` (when there is a weight) and
 ``u += x A^T`` over its rank list (float32 accumulators); after the loop ``h = scaling g u`` (rounded
 to x's dtype, the operand dtype of the up-projection's dot), ``acc += h B^T``, then bias and/or
@@ -39,6 +39,19 @@ T x d       before    now       ratio
 (training adds the same ``u`` write to both: 0.26, 0.07, 0.02, 0.004 MB). Token routing (``RP = pad(R)``,
 64 for the paper's R = 40) recomputes a wider ``u``: the tile table keeps ``BLOCK_N = 128`` there at
 the SD widths.
+
+Split-K (``SPLIT_K > 1``, where the table finds too few tiles to fill the GPU, see :mod:`.mor_lora_tiles`):
+each split runs a slice of the ``d_in`` loop and writes float32 partials of ``acc`` and ``u`` to a workspace
+kept per device and stream (:func:`split_workspace`, no allocation per call); an int32 count per tile (an
+atomic increment: the only atomic, it orders nothing) tells the last split to arrive, which sums the partials
+in split order (:func:`_split_sum`; the same bits whichever split is last), resets the count and runs the
+epilogue. The backward splits its ``d_out`` loop the same way.
+
+MOR_SPEC 2.2: ``h = where(g != 0, scaling g u, 0)``, so an unpicked rank's ``u`` (NaN when its filter is) never
+reaches ``y``. Under sample routing only picked ranks are loaded at all; under token routing the rank tile is
+dense, and ``h B^T`` would multiply a token's zero by another token's NaN column of ``B``: :func:`_dot_picked`
+checks the tile and, only when it holds a non-finite value, runs the dot on its finite part and gives NaN to
+the tokens that use the bad entries.
 
 The backward kernels are in :mod:`.mor_lora_bwd`.
 

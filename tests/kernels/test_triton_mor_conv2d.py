@@ -1,4 +1,5 @@
-"""Triton ``mor_conv2d`` (one torch conv with ``[W0; A]`` + the Triton gate/up/add pass) against the
+"""Triton ``mor_conv2d`` (cuDNN convolutions with ``W0`` and ``A`` + the Triton gate/up/add pass; 1x1 through the
+linear kernels) against the
 reference (MOR_SPEC section 7): forward and every gradient, float32/float16/bfloat16, odd
 sizes, stride/padding/dilation, zero-slot corners, channels_last."""
 
