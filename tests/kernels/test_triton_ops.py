@@ -224,6 +224,33 @@ def test_forward_captures_in_a_cuda_graph(routing):
     assert_parity(out, want, dtype=torch.float16)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA device, not the interpreter")
+def test_split_k_forward_replays_in_a_cuda_graph():
+    """A forward the tile table splits (64 tokens x 1280 channels, batch 1): its workspace and tile counts are
+    set up outside the capture and the counts return to zero after each launch, so the graph replays again and
+    again with new routing and gives the eager result."""
+    from mor_kernels.kernels.mor_lora_tiles import fwd_config
+
+    assert fwd_config(torch.device("cuda"), torch.bfloat16, 1, 64, 1280, 1280, 16)["SPLIT_K"] > 1
+    c = random_case(batch=1, tokens=64, d_in=1280, d_out=1280, num_shared=8, num_routed=32, num_zero=4, top_k=8,
+                    seed=30).to(torch.bfloat16, device="cuda")  # fmt: skip
+    args = [c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx.to(torch.int32), c.gate]
+
+    def fn():
+        return mor_kernels.mor_linear(*args, c.num_shared, c.scaling, backend="triton", check_indices=False)
+
+    graph, out = _capture(fn)
+    for seed in (31, 32, 33):
+        other = random_case(batch=1, tokens=64, d_in=1280, d_out=1280, num_shared=8, num_routed=32, num_zero=4,
+                            top_k=8, seed=seed)  # fmt: skip
+        args[5].copy_(other.idx.to(torch.int32))
+        args[6].copy_(other.gate)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, fn())
+
+
 def _capture(fn):
     """``fn()`` captured in a CUDA graph after a warm-up run on a side stream (the kernels compile
     there, outside the capture): ``(graph, output)``."""
