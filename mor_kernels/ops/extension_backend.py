@@ -271,8 +271,11 @@ class _Conv2d(torch.autograd.Function):
         dz = dz.contiguous()
         dx = dw = None
         if need[0]:
-            rows = torch.arange(weight.shape[0], device=weight.device).view(-1, 1, 1, 1) >= ctx.ranks_from
-            filters = torch.where(rows & ~torch.isfinite(weight), 0, weight)
+            filters = weight
+            if ctx.ranks_from < weight.shape[0]:  # rank filters: a rank-sized where, never the base weight
+                ranks = weight[ctx.ranks_from :]
+                ranks = torch.where(torch.isfinite(ranks), ranks, 0)
+                filters = ranks if ctx.ranks_from == 0 else torch.cat([weight[: ctx.ranks_from], ranks])
             dx = conv2d_input_op(x, filters, dz, *ctx.conv)
         if need[1]:
             dw = conv2d_weight_op(x, weight, dz, *ctx.conv)
