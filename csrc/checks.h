@@ -136,24 +136,30 @@ inline LoraShape check_lora_bwd_args(const at::Tensor& grad_y, const at::Tensor&
   return s;
 }
 
-// mor::conv_up: out (B, C_out + R, H, W) from a conv with [weight; lora_a], lora_b (C_out, R), idx/gate (B, k).
-inline LoraShape check_conv_up_args(const at::Tensor& out, const at::Tensor& lora_b, const at::Tensor& idx,
-                                    const at::Tensor& gate, int64_t num_shared) {
+// mor::conv_up: base (B, C_out, H, W) = conv(x, W0) (+ bias), z_rank (B, R, H, W) = conv(x, A), lora_b (C_out, R),
+// idx/gate (B, k).
+inline LoraShape check_conv_up_args(const at::Tensor& base, const at::Tensor& z_rank, const at::Tensor& lora_b,
+                                    const at::Tensor& idx, const at::Tensor& gate, int64_t num_shared) {
   const char* op = "mor::conv_up";
-  TORCH_CHECK_VALUE(out.dim() == 4, op, ": out must have shape (B, C_out + R, H, W), got ", out.sizes());
-  TORCH_CHECK_TYPE(is_kernel_dtype(out.scalar_type()), op, ": out must be float32, float16 or bfloat16, got ",
-              out.scalar_type());
-  TORCH_CHECK_VALUE(lora_b.dim() == 2 && lora_b.size(1) >= 1 && lora_b.size(0) + lora_b.size(1) == out.size(1), op,
-              ": lora_b must have shape (C_out, R) with C_out + R = ", out.size(1), " (the channels of out), got ",
-              lora_b.sizes());
-  TORCH_CHECK_TYPE(lora_b.scalar_type() == out.scalar_type(), op, ": lora_b has dtype ", lora_b.scalar_type(),
-              " but out has ", out.scalar_type(), "; they must match");
-  check_same_device(op, out, lora_b, "lora_b");
+  TORCH_CHECK_VALUE(base.dim() == 4, op, ": base must have shape (B, C_out, H, W), got ", base.sizes());
+  TORCH_CHECK_TYPE(is_kernel_dtype(base.scalar_type()), op, ": base must be float32, float16 or bfloat16, got ",
+              base.scalar_type());
+  TORCH_CHECK_VALUE(lora_b.dim() == 2 && lora_b.size(1) >= 1 && lora_b.size(0) == base.size(1), op,
+              ": lora_b must have shape (", base.size(1), ", R) with R >= 1 (C_out from base), got ", lora_b.sizes());
   const int64_t ranks = lora_b.size(1);
+  TORCH_CHECK_VALUE(z_rank.dim() == 4 && z_rank.size(0) == base.size(0) && z_rank.size(1) == ranks &&
+                  z_rank.size(2) == base.size(2) && z_rank.size(3) == base.size(3),
+              op, ": z_rank must have shape (", base.size(0), ", ", ranks, ", ", base.size(2), ", ", base.size(3),
+              "), got ", z_rank.sizes());
+  TORCH_CHECK_TYPE(lora_b.scalar_type() == base.scalar_type() && z_rank.scalar_type() == base.scalar_type(), op,
+              ": lora_b and z_rank must have the dtype of base (", base.scalar_type(), "), got ", lora_b.scalar_type(),
+              " and ", z_rank.scalar_type());
+  check_same_device(op, base, lora_b, "lora_b");
+  check_same_device(op, base, z_rank, "z_rank");
   TORCH_CHECK_VALUE(num_shared >= 0 && num_shared <= ranks, op, ": num_shared must be in [0, ", ranks, "], got ",
               num_shared);
-  check_routing_args(op, out, idx, gate, out.size(0), 0, false);
-  return {out.size(0), out.size(2) * out.size(3), ranks, lora_b.size(0), ranks, num_shared, idx.size(-1), false};
+  check_routing_args(op, base, idx, gate, base.size(0), 0, false);
+  return {base.size(0), base.size(2) * base.size(3), ranks, lora_b.size(0), ranks, num_shared, idx.size(-1), false};
 }
 
 }  // namespace mor

@@ -28,9 +28,10 @@ TORCH_LIBRARY(mor, m) {
   // MoR low-rank path, MOR_SPEC 2.2: y = base + scaling * B (g * (A x)) for x (B, T, d_in), lora_a (R, d_in),
   // lora_b (d_out, R), idx int32 / gate float32 (B, k) (sample routing) or (B, T, k) (token routing).
   // Returns y (B, T, d_out) in x's dtype and h (B, T, R) float32 = A x at the unit's active ranks (shared and
-  // selected), which lora_bwd needs; h is zero at inactive ranks with sample routing.
+  // selected), which lora_bwd needs; h is zero at inactive ranks with sample routing. With store_h false (no
+  // backward will run) h is not written: an empty (0,) tensor.
   m.def("lora_fwd(Tensor x, Tensor lora_a, Tensor lora_b, Tensor idx, Tensor gate, int num_shared, "
-        "float scaling, Tensor? base) -> (Tensor y, Tensor h)");
+        "float scaling, Tensor? base, bool store_h=True) -> (Tensor y, Tensor h)");
 
   // Backward of lora_fwd. output_mask = which of (grad_x, grad_lora_a, grad_lora_b, grad_gate) to compute;
   // a gradient not asked for comes back as an empty (0,) tensor. Deterministic (no atomics).
@@ -38,8 +39,9 @@ TORCH_LIBRARY(mor, m) {
         "int num_shared, float scaling, bool[4] output_mask) -> (Tensor grad_x, Tensor grad_lora_a, "
         "Tensor grad_lora_b, Tensor grad_gate)");
 
-  // MoR convolution epilogue: out (B, C_out + R, H, W) is conv(x, [weight; lora_a]) (+ bias on the first
-  // C_out channels); returns out[:, :C_out] + scaling * B (g * out[:, C_out:]) (B, C_out, H, W), contiguous.
-  // Sample routing: idx int32 / gate float32 (B, k).
-  m.def("conv_up(Tensor out, Tensor lora_b, Tensor idx, Tensor gate, int num_shared, float scaling) -> Tensor");
+  // MoR convolution epilogue: base (B, C_out, H, W) = conv(x, weight) (+ bias), z_rank (B, R, H, W) =
+  // conv(x, lora_a); returns base + scaling * B (g * z_rank) (B, C_out, H, W), contiguous. Sample routing: idx
+  // int32 / gate float32 (B, k).
+  m.def("conv_up(Tensor base, Tensor z_rank, Tensor lora_b, Tensor idx, Tensor gate, int num_shared, "
+        "float scaling) -> Tensor");
 }

@@ -65,9 +65,10 @@ def _register_fakes() -> None:
         )
 
     @torch.library.register_fake("mor::lora_fwd")
-    def _(x, lora_a, lora_b, idx, gate, num_shared, scaling, base):
+    def _(x, lora_a, lora_b, idx, gate, num_shared, scaling, base, store_h=True):
         b, t, _ = x.shape
-        return x.new_empty((b, t, lora_b.shape[0])), x.new_empty((b, t, lora_a.shape[0]), dtype=torch.float32)
+        h = (b, t, lora_a.shape[0]) if store_h else (0,)
+        return x.new_empty((b, t, lora_b.shape[0])), x.new_empty(h, dtype=torch.float32)
 
     @torch.library.register_fake("mor::lora_bwd")
     def _(grad_y, x, lora_a, lora_b, idx, gate, h, num_shared, scaling, output_mask):
@@ -82,6 +83,5 @@ def _register_fakes() -> None:
         )
 
     @torch.library.register_fake("mor::conv_up")
-    def _(out, lora_b, idx, gate, num_shared, scaling):
-        b, _, h, w = out.shape
-        return out.new_empty((b, lora_b.shape[0], h, w))
+    def _(base, z_rank, lora_b, idx, gate, num_shared, scaling):
+        return base.new_empty(base.shape)

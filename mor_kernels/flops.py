@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.mor_lora_tiles import fwd_column_tiles, rank_pad
+from .kernels.mor_lora_tiles import bwd_column_tiles, fwd_column_tiles, rank_pad
 
 logger = logging.getLogger("mor_kernels")
 
@@ -165,8 +165,9 @@ def executed_rank_rows(
     - ``triton``: a rank list of ``RP = triton_rank_list(S + k)`` positions per sample (zero slots save
       loads, not dot FLOPs), ``triton_rank_list(R)`` under token routing. A Linear's one-kernel forward
       recomputes the down-projection in each of its ``cdiv(d_out, BLOCK_N)`` output-column tiles
-      (``BLOCK_N`` from the kernel's tile table, a function of the shapes alone), once in the
-      backward: ``(rows RP tiles, rows RP, rows RP)``. A conv
+      (``BLOCK_N`` from the kernel's tile table, a function of the shapes alone), once in the backward,
+      whose ``dh = dy B`` is recomputed in each of its ``d_in`` tiles: ``(rows RP tiles, rows RP, rows RP,
+      rows RP bwd_tiles)``. A conv
       runs its down-projection as extra output channels of the base conv (all ``R``) and the
       up-projection over the list;
     - ``cpp``: the active ranks only (per sample or per token); a conv: all ``R`` down, active up;
@@ -182,7 +183,8 @@ def executed_rank_rows(
         if conv:
             return rows * ranks, rows * rp
         tiles = fwd_column_tiles(layer.batch, layer.tokens, layer.d_out, rp)
-        return rows * rp * tiles, rows * rp, rows * rp
+        bwd_tiles = bwd_column_tiles(layer.batch, layer.tokens, layer.d_in, layer.d_out, rp)
+        return rows * rp * tiles, rows * rp, rows * rp, rows * rp * bwd_tiles
     if backend in ("cpp", "cuda"):
         active = rows * ranks if (backend == "cuda" and token_routing) else useful_rank_rows
         return (rows * ranks, active) if conv else active
@@ -208,13 +210,23 @@ def lora_flops(layer: Layer, rank_rows: int | tuple[int, ...], *, backward: bool
     ``2 (down d_in + up d_out)`` for a pair ``rank_rows = (down, up)``; with ``backward`` the total of
     forward and backward, which does twice the forward's work (``dh``, ``dB`` on the up side, ``dA``,
     ``dx`` on the down side). A triple ``(down, up, down_bwd)`` gives the backward's down-side rank-rows
-    apart, for a forward that repeats its down-projection (the Triton linear kernel, per column tile)."""
+    apart, for a forward that repeats its down-projection (the Triton linear kernel, per column tile), and a
+    fourth entry the rank-rows of the backward's ``dh = dy B`` when it is repeated too (per ``d_in`` tile)."""
     if isinstance(rank_rows, tuple):
-        down, up, down_bwd = rank_rows if len(rank_rows) == 3 else (*rank_rows, rank_rows[0])
+        down, up, down_bwd, up_dh = _rows4(rank_rows)
     else:
-        down = up = down_bwd = rank_rows
+        down = up = down_bwd = up_dh = rank_rows
     fwd = 2 * (down * layer.d_in + up * layer.d_out)
-    return fwd + 4 * (down_bwd * layer.d_in + up * layer.d_out) if backward else fwd
+    return fwd + 4 * down_bwd * layer.d_in + 2 * (up + up_dh) * layer.d_out if backward else fwd
+
+
+def _rows4(rank_rows: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """``(down, up, down_bwd, up_dh)`` from a pair, triple or quadruple of :func:`lora_flops`."""
+    if len(rank_rows) == 2:
+        return rank_rows[0], rank_rows[1], rank_rows[0], rank_rows[1]
+    if len(rank_rows) == 3:
+        return (*rank_rows, rank_rows[1])
+    return tuple(rank_rows)
 
 
 def op_flops(op: str, layer: Layer, rank_rows: int | tuple[int, ...] = 0, *, backward: bool = False) -> int:
@@ -345,31 +357,53 @@ def _triton_fwd(a, out):
     return base + 2 * rows * rp * d_in * tiles + 2 * rows * rp * d_out
 
 
-def _triton_bwd_dh(a, out):  # dh = dy B over the rank list, and dB^T = h^T dy in the same pass when need_db
-    dh = 2 * _rows(a["dy"]) * a["u"][-1] * a["lora_b"][0]
-    return dh * (2 if a.get("need_db") else 1)
+def _triton_bwd(a, out):
+    """Two launches: ``dh = dy B`` over the rank list in each ``d_in`` tile, ``dB^T = h^T dy``, ``dx = du A (+ dy
+    W)`` and ``dA = du^T x``, as ``needs`` asks."""
+    dy, x = a["dy"], a["x"]
+    batch, rows, d_in, d_out, rp = int(dy[0]), _rows(dy), int(x[-1]), int(dy[-1]), int(a["u"][-1])
+    need_x, need_a, need_b, need_g = (list(a.get("needs") or [True] * 4) + [True] * 4)[:4]
+    tiles = bwd_column_tiles(batch, rows // max(batch, 1), d_in, d_out, rp) if (need_x or need_a) else 1
+    flop = 2 * rows * rp * d_out * tiles
+    flop += 2 * rows * rp * d_out if need_b else 0
+    flop += 2 * rows * rp * d_in * (int(bool(need_x)) + int(bool(need_a)))
+    flop += 2 * rows * d_out * d_in if need_x and a.get("weight") is not None else 0
+    return flop
 
 
-def _triton_bwd_dx(a, out):
-    rows, d_in = _rows(a["du"]), a["lora_a"][1]
-    base = 2 * rows * a["weight"][0] * d_in if a.get("weight") is not None and a.get("dy") is not None else 0
-    return 2 * rows * a["du"][-1] * d_in + base
+def _conv_rows(out) -> int:  # B H_out W_out of a (B, C, H_out, W_out) shape
+    return int(out[0]) * _prod(out[2:])
 
 
-def _triton_rank_grad(a, out):
-    return 2 * _rows(a["lhs"]) * a["lhs"][-1] * a["rhs"][-1]
+def _triton_conv2d(a, out):
+    """``conv(x, W0)``, ``conv(x, A)`` over all R ranks, the up-projection over the rank list."""
+    y = _outs(out)[0]
+    w, (ranks, *patch) = a["weight"], a["lora_a"]
+    rows, k = _conv_rows(y), _prod(patch)
+    rp = triton_rank_list(int(a.get("num_shared", 0) or 0) + a["idx"][-1])
+    return 2 * rows * k * (int(w[0]) + ranks) + 2 * rows * rp * int(w[0])
 
 
-def _conv_up(a, out):  # out (B, C_out + R, H, W): the gated 1x1 up-projection over the active ranks
-    z = a["out"]
+def _triton_conv2d_bwd(a, out):
+    """``dh``, ``dB`` over the rank list; the input gradient of ``W0`` and of the R rank filters (16-bit inputs
+    run the rank part over ``2R`` channels, ``dz`` split in two halves: not seen from shapes, not counted);
+    ``dW``; ``dA`` over the R ranks."""
+    dy, (ranks, *patch) = a["dy"], a["lora_a"]
+    rows, k, c_out = _conv_rows(dy), _prod(patch), int(dy[1])
+    rp = triton_rank_list(int(a.get("num_shared", 0) or 0) + a["idx"][-1])
+    need_x, need_w, need_a, need_b, need_g = (list(a.get("needs") or [True] * 5) + [True] * 5)[:5]
+    flop = 2 * rows * rp * c_out if (need_x or need_a or need_b or need_g) else 0
+    flop += 2 * rows * rp * c_out if need_b else 0
+    flop += 2 * rows * k * (c_out + ranks) if need_x else 0
+    flop += 2 * rows * k * c_out if need_w else 0
+    flop += 2 * rows * k * ranks if need_a else 0
+    return flop
+
+
+def _conv_up(a, out):  # base (B, C_out, H, W): the gated 1x1 up-projection over the active ranks
+    z = a["base"] if "base" in a else a["out"]
     c_out, ranks = a["lora_b"]
     return 2 * z[0] * _prod(z[2:]) * min(ranks, int(a.get("num_shared", 0) or 0) + a["idx"][-1]) * c_out
-
-
-def _triton_conv_up(a, out):  # z (B, C_out + R, H, W): the same over the padded rank list
-    z = a["z"]
-    listed = triton_rank_list(int(a.get("num_shared", 0) or 0) + a["idx"][-1])
-    return 2 * z[0] * _prod(z[2:]) * listed * a["lora_b"][0]
 
 
 def _lora_fwd(a, out):  # C++/CUDA: active ranks gathered under sample routing, all R under token routing
@@ -391,10 +425,9 @@ def _lora_bwd(a, out):
 
 _STAGES = {
     "triton_lora_fwd": _triton_fwd,
-    "triton_lora_bwd_dh": _triton_bwd_dh,
-    "triton_lora_bwd_dx": _triton_bwd_dx,
-    "triton_lora_rank_grad": _triton_rank_grad,
-    "triton_conv_up": _triton_conv_up,
+    "triton_lora_bwd": _triton_bwd,
+    "triton_conv2d": _triton_conv2d,
+    "triton_conv2d_bwd": _triton_conv2d_bwd,
     "conv_up": _conv_up,
     "lora_fwd": _lora_fwd,
     "lora_bwd": _lora_bwd,

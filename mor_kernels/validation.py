@@ -244,6 +244,8 @@ def check_mor_conv2d(
     check_same_dtype(x, weight=weight, lora_a=lora_a, lora_b=lora_b)
     check_same_device(x, weight=weight, lora_a=lora_a, lora_b=lora_b)
     c_in = x.shape[1]
+    if c_in < 1:  # F.conv2d has no zero-channel convolution; mor_linear's d_in = 0 would give bias alone
+        raise ValueError(f"x must have at least one input channel (C_in >= 1), got shape {_shape(x)}")
     c_out, w_cin, kh, kw = weight.shape
     if w_cin != c_in:
         raise ValueError(

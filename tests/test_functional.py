@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mor_kernels
-from mor_kernels import _extension
+from mor_kernels import _extension, dispatch
 from mor_kernels.testing import random_case
 
 CPU_BACKENDS = ["reference"] + (["cpp"] if _extension.has_kernel("lora_fwd", "CPU") else [])
@@ -14,6 +14,20 @@ def _linear(c, backend, **kw):
     return mor_kernels.mor_linear(
         c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx, c.gate, c.num_shared, c.scaling, backend=backend, **kw
     )
+
+
+def _backend_params(op: str):
+    """Every backend ``dispatch`` knows (a backend added later is tested by default), each on the first
+    device it runs ``op`` on here; unavailable ones are skipped with the reason."""
+    params = []
+    for name in dispatch.BACKENDS:
+        devices = [d for d in ("cpu", "cuda") if dispatch.unavailable_reason(name, op, torch.device(d)) is None]
+        if devices:
+            params.append(pytest.param(name, devices[0], id=name))
+        else:
+            why = dispatch.unavailable_reason(name, op, torch.device("cpu"))
+            params.append(pytest.param(name, "cpu", id=name, marks=pytest.mark.skip(reason=f"{name}: {why}")))
+    return params
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -52,19 +66,33 @@ def test_empty_batch(routing, backend):
     assert x.grad.shape == x.shape
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("routing", ["sample", "token"])
-def test_unchecked_out_of_range_index_is_a_zero_slot(routing, backend):
-    """With check_indices=False an index outside [0, E) is treated as a zero slot by every backend
-    (never an out-of-bounds read)."""
-    c = random_case(routing=routing, seed=5)  # E = 6
+@pytest.mark.parametrize("backend,device", _backend_params("mor_linear"))
+def test_unchecked_out_of_range_index_is_a_zero_slot(backend, device, routing):
+    """With check_indices=False an index outside [0, E) (here E, the first one past the end) is a zero slot
+    on every backend, forward and backward, never an out-of-bounds read: the rank it would name, row R of
+    lora_a and column R of lora_b, exists in memory next to the weights and holds NaN, so reading it shows."""
+    c = random_case(routing=routing, seed=5)  # E = 6, R = 8
     bad, zero = c.idx.clone(), c.idx.clone()
-    bad[..., 0], zero[..., 0] = 6 + 3, -1
-    c_bad, c_zero = c.to(torch.float32), c.to(torch.float32)
-    c_bad.idx, c_zero.idx = bad, zero
-    assert torch.equal(_linear(c_bad, backend, check_indices=False), _linear(c_zero, backend))
+    bad[..., 0], zero[..., 0] = 6, -1
+    ranks, d_in = c.lora_a.shape
+    a_mem = torch.full((ranks + 1, d_in), float("nan"))
+    b_mem = torch.full((c.lora_b.shape[0], ranks + 1), float("nan"))
+    a_mem[:ranks], b_mem[:, :ranks] = c.lora_a, c.lora_b
+
+    def run(idx, check_indices):
+        t = c.to(torch.float32, device=device, requires_grad=True)
+        a, b = a_mem.to(device)[:ranks].requires_grad_(), b_mem.to(device)[:, :ranks].requires_grad_()
+        args = (t.x, t.weight, t.bias, a, b, idx.to(device), t.gate, c.num_shared, c.scaling)
+        y = mor_kernels.mor_linear(*args, backend=backend, check_indices=check_indices)
+        grads = torch.autograd.grad(y, [t.x, a, b, t.gate, t.weight], torch.ones_like(y))
+        return [y.cpu()] + [g.cpu() for g in grads]
+
+    got, want = run(bad, False), run(zero, True)
+    for name, g, w in zip(["y", "dx", "dlora_a", "dlora_b", "dgate", "dweight"], got, want, strict=True):
+        assert torch.isfinite(w).all() and torch.equal(g, w), name
     with pytest.raises(ValueError, match=r"idx values must be in \[-1, 6\)"):
-        _linear(c_bad, backend)
+        run(bad, True)
 
 
 @pytest.mark.parametrize("scaling", [float("nan"), float("inf")])
@@ -89,3 +117,86 @@ def test_unchecked_int64_indices_beyond_int32_do_not_wrap(backend):
     zero.idx = c.idx.clone()
     zero.idx[:, 0] = -1
     assert torch.equal(_linear(c64, backend, check_indices=False), _linear(zero, backend))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MOR_SPEC 2.2: a rank a unit does not pick contributes exactly zero to it, whatever its weights hold.
+
+
+POISON = {"nan_a": ("a", float("nan")), "inf_b": ("b", float("inf")), "both": ("ab", float("-inf"))}
+
+
+def _poisoned_case(op: str, routing: str):
+    """A case in which routed rank ``S + 5`` is picked by exactly one routing unit, returned with that unit
+    (a sample index, or a (sample, token) pair) and the rank."""
+    if op == "conv":
+        c = random_case(kernel_size=3, conv={"padding": 1}, d_in=5, d_out=7, batch=3, seed=21)
+    else:
+        c = random_case(routing=routing, batch=3, tokens=9, seed=21)
+    s = c.num_shared
+    # E = 6 routed ranks, k = 3; routed slot 5 only where chosen below
+    c.idx = c.idx.clone()
+    c.idx[c.idx == 5] = -1
+    c.idx[1, ..., 0] = -1 if routing == "token" else 5  # sample routing: sample 1 picks it
+    picker = (1,) if (routing == "sample" or op == "conv") else (1, 4)
+    if picker != (1,):
+        c.idx[picker + (0,)] = 5
+    return c, picker, s + 5
+
+
+def _run_poison(op, c, backend, device):
+    t = c.to(torch.float32, device=device, requires_grad=True)
+    if op == "conv":
+        y = mor_kernels.mor_conv2d(
+            t.x, t.weight, t.bias, t.lora_a, t.lora_b, t.idx, t.gate, t.num_shared, t.scaling, padding=1,
+            backend=backend, check_indices=False,
+        )  # fmt: skip
+    else:
+        y = _linear(t, backend, check_indices=False)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    names = ["x", "lora_a", "lora_b", "gate", "weight", "bias"]
+    grads = torch.autograd.grad(y, [getattr(t, n) for n in names], dy)
+    return y.detach().cpu(), {n: g.cpu() for n, g in zip(names, grads, strict=True)}
+
+
+@pytest.mark.parametrize("poison", list(POISON))
+@pytest.mark.parametrize("op,routing", [("linear", "sample"), ("linear", "token"), ("conv", "sample")])
+@pytest.mark.parametrize("backend,device", _backend_params("mor_linear"))
+def test_a_rank_not_picked_contributes_exactly_zero_even_when_not_finite(backend, device, op, routing, poison):
+    """A routed rank picked by one unit only holds NaN/inf: every other unit's output, x gradient and gate
+    gradient, and every other rank's lora_a/lora_b gradient equal those of the run with finite values in
+    that rank, bit for bit (no ``0 * NaN``); the unit that picks it is not silently repaired."""
+    if op == "conv" and dispatch.unavailable_reason(backend, "mor_conv2d", torch.device(device)) is not None:
+        pytest.skip(dispatch.unavailable_reason(backend, "mor_conv2d", torch.device(device)))
+    c, picker, rank = _poisoned_case(op, routing)
+    clean_y, clean_g = _run_poison(op, c, backend, device)
+    where, value = POISON[poison]
+    bad = c.to(torch.float32)
+    if "a" in where:
+        bad.lora_a[rank].view(-1)[1] = value
+    if "b" in where:
+        bad.lora_b[3, rank] = value
+    y, g = _run_poison(op, bad, backend, device)
+    others = torch.ones(y.shape[: len(picker)], dtype=torch.bool)
+    others[picker] = False
+    assert torch.isfinite(clean_y).all() and torch.isfinite(y[others]).all()
+    assert torch.equal(y[others], clean_y[others]), "an unpicked non-finite rank changed other units' outputs"
+    assert not torch.isfinite(y[picker]).all(), "the unit that picks the non-finite rank came out finite"
+    assert torch.equal(g["x"][others], clean_g["x"][others]), "dx of other units changed"
+    assert torch.equal(g["gate"][others], clean_g["gate"][others]), "dgate of other units changed"
+    keep = torch.arange(c.lora_a.shape[0]) != rank
+    assert torch.equal(g["lora_a"][keep], clean_g["lora_a"][keep]), "dlora_a of other ranks changed"
+    assert torch.equal(g["lora_b"][:, keep], clean_g["lora_b"][:, keep]), "dlora_b of other ranks changed"
+    for name in ("weight", "bias"):  # the base layer's gradients see only dy and x
+        assert torch.equal(g[name], clean_g[name]), f"d{name} changed"
+
+
+@pytest.mark.parametrize("backend,device", _backend_params("mor_conv2d"))
+def test_conv_with_no_input_channels_is_a_value_error(backend, device):
+    """C_in = 0 (x, weight and lora_a with zero input channels) fails up front on every backend."""
+    c = random_case(kernel_size=3, conv={"padding": 1}, d_in=1, seed=9).to(torch.float32, device=device)
+    x, weight, lora_a = c.x[:, :0], c.weight[:, :0], c.lora_a[:, :0]
+    with pytest.raises(
+        ValueError, match=r"x must have at least one input channel \(C_in >= 1\), got shape \(2, 0, 5, 7\)"
+    ):
+        mor_kernels.mor_conv2d(x, weight, c.bias, lora_a, c.lora_b, c.idx, c.gate, 2, 0.75, padding=1, backend=backend)

@@ -61,7 +61,7 @@ at::Tensor sum_outer(const float* p, const float* q, int64_t n_total, int64_t ro
 std::tuple<at::Tensor, at::Tensor> lora_fwd_cpu(const at::Tensor& x, const at::Tensor& lora_a,
                                                 const at::Tensor& lora_b, const at::Tensor& idx,
                                                 const at::Tensor& gate, int64_t num_shared, double scaling,
-                                                const std::optional<at::Tensor>& base) {
+                                                const std::optional<at::Tensor>& base, bool store_h) {
   const auto s = check_lora_args("mor::lora_fwd", x, lora_a, lora_b, idx, gate, num_shared, base);
   const int64_t n_total = s.batch * s.tokens, d_in = s.d_in, d_out = s.d_out, ranks = s.ranks;
   auto xc = x.contiguous();
@@ -69,11 +69,13 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_cpu(const at::Tensor& x, const at::T
   auto bt32 = lora_b.to(at::kFloat).t().contiguous();   // (R, d_out)
   at::Tensor basec = base.has_value() ? base->contiguous() : at::Tensor();
   auto y = at::empty({s.batch, s.tokens, d_out}, x.options());
-  auto h = at::zeros({s.batch, s.tokens, ranks}, x.options().dtype(at::kFloat));
+  // h only when a backward will run (zero at the ranks a unit does not pick)
+  auto h = store_h ? at::zeros({s.batch, s.tokens, ranks}, x.options().dtype(at::kFloat))
+                   : at::empty({0}, x.options().dtype(at::kFloat));
   const UnitGates ug(idx, gate, num_shared, ranks, scaling);
   const float* ap = a32.data_ptr<float>();
   const float* btp = bt32.data_ptr<float>();
-  float* hp = h.data_ptr<float>();
+  float* hp = store_h ? h.data_ptr<float>() : nullptr;
   MOR_DISPATCH_KERNEL_TYPES(x.scalar_type(), "mor_lora_fwd_cpu", [&] {
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     const scalar_t* bp = basec.defined() ? basec.data_ptr<scalar_t>() : nullptr;
@@ -88,8 +90,10 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_cpu(const at::Tensor& x, const at::T
         for (int32_t a = 0; a < ug.count[unit]; ++a) {
           const int64_t r = ug.rank[unit * ranks + a];
           const double u = dot(xr.data(), ap + r * d_in, d_in);
-          hp[n * ranks + r] = static_cast<float>(u);
-          const double c = ug.coef[unit * ranks + a] * u;
+          if (hp) hp[n * ranks + r] = static_cast<float>(u);
+          const float g = ug.coef[unit * ranks + a];
+          if (g == 0.f) continue;  // MOR_SPEC 2.2: g = 0 contributes exactly zero, whatever the rank holds
+          const double c = g * u;
           const float* bt = btp + r * d_out;
           for (int64_t o = 0; o < d_out; ++o) acc[o] += c * bt[o];
         }
@@ -129,8 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd_cpu(
         const int64_t r = ug.rank[unit * ranks + a];
         const double c = ug.coef[unit * ranks + a];
         const double dyb = dot(dyp + n * d_out, btp + r * d_out, d_out);
-        dhp[n * ranks + r] = static_cast<float>(c * dyb);
-        hgp[n * ranks + r] = static_cast<float>(c * hp[n * ranks + r]);
+        dhp[n * ranks + r] = c != 0.0 ? static_cast<float>(c * dyb) : 0.f;
+        hgp[n * ranks + r] = c != 0.0 ? static_cast<float>(c * hp[n * ranks + r]) : 0.f;
         qp[n * ranks + r] = dyb * hp[n * ranks + r];
       }
     }

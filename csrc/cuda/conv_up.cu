@@ -1,7 +1,12 @@
-// CUDA kernel for mor::conv_up (see csrc/registration.cpp): gate, 1x1 up-projection and add in one pass
-// over the output of conv(x, [weight; lora_a]). One block per (tile of kPixels pixels, sample); the active
-// rank channels of the tile are staged in shared memory, each thread owns one pixel and walks the output
-// channels (coalesced loads and stores along the pixels).
+// CUDA kernel for mor::conv_up (see csrc/registration.cpp): y = base + B (scaling g z_rank), the gate, the 1x1
+// up-projection over each sample's active ranks and the add, in one pass over the base convolution's output
+// base = conv(x, W0) + bias and the rank channels z_rank = conv(x, A) (two convolutions: no [W0; A] weight).
+//
+// One block per (tile of kPixels pixels, chunk of kChannels output channels, sample), kThreads threads: a warp's
+// lanes are consecutive pixels (coalesced loads of base and stores of y along the pixels) and the eight warps
+// share the chunk's channels. The active rank activations of the tile (gated) and the chunk's slice of lora_b
+// are staged in shared memory first. The grid grows with the channels too: a 64-channel chunk per block instead
+// of one thread walking every output channel.
 #ifndef MOR_EMULATE_CUDA
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -14,62 +19,84 @@ namespace mor {
 namespace cuda {
 namespace {
 
-constexpr int kPixels = 64;
+constexpr int kPixels = 32;    // pixels per block (a warp's lanes)
+constexpr int kChannels = 64;  // output channels per block
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kPixels)
-    conv_up_kernel(const scalar_t* __restrict__ out, const scalar_t* __restrict__ lora_b,
-                   const int32_t* __restrict__ idx, const float* __restrict__ gate, scalar_t* __restrict__ y,
-                   int64_t pixels, int64_t c_out, int ranks, int num_shared, int k, float scaling) {
+__global__ void __launch_bounds__(kThreads)
+    conv_up_kernel(const scalar_t* __restrict__ base, const scalar_t* __restrict__ z_rank,
+                   const scalar_t* __restrict__ lora_b, const int32_t* __restrict__ idx, const float* __restrict__ gate,
+                   scalar_t* __restrict__ y, int64_t pixels, int64_t c_out, int ranks, int num_shared, int k,
+                   float scaling) {
   MOR_DYNAMIC_SMEM(smem);
   __shared__ int n_act_s;
   int* rank = reinterpret_cast<int*>(smem);
   float* coef = smem + ranks;
-  float* hs = coef + ranks;  // (n_act, kPixels)
-  const int64_t b = blockIdx.y;
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * kPixels + threadIdx.x;
-  const int64_t channels = c_out + ranks;
+  float* hs = coef + ranks;          // (n_act, kPixels): the gated rank activations of the tile
+  float* bs = hs + ranks * kPixels;  // (kChannels, n_act): lora_b at the chunk's channels and the active ranks
+  const int64_t b = blockIdx.z;
+  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kPixels;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kChannels;
   if (threadIdx.x == 0) build_active(idx + b * k, gate + b * k, k, num_shared, ranks, scaling, rank, coef, &n_act_s);
   __syncthreads();
   const int n_act = n_act_s;
-  const scalar_t* ob = out + b * channels * pixels;
-  for (int a = 0; a < n_act; ++a) {
-    hs[a * kPixels + threadIdx.x] = p < pixels ? coef[a] * static_cast<float>(ob[(c_out + rank[a]) * pixels + p]) : 0.f;
+  const scalar_t* zb = z_rank + b * ranks * pixels;
+  for (int e = threadIdx.x; e < n_act * kPixels; e += blockDim.x) {
+    const int a = e / kPixels, p = e % kPixels;
+    const float v = p0 + p < pixels ? static_cast<float>(zb[static_cast<int64_t>(rank[a]) * pixels + p0 + p]) : 0.f;
+    hs[e] = coef[a] != 0.f ? coef[a] * v : 0.f;  // MOR_SPEC 2.2: g = 0 gives exactly zero
   }
-  if (p >= pixels) return;  // no barrier below: each thread reads only its own column of hs
+  for (int e = threadIdx.x; e < kChannels * n_act; e += blockDim.x) {
+    const int cc = e / n_act, a = e % n_act;
+    bs[e] = c0 + cc < c_out ? static_cast<float>(lora_b[(c0 + cc) * ranks + rank[a]]) : 0.f;
+  }
+  __syncthreads();
+  const int p = threadIdx.x % kPixels;
+  const int64_t pix = p0 + p;
+  if (pix >= pixels) return;  // no barrier below
+  const scalar_t* base_b = base + b * c_out * pixels;
   scalar_t* yb = y + b * c_out * pixels;
-  for (int64_t o = 0; o < c_out; ++o) {
-    float acc = static_cast<float>(ob[o * pixels + p]);
-    const scalar_t* bo = lora_b + o * ranks;
-    for (int a = 0; a < n_act; ++a) acc += static_cast<float>(bo[rank[a]]) * hs[a * kPixels + threadIdx.x];
-    yb[o * pixels + p] = static_cast<scalar_t>(acc);
+  for (int cc = threadIdx.x / kPixels; cc < kChannels && c0 + cc < c_out; cc += blockDim.x / kPixels) {
+    const int64_t c = c0 + cc;
+    float acc = static_cast<float>(base_b[c * pixels + pix]);
+    for (int a = 0; a < n_act; ++a) {
+      const float hv = hs[a * kPixels + p];
+      acc = hv != 0.f ? fmaf(bs[cc * n_act + a], hv, acc) : acc;
+    }
+    yb[c * pixels + pix] = static_cast<scalar_t>(acc);
   }
 }
 
 }  // namespace
 
+inline size_t conv_up_smem_bytes(int64_t ranks) {
+  return static_cast<size_t>(2 * ranks + ranks * kPixels + kChannels * ranks) * sizeof(float);
+}
+
 #ifndef MOR_EMULATE_CUDA  // host code; tests/kernels/extension_emulation.cpp compiles the kernels above on a CPU
 
-at::Tensor conv_up(const at::Tensor& out, const at::Tensor& lora_b, const at::Tensor& idx, const at::Tensor& gate,
-                   int64_t num_shared, double scaling) {
-  const auto s = check_conv_up_args(out, lora_b, idx, gate, num_shared);
+at::Tensor conv_up(const at::Tensor& base, const at::Tensor& z_rank, const at::Tensor& lora_b, const at::Tensor& idx,
+                   const at::Tensor& gate, int64_t num_shared, double scaling) {
+  const auto s = check_conv_up_args(base, z_rank, lora_b, idx, gate, num_shared);
   check_cuda_limits("mor::conv_up", s.batch, s.ranks);
-  const c10::cuda::CUDAGuard guard(out.device());
-  auto oc = out.contiguous();
-  auto bc = lora_b.contiguous();
+  const c10::cuda::CUDAGuard guard(base.device());
+  auto bc = base.contiguous();
+  auto zc = z_rank.contiguous();
+  auto lbc = lora_b.contiguous();
   auto idx_c = idx.contiguous();
   auto gate_c = gate.contiguous();
-  auto y = at::empty({s.batch, s.d_out, out.size(2), out.size(3)}, out.options());
+  auto y = at::empty(base.sizes(), base.options());
   if (y.numel() == 0) return y;
-  const dim3 grid(static_cast<unsigned>((s.tokens + kPixels - 1) / kPixels), static_cast<unsigned>(s.batch));
-  const size_t smem = static_cast<size_t>(2 * s.ranks + s.ranks * kPixels) * sizeof(float);
-  MOR_DISPATCH_KERNEL_TYPES(out.scalar_type(), "mor_conv_up_cuda", [&] {
+  const dim3 grid(static_cast<unsigned>((s.tokens + kPixels - 1) / kPixels),
+                  static_cast<unsigned>((s.d_out + kChannels - 1) / kChannels), static_cast<unsigned>(s.batch));
+  const size_t smem = conv_up_smem_bytes(s.ranks);
+  MOR_DISPATCH_KERNEL_TYPES(base.scalar_type(), "mor_conv_up_cuda", [&] {
     auto kernel = conv_up_kernel<scalar_t>;
     allow_smem(kernel, smem);
-    kernel<<<grid, kPixels, smem, at::cuda::getCurrentCUDAStream()>>>(
-        oc.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(), idx_c.data_ptr<int32_t>(), gate_c.data_ptr<float>(),
-        y.data_ptr<scalar_t>(), s.tokens, s.d_out, static_cast<int>(s.ranks), static_cast<int>(num_shared),
-        static_cast<int>(s.top_k), static_cast<float>(scaling));
+    kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+        bc.data_ptr<scalar_t>(), zc.data_ptr<scalar_t>(), lbc.data_ptr<scalar_t>(), idx_c.data_ptr<int32_t>(),
+        gate_c.data_ptr<float>(), y.data_ptr<scalar_t>(), s.tokens, s.d_out, static_cast<int>(s.ranks),
+        static_cast<int>(num_shared), static_cast<int>(s.top_k), static_cast<float>(scaling));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;

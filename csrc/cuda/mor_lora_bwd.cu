@@ -49,8 +49,9 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t e = (n0 + t) * ranks + sm.rank[a];
       const float g = TOKEN ? sm.gt[t * ranks + a] : sm.coef[a];
       const float hv = h[e];
-      dh[e] = g * sm.U[p];
-      hg[e] = g * hv;
+      // MOR_SPEC 2.2: zero for a rank the token does not pick, whatever dy B or h hold there
+      dh[e] = g != 0.f ? g * sm.U[p] : 0.f;
+      hg[e] = g != 0.f ? g * hv : 0.f;
       q = sm.U[p] * hv;
     }
     sm.U[p] = q;
@@ -117,7 +118,7 @@ __global__ void __launch_bounds__(kThreads)
     C[p] = t < valid ? dh[(n0 + t) * ranks + rank[p % n_act]] : 0.f;
   }
   __syncthreads();
-  expand_tile(C, rank, n_act, lora_a, d_in, n0, valid, static_cast<const scalar_t*>(nullptr), dx);
+  expand_tile(C, rank, n_act, lora_a, d_in, 0, d_in, n0, valid, static_cast<const scalar_t*>(nullptr), dx);
 }
 
 // partial[split, r, c] = sum over the split's tokens n of p[n, r] * q[n, c].

@@ -17,8 +17,9 @@
 #endif
 
 #ifndef MOR_DYNAMIC_SMEM
-// The kernel's dynamic shared memory as `float name[]` (tests/kernels/extension_emulation.cpp redefines it).
-#define MOR_DYNAMIC_SMEM(name) extern __shared__ float name[]
+// The kernels' dynamic shared memory as `float name[]`, declared the one way every kernel uses it, 32-byte
+// aligned for WMMA's 256-bit fragment loads (tests/kernels/extension_emulation.cpp redefines it).
+#define MOR_DYNAMIC_SMEM(name) extern __shared__ __align__(32) float name[]
 #endif
 
 namespace mor {
@@ -90,6 +91,22 @@ __device__ inline int block_rank_list(const int32_t* __restrict__ idx, const flo
   return *n_act_s;
 }
 
+// h[(n0 + t) * ranks + r] for t < valid and every rank r: U[t * n_stride + a] where rank[a] = r, 0 for the ranks
+// not listed (one coalesced pass over the block's rows of h; pos: `ranks` ints of shared memory). Ends with
+// a barrier.
+__device__ inline void store_h_rows(const float* U, int n_stride, const int* rank, int n_act, int ranks, int64_t n0,
+                                    int valid, int* pos, float* __restrict__ h) {
+  for (int r = threadIdx.x; r < ranks; r += blockDim.x) pos[r] = -1;
+  __syncthreads();
+  for (int a = threadIdx.x; a < n_act; a += blockDim.x) pos[rank[a]] = a;  // a rank listed twice: no (distinct)
+  __syncthreads();
+  for (int e = threadIdx.x; e < valid * ranks; e += blockDim.x) {
+    const int t = e / ranks, a = pos[e % ranks];
+    h[(n0 + t) * ranks + e % ranks] = a >= 0 ? U[t * n_stride + a] : 0.f;
+  }
+  __syncthreads();
+}
+
 // U[t * n_act + a] = sum_i src[(n0 + t) * dim + i] * w[rank[a] * dim + i] for t < valid (0 for the other rows).
 // xs: kTile * kPad floats, ws: n_act * kPad floats of shared memory. Ends with a barrier.
 template <typename TS, typename TW>
@@ -120,19 +137,28 @@ __device__ void project_tile(const TS* __restrict__ src, int64_t n0, int valid, 
   __syncthreads();
 }
 
-// out[(n0 + t) * dim + c] = base[...] (or 0) + sum_a C[t * n_act + a] * w[rank[a] * dim + c], t < valid.
-// One thread per output column, kTile accumulators in registers.
+// out[(n0 + t) * dim + c] = base[...] (or 0) + sum_a C[t * n_act + a] * w[rank[a] * dim + c] for t < valid and
+// the columns c in [c_lo, c_hi). One thread per output column, kTile accumulators in registers. A zero of C
+// contributes exactly zero whatever w holds (MOR_SPEC 2.2: a rank a token does not pick, NaN weights or not).
 template <typename TO, typename TW>
 __device__ void expand_tile(const float* C, const int* rank, int n_act, const TW* __restrict__ w, int64_t dim,
-                            int64_t n0, int valid, const TO* __restrict__ base, TO* __restrict__ out) {
-  for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) {
+                            int64_t c_lo, int64_t c_hi, int64_t n0, int valid, const TO* __restrict__ base,
+                            TO* __restrict__ out) {
+  for (int64_t c = c_lo + threadIdx.x; c < c_hi; c += blockDim.x) {
     float acc[kTile];
 #pragma unroll
     for (int t = 0; t < kTile; ++t) acc[t] = (base != nullptr && t < valid) ? static_cast<float>(base[(n0 + t) * dim + c]) : 0.f;
     for (int a = 0; a < n_act; ++a) {
       const float wv = static_cast<float>(w[static_cast<int64_t>(rank[a]) * dim + c]);
+      if (isfinite(wv)) {
 #pragma unroll
-      for (int t = 0; t < kTile; ++t) acc[t] += C[t * n_act + a] * wv;
+        for (int t = 0; t < kTile; ++t) acc[t] += C[t * n_act + a] * wv;
+      } else {  // rare: only the tokens that use this rank see its non-finite weight
+#pragma unroll
+        for (int t = 0; t < kTile; ++t) {
+          if (C[t * n_act + a] != 0.f) acc[t] += C[t * n_act + a] * wv;
+        }
+      }
     }
 #pragma unroll
     for (int t = 0; t < kTile; ++t) {
@@ -144,7 +170,7 @@ __device__ void expand_tile(const float* C, const int* rank, int n_act, const TW
 // Shared memory of the tile kernels: rank list, coefficients / token gate table, x and w chunks, U.
 inline size_t tile_smem_bytes(int64_t ranks, bool token_routing) {
   const int64_t floats = ranks /*rank*/ + ranks /*coef*/ + (token_routing ? kTile * ranks : 0) + kTile * kPad +
-                         ranks * kPad + kTile * ranks;
+                         ranks * kPad + kTile * ranks + ranks /*pos*/;
   return static_cast<size_t>(floats) * sizeof(float);
 }
 
@@ -171,6 +197,7 @@ struct TileSmem {
   float* xs;
   float* ws;
   float* U;
+  int* pos;
   __device__ TileSmem(float* smem, int ranks, bool token_routing) {
     rank = reinterpret_cast<int*>(smem);
     coef = smem + ranks;
@@ -178,6 +205,7 @@ struct TileSmem {
     xs = gt + (token_routing ? kTile * ranks : 0);
     ws = xs + kTile * kPad;
     U = ws + ranks * kPad;
+    pos = reinterpret_cast<int*>(U + kTile * ranks);
   }
 };
 

@@ -12,8 +12,8 @@ Ranks are handled as a "rank list" of ``RP`` positions (a constexpr power of two
   per-token gates expanded in registers from ``(idx, gate)``.
 
 Forward: one kernel, ``_fwd_kernel`` (LoRAFusion's "[x | h] as one extended K", here as one extended
-N over the same K loop). Grid ``(cdiv(T, BLOCK_M), max(1, cdiv(d_out, BLOCK_N)), B)``, fixed by the shapes (no
-data-dependent grid, no atomics, no host sync: CUDA graphs can capture it). Each program loops once
+N over the same K loop). Grid ``(cdiv(T, BLOCK_M), max(1, cdiv(d_out, BLOCK_N)) * SPLIT_K, B)``, fixed by the
+shapes (no data-dependent grid, no atomic adds, no host sync: CUDA graphs can capture it). Each program loops once
 over ``d_in``, loading each ``x`` tile once for both ``acc += x W^T`` (when there is a weight) and
 ``u += x A^T`` over its rank list (float32 accumulators); after the loop ``h = scaling g u`` (rounded
 to x's dtype, the operand dtype of the up-projection's dot), ``acc += h B^T``, then bias and/or
@@ -39,6 +39,19 @@ T x d       before    now       ratio
 (training adds the same ``u`` write to both: 0.26, 0.07, 0.02, 0.004 MB). Token routing (``RP = pad(R)``,
 64 for the paper's R = 40) recomputes a wider ``u``: the tile table keeps ``BLOCK_N = 128`` there at
 the SD widths.
+
+Split-K (``SPLIT_K > 1``, where the table finds too few tiles to fill the GPU, see :mod:`.mor_lora_tiles`):
+each split runs a slice of the ``d_in`` loop and writes float32 partials of ``acc`` and ``u`` to a workspace
+kept per device and stream (:func:`split_workspace`, no allocation per call); an int32 count per tile (an
+atomic increment: the only atomic, it orders nothing) tells the last split to arrive, which sums the partials
+in split order (:func:`_split_sum`; the same bits whichever split is last), resets the count and runs the
+epilogue. The backward splits its ``d_out`` loop the same way.
+
+MOR_SPEC 2.2: ``h = where(g != 0, scaling g u, 0)``, so an unpicked rank's ``u`` (NaN when its filter is) never
+reaches ``y``. Under sample routing only picked ranks are loaded at all; under token routing the rank tile is
+dense, and ``h B^T`` would multiply a token's zero by another token's NaN column of ``B``: :func:`_dot_picked`
+checks the tile and, only when it holds a non-finite value, runs the dot on its finite part and gives NaN to
+the tokens that use the bad entries.
 
 The backward kernels are in :mod:`.mor_lora_bwd`.
 
@@ -145,39 +158,152 @@ def _gates(
     return g * scaling
 
 
+@triton.jit
+def _finite(w):
+    """Whether each element of ``w`` is finite."""
+    wf = w.to(tl.float32)
+    return (wf == wf) & (tl.abs(wf) < float("inf"))
+
+
+@triton.jit
+def _dot_picked(h, w, acc, GUARD: tl.constexpr):
+    """``acc + h @ w`` where a zero of ``h`` contributes exactly zero even against a non-finite row of ``w``
+    (MOR_SPEC 2.2; with ``GUARD``, for dense rank tiles whose rows some tokens do not pick). A tile with a
+    non-finite value runs the dot on the finite part and gives NaN to the outputs of the rows of ``h``
+    that do use a non-finite entry (a second, ``h != 0`` by ``!finite(w)`` counting dot); a finite tile, the
+    normal case, costs one elementwise check."""
+    if GUARD:
+        finite = _finite(w)
+        if tl.sum(tl.sum(tl.where(finite, 0, 1), axis=1), axis=0) > 0:
+            picked = tl.where(h != 0, 1.0, 0.0).to(w.dtype)
+            hits = _dot(picked, tl.where(finite, 0.0, 1.0).to(w.dtype), tl.zeros(acc.shape, dtype=tl.float32))
+            acc = _dot(h, tl.where(finite, w, tl.zeros_like(w)), acc)
+            acc = tl.where(hits > 0, float("nan"), acc)
+        else:
+            acc = _dot(h, w, acc)
+    else:
+        acc = _dot(h, w, acc)
+    return acc
+
+
+@triton.jit
+def _split_arrive(acc, aux, ws_acc_ptr, ws_aux_ptr, lock_ptr, tile, pid_s,
+                  SPLIT_K: tl.constexpr, HAS_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  AUX: tl.constexpr):  # fmt: skip
+    """Split-K, first half: split ``pid_s`` of ``tile`` writes its float32 partials ``acc (BLOCK_M, BLOCK_N)``
+    (unless not ``HAS_ACC``) and ``aux (BLOCK_M, AUX)`` to ``ws_acc (tiles, S, BLOCK_M, BLOCK_N)`` /
+    ``ws_aux (tiles, S, BLOCK_M, AUX)`` and counts itself in ``lock[tile]``; true for the split that counts
+    last, which then owns the tile (:func:`_split_sum`)."""
+    i = tl.arange(0, BLOCK_M).to(tl.int64)[:, None]
+    slot = tile * SPLIT_K + pid_s
+    if HAS_ACC:
+        tl.store(ws_acc_ptr + (slot * BLOCK_M + i) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], acc)
+    tl.store(ws_aux_ptr + (slot * BLOCK_M + i) * AUX + tl.arange(0, AUX)[None, :], aux)
+    tl.debug_barrier()  # every thread's partial is written before the count releases them
+    return tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
+
+
+@triton.jit
+def _split_sum(ws_acc_ptr, ws_aux_ptr, lock_ptr, tile,
+               SPLIT_K: tl.constexpr, HAS_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               AUX: tl.constexpr):  # fmt: skip
+    """Split-K, second half (the last split of ``tile`` only): the sums of the ``S`` partials in split order,
+    whichever split came last (a fixed order: bitwise repeatable); resets ``lock[tile]`` to zero for the next
+    launch (and a CUDA graph's next replay)."""
+    i = tl.arange(0, BLOCK_M).to(tl.int64)[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    aux = tl.zeros((BLOCK_M, AUX), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        slot = tile * SPLIT_K + s
+        if HAS_ACC:
+            acc += tl.load(ws_acc_ptr + (slot * BLOCK_M + i) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :],
+                           cache_modifier=".cg")  # fmt: skip
+        aux += tl.load(ws_aux_ptr + (slot * BLOCK_M + i) * AUX + tl.arange(0, AUX)[None, :], cache_modifier=".cg")
+    tl.store(lock_ptr + tile, 0)
+    return acc, aux
+
+
 # ---------------------------------------------------------------------------------------------
 # forward
 
 
 @triton.jit
+def _fwd_epilogue(
+    acc, u, x_ptr, bias_ptr, b_ptr, idx_ptr, gate_ptr, base_ptr, y_ptr, u_ptr,
+    rank, active, offs_m, offs_n, mask_m, mask_n, pid_b, pid_n,
+    T, num_shared, num_routed, scaling,
+    stride_bn, stride_br, stride_ib, stride_it, stride_sb, stride_st, stride_sn, stride_yb, stride_yt, stride_yn,
+    TOP_K: tl.constexpr, RP: tl.constexpr, TOKEN_ROUTING: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_BASE: tl.constexpr, STORE_U: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """After the K loop: u stored for the backward, ``h = scaling g u`` (zero where ``g = 0``, whatever ``u``
+    holds), ``acc += h B^T``, bias, base, one store of ``y``."""
+    p = tl.arange(0, RP)
+    if STORE_U:
+        if pid_n == 0:  # one program per token block writes u for the backward
+            tl.store(u_ptr + (pid_b * T + offs_m[:, None]) * RP + p[None, :], u, mask=mask_m[:, None])
+    g = _gates(idx_ptr, gate_ptr, stride_ib, stride_it, pid_b, offs_m, mask_m, num_shared, num_routed, scaling,
+               TOP_K, RP, TOKEN_ROUTING, BLOCK_M)  # fmt: skip
+    # h in x's dtype: the up-projection's dot takes operands of one dtype (lora_b's, which is x's)
+    h = tl.where(g != 0, u * g, 0.0).to(x_ptr.dtype.element_ty)
+    bt = tl.load(
+        b_ptr + offs_n[None, :] * stride_bn + rank[:, None] * stride_br,
+        mask=active[:, None] & mask_n[None, :],
+        other=0.0,
+    )
+    acc = _dot_picked(h, bt, acc, TOKEN_ROUTING)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_BASE:
+        base = tl.load(
+            base_ptr + pid_b * stride_sb + offs_m[:, None] * stride_st + offs_n[None, :] * stride_sn,
+            mask=mask,
+            other=0.0,
+        )
+        acc += base.to(tl.float32)
+    y_ptrs = y_ptr + pid_b * stride_yb + offs_m[:, None] * stride_yt + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, idx_ptr, gate_ptr, base_ptr, y_ptr, u_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, idx_ptr, gate_ptr, base_ptr, y_ptr, u_ptr, ws_acc_ptr, ws_u_ptr,
+    lock_ptr,
     T, d_in, d_out, num_shared, num_routed, scaling,
     stride_xb, stride_xt, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_ib, stride_it, stride_sb, stride_st, stride_sn, stride_yb, stride_yt, stride_yn,
     TOP_K: tl.constexpr, RP: tl.constexpr, TOKEN_ROUTING: tl.constexpr, HAS_W: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, STORE_U: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, STORE_U: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """x ``(B, T, d_in)``, W ``(d_out, d_in)``, A ``(R, d_in)``, B ``(d_out, R)`` -> y ``(B, T, d_out)`` =
     (x W^T) + h B^T (+ bias) (+ base) with ``h = scaling g (x A^T)`` over the rank list; with ``STORE_U``
     the ``pid_n == 0`` programs also write ``u = x A^T`` float32 ``(B, T, RP)``.
-    Grid ``(cdiv(T, BLOCK_M), max(1, cdiv(d_out, BLOCK_N)), B)``."""
+    Grid ``(cdiv(T, BLOCK_M), max(1, cdiv(d_out, BLOCK_N)) * SPLIT_K, B)``. With ``SPLIT_K > 1`` split ``s``
+    of a tile runs the K steps ``[s n / S, (s + 1) n / S)``, writes its float32 partials of ``acc`` and ``u``
+    to ``ws_acc (tiles, S, BLOCK_M, BLOCK_N)`` / ``ws_u (tiles, S, BLOCK_M, RP)`` and counts itself in
+    ``lock[tile]`` (int32, zero between launches); the split that counts last sums the ``S`` partials in
+    split order, resets the count and runs the epilogue."""
     pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
+    pid_ns = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2).to(tl.int64)
+    pid_n = pid_ns // SPLIT_K
+    pid_s = pid_ns % SPLIT_K
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     mask_m = offs_m < T
     mask_n = offs_n < d_out
-    p = tl.arange(0, RP)
     rank, active = _rank_list(idx_ptr, stride_ib, pid_b, num_shared, num_routed, TOP_K, RP, TOKEN_ROUTING)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
     x_row = x_ptr + pid_b * stride_xb + offs_m[:, None] * stride_xt
+    n_steps = tl.cdiv(d_in, BLOCK_K)
+    k_lo = (pid_s * n_steps // SPLIT_K) * BLOCK_K
+    k_hi = ((pid_s + 1) * n_steps // SPLIT_K) * BLOCK_K
     # One K loop, one read of each x tile for both products: the base GEMM and the rank projection
     # ([x W^T | x A^T] as one extended N). Each output-column tile recomputes u (RP extra columns).
-    for k0 in range(0, d_in, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < d_in
         xt = tl.load(x_row + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -194,31 +320,21 @@ def _fwd_kernel(
             other=0.0,
         )
         u = _dot(xt, at, u)
-    if STORE_U:
-        if pid_n == 0:  # one program per token block writes u for the backward
-            tl.store(u_ptr + (pid_b * T + offs_m[:, None]) * RP + p[None, :], u, mask=mask_m[:, None])
-    g = _gates(idx_ptr, gate_ptr, stride_ib, stride_it, pid_b, offs_m, mask_m, num_shared, num_routed, scaling,
-               TOP_K, RP, TOKEN_ROUTING, BLOCK_M)  # fmt: skip
-    # h in x's dtype: the up-projection's dot takes operands of one dtype (lora_b's, which is x's)
-    h = (u * g).to(x_ptr.dtype.element_ty)
-    bt = tl.load(
-        b_ptr + offs_n[None, :] * stride_bn + rank[:, None] * stride_br,
-        mask=active[:, None] & mask_n[None, :],
-        other=0.0,
-    )
-    acc = _dot(h, bt, acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_BASE:
-        base = tl.load(
-            base_ptr + pid_b * stride_sb + offs_m[:, None] * stride_st + offs_n[None, :] * stride_sn,
-            mask=mask,
-            other=0.0,
-        )
-        acc += base.to(tl.float32)
-    y_ptrs = y_ptr + pid_b * stride_yb + offs_m[:, None] * stride_yt + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_K == 1:
+        _fwd_epilogue(acc, u, x_ptr, bias_ptr, b_ptr, idx_ptr, gate_ptr, base_ptr, y_ptr, u_ptr,
+                      rank, active, offs_m, offs_n, mask_m, mask_n, pid_b, pid_n, T, num_shared, num_routed, scaling,
+                      stride_bn, stride_br, stride_ib, stride_it, stride_sb, stride_st, stride_sn,
+                      stride_yb, stride_yt, stride_yn,
+                      TOP_K, RP, TOKEN_ROUTING, HAS_BIAS, HAS_BASE, STORE_U, BLOCK_M)  # fmt: skip
+    else:
+        tile = (pid_b * tl.num_programs(0) + pid_m) * (tl.num_programs(1) // SPLIT_K) + pid_n
+        if _split_arrive(acc, u, ws_acc_ptr, ws_u_ptr, lock_ptr, tile, pid_s, SPLIT_K, HAS_W, BLOCK_M, BLOCK_N, RP):
+            acc, u = _split_sum(ws_acc_ptr, ws_u_ptr, lock_ptr, tile, SPLIT_K, HAS_W, BLOCK_M, BLOCK_N, RP)
+            _fwd_epilogue(acc, u, x_ptr, bias_ptr, b_ptr, idx_ptr, gate_ptr, base_ptr, y_ptr, u_ptr,
+                          rank, active, offs_m, offs_n, mask_m, mask_n, pid_b, pid_n, T, num_shared, num_routed,
+                          scaling, stride_bn, stride_br, stride_ib, stride_it, stride_sb, stride_st, stride_sn,
+                          stride_yb, stride_yt, stride_yn,
+                          TOP_K, RP, TOKEN_ROUTING, HAS_BIAS, HAS_BASE, STORE_U, BLOCK_M)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,27 +357,70 @@ def _routing_strides(idx: torch.Tensor) -> tuple[int, int, bool]:
     return idx.shape[1] * idx.shape[2], idx.shape[2], True
 
 
-def forward(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared: int, scaling: float, store_u: bool):
+def like_tokens(x: torch.Tensor, features: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A new ``(B, T, features)`` tensor in ``x``'s layout: token-fastest (``(B, features, T)`` memory, as a
+    channels-first convolution's pixels) when ``x`` is, else contiguous."""
+    batch, tokens, _ = x.shape
+    dtype = x.dtype if dtype is None else dtype
+    if x.dim() == 3 and tokens > 1 and x.stride(1) == 1 and x.stride(2) != 1:
+        return torch.empty((batch, features, tokens), dtype=dtype, device=x.device).transpose(1, 2)
+    return torch.empty((batch, tokens, features), dtype=dtype, device=x.device)
+
+
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def split_workspace(device: torch.device, floats: int, locks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-K partials (float32, at least ``floats``) and tile counts (int32, at least ``locks``, zero
+    between launches), kept per device and stream and reused by every later launch on that stream (no
+    allocation per call; launches on one stream run in order). Grown when a larger launch needs more."""
+    device = torch.device(device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    ws, lock = _WORKSPACES.get(key, (None, None))
+    if ws is None or ws.numel() < floats:
+        ws = torch.empty(max(floats, 1 << 16), dtype=torch.float32, device=device)
+    if lock is None or lock.numel() < locks:
+        lock = torch.zeros(max(locks, 1024), dtype=torch.int32, device=device)
+    _WORKSPACES[key] = (ws, lock)
+    return ws, lock
+
+
+def split_buffers(placeholder, tiles: int, split: int, block_m: int, block_n: int, aux: int):
+    """``(ws_acc, ws_aux, lock)`` views of :func:`split_workspace` for a split-K launch over ``tiles`` tiles, on
+    ``placeholder``'s device (which stands in for all three when ``split == 1``: nothing is allocated)."""
+    if split == 1:
+        return placeholder, placeholder, placeholder
+    device = placeholder.device
+    n_acc = tiles * split * block_m * block_n
+    ws, lock = split_workspace(device, n_acc + tiles * split * block_m * aux, tiles)
+    return ws[:n_acc], ws[n_acc:], lock
+
+
+def forward(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared: int, scaling: float, store_u: bool, out=None):
     """One launch: y ``(B, T, d_out)`` in ``x.dtype`` = (x W^T + bias) + scaling B (g * (A x)) (+ base), and
-    ``u = x A^T`` float32 ``(B, T, RP)`` over the rank list (``(0,)`` unless ``store_u``)."""
+    ``u = x A^T`` float32 ``(B, T, RP)`` over the rank list (``(0,)`` unless ``store_u``). ``y`` is allocated in
+    ``x``'s layout (:func:`like_tokens`) unless ``out``, a ``(B, T, d_out)`` tensor of any strides, is given."""
     assert idx.is_contiguous() and gate.is_contiguous() and idx.dtype == torch.int32
     _same_dtype(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b)
     batch, tokens, d_in = x.shape
     d_out, ranks = lora_b.shape
     stride_ib, stride_it, token = _routing_strides(idx)
     rp = padded_ranks(ranks, num_shared, idx.shape[-1], token)
-    y = torch.empty((batch, tokens, d_out), dtype=x.dtype, device=x.device)
+    y = like_tokens(x, d_out) if out is None else out
     u = torch.empty((batch, tokens, rp) if store_u else (0,), dtype=torch.float32, device=x.device)
     if batch * tokens == 0:
         return y, u
     w = weight if weight is not None else lora_b
     s = base.stride() if base is not None else (0, 0, 0)
-    cfg = fwd_config(x.device, x.dtype, batch, tokens, d_out, rp)
+    cfg = dict(fwd_config(x.device, x.dtype, batch, tokens, d_in, d_out, rp))
+    split = cfg["SPLIT_K"]
     # at least one column of programs, so that u is computed even when d_out = 0
-    grid = (triton.cdiv(tokens, cfg["BLOCK_M"]), max(1, triton.cdiv(d_out, cfg["BLOCK_N"])), batch)
-    _fwd_kernel[grid](
+    tiles = (triton.cdiv(tokens, cfg["BLOCK_M"]), max(1, triton.cdiv(d_out, cfg["BLOCK_N"])), batch)
+    ws_acc, ws_u, lock = split_buffers(y, tiles[0] * tiles[1] * batch, split, cfg["BLOCK_M"], cfg["BLOCK_N"], rp)
+    _fwd_kernel[(tiles[0], tiles[1] * split, batch)](
         x, w, bias if bias is not None else y, lora_a, lora_b, idx, gate, base if base is not None else y, y,
-        u if store_u else y,
+        u if store_u else y, ws_acc, ws_u, lock,
         tokens, d_in, d_out, num_shared, ranks - num_shared, scaling,
         *x.stride(), w.stride(0), w.stride(1), *lora_a.stride(), *lora_b.stride(), stride_ib, stride_it, *s,
         *y.stride(),

@@ -9,10 +9,10 @@ The C++ ops (schemas in ``csrc/registration.cpp``; CPU kernels in ``csrc/cpu``, 
 - ``mor_lora``: ``mor::lora_fwd`` / ``mor::lora_bwd`` (the fused low-rank path and its deterministic
   backward for ``x``, ``lora_a``, ``lora_b``, ``gate``; ``base`` gets ``grad_y`` as is);
 - ``mor_linear``: ``F.linear`` for the base GEMM, then ``mor::lora_fwd`` adds the low-rank path into it;
-- ``mor_conv2d``: one convolution with the ranks appended to the base filters as extra output channels
-  (``[weight; lora_a]``, so cuDNN/oneDNN does the implicit GEMM with ``K = C_in kh kw`` once; TF32 off for
-  float32 and deterministic backward, see :mod:`.cudnn_conv`), then ``mor::conv_up`` applies gate, 1x1
-  up-projection and the add in one pass; its backward is torch ops.
+- ``mor_conv2d``: the base convolution and the rank convolution (``lora_a``'s R filters; two cuDNN/oneDNN calls,
+  no ``[weight; lora_a]`` weight built per call; TF32 off for float32 and deterministic backward, see
+  :mod:`.cudnn_conv`), then ``mor::conv_up`` applies gate, 1x1 up-projection and the add in one pass; its
+  backward is torch ops.
 
 Precision: the CUDA kernels accumulate in float32 (the forward on tensor cores for 16-bit inputs on sm_80+,
 with the gated rank activations rounded to the input dtype before the up-projection; SIMT otherwise); the C++ CPU kernels
@@ -136,8 +136,8 @@ def route(logits, top_k, num_zero, renormalize=True):
 
 class _MoRLoRA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, idx, gate, num_shared, scaling, base):
-        y, h = torch.ops.mor.lora_fwd(x, lora_a, lora_b, idx, gate, num_shared, scaling, base)
+    def forward(ctx, x, lora_a, lora_b, idx, gate, num_shared, scaling, base, store_h):
+        y, h = torch.ops.mor.lora_fwd(x, lora_a, lora_b, idx, gate, num_shared, scaling, base, store_h)
         ctx.num_shared, ctx.scaling = num_shared, scaling
         ctx.save_for_backward(x, lora_a, lora_b, idx, gate, h)
         return y
@@ -154,7 +154,7 @@ class _MoRLoRA(torch.autograd.Function):
             )
             grads = [g if m else None for g, m in zip(out, mask, strict=True)]
         grad_base = grad_y if need[7] else None
-        return grads[0], grads[1], grads[2], None, grads[3], None, None, grad_base
+        return grads[0], grads[1], grads[2], None, grads[3], None, None, grad_base, None
 
 
 def _gate32(gate: torch.Tensor) -> torch.Tensor:
@@ -173,12 +173,14 @@ def mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, *, base=None):
     """Canonical ``mor_lora``: ``x (B, T, d_in)``, ``idx``/``gate`` ``(B, k)`` or ``(B, T, k)``,
     ``base (B, T, d_out)`` or None; returns ``(B, T, d_out)`` in ``x.dtype``."""
     idx, gate = idx.to(torch.int32), _gate32(gate)
+    # h (the rank activations) is written only when a backward will run
+    store_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lora_a, lora_b, gate))
     args = (int(num_shared), float(scaling))
     if x.shape[0] <= MAX_BATCH:
-        return _MoRLoRA.apply(x, lora_a, lora_b, idx, gate, *args, base)
+        return _MoRLoRA.apply(x, lora_a, lora_b, idx, gate, *args, base, store_h)
     return torch.cat(
         [
-            _MoRLoRA.apply(x[c], lora_a, lora_b, idx[c], gate[c], *args, None if base is None else base[c])
+            _MoRLoRA.apply(x[c], lora_a, lora_b, idx[c], gate[c], *args, None if base is None else base[c], store_h)
             for c in _chunks(x.shape[0])
         ]
     )
@@ -209,48 +211,55 @@ def mor_linear(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling):
 
 class _ConvUp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, out, lora_b, idx, gate, num_shared, scaling):
-        y = torch.ops.mor.conv_up(out, lora_b, idx, gate, num_shared, scaling)
+    def forward(ctx, base, z_rank, lora_b, idx, gate, num_shared, scaling):
+        y = torch.ops.mor.conv_up(base, z_rank, lora_b, idx, gate, num_shared, scaling)
         ctx.num_shared, ctx.scaling = num_shared, scaling
-        ctx.save_for_backward(out, lora_b, idx, gate)
+        ctx.save_for_backward(z_rank, lora_b, idx, gate)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        out, lora_b, idx, gate = ctx.saved_tensors
+        z_rank, lora_b, idx, gate = ctx.saved_tensors
         need = ctx.needs_input_grad
-        c_out, ranks = lora_b.shape
+        ranks = lora_b.shape[1]
         s = ctx.num_shared
         # float32 sums on CUDA; float64 on CPU, like the C++ CPU kernels
-        acc = torch.float64 if out.device.type == "cpu" else torch.float32
+        acc = torch.float64 if z_rank.device.type == "cpu" else torch.float32
         g = (torch.ops.mor.dense_gate(idx, gate, s, ranks) * ctx.scaling).to(acc)  # (B, R)
         dy = grad_y.to(acc)
-        h = out[:, c_out:].to(acc)  # (B, R, H, W), ungated rank activations
+        h = z_rank.to(acc)  # (B, R, H, W), ungated rank activations
         dyb = torch.einsum("bohw,or->brhw", dy, lora_b.to(acc))
-        grad_out = grad_b = grad_gate = None
-        if need[0]:
-            grad_out = torch.cat([grad_y.to(out.dtype), (dyb * g[:, :, None, None]).to(out.dtype)], dim=1)
+        grad_base = grad_y if need[0] else None
+        grad_z = grad_b = grad_gate = None
+        # MOR_SPEC 2.2: a rank a sample does not pick (g = 0) gets exactly zero, whatever its weights hold
+        picked = (g != 0)[:, :, None, None]
         if need[1]:
-            grad_b = torch.einsum("bohw,brhw->or", dy, h * g[:, :, None, None]).to(lora_b.dtype)
-        if need[3]:
+            grad_z = torch.where(picked, dyb * g[:, :, None, None], 0).to(z_rank.dtype)
+        if need[2]:
+            hg = torch.where(picked, h * g[:, :, None, None], 0)
+            grad_b = torch.einsum("bohw,brhw->or", dy, hg).to(lora_b.dtype)
+        if need[4]:
             q = (dyb * h).sum((2, 3))  # (B, R)
             valid = (idx >= 0) & (idx < ranks - s)
             rank = torch.where(valid, idx.long() + s, torch.zeros_like(idx, dtype=torch.long))
             grad_gate = torch.where(valid, (q.gather(1, rank) * ctx.scaling).float(), torch.zeros_like(gate))
-        return grad_out, grad_b, None, grad_gate, None, None
+        return grad_base, grad_z, grad_b, None, grad_gate, None, None
 
 
 class _Conv2d(torch.autograd.Function):
     """``F.conv2d(x, weight, bias)`` through the :mod:`.cudnn_conv` ops: TF32 off for float32 operands,
-    deterministic backward convolutions (on CPU the settings change nothing)."""
+    deterministic backward convolutions (on CPU the settings change nothing). The filters from ``ranks_from``
+    on are rank filters: the input gradient sees them with non-finite values zeroed, since the gradient of a
+    rank channel is zero for every sample that does not pick the rank and ``0 * NaN`` would reach their
+    ``dx`` (MOR_SPEC 2.2)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, ranks_from):
         conv = (list(stride), list(padding), list(dilation))
         out = conv2d_op(x, weight, *conv)
         if bias is not None:
             out.add_(bias.to(out.dtype).view(1, -1, 1, 1))
-        ctx.conv, ctx.has_bias = conv, bias is not None
+        ctx.conv, ctx.has_bias, ctx.ranks_from = conv, bias is not None, ranks_from
         ctx.save_for_backward(x, weight)
         return out
 
@@ -260,21 +269,28 @@ class _Conv2d(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         dz = dz.contiguous()
-        dx = conv2d_input_op(x, weight, dz, *ctx.conv) if need[0] else None
-        dw = conv2d_weight_op(x, weight, dz, *ctx.conv) if need[1] else None
+        dx = dw = None
+        if need[0]:
+            filters = weight
+            if ctx.ranks_from < weight.shape[0]:  # rank filters: a rank-sized where, never the base weight
+                ranks = weight[ctx.ranks_from :]
+                ranks = torch.where(torch.isfinite(ranks), ranks, 0)
+                filters = ranks if ctx.ranks_from == 0 else torch.cat([weight[: ctx.ranks_from], ranks])
+            dx = conv2d_input_op(x, filters, dz, *ctx.conv)
+        if need[1]:
+            dw = conv2d_weight_op(x, weight, dz, *ctx.conv)
         db = dz.sum((0, 2, 3)) if ctx.has_bias and need[2] else None
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation):
-    """Canonical ``mor_conv2d``: one convolution with ``[weight; lora_a]``, then ``mor::conv_up``."""
-    ranks = lora_a.shape[0]
+    """Canonical ``mor_conv2d``: the base convolution (with its bias) and the rank convolution (``lora_a``, all R
+    filters), two calls (no ``[weight; lora_a]`` weight is built), then ``mor::conv_up``."""
     dt = _dense_dtype(x)  # on CPU half precision: the rank channels stay float32 too, rounded once at the end
-    w = torch.cat([weight, lora_a], dim=0).to(dt)
-    b = None if bias is None else torch.cat([bias, bias.new_zeros(ranks)]).to(dt)
-    out = _Conv2d.apply(x.to(dt), w, b, stride, padding, dilation)
-    idx, gate, b = idx.to(torch.int32), _gate32(gate), lora_b.to(out.dtype)
-    y = torch.cat(
-        [_ConvUp.apply(out[c], b, idx[c], gate[c], int(num_shared), float(scaling)) for c in _chunks(x.shape[0])]
-    )
-    return y.to(x.dtype)
+    xd = x.to(dt)
+    base = _Conv2d.apply(xd, weight.to(dt), _cast(bias, dt), stride, padding, dilation, weight.shape[0])
+    z_rank = _Conv2d.apply(xd, lora_a.to(dt), None, stride, padding, dilation, 0)  # every filter is a rank's
+    idx, gate, b = idx.to(torch.int32), _gate32(gate), lora_b.to(dt)
+    args = (int(num_shared), float(scaling))
+    parts = [_ConvUp.apply(base[c], z_rank[c], b, idx[c], gate[c], *args) for c in _chunks(x.shape[0])]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(x.dtype)

@@ -1,7 +1,8 @@
 """``backend="triton"``: the fused Triton kernels behind the canonical backend signatures.
 
 ``route`` (``mor::triton_route``), ``mor_lora``/``mor_linear`` (``mor::triton_lora_*``) and
-``mor_conv2d`` (cuDNN/torch conv + ``mor::triton_conv_up``), each a ``torch.library`` custom op with
+``mor_conv2d`` (the linear kernels for 1x1, else cuDNN convolutions + a Triton epilogue, ``mor::triton_conv2d``),
+each a ``torch.library`` custom op with
 a fake implementation and an autograd.Function. Runs on CUDA tensors, or on CPU tensors under
 ``TRITON_INTERPRET=1`` (for tests).
 

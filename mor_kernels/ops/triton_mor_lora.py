@@ -3,11 +3,13 @@ launch, each with a fake implementation), composed by an autograd.Function.
 
 Forward: ``triton_lora_fwd``, one kernel that reads ``x`` once for the base GEMM and the rank
 projection, applies gates and scaling, adds the up-projection, bias and ``base``, and writes ``y``
-once (plus the float32 rank activations ``u`` when a backward will need them). Backward: ``triton_lora_bwd_dh``
-(``dy`` read once for ``dh`` and ``dB``; gate gradient), ``triton_lora_bwd_dx`` (``du A + dy W``) and
-``triton_lora_rank_grad`` for ``dA``; ``dW``/``db`` are torch matmuls/sums. Every partial sum is
-reduced in a fixed order (no atomics): the backward is bitwise repeatable. No host synchronisation
-and no data-dependent grid: the forward can be captured in a CUDA graph.
+once (plus the float32 rank activations ``u`` when a backward will need them). Backward:
+``triton_lora_bwd``, two launches (``dy`` read once for ``dy W`` and ``dy B``; ``dx``, partials of ``dA``,
+``dB`` and the gate gradient; then their fixed-order reduction onto the ranks, see
+:mod:`..kernels.mor_lora_bwd`); ``dW``/``db``, when the base layer is trained, are a torch matmul and sum.
+Every partial sum is reduced in a fixed order (no atomics; the forward's split-K partials too): forward and
+backward are bitwise repeatable. No host synchronisation and no data-dependent grid: both can be captured
+in a CUDA graph.
 
 Operands: ``x``, ``weight``, ``bias``, ``lora_a``, ``lora_b`` and ``base`` are cast to one compute
 dtype first (autocast's when it is on, else ``x``'s; see :func:`compute_dtype`), as the kernels'
@@ -53,95 +55,42 @@ def triton_lora_fwd(
 def _(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared, scaling, store_u):
     rp = K.padded_ranks(lora_a.shape[0], num_shared, idx.shape[-1], idx.dim() == 3)
     u_shape = (x.shape[0], x.shape[1], rp) if store_u else (0,)
-    return x.new_empty((x.shape[0], x.shape[1], lora_b.shape[0])), x.new_empty(u_shape, dtype=torch.float32)
+    return K.like_tokens(x, lora_b.shape[0]), x.new_empty(u_shape, dtype=torch.float32)
 
 
-def _active_ranks(idx: torch.Tensor, num_shared: int, ranks: int, rp: int) -> torch.Tensor:
-    """Sample routing: the rank each position of the rank list holds, ``ranks`` where inactive."""
-    batch, k = idx.shape
-    sel = idx.long()
-    routed = torch.where((sel >= 0) & (sel < ranks - num_shared), sel + num_shared, ranks)
-    shared = torch.arange(num_shared, device=idx.device).expand(batch, num_shared)
-    pad = torch.full((batch, rp - num_shared - k), ranks, dtype=torch.long, device=idx.device)
-    return torch.cat([shared, routed, pad], dim=1)
-
-
-def _to_ranks(partial: torch.Tensor, idx: torch.Tensor, num_shared: int, ranks: int) -> torch.Tensor:
-    """``(B, RP, N)`` per-sample sums over the rank list -> ``(R, N)`` over ranks (duplicates summed), in a
-    fixed order (a one-hot contraction, no atomics)."""
-    if idx.dim() == 3:  # token routing: position p is rank p
-        return partial.sum(0)[:ranks]
-    rp = partial.shape[1]
-    onehot = torch.zeros(idx.shape[0], rp, ranks + 1, dtype=partial.dtype, device=partial.device)
-    onehot.scatter_(2, _active_ranks(idx, num_shared, ranks, rp)[..., None], 1.0)
-    return torch.einsum("bpr,bpn->rn", onehot[..., :ranks], partial)
-
-
-@torch.library.custom_op("mor::triton_lora_bwd_dh", mutates_args=())
-def triton_lora_bwd_dh(
+@torch.library.custom_op("mor::triton_lora_bwd", mutates_args=())
+def triton_lora_bwd(
     dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     u: torch.Tensor,
     idx: torch.Tensor,
     gate: torch.Tensor,
     num_shared: int,
     scaling: float,
-    need_db: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pass over dy ``(B, T, d_out)`` with u ``(B, T, RP)`` -> ``du = scaling g (dy B)`` float32
-    ``(B, T, RP)``, ``dgate`` float32 of idx's shape, and ``dB^T = sum_{b,t} h^T dy`` float32 ``(R, d_out)``
-    with ``h = scaling g u`` (``(0,)`` unless ``need_db``); dy and lora_b of one dtype."""
-    idx, gate = idx.contiguous(), gate.contiguous()
-    du, dgate, dbt = KB.backward_dh(dy, lora_b, u.contiguous(), idx, gate, num_shared, scaling, need_db)
-    if idx.dim() == 2:  # sample routing: sum the per-block partials in a fixed order
-        k = idx.shape[1]
-        dgate = dgate.sum(1)[:, num_shared : num_shared + k]
-        ok = (idx >= 0) & (idx < lora_b.shape[1] - num_shared)
-        dgate = torch.where(ok, dgate, torch.zeros_like(dgate))
-    if need_db:  # fixed-order sum over token blocks, then rank list -> ranks
-        dbt = _to_ranks(dbt.sum(1), idx, num_shared, lora_b.shape[1])
-    return du, dgate, dbt
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two launches: dy ``(B, T, d_out)`` and the forward's ``u`` ``(B, T, RP)`` -> ``dx`` ``(B, T, d_in)`` (``du A``
+    plus ``dy W`` when ``weight`` is given; in ``x``'s layout), ``dA`` ``(R, d_in)``, ``dB`` ``(d_out, R)`` in the
+    operands' dtype and ``dgate`` float32 of idx's shape; ``needs`` = which of the four to compute (the others
+    come back as ``(0,)``)."""
+    need = tuple(bool(n) for n in needs)
+    outs = KB.backward(dy, x, weight, lora_a, lora_b, u.contiguous(), idx.contiguous(), gate.contiguous(),
+                       num_shared, scaling, need)  # fmt: skip
+    return tuple(o if o is not None else dy.new_empty((0,)) for o in outs)
 
 
-@triton_lora_bwd_dh.register_fake
-def _(dy, lora_b, u, idx, gate, num_shared, scaling, need_db):
-    dbt = u.new_empty((lora_b.shape[1], dy.shape[-1]) if need_db else (0,))
-    return torch.empty_like(u), idx.new_empty(idx.shape, dtype=torch.float32), dbt
-
-
-@torch.library.custom_op("mor::triton_lora_bwd_dx", mutates_args=())
-def triton_lora_bwd_dx(
-    du: torch.Tensor,
-    lora_a: torch.Tensor,
-    idx: torch.Tensor,
-    num_shared: int,
-    dy: torch.Tensor | None,
-    weight: torch.Tensor | None,
-) -> torch.Tensor:
-    """``dx (B, T, d_in) = du A (+ dy W)`` in ``lora_a.dtype``."""
-    return KB.backward_dx(du.contiguous(), lora_a, idx.contiguous(), num_shared, dy, weight, lora_a.dtype)
-
-
-@triton_lora_bwd_dx.register_fake
-def _(du, lora_a, idx, num_shared, dy, weight):
-    return du.new_empty((du.shape[0], du.shape[1], lora_a.shape[1]), dtype=lora_a.dtype)
-
-
-@torch.library.custom_op("mor::triton_lora_rank_grad", mutates_args=())
-def triton_lora_rank_grad(
-    lhs: torch.Tensor, rhs: torch.Tensor, idx: torch.Tensor, num_shared: int, ranks: int
-) -> torch.Tensor:
-    """``sum_{b,t} lhs[b, t]^T rhs[b, t]`` mapped from the rank list to ranks: float32 ``(R, N)``.
-
-    lhs ``(B, T, RP)`` float32 (``du`` for ``dA``), rhs ``(B, T, N)`` (``x``).
-    """
-    partial = KB.rank_grad_partials(lhs.contiguous(), rhs).sum(1)  # fixed-order sum over token chunks
-    return _to_ranks(partial, idx, num_shared, ranks)
-
-
-@triton_lora_rank_grad.register_fake
-def _(lhs, rhs, idx, num_shared, ranks):
-    return lhs.new_empty((ranks, rhs.shape[-1]), dtype=torch.float32)
+@triton_lora_bwd.register_fake
+def _(dy, x, weight, lora_a, lora_b, u, idx, gate, num_shared, scaling, needs):
+    empty = dy.new_empty((0,))
+    return (
+        K.like_tokens(x, x.shape[-1]) if needs[0] else empty,
+        lora_a.new_empty(lora_a.shape) if needs[1] else empty,
+        lora_b.new_empty(lora_b.shape) if needs[2] else empty,
+        idx.new_empty(idx.shape, dtype=torch.float32) if needs[3] else empty,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,18 +113,15 @@ class _MoRLinearFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, lora_a, lora_b, idx, gate, u = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b, _, need_gate, need_base = ctx.needs_input_grad[:8]
-        s, ranks = ctx.num_shared, lora_a.shape[0]
         dx = dw = dbias = da = db = dgate = dbase = None
         if need_x or need_a or need_b or need_gate:
-            du, dg, dbt = triton_lora_bwd_dh(dy, lora_b, u, idx, gate, s, ctx.scaling, need_b)
-            if need_x:
-                dx = triton_lora_bwd_dx(du, lora_a, idx, s, dy if weight is not None else None, weight)
-            if need_a:
-                da = triton_lora_rank_grad(du, x, idx, s, ranks).to(lora_a.dtype)
-            if need_b:
-                db = dbt.t().to(lora_b.dtype)
-            if need_gate:
-                dgate = dg.to(gate.dtype)
+            needs = [need_x, need_a, need_b, need_gate]
+            w = weight if need_x else None
+            dx, da, db, dgate = triton_lora_bwd(
+                dy, x, w, lora_a, lora_b, u, idx, gate, ctx.num_shared, ctx.scaling, needs
+            )
+            dx, da, db = (t if n else None for t, n in zip((dx, da, db), needs, strict=False))
+            dgate = dgate.to(gate.dtype) if need_gate else None
         if need_w:
             with torch.autocast(dy.device.type, enabled=False):  # dy and x share the compute dtype
                 dw = torch.matmul(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1])).to(weight.dtype)

@@ -73,10 +73,10 @@ def test_active_ranks_and_executed_rank_rows():
     assert flops.executed_rank_rows("reference", lin, 40, 120, False, num_shared=4, top_k=4) == 20 * 8
     assert flops.executed_rank_rows("reference", lin, 40, 120, True) == 20 * 40
     assert flops.merged_rank_rows(lin, 2, 7) == (2 * 8 * 7, 0)  # two merged weights, (8 x 7) @ (7 x 8) each
-    # Triton linear: (forward down, up, backward down); d_out = 8 is one column tile
-    assert flops.executed_rank_rows("triton", lin, 40, 120, False, num_shared=8, top_k=8) == (20 * 16,) * 3
-    assert flops.executed_rank_rows("triton", lin, 40, 120, False, num_shared=8, top_k=9) == (20 * 32,) * 3
-    assert flops.executed_rank_rows("triton", lin, 40, 120, True) == (20 * 64,) * 3
+    # Triton linear: (forward down, up, backward down, backward dh); d_out = d_in = 8: one column tile each way
+    assert flops.executed_rank_rows("triton", lin, 40, 120, False, num_shared=8, top_k=8) == (20 * 16,) * 4
+    assert flops.executed_rank_rows("triton", lin, 40, 120, False, num_shared=8, top_k=9) == (20 * 32,) * 4
+    assert flops.executed_rank_rows("triton", lin, 40, 120, True) == (20 * 64,) * 4
     assert flops.executed_rank_rows("cpp", lin, 40, 120, True) == 120
     assert flops.executed_rank_rows("cuda", lin, 40, 120, False) == 120
     assert flops.executed_rank_rows("cuda", lin, 40, 120, True) == 20 * 40
@@ -90,12 +90,15 @@ def test_active_ranks_and_executed_rank_rows():
     # a triple: the forward's down-projection repeated (30), the backward's not (10)
     assert flops.lora_flops(lin, (30, 4, 10)) == 2 * (30 * 8 + 4 * 8)
     assert flops.lora_flops(lin, (30, 4, 10), backward=True) == 2 * (30 * 8 + 4 * 8) + 4 * (10 * 8 + 4 * 8)
+    # a quadruple: the backward's dh = dy B repeated too (12 rank-rows against dB's 4)
+    assert flops.lora_flops(lin, (30, 4, 10, 12), backward=True) == 2 * (30 * 8 + 4 * 8) + 4 * 10 * 8 + 2 * 16 * 8
 
 
 def test_triton_linear_executed_flops_at_sd_shapes():
     """The Triton forward recomputes u = x A^T in each output-column tile of the kernel's tile table:
     64-wide tiles at 4096x320 and, at batch 1, at 1024x640 (5 and 10 tiles), 128 at batch 8 1024x640
-    (5) and for token routing's 64 listed ranks at 4096x320 (3). The backward runs the rank list once."""
+    (5) and for token routing's 64 listed ranks at 4096x320 (3). The backward recomputes dh = dy B in each of
+    its d_in tiles (the same table, d_in and d_out exchanged: as many tiles at these square shapes)."""
     rank_rows = flops.executed_rank_rows
     paper = dict(num_shared=8, top_k=8)  # RP = 16 (sample routing), 64 (token routing, R = 40)
     for (batch, tokens, d), token, tiles in (
@@ -108,15 +111,15 @@ def test_triton_linear_executed_flops_at_sd_shapes():
         rp = 64 if token else 16
         rows = layer.rows
         got = rank_rows("triton", layer, 40, 0, token, **paper)
-        assert got == (rows * rp * tiles, rows * rp, rows * rp), (batch, tokens, d, token)
+        assert got == (rows * rp * tiles, rows * rp, rows * rp, rows * rp * tiles), (batch, tokens, d, token)
         useful = 2 * rows * rp * (d + d)
         redundant = 2 * rows * rp * d * (tiles - 1)
         assert flops.op_flops("mor_linear", layer, got) == flops.base_flops(layer) + useful + redundant
-        bwd = 2 * useful  # dh, dB, dA, dx over the list, once
+        bwd = 2 * useful + redundant  # dh (once per d_in tile), dB, dA, dx over the list
         assert flops.op_flops("mor_lora", layer, got, backward=True) == useful + redundant + bwd
     # 4096x320 at batch 1: x A^T in all 5 tiles is RP / BLOCK_N = 16 / 64 of the base GEMM's MMA work
     layer = flops.linear_layer(1, 4096, 320, 320)
-    down, _, _ = rank_rows("triton", layer, 40, 0, False, **paper)
+    down, *_ = rank_rows("triton", layer, 40, 0, False, **paper)
     assert 4 * (2 * down * 320) == flops.base_flops(layer)
 
 
@@ -305,13 +308,16 @@ def test_registered_stage_formulas_hand_computed():
         a640, b640, y640 = torch.empty(R, 640, **meta), torch.empty(640, R, **meta), torch.empty(1, 1024, 640, **meta)
         want = 2 * 1024 * (640 * 640 + 10 * RP * 640 + RP * 640)
         assert f(x640, w640, None, a640, b640, idx[:1], gate[:1], None, S, 1.0, False, out_val=(y640, no_u)) == want
-        f = flop_registry[torch.ops.mor.triton_lora_rank_grad]
-        assert f(h, x, idx, S, R, out_val=torch.empty(R, d_in, **meta)) == 2 * B * T * RP * d_in
-        f = flop_registry[torch.ops.mor.triton_lora_bwd_dh]
+        f = flop_registry[torch.ops.mor.triton_lora_bwd]
         dy = torch.empty(B, T, d_out, **meta)
-        outs = (h, gate, torch.empty(R, d_out, **meta))
-        assert f(dy, b, h, idx, gate, S, 1.0, False, out_val=outs) == 2 * B * T * RP * d_out  # dh = dy B
-        assert f(dy, b, h, idx, gate, S, 1.0, True, out_val=outs) == 2 * 2 * B * T * RP * d_out  # + dB^T = h^T dy
+        outs = (x, a, b, gate)
+        # d_in = 48: one d_in tile: dh = dy B, dB^T = h^T dy, dx = du A + dy W, dA = du^T x
+        want = 2 * B * T * (RP * d_out * 2 + RP * d_in * 2 + d_out * d_in)
+        assert f(dy, x, w, a, b, h, idx, gate, S, 1.0, [True] * 4, out_val=outs) == want
+        assert (
+            f(dy, x, None, a, b, h, idx, gate, S, 1.0, [False, False, True, False], out_val=outs)
+            == 4 * B * T * RP * d_out
+        )
         checked += 1
     if status.get("lora_fwd") == "registered":
         f = flop_registry[torch.ops.mor.lora_fwd]
@@ -394,20 +400,20 @@ def test_flop_counter_counts_triton_stages(backward, monkeypatch):
     n = counted(run)
     assert len(grids) == 1 and grids[0][1] >= 2, grids  # d_out = 150: several column tiles
     fwd = 2 * rows * rp * d_in * grids[0][1] + 2 * rows * (rp * d_out + d_in * d_out)
-    # backward: dh (dy B over the list), dx (du A + dy W), dA (du^T x), dB (h^T dy)
+    # backward: dh (dy B over the list, in each d_in tile: d_in = 40 is one), dx (du A + dy W), dA (du^T x), dB
     bwd = 2 * rows * rp * d_out + 2 * rows * (rp * d_in + d_out * d_in) + 2 * rows * rp * d_in + 2 * rows * rp * d_out
     assert n == fwd + (bwd if backward else 0)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpp"])
 def test_flop_counter_counts_fused_conv_forward(backend):
-    """Fused conv backends: one conv with ``[W0; A]`` (all R ranks down) + ``conv_up`` (the executed
-    up-projection of :func:`flops.executed_rank_rows`)."""
+    """Fused conv backends: the base conv and the rank conv (all R ranks down) + the up-projection (the
+    executed one of :func:`flops.executed_rank_rows`)."""
     device = torch.device("cuda" if torch.cuda.is_available() and backend == "triton" else "cpu")
     if backend not in mor_kernels.available_backends(device, "mor_conv2d"):
         pytest.skip(f"{backend} unavailable: {mor_kernels.dispatch.unavailable_reason(backend, 'mor_conv2d', device)}")
     status = flops.register_flop_formulas()
-    assert status.get("triton_conv_up" if backend == "triton" else "conv_up") == "registered", status
+    assert status.get("triton_conv2d" if backend == "triton" else "conv_up") == "registered", status
     gen = torch.Generator().manual_seed(3)
     B, C_in, C_out, H, R, S = 2, 6, 10, 5, 12, 4
     x = torch.randn(B, C_in, H, H, generator=gen).to(device)
@@ -477,10 +483,11 @@ def test_executed_flops_triton_linear_match_the_counter(backward, routing, monke
         pytest.skip(f"triton unavailable: {mor_kernels.dispatch.unavailable_reason('triton', 'mor_linear', device)}")
     assert flops.register_flop_formulas().get("triton_lora_fwd") == "registered"
     grids = _record_fwd_grids(monkeypatch)
-    got, model, (down, up, down_bwd) = _model_vs_counter("triton", "triton", device, token=routing == "token",
-                                                         zero_slots=True, backward=backward)  # fmt: skip
+    got, model, (down, up, down_bwd, up_dh) = _model_vs_counter("triton", "triton", device, token=routing == "token",
+                                                                zero_slots=True, backward=backward)  # fmt: skip
     assert got == model
     assert len(grids) == 1 and grids[0][1] >= 2 and down == up * grids[0][1] and down_bwd == up
+    assert up_dh == up  # d_in = 40: one d_in tile in the backward
 
 
 def _need_cpp():

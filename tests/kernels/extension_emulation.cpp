@@ -23,9 +23,9 @@
 #define __host__
 #define __shared__ static
 #define MOR_DYNAMIC_SMEM(name) float* name = ::mor::cuda::emu_smem
-#define MOR_DYNAMIC_SMEM_MMA(name) float* name = ::mor::cuda::emu_smem
 #define __restrict__
 #define __launch_bounds__(...)
+#define __noinline__
 
 struct EmuDim3 {
   unsigned x = 0, y = 0, z = 0;
@@ -73,6 +73,8 @@ template <typename T>
 static T __ldg(const T* p) {
   return *p;
 }
+using std::fmaf;
+using std::isfinite;
 using std::max;
 using std::min;
 
@@ -150,19 +152,20 @@ static void launch(unsigned gx, unsigned gy, unsigned gz, F kernel) {
       }
 }
 
-// Tile kernels (kThreads per block on the GPU): one host thread per block, or all of them with real barriers.
+// Tile kernels (kThreads per block on the GPU): one host thread per block, or all of them with real barriers
+// (`threads` > 0 forces that many, for kernels written for a full block).
 template <typename F>
-static void launch_tile(unsigned gx, unsigned gy, F kernel) {
-  if (emu_block_threads <= 1) {
+static void launch_tile(unsigned gx, unsigned gy, F kernel, unsigned gz = 1, int threads = 0) {
+  const int n = threads > 0 ? threads : emu_block_threads;
+  if (n <= 1) {
     blockDim = {1, 1, 1};
-    launch(gx, gy, 1, kernel);
+    launch(gx, gy, gz, kernel);
     return;
   }
-  const int n = emu_block_threads;
   blockDim = {static_cast<unsigned>(n), 1, 1};
   std::barrier<> bar(n);
   emu_block_barrier = &bar;
-  launch(gx, gy, 1, [&] {
+  launch(gx, gy, gz, [&] {
     std::vector<std::thread> threads;
     for (int t = 0; t < n; ++t) {
       threads.emplace_back([&, t] {
@@ -183,32 +186,47 @@ extern "C" {
 // 1: blocks run as one thread (deterministic program order); kThreads: real threads and barriers per block.
 void emu_set_block_threads(int n) { emu_block_threads = n; }
 
-// lora_bt is lora_b transposed (R, d_out), as the host launcher passes it. h must be zero-filled.
+// lora_bt is lora_b transposed (R, d_out), as the host launcher passes it. h: null when the forward stores no h
+// (store_h false), else written whole. chunk: output columns per block (gridDim.z = cdiv(d_out, chunk)).
 void emu_lora_fwd(const float* x, const float* lora_a, const float* lora_bt, const int32_t* idx, const float* gate,
                   const float* base, float* y, float* h, int64_t batch, int64_t tokens, int64_t d_in, int64_t d_out,
-                  int ranks, int num_shared, int k, float scaling, int token) {
+                  int64_t chunk, int ranks, int num_shared, int k, float scaling, int token) {
   launch_tile(cdiv(tokens, kTile), static_cast<unsigned>(batch), [&] {
     if (token)
-      lora_fwd_kernel<float, true>(x, lora_a, lora_bt, idx, gate, base, y, h, tokens, d_in, d_out, ranks, num_shared,
-                                   k, scaling);
+      lora_fwd_kernel<float, true>(x, lora_a, lora_bt, idx, gate, base, y, h, tokens, d_in, d_out, chunk, ranks,
+                                   num_shared, k, scaling);
     else
-      lora_fwd_kernel<float, false>(x, lora_a, lora_bt, idx, gate, base, y, h, tokens, d_in, d_out, ranks, num_shared,
-                                    k, scaling);
-  });
+      lora_fwd_kernel<float, false>(x, lora_a, lora_bt, idx, gate, base, y, h, tokens, d_in, d_out, chunk, ranks,
+                                    num_shared, k, scaling);
+  }, std::max<unsigned>(1, cdiv(d_out, chunk)));
 }
 
 // The tensor-core forward (lora_fwd_mma_kernel) with float operands and the wmma stand-in above.
 void emu_lora_fwd_mma(const float* x, const float* lora_a, const float* lora_bt, const int32_t* idx,
                       const float* gate, const float* base, float* y, float* h, int64_t batch, int64_t tokens,
-                      int64_t d_in, int64_t d_out, int ranks, int num_shared, int k, float scaling, int token) {
+                      int64_t d_in, int64_t d_out, int64_t chunk, int ranks, int num_shared, int k, float scaling,
+                      int token) {
   launch_tile(cdiv(tokens, kTile), static_cast<unsigned>(batch), [&] {
     if (token)
-      lora_fwd_mma_kernel<float, float, true>(x, lora_a, lora_bt, idx, gate, base, y, h, tokens, d_in, d_out, ranks,
-                                              num_shared, k, scaling);
+      lora_fwd_mma_kernel<float, float, true>(x, lora_a, lora_bt, idx, gate, base, y, h, tokens, d_in, d_out, chunk,
+                                              ranks, num_shared, k, scaling);
     else
-      lora_fwd_mma_kernel<float, float, false>(x, lora_a, lora_bt, idx, gate, base, y, h, tokens, d_in, d_out, ranks,
-                                               num_shared, k, scaling);
+      lora_fwd_mma_kernel<float, float, false>(x, lora_a, lora_bt, idx, gate, base, y, h, tokens, d_in, d_out, chunk,
+                                               ranks, num_shared, k, scaling);
+  }, std::max<unsigned>(1, cdiv(d_out, chunk)));
+}
+
+// split_sum_kernel alone: out[i] = sum over splits of partial[split * numel + i], in split order.
+void emu_split_sum(const float* partial, float* out, int64_t numel, int64_t splits) {
+  blockDim = {256, 1, 1};
+  launch(cdiv(numel, 256), 1, 1, [&] {
+    for (unsigned t = 0; t < 256; ++t) {
+      threadIdx.x = t;
+      split_sum_kernel<float>(partial, out, numel, splits);
+    }
   });
+  threadIdx.x = 0;
+  blockDim = {1, 1, 1};
 }
 
 // The whole of mor::lora_bwd's CUDA path: rank kernel, gate reduction, dx, and the split outer products.
@@ -297,19 +315,12 @@ void emu_route(const float* logits, int32_t* idx, float* gate, float* probs, int
   blockDim = {1, 1, 1};
 }
 
-void emu_conv_up(const float* out, const float* lora_b, const int32_t* idx, const float* gate, float* y, int64_t batch,
-                 int64_t pixels, int64_t c_out, int ranks, int num_shared, int k, float scaling) {
-  // one thread per pixel and no barrier after the shared tables: emulate the threads of a block in turn, with
-  // thread 0 (which builds the rank table) first
-  constexpr int threads = 64;
-  blockDim = {threads, 1, 1};
-  launch(cdiv(pixels, threads), static_cast<unsigned>(batch), 1, [&] {
-    for (unsigned t = 0; t < threads; ++t) {
-      threadIdx.x = t;
-      conv_up_kernel<float>(out, lora_b, idx, gate, y, pixels, c_out, ranks, num_shared, k, scaling);
-    }
-  });
-  threadIdx.x = 0;
-  blockDim = {1, 1, 1};
+// mor::conv_up's kernel, written for full 256-thread blocks: always run with 256 host threads and real barriers.
+void emu_conv_up(const float* base, const float* z_rank, const float* lora_b, const int32_t* idx, const float* gate,
+                 float* y, int64_t batch, int64_t pixels, int64_t c_out, int ranks, int num_shared, int k,
+                 float scaling) {
+  launch_tile(cdiv(pixels, 32), cdiv(c_out, 64), [&] {
+    conv_up_kernel<float>(base, z_rank, lora_b, idx, gate, y, pixels, c_out, ranks, num_shared, k, scaling);
+  }, static_cast<unsigned>(batch), kThreads);
 }
 }

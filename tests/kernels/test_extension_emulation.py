@@ -37,6 +37,9 @@ CASES = {
     "r1": {"num_shared": 0, "num_routed": 1, "num_zero": 1, "top_k": 2},
     "zero_only_s0": {"zero_only_unit": True, "num_zero": 3, "top_k": 2, "num_shared": 0},
     "k_all": {"num_shared": 1, "num_routed": 4, "num_zero": 2, "top_k": 6},
+    # 2 x 300 tokens: above the 256 tokens from which the backward's outer products split their token sums
+    # (3 splits summed by split_sum_kernel)
+    "t300_splits": {"batch": 2, "tokens": 300, "d_in": 20, "d_out": 70},
 }
 
 
@@ -48,10 +51,11 @@ def emu(tmp_path_factory):
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     dll = ctypes.CDLL(str(lib))
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    dll.emu_lora_fwd.argtypes = [p] * 8 + [i64] * 4 + [i32] * 3 + [f32, i32]
+    dll.emu_lora_fwd.argtypes = [p] * 8 + [i64] * 5 + [i32] * 3 + [f32, i32]
     dll.emu_lora_fwd_mma.argtypes = dll.emu_lora_fwd.argtypes
     dll.emu_lora_bwd.argtypes = [p] * 11 + [i64] * 4 + [i32] * 3 + [f32, i32]
-    dll.emu_conv_up.argtypes = [p] * 5 + [i64] * 3 + [i32] * 3 + [f32]
+    dll.emu_conv_up.argtypes = [p] * 6 + [i64] * 3 + [i32] * 3 + [f32]
+    dll.emu_split_sum.argtypes = [p, p, i64, i64]
     dll.emu_route.argtypes = [p] * 5 + [i64] + [i32] * 4
     dll.emu_set_block_threads.argtypes = [i32]
     return dll
@@ -63,12 +67,14 @@ def _ptr(t):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
-def _emu_forward(emu, c, base, tensor_cores=False):
+def _emu_forward(emu, c, base, tensor_cores=False, chunk=64, store_h=True):
+    """The forward kernel over output-column chunks of ``chunk`` (64: as many chunks as 64-wide column steps,
+    the most the host launcher uses), h poisoned first (the kernel writes it whole, zeros included)."""
     b, t, d_in = c.x.shape
     d_out, ranks = c.lora_b.shape
     bt = c.lora_b.t().contiguous()
     y = torch.full((b, t, d_out), float("nan"))
-    h = torch.zeros(b, t, ranks)
+    h = torch.full((b, t, ranks), float("nan")) if store_h else None
     idx, gate = c.idx.contiguous(), c.gate.contiguous()
     k, token = idx.shape[-1], int(idx.dim() == 3)
     (emu.emu_lora_fwd_mma if tensor_cores else emu.emu_lora_fwd)(
@@ -77,6 +83,7 @@ def _emu_forward(emu, c, base, tensor_cores=False):
         t,
         d_in,
         d_out,
+        chunk,
         ranks,
         c.num_shared,
         k,
@@ -161,16 +168,19 @@ def test_cuda_tensor_core_forward_emulated(emu, case, routing, block_threads):
 
 @pytest.mark.parametrize("case", ["default", "r1", "zero_only_s0", "t70_r40"])
 def test_cuda_conv_up_emulated(emu, case):
+    """conv_up's blocks (32 pixels x 64 channels, 256 threads with real barriers) against the C++ CPU kernel,
+    on 9 x 11 pixels (the last pixel tile partial) and 70 channels (two channel chunks, the last partial)."""
     kw = {k: v for k, v in CASES[case].items() if k not in ("tokens", "d_in", "d_out")}
-    c = random_case(kernel_size=3, d_in=4, d_out=6, height=9, width=11, conv={"padding": (1, 1)}, **kw, seed=37)
-    out = torch.nn.functional.conv2d(c.x, torch.cat([c.weight, c.lora_a]), padding=1).contiguous()
-    want = torch.ops.mor.conv_up(out, c.lora_b, c.idx, c.gate, c.num_shared, c.scaling)
+    c = random_case(kernel_size=3, d_in=4, d_out=70, height=9, width=11, conv={"padding": (1, 1)}, **kw, seed=37)
+    base = torch.nn.functional.conv2d(c.x, c.weight, c.bias, padding=1).contiguous()
+    z_rank = torch.nn.functional.conv2d(c.x, c.lora_a, padding=1).contiguous()
+    want = torch.ops.mor.conv_up(base, z_rank, c.lora_b, c.idx, c.gate, c.num_shared, c.scaling)
     got = torch.full_like(want, float("nan"))
-    b, _, hh, ww = out.shape
+    b, _, hh, ww = base.shape
     d_out, ranks = c.lora_b.shape
     lora_b = c.lora_b.contiguous()
     emu.emu_conv_up(
-        *map(_ptr, (out, lora_b, c.idx, c.gate, got)),
+        *map(_ptr, (base, z_rank, lora_b, c.idx, c.gate, got)),
         b,
         hh * ww,
         d_out,
@@ -180,6 +190,15 @@ def test_cuda_conv_up_emulated(emu, case):
         c.scaling,
     )
     assert_parity(got, want, dtype=torch.float32, name="emulated CUDA conv_up")
+
+
+def test_cuda_split_sum_keeps_split_order(emu):
+    """split_sum_kernel sums the backward's split partials in split order: with partials 1e8, -1e8, 1 that
+    order gives exactly 1, the reverse (or any other) 0 in float32."""
+    partial = torch.tensor([[1e8] * 300, [-1e8] * 300, [1.0] * 300], dtype=torch.float32)
+    out = torch.full((300,), float("nan"))
+    emu.emu_split_sum(_ptr(partial), _ptr(out), 300, 3)
+    assert torch.equal(out, torch.ones(300))
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
@@ -201,3 +220,73 @@ def test_cuda_route_emulated(emu, rows, n, k, num_zero, renormalize):
     assert torch.equal(idx, r_idx) and torch.equal(idx, want[0]) and torch.equal(slots, want[3])
     assert_parity(gate, r_gate, dtype=torch.float32, name="emulated CUDA route gate")
     assert_parity(probs, r_probs, dtype=torch.float32, name="emulated CUDA route probs")
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["simt", "wmma"])
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_cuda_forward_column_chunks_and_h(emu, routing, tensor_cores):
+    """The forward over 1, 2 or 3 output-column chunks (d_out = 130: chunks of 64 or 128 columns, or one) gives
+    the same y bit for bit, h written whole by the first chunk's blocks equals the C++ kernel's at the ranks
+    that kernel lists (and, under sample routing, is zero where it is), and without store_h y is unchanged."""
+    c = random_case(routing=routing, tokens=40, d_in=45, d_out=130, num_shared=3, num_routed=9, num_zero=2,
+                    top_k=4, zero_only_unit=True, seed=43).to(torch.float32)  # fmt: skip
+    base = torch.randn(2, 40, 130)
+    ys = []
+    for chunk in (64, 128, 1 << 20):
+        y, h = _emu_forward(emu, c, base, tensor_cores=tensor_cores, chunk=chunk)
+        ys.append(y)
+        want_y, want_h = torch.ops.mor.lora_fwd(c.x, c.lora_a, c.lora_b, c.idx, c.gate, c.num_shared, c.scaling, base)
+        assert_parity(y, want_y, dtype=torch.float32, name="y")
+        listed = want_h != 0  # the C++ kernel lists a token's picked ranks; CUDA's token routing lists all R
+        torch.testing.assert_close(h[listed], want_h[listed], rtol=1e-6, atol=1e-6)
+        if routing == "sample":
+            assert torch.equal(h == 0, want_h == 0)
+    assert all(torch.equal(ys[0], y) for y in ys[1:])
+    y, _ = _emu_forward(emu, c, base, tensor_cores=tensor_cores, store_h=False)
+    assert torch.equal(y, ys[0])
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["simt", "wmma"])
+@pytest.mark.parametrize("poison", ["a", "b"])
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_cuda_kernels_non_finite_unpicked_rank_emulated(emu, routing, poison, tensor_cores):
+    """MOR_SPEC 2.2 on the CUDA kernels: a routed rank picked by one unit only holds NaN (in lora_a or lora_b):
+    every other unit's y, dx and dgate and every other rank's dA/dB equal those of the run with finite values,
+    bit for bit; the unit that picks it is not finite. Token routing lists every rank for every token (the
+    dense case); the tensor-core forward guards its MMA against the NaN of an unpicked rank."""
+    c = random_case(routing=routing, batch=3, tokens=9, d_in=41, d_out=70, seed=47).to(torch.float32)
+    rank = c.num_shared + 5
+    c.idx = c.idx.clone()
+    c.idx[c.idx == 5] = -1
+    picker = (1,) if routing == "sample" else (1, 4)
+    c.idx[picker + (0,)] = 5
+    b, t, d_in = c.x.shape
+    d_out, ranks = c.lora_b.shape
+    k, token = c.idx.shape[-1], int(routing == "token")
+    base = torch.randn(b, t, d_out)
+    dy = torch.randn(b, t, d_out)
+
+    def run(case):
+        y, h = _emu_forward(emu, case, base, tensor_cores=tensor_cores)
+        grads = [torch.full(s, float("nan")) for s in ((b, t, d_in), (ranks, d_in), (ranks, d_out), c.idx.shape)]
+        bt = case.lora_b.t().contiguous()
+        emu.emu_lora_bwd(*map(_ptr, (dy, case.x, case.lora_a, bt, case.idx, case.gate, h, *grads)),
+                         b, t, d_in, d_out, ranks, case.num_shared, k, case.scaling, token)  # fmt: skip
+        return y, grads
+
+    clean_y, clean = run(c)
+    bad = c.to(torch.float32)
+    if poison == "a":
+        bad.lora_a[rank, 3] = float("nan")
+    else:
+        bad.lora_b[7, rank] = float("nan")
+    y, grads = run(bad)
+    others = torch.ones(y.shape[: len(picker)], dtype=torch.bool)
+    others[picker] = False
+    keep = torch.arange(ranks) != rank
+    assert torch.isfinite(y[others]).all() and torch.equal(y[others], clean_y[others])
+    assert not torch.isfinite(y[picker]).all()
+    assert torch.equal(grads[0][others], clean[0][others])  # dx
+    assert torch.equal(grads[3][others], clean[3][others])  # dgate
+    assert torch.equal(grads[1][keep], clean[1][keep])  # dA of the other ranks
+    assert torch.equal(grads[2][keep], clean[2][keep])  # dB^T of the other ranks

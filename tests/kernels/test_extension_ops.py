@@ -37,9 +37,10 @@ def _bwd_args(device="cpu", routing="sample"):
     return [torch.randn_like(y), c.x, c.lora_a, c.lora_b, c.idx, c.gate, h, c.num_shared, c.scaling, [True] * 4]
 
 
-def _conv_out(c):
-    w = torch.cat([c.weight, c.lora_a])
-    return torch.nn.functional.conv2d(c.x, w, padding=1)
+def _conv_parts(c):
+    """``(base, z_rank)``: the base convolution (with bias) and the rank convolution, conv_up's inputs."""
+    base = torch.nn.functional.conv2d(c.x, c.weight, c.bias, padding=1)
+    return base, torch.nn.functional.conv2d(c.x, c.lora_a, padding=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,13 +111,13 @@ def test_out_of_range_indices_are_zero_slots(device, routing):
         assert torch.equal(a, b)
     if routing == "sample":
         cc = random_case(kernel_size=3, d_in=3, d_out=4, seed=4).to(device=device)
-        out = _conv_out(cc)
+        parts = _conv_parts(cc)
         bad = cc.idx.clone()
         bad[0, 0] = 99
         cleaned = torch.where((bad >= 0) & (bad < 6), bad, torch.full_like(bad, -1))
         assert torch.equal(
-            torch.ops.mor.conv_up(out, cc.lora_b, bad, cc.gate, cc.num_shared, cc.scaling),
-            torch.ops.mor.conv_up(out, cc.lora_b, cleaned, cc.gate, cc.num_shared, cc.scaling),
+            torch.ops.mor.conv_up(*parts, cc.lora_b, bad, cc.gate, cc.num_shared, cc.scaling),
+            torch.ops.mor.conv_up(*parts, cc.lora_b, cleaned, cc.gate, cc.num_shared, cc.scaling),
         )
         d = torch.ops.mor.dense_gate(bad, cc.gate, cc.num_shared, 8)
         assert torch.isfinite(d).all()
@@ -165,20 +166,22 @@ def test_route_non_finite_logits_stay_in_range(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_conv_up_bad_inputs(device):
     c = random_case(kernel_size=3, d_in=3, d_out=4, seed=4).to(device=device)
-    out = _conv_out(c)
+    base, z_rank = _conv_parts(c)
     op = torch.ops.mor.conv_up
-    with pytest.raises(ValueError, match=r"lora_b must have shape \(C_out, R\) with C_out \+ R = 12"):
-        op(out, c.lora_b[:, :3], c.idx, c.gate, c.num_shared, c.scaling)
-    with pytest.raises(ValueError, match=r"out must have shape \(B, C_out \+ R, H, W\)"):
-        op(out[0], c.lora_b, c.idx, c.gate, c.num_shared, c.scaling)
+    with pytest.raises(ValueError, match=r"z_rank must have shape \(2, 3, 5, 7\), got \[2, 8, 5, 7\]"):
+        op(base, z_rank, c.lora_b[:, :3], c.idx, c.gate, c.num_shared, c.scaling)
+    with pytest.raises(ValueError, match=r"lora_b must have shape \(4, R\)"):
+        op(base, z_rank, c.lora_b[:3], c.idx, c.gate, c.num_shared, c.scaling)
+    with pytest.raises(ValueError, match=r"base must have shape \(B, C_out, H, W\)"):
+        op(base[0], z_rank, c.lora_b, c.idx, c.gate, c.num_shared, c.scaling)
     with pytest.raises(ValueError, match=r"idx must have shape \(2, k\) for sample routing, got"):
-        op(out, c.lora_b, c.idx[None], c.gate[None], c.num_shared, c.scaling)
+        op(base, z_rank, c.lora_b, c.idx[None], c.gate[None], c.num_shared, c.scaling)
     with pytest.raises(TypeError, match="idx must be int32"):
-        op(out, c.lora_b, c.idx.long(), c.gate, c.num_shared, c.scaling)
+        op(base, z_rank, c.lora_b, c.idx.long(), c.gate, c.num_shared, c.scaling)
     with pytest.raises(TypeError, match="gate must be float32"):
-        op(out, c.lora_b, c.idx, c.gate.half(), c.num_shared, c.scaling)
-    with pytest.raises(TypeError, match="lora_b has dtype"):
-        op(out, c.lora_b.half(), c.idx, c.gate, c.num_shared, c.scaling)
+        op(base, z_rank, c.lora_b, c.idx, c.gate.half(), c.num_shared, c.scaling)
+    with pytest.raises(TypeError, match="lora_b and z_rank must have the dtype of base"):
+        op(base, z_rank, c.lora_b.half(), c.idx, c.gate, c.num_shared, c.scaling)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -212,12 +215,13 @@ def _opcheck_cases(device):
         "lora_fwd": (torch.ops.mor.lora_fwd.default, tuple(args)),
         "lora_fwd_base": (torch.ops.mor.lora_fwd.default, tuple(args[:-1]) + (base,)),
         "lora_fwd_token_fp16": (torch.ops.mor.lora_fwd.default, tuple(args_t)),
+        "lora_fwd_no_h": (torch.ops.mor.lora_fwd.default, tuple(args) + (False,)),
         "lora_bwd": (torch.ops.mor.lora_bwd.default, tuple(_bwd_args(device))),
         "lora_bwd_masked": (
             torch.ops.mor.lora_bwd.default,
             tuple(_bwd_args(device, "token")[:-1]) + ([True, False, True, False],),
         ),
-        "conv_up": (torch.ops.mor.conv_up.default, (_conv_out(conv), conv.lora_b, conv.idx, conv.gate, 2, 0.5)),
+        "conv_up": (torch.ops.mor.conv_up.default, (*_conv_parts(conv), conv.lora_b, conv.idx, conv.gate, 2, 0.5)),
     }
 
 
@@ -230,6 +234,7 @@ def _opcheck_cases(device):
         "lora_fwd",
         "lora_fwd_base",
         "lora_fwd_token_fp16",
+        "lora_fwd_no_h",
         "lora_bwd",
         "lora_bwd_masked",
         "conv_up",
@@ -326,7 +331,9 @@ def test_conv_runs_with_tf32_off_and_a_deterministic_backward(monkeypatch):
         c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx, c.gate, c.num_shared, c.scaling, padding=1, backend="cpp"
     )
     torch.autograd.grad(y, [c.x, c.weight, c.bias, c.lora_a], torch.ones_like(y))
-    assert [kind for kind, *_ in seen] == ["forward", "input", "weight"]
+    # the base and the rank convolutions (no [W0; A] weight), then the input and weight gradients of each
+    kinds = [kind for kind, *_ in seen]
+    assert kinds[:2] == ["forward", "forward"] and sorted(kinds[2:]) == ["input", "input", "weight", "weight"]
     assert all(tf32 == "ieee" for _, tf32, _ in seen)
-    assert [det for *_, det in seen] == [False, True, True]
+    assert [det for *_, det in seen] == [False, False, True, True, True, True]
     assert (get_tf32(), torch.backends.cudnn.deterministic) == before

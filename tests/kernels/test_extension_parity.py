@@ -138,6 +138,18 @@ def test_parity(op, case, routing, dtype, device):
     _check(op, c, dtype, device, with_base=(op == "lora" and case in ("default", "zero_only")))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="backend='cuda' needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_cuda_sd_sized_backward_above_the_split_threshold(routing, dtype):
+    """An SD-sized layer (T = 1024, d = 640, the paper's 40 ranks): 1024 tokens in all, above the 256 from
+    which the CUDA backward splits its dA/dB token sums (4 splits summed by split_sum_kernel)."""
+    c = random_case(routing=routing, batch=1, tokens=1024, d_in=640, d_out=640, num_shared=8, num_routed=32,
+                    num_zero=4, top_k=8, seed=29)  # fmt: skip
+    _check("lora", c, dtype, "cuda")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(CONV_CASES))

@@ -1,4 +1,5 @@
-"""Triton ``mor_conv2d`` (one torch conv with ``[W0; A]`` + the Triton gate/up/add pass) against the
+"""Triton ``mor_conv2d`` (cuDNN convolutions with ``W0`` and ``A`` + the Triton gate/up/add pass; 1x1 through the
+linear kernels) against the
 reference (MOR_SPEC section 7): forward and every gradient, float32/float16/bfloat16, odd
 sizes, stride/padding/dilation, zero-slot corners, channels_last."""
 
@@ -145,7 +146,9 @@ def test_conv_cudnn_settings(dtype, monkeypatch):
     """Every convolution with float32 operands runs with TF32 off (cudnn conv fp32_precision "ieee";
     PyTorch's default is TF32, which misses the float32 tolerance on a GPU), 16-bit ones keep the
     caller's setting; the backward convolutions run deterministic; everything is restored after.
-    Without cuDNN here, the settings are read at each call."""
+    Without cuDNN here, the settings are read at each call. The forward is two convolutions (W0 and the rank
+    filters, no [W0; A] weight), the backward two input gradients (base, ranks), dW and dA, the last over
+    [dz_hi; dz_lo] (2R channels) for 16-bit inputs."""
     from mor_kernels.ops import cudnn_conv as conv_ops
 
     cudnn = torch.backends.cudnn
@@ -154,7 +157,8 @@ def test_conv_cudnn_settings(dtype, monkeypatch):
     def spy(kind, fn):
         def wrapped(*args, **kwargs):
             dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor)}
-            seen.append((kind, dtypes, cudnn.conv.fp32_precision, cudnn.deterministic))
+            shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+            seen.append((kind, dtypes, cudnn.conv.fp32_precision, cudnn.deterministic, shapes))
             return fn(*args, **kwargs)
 
         return wrapped
@@ -168,13 +172,14 @@ def test_conv_cudnn_settings(dtype, monkeypatch):
     y = mor_kernels.mor_conv2d(*_args(c), padding=1, backend="triton")
     torch.autograd.grad(y, [getattr(c, n) for n in NAMES], torch.ones_like(y))
     assert (cudnn.conv.fp32_precision, cudnn.deterministic) == before
-    assert [kind for kind, *_ in seen] == ["forward", "input", "weight", "weight"]  # dx, dW, dA
-    for kind, dtypes, precision, deterministic in seen:
+    assert [kind for kind, *_ in seen] == ["forward", "forward", "input", "input", "weight", "weight"]
+    for kind, dtypes, precision, deterministic, _ in seen:
         (operands,) = dtypes
         assert precision == ("ieee" if operands == torch.float32 else before[0]), (kind, operands, precision)
         assert deterministic == (kind != "forward"), kind
-    if dtype == torch.float16:  # the dA convolution runs in float32 even for 16-bit inputs
-        assert seen[-1][1] == {torch.float32} and seen[-1][2] == "ieee"
+    ranks = c.lora_a.shape[0]
+    assert seen[1][4][1][0] == ranks  # the rank convolution: R filters
+    assert seen[-1][4][1][1] == (2 * ranks if dtype == torch.float16 else ranks)  # dA: [dz_hi; dz_lo] for 16 bits
 
 
 def test_conv_backend_casts_operands_under_autocast():

@@ -44,21 +44,27 @@ def _op_cases():
         tag = "token" if token else "sample"
         _, u = lora_ops.triton_lora_fwd(x, w, bias, a, bb, idx, gate, None, s, 0.5, True)
         dy = _r(*x.shape[:2], bb.shape[0], seed=8)
-        du, _, _ = lora_ops.triton_lora_bwd_dh(dy, bb, u, idx, gate, s, 0.5, False)
+        all4, no_a = [True] * 4, [True, False, True, True]
         cases += [
             (f"fwd-linear-{tag}", lora_ops.triton_lora_fwd, (x, w, bias, a, bb, idx, gate, None, s, 0.5, True)),
             (f"fwd-linear-infer-{tag}", lora_ops.triton_lora_fwd, (x, w, None, a, bb, idx, gate, None, s, 0.5, False)),
             (f"fwd-lora-base-{tag}", lora_ops.triton_lora_fwd, (x, None, None, a, bb, idx, gate, dy, s, 0.5, True)),
             (f"fwd-lora-{tag}", lora_ops.triton_lora_fwd, (x, None, None, a, bb, idx, gate, None, s, 0.5, False)),
-            (f"bwd_dh-{tag}", lora_ops.triton_lora_bwd_dh, (dy, bb, u, idx, gate, s, 0.5, True)),
-            (f"bwd_dx-{tag}", lora_ops.triton_lora_bwd_dx, (du, a, idx, s, dy, w)),
-            (f"rank_grad-{tag}", lora_ops.triton_lora_rank_grad, (du, x, idx, s, 6)),
+            (f"bwd-linear-{tag}", lora_ops.triton_lora_bwd, (dy, x, w, a, bb, u, idx, gate, s, 0.5, all4)),
+            (f"bwd-lora-{tag}", lora_ops.triton_lora_bwd, (dy, x, None, a, bb, u, idx, gate, s, 0.5, no_a)),
         ]
-    z = _r(2, 18 + 6, 3, 4, seed=9)
     _, _, bias, _, bb, idx, gate, s = _lora_inputs(False)
-    cases.append(("conv_up", conv_ops.triton_conv_up, (z, bb, bias, idx, gate, s, 0.5, True)))
-    z_cl = z.to(memory_format=torch.channels_last)
-    cases.append(("conv_up-channels_last", conv_ops.triton_conv_up, (z_cl, bb, None, idx, gate, s, 0.5, False)))
+    x4, w4, a4 = _r(2, 20, 6, 5, seed=9), _r(18, 20, 3, 3, seed=17), _r(6, 20, 3, 3, seed=18)
+    conv = ([2, 1], [1, 0], [1, 2])
+    y4, z_rank = conv_ops.triton_conv2d(x4, w4, bias, a4, bb, idx, gate, s, 0.5, *conv)
+    dy4 = _r(*y4.shape, seed=19)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xf, tag = x4.contiguous(memory_format=fmt), "channels_last" if fmt == torch.channels_last else "nchw"
+        cases += [
+            (f"conv-{tag}", conv_ops.triton_conv2d, (xf, w4, bias, a4, bb, idx, gate, s, 0.5, *conv)),
+            (f"conv_bwd-{tag}", conv_ops.triton_conv2d_bwd,
+             (dy4.contiguous(memory_format=fmt), xf, w4, a4, bb, z_rank, idx, gate, s, 0.5, *conv, [True] * 5)),
+        ]  # fmt: skip
     x, w = _r(2, 3, 6, 5, seed=10), _r(7, 3, 3, 3, seed=11)
     conv = ([2, 1], [1, 0], [1, 2])
     dz = _r(2, 7, *torch.nn.functional.conv2d(x, w, None, *conv).shape[2:], seed=12)
@@ -80,11 +86,13 @@ def test_opcheck(case):
 
 
 def test_ops_are_registered_in_the_mor_namespace():
-    names = {"triton_route", "triton_lora_fwd", "triton_lora_bwd_dh", "triton_lora_bwd_dx", "triton_lora_rank_grad",
-             "triton_conv_up", "conv2d", "conv2d_input", "conv2d_weight"}  # fmt: skip
+    names = {"triton_route", "triton_lora_fwd", "triton_lora_bwd", "triton_conv2d", "triton_conv2d_bwd", "conv2d",
+             "conv2d_input", "conv2d_weight"}  # fmt: skip
     for name in names:
         assert hasattr(torch.ops.mor, name), name
-    for gone in ("triton_lora_shrink", "triton_lora_expand"):  # the former two-launch forward
+    # the former two-launch forward, the three-launch backward and the [W0; A] conv epilogue
+    for gone in ("triton_lora_shrink", "triton_lora_expand", "triton_lora_bwd_dh", "triton_lora_bwd_dx",
+                 "triton_lora_rank_grad", "triton_conv_up"):  # fmt: skip
         assert not hasattr(torch.ops.mor, gone), gone
 
 
@@ -214,6 +222,33 @@ def test_forward_captures_in_a_cuda_graph(routing):
     torch.cuda.synchronize()
     want = ref_ops.mor_linear(*[a.double() if a.is_floating_point() else a for a in args], c.num_shared, c.scaling)
     assert_parity(out, want, dtype=torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA device, not the interpreter")
+def test_split_k_forward_replays_in_a_cuda_graph():
+    """A forward the tile table splits (64 tokens x 1280 channels, batch 1): its workspace and tile counts are
+    set up outside the capture and the counts return to zero after each launch, so the graph replays again and
+    again with new routing and gives the eager result."""
+    from mor_kernels.kernels.mor_lora_tiles import fwd_config
+
+    assert fwd_config(torch.device("cuda"), torch.bfloat16, 1, 64, 1280, 1280, 16)["SPLIT_K"] > 1
+    c = random_case(batch=1, tokens=64, d_in=1280, d_out=1280, num_shared=8, num_routed=32, num_zero=4, top_k=8,
+                    seed=30).to(torch.bfloat16, device="cuda")  # fmt: skip
+    args = [c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx.to(torch.int32), c.gate]
+
+    def fn():
+        return mor_kernels.mor_linear(*args, c.num_shared, c.scaling, backend="triton", check_indices=False)
+
+    graph, out = _capture(fn)
+    for seed in (31, 32, 33):
+        other = random_case(batch=1, tokens=64, d_in=1280, d_out=1280, num_shared=8, num_routed=32, num_zero=4,
+                            top_k=8, seed=seed)  # fmt: skip
+        args[5].copy_(other.idx.to(torch.int32))
+        args[6].copy_(other.gate)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, fn())
 
 
 def _capture(fn):

@@ -1,0 +1,159 @@
+"""The Triton MoR linear kernels' fixed tile tables (mor_kernels/kernels/mor_lora_tiles.py), and every GPU tile
+configuration they pick run under the interpreter on ragged sizes, split-K included: forward and every
+gradient against the reference (MOR_SPEC section 7), and bitwise repeatable."""
+
+import pytest
+import torch
+from test_triton_mor_linear import check_parity
+from triton_env import DEVICE, skip_if_triton_imported_too_late
+
+import mor_kernels
+from mor_kernels.kernels import mor_lora_tiles as tiles
+from mor_kernels.testing import random_case
+
+skip_if_triton_imported_too_late()
+CUDA = torch.device("cuda")
+
+# (batch, tokens, d_in, d_out, RP) -> the forward's GPU tiles for 16-bit inputs (BLOCK_M, BLOCK_N, SPLIT_K,
+# num_warps): the SD 2.1 shapes at batch 1 and 8 (and the ff layers at 64 tokens), sample routing (RP 16) and
+# token routing with R = 40 (RP 64).
+FWD_TILES = {
+    (1, 4096, 320, 320, 16): (128, 64, 1, 4),
+    (1, 1024, 640, 640, 16): (64, 64, 1, 4),
+    (1, 256, 1280, 1280, 16): (64, 64, 2, 4),  # 80 programs -> 160
+    (1, 64, 1280, 1280, 16): (64, 64, 4, 4),  # 20 -> 80: 4 K steps per split at least
+    (1, 64, 5120, 1280, 16): (64, 64, 8, 4),  # ff.net.2: 20 -> 160
+    (1, 64, 1280, 10240, 16): (64, 64, 1, 4),  # ff.net.0: 160 without a split
+    (1, 4096, 320, 320, 64): (64, 128, 1, 4),
+    (1, 64, 1280, 1280, 64): (64, 128, 4, 4),
+    (8, 4096, 320, 320, 16): (128, 64, 1, 4),
+    (8, 1024, 640, 640, 16): (128, 128, 1, 8),
+    (8, 256, 1280, 1280, 16): (128, 128, 1, 8),
+    (8, 64, 1280, 1280, 16): (64, 64, 1, 4),
+    (8, 4096, 320, 320, 64): (128, 128, 1, 8),
+}
+# the backward's (BLOCK_M, BLOCK_N = d_in tile, SPLIT_K of the d_out loop, num_warps): the forward's rule with
+# d_in and d_out exchanged
+BWD_TILES = {
+    (1, 4096, 320, 320, 16): (128, 64, 1, 4),
+    (1, 256, 1280, 1280, 16): (64, 64, 2, 4),
+    (1, 64, 1280, 1280, 16): (64, 64, 4, 4),
+    (1, 64, 1280, 5120, 16): (64, 64, 8, 4),  # dx of ff.net.2 sums over d_out = 5120
+    (1, 64, 10240, 1280, 16): (64, 64, 1, 4),
+    (8, 1024, 640, 640, 16): (128, 128, 1, 8),
+}
+
+
+def test_fwd_tile_table():
+    """64-wide column tiles where they cost fewer MMA columns (d_out 320) or fill an H100's 132 SMs at batch
+    1, 128 otherwise and for RP 64; then a split of the d_in loop while short of 132 programs and each split
+    keeps 4 K steps of 64; small tiles, no split for float32 and the interpreter, with the same BLOCK_N (so
+    the executed FLOPs depend on the shapes alone)."""
+    for (batch, tokens, d_in, d_out, rp), want in FWD_TILES.items():
+        for dtype in (torch.float16, torch.bfloat16):
+            cfg = tiles.fwd_config(CUDA, dtype, batch, tokens, d_in, d_out, rp)
+            got = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"], cfg["num_warps"])
+            assert got == want, (batch, tokens, d_in, d_out, rp)
+            assert cfg["BLOCK_K"] == 64 and cfg["num_stages"] == 3
+        for device, dtype in ((CUDA, torch.float32), (torch.device("cpu"), torch.bfloat16)):
+            small = tiles.fwd_config(device, dtype, batch, tokens, d_in, d_out, rp)
+            assert (small["BLOCK_M"], small["BLOCK_K"], small["SPLIT_K"], small["num_stages"]) == (32, 32, 1, 2)
+            assert small["BLOCK_N"] == want[1]
+        assert tiles.fwd_column_tiles(batch, tokens, d_out, rp) == -(-d_out // want[1])
+        bm, bn, split, _ = want
+        programs = -(-tokens // bm) * -(-d_out // bn) * batch * split
+        steps = d_in // 64
+        # fills the GPU, or stops where another split would leave a split fewer than 4 K steps, or at 8
+        assert programs >= tiles.NUM_SMS or 2 * split * tiles.MIN_SPLIT_STEPS > steps or split == tiles.MAX_SPLIT_K
+
+
+def test_bwd_tile_table():
+    for (batch, tokens, d_in, d_out, rp), want in BWD_TILES.items():
+        cfg = tiles.bwd_config(CUDA, torch.bfloat16, batch, tokens, d_in, d_out, rp)
+        assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"], cfg["num_warps"]) == want, (batch, tokens, d_in)
+        small = tiles.bwd_config(torch.device("cpu"), torch.bfloat16, batch, tokens, d_in, d_out, rp)
+        assert small["SPLIT_K"] == 1 and small["BLOCK_M"] == 32
+
+
+GPU_TILES = sorted({v[:3] for v in FWD_TILES.values()} | {v[:3] for v in BWD_TILES.values()})
+
+
+def _gpu_config(bm, bn, split):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, SPLIT_K=split, num_warps=8 if bm * bn >= 128 * 128 else 4,
+                num_stages=3)  # fmt: skip
+
+
+@pytest.mark.parametrize("config", GPU_TILES, ids=[f"{m}x{n}s{s}" for m, n, s in GPU_TILES])
+@pytest.mark.parametrize("routing,dtype", [("sample", torch.float16), ("token", torch.bfloat16)])
+def test_gpu_tile_configs(routing, dtype, config, monkeypatch):
+    """Every tensor-core tile of the forward's and the backward's tables, as on a GPU with 16-bit inputs, run
+    here under the interpreter on ragged sizes: T = 130 (the last token block partial), d_in = 41 and d_out =
+    150 (the last column tile partial); with a split, d_in = d_out = 300 (splits of 1 or 2 K steps of 64, so
+    that each does some work)."""
+    from mor_kernels.kernels import mor_lora, mor_lora_bwd
+
+    seen = []
+
+    def forced(kind):
+        def config_(device, dtype_, *shape):
+            seen.append((kind, dtype_))
+            return _gpu_config(*config)
+
+        return config_
+
+    monkeypatch.setattr(mor_lora, "fwd_config", forced("fwd"))
+    monkeypatch.setattr(mor_lora_bwd, "bwd_config", forced("bwd"))
+    d = 300 if config[2] > 1 else None
+    check_parity(random_case(routing=routing, tokens=130, d_in=d or 41, d_out=d or 150, seed=16), dtype)
+    assert sorted(seen) == [("bwd", dtype), ("fwd", dtype)]  # one forward launch, one backward
+
+
+@pytest.mark.parametrize("routing", ["sample", "token"])
+@pytest.mark.parametrize("split", [2, 3])
+def test_split_k_is_bitwise_repeatable(routing, split, monkeypatch):
+    """Forward and backward with their K loops split (2 or 3 splits of 16-wide steps, d_in 100 and d_out 90
+    ragged): the partials are summed in split order by whichever split finishes last, so two runs give the
+    same bits; and the results meet the reference."""
+    from mor_kernels.kernels import mor_lora, mor_lora_bwd
+
+    cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, SPLIT_K=split, num_warps=4, num_stages=2)
+    monkeypatch.setattr(mor_lora, "fwd_config", lambda *a: dict(cfg))
+    monkeypatch.setattr(mor_lora_bwd, "bwd_config", lambda *a: dict(cfg))
+    c = random_case(routing=routing, batch=2, tokens=70, d_in=100, d_out=90, seed=17)
+
+    def run():
+        t = c.to(torch.float32, device=DEVICE, requires_grad=True)
+        args = (t.x, t.weight, t.bias, t.lora_a, t.lora_b, t.idx, t.gate, 2, 0.75)
+        y = mor_kernels.mor_linear(*args, backend="triton")
+        dy = torch.linspace(-1, 1, y.numel(), device=DEVICE).reshape(y.shape)
+        return (y, *torch.autograd.grad(y, [t.x, t.weight, t.bias, t.lora_a, t.lora_b, t.gate], dy))
+
+    first, second = run(), run()
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    check_parity(c, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device, not the interpreter")
+@pytest.mark.parametrize("tokens", [64, 256])
+def test_gpu_split_k_sd_shapes_are_bitwise_repeatable(tokens):
+    """On a GPU, where the splits of a tile finish in any order: the SD shapes the table splits at batch 1
+    (1280 channels at 64 and 256 tokens, bf16) give the same bits run after run, forward and backward, and
+    meet the reference."""
+    cfg = tiles.fwd_config(CUDA, torch.bfloat16, 1, tokens, 1280, 1280, 16)
+    assert cfg["SPLIT_K"] > 1
+    c = random_case(batch=1, tokens=tokens, d_in=1280, d_out=1280, num_shared=8, num_routed=32, num_zero=4, top_k=8,
+                    seed=18)  # fmt: skip
+
+    def run():
+        t = c.to(torch.bfloat16, device="cuda", requires_grad=True)
+        y = mor_kernels.mor_linear(t.x, t.weight, t.bias, t.lora_a, t.lora_b, t.idx, t.gate, 8, 1.0, backend="triton")
+        dy = torch.linspace(-1, 1, y.numel(), device="cuda").reshape(y.shape).to(y.dtype)
+        return (y, *torch.autograd.grad(y, [t.x, t.lora_a, t.lora_b, t.gate], dy))
+
+    first = run()
+    for _ in range(3):
+        for a, b in zip(first, run(), strict=True):
+            assert torch.equal(a, b)
+    check_parity(c, torch.bfloat16)
