@@ -25,6 +25,11 @@ import torch
 __all__ = ["DemoEngine", "DemoError", "DemoResult", "save_heatmap", "score_labels"]
 
 
+def _hide(text: str, path) -> str:
+    """``text`` with the server's path of an upload replaced by its file name (the page shows no server paths)."""
+    return text.replace(str(path), Path(path).name)
+
+
 class DemoError(ValueError):
     """A problem to show on the page (the server goes on)."""
 
@@ -172,7 +177,7 @@ class DemoEngine:
         try:
             width, height = image_size(path)
         except ImageReadError as e:
-            raise DemoError(f"unreadable image {name}: {e.reason}") from None
+            raise DemoError(f"unreadable image {name}: {_hide(e.reason, path)}") from None
         if width * height > self.max_pixels:
             raise DemoError(
                 f"{name} is {width}x{height} = {width * height} pixels; this page takes at most {self.max_pixels} "
@@ -187,7 +192,7 @@ class DemoEngine:
             try:
                 lq = load_image(path, max_pixels=self.max_pixels)[None]
             except ImageReadError as e:
-                raise DemoError(f"unreadable image {name}: {e.reason}") from None
+                raise DemoError(f"unreadable image {name}: {_hide(e.reason, path)}") from None
             parts = [(p, m) for p, m in (("unet", pipe.unet), ("vae", pipe.vae)) if mor_layers(m)]
             for _, m in parts:
                 for layer in mor_layers(m).values():
@@ -212,7 +217,7 @@ class DemoEngine:
         except (ValueError, TypeError, OSError, RuntimeError) as e:  # dtype not supported here, a bad adapter...
             if isinstance(e, DemoError):
                 raise
-            raise DemoError(f"{type(e).__name__}: {e}") from None
+            raise DemoError(f"{type(e).__name__}: {_hide(str(e), path)}") from None
 
         bicubic = torch.nn.functional.interpolate(lq, size=sr.shape[-2:], mode="bicubic", align_corners=False)
         run = self._new_run_dir()
