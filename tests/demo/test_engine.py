@@ -91,3 +91,18 @@ def test_examples_work_offline_and_grow_worse(tmp_path):
     assert make_examples(tmp_path / "again")["coffee, heavy degradation"].read_bytes() == (
         examples["coffee, heavy degradation"].read_bytes()
     )  # seeded: the same examples every time
+
+
+def test_out_of_memory_is_a_message_and_the_next_run_reloads(engine, tmp_path, monkeypatch):
+    import torch
+
+    pipe = engine.pipeline()
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(pipe, "degradation_scores", oom)  # the first thing the job runs on the device
+    with pytest.raises(DemoError, match="out of memory on a.png"):
+        engine.upscale(photo(tmp_path / "a.png", (8, 8)))
+    assert engine.pipeline() is not pipe  # the model is loaded afresh after running out of memory
+    assert engine.upscale(photo(tmp_path / "a.png", (8, 8))).output_size == (32, 32)
