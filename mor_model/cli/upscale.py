@@ -114,6 +114,7 @@ def run(args) -> int:
             err(problem)
         return EXIT_USAGE
     everything, skipped, failures, sizes, sources = plan
+    failures = failures if team.is_main else 0  # the inputs that were not found count once, on the main process
     for k, v in sources.items():  # the repo ids the main process resolved to local folders
         setattr(args, k, v)
     args.device = device

@@ -37,6 +37,7 @@ KINDS = {
     "vae_adapter": ("vae_encoder_adapter", "mor_adapter.json"),
     "clip": ("degradation_clip", "open_clip_config.json"),
 }
+_WHAT = {"model": "model", "adapter": "MoR adapter", "vae_adapter": "VAE-encoder adapter", "clip": "degradation CLIP"}
 _SKIPPED = ["*.ckpt", "*.msgpack", "*.onnx", "*.onnx_data", "*.h5", "*.pb", "*.tflite", "*fp16*", "*non_ema*"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(/[\w.\-]{1,96})?$")
 
@@ -123,12 +124,14 @@ def resolve_source(source: str | os.PathLike, *, kind: str = "model", revision: 
         raise ValueError(f"{text!r} names revision {at_revision!r} but revision={revision!r} was given too")
     revision = revision or at_revision or None
     if not is_repo_id(repo_id):
-        raise FileNotFoundError(f"{text} does not exist (and it is not spelled like a Hugging Face repo id, org/name)")
+        raise FileNotFoundError(
+            f"{_WHAT[kind]} {text} does not exist (and it is not spelled like a Hugging Face repo id, org/name)"
+        )
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise FileNotFoundError(
-            f"{text} is not a local path; loading it as a Hugging Face repo id needs huggingface_hub "
+            f"{_WHAT[kind]} {text} is not a local path; loading it as a Hugging Face repo id needs huggingface_hub "
             "(pip install huggingface_hub)"
         ) from None
 
@@ -158,7 +161,8 @@ def resolve_source(source: str | os.PathLike, *, kind: str = "model", revision: 
         else:
             why = f"downloading it failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         raise FileNotFoundError(
-            f"{text} is not a local path, and the Hugging Face repo {repo_id}{rev} is not in the cache {cache}: {why}"
+            f"{_WHAT[kind]} {text} is not a local path, and the Hugging Face repo {repo_id}{rev} is not in the cache "
+            f"{cache}: {why}"
         ) from None
     return _pick_folder(Path(root), kind, f"{repo_id}{rev}")
 

@@ -75,12 +75,13 @@ def photos(tmp_path):
 
 def test_two_processes_write_the_same_files_as_one(tiny_model_dir, photos, tmp_path):
     pytest.importorskip("accelerate", reason="the [train] extra (accelerate) is not installed")
-    common = [photos, "-r", "--model", tiny_model_dir, "--tile", "0"]
+    common = [photos, tmp_path / "missing.png", "-r", "--model", tiny_model_dir, "--tile", "0"]
     one = upscale([*common, "-o", tmp_path / "one"], 1)
     assert one.returncode == 1, one.stderr  # the broken file fails, the rest is written
     two = upscale([*common, "-o", tmp_path / "two"], 2)
     assert two.returncode == 1, two.stderr
-    assert "7 written to" in two.stderr and "by 2 processes" in two.stderr and "1 failed" in two.stderr, two.stderr
+    assert "7 written to" in two.stderr and "by 2 processes" in two.stderr and "2 failed" in two.stderr, two.stderr
+    assert "2 failed" in one.stderr, one.stderr  # the broken file and the missing one, counted once each
     assert two.stderr.count("written to") == 1  # one summary, from the main process
     assert two.stderr.count("broken.png") == 1  # the failure is reported by the process that had it
 
