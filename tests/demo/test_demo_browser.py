@@ -84,9 +84,13 @@ def server(tiny_model_dir, tmp_path):
             pytest.fail(f"the demo did not start:\n{log.read()}")
         time.sleep(0.5)
     yield url, proc, log
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(30)
+    if proc.poll() is None:  # the test failed before stopping it: Ctrl-C first, so it removes its folder
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
     log.close()
 
 
