@@ -47,25 +47,31 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         required=True,
-        metavar="DIR",
-        help="model directory in diffusers layout (unet/ vae/ text_encoder/ tokenizer/ scheduler/); it may carry "
-        "mor_adapter/, vae_encoder_adapter/ and degradation_clip/ (the defaults of the next flags)",
+        metavar="DIR|ID",
+        help="model directory in diffusers layout (unet/ vae/ text_encoder/ tokenizer/ scheduler/), or a Hugging Face "
+        "repo id (org/name) of one, found in or downloaded to the Hugging Face cache (HF_HUB_OFFLINE=1: cache only; "
+        "a local folder of the same name wins); it may carry mor_adapter/, vae_encoder_adapter/ and "
+        "degradation_clip/ (the defaults of the next flags)",
     )
+    g.add_argument("--revision", metavar="REV", help="branch, tag or commit of a --model repo id (default main)")
     g.add_argument(
         "--adapter",
         metavar="FILE",
-        help="UNet MoR adapter: its directory or its mor_adapter.safetensors file (default: DIR/mor_adapter)",
+        help="UNet MoR adapter: its directory, its mor_adapter.safetensors file, or a repo id[@REV] holding it at "
+        "its root or in mor_adapter/ (default: DIR/mor_adapter)",
     )
     g.add_argument(
         "--vae-adapter",
         metavar="FILE",
-        help="VAE-encoder adapter, directory or file (default: DIR/vae_encoder_adapter if present)",
+        help="VAE-encoder adapter: directory, file, or repo id[@REV] (root or vae_encoder_adapter/) (default: "
+        "DIR/vae_encoder_adapter if present)",
     )
     g.add_argument(
         "--clip",
         metavar="CKPT",
-        help="degradation CLIP: a DegradationEstimator.save_local directory, or a checkpoint file with "
-        "open_clip_config.json beside it (default: DIR/degradation_clip)",
+        help="degradation CLIP: a DegradationEstimator.save_local directory, a checkpoint file with "
+        "open_clip_config.json beside it, a repo id[@REV] (root or degradation_clip/), or an open_clip MODEL:TAG "
+        "such as ViT-L-14-quickgelu:openai (weights through the Hugging Face cache) (default: DIR/degradation_clip)",
     )
     g.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="compute dtype (default fp32)")
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -186,18 +192,36 @@ def device_problem(device: str | None) -> str | None:
 
 def input_trees(args) -> list:
     """The model's folders and files (model, adapters, CLIP): outputs never land on a file inside them."""
-    return [p for p in (args.model, args.adapter, args.vae_adapter, args.clip) if p]
+    from ..sr.loading import open_clip_name
+
+    return [p for p in (args.model, args.adapter, args.vae_adapter, args.clip) if p and not open_clip_name(p)]
+
+
+def resolve_sources(args) -> None:
+    """Replaces repo ids in ``--model``/``--adapter``/``--vae-adapter``/``--clip`` by their local folders in the
+    Hugging Face cache (downloading them where allowed; :func:`mor_model.sr.hub.resolve_source`), so the
+    checks, the output rules and the loading below all see local paths. Raises ``FileNotFoundError``."""
+    from ..sr.hub import resolve_source
+    from ..sr.loading import open_clip_name
+
+    args.model = str(resolve_source(args.model, kind="model", revision=getattr(args, "revision", None)))
+    for name, kind in (("adapter", "adapter"), ("vae_adapter", "vae_adapter"), ("clip", "clip")):
+        value = getattr(args, name, None)
+        if value is not None and not (kind == "clip" and open_clip_name(value)):
+            setattr(args, name, str(resolve_source(value, kind=kind)))
 
 
 def check_args(args) -> str | None:
     """Problems with the arguments that need the model's configs (not its weights), or None: checked before
-    any image is read, so they are usage errors, not per-image failures."""
+    any image is read, so they are usage errors, not per-image failures. Repo ids are resolved here first
+    (:func:`resolve_sources`)."""
     from ..sr.tile_plan import check_call_options, model_factors
 
     problem = device_problem(args.device)
     if problem:
         return problem
     try:
+        resolve_sources(args)
         vae_factor, unet_factor = model_factors(args.model)
         run = run_kwargs(args)
         options = {k: run[k] for k in ("scale", "color_fix", "tile", "tile_overlap", "encoder_tile", "decoder_tile")}

@@ -4,6 +4,7 @@
     mor-sr route-stats INPUT... --model DIR [-o heatmap.png]  active ranks per MoR layer and image
     mor-sr eval --pred DIR --gt DIR [--metrics psnr,ssim,...] PSNR/SSIM (Y, border crop) + pyiqa metrics
     mor-sr train CONFIG [overrides]                           training (mor_model.train)
+    mor-sr demo --model DIR|ID|tiny                           a local web page (Gradio) to try the model
 
 Exit codes: 0 success; 1 some inputs failed (the others were processed); 2 bad arguments, or a model
 or config that cannot be loaded.
@@ -15,13 +16,13 @@ import argparse
 import sys
 import time
 
+from . import demo, route_stats, upscale
 from . import eval as eval_cmd
-from . import route_stats, upscale
 from .common import EXIT_USAGE, err
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = {"upscale": upscale.run, "route-stats": route_stats.run, "eval": eval_cmd.run}
+COMMANDS = {"upscale": upscale.run, "route-stats": route_stats.run, "eval": eval_cmd.run, "demo": demo.run}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_parser(sub)
     route_stats.add_parser(sub)
     eval_cmd.add_parser(sub)
+    demo.add_parser(sub)
     tr = sub.add_parser(
         "train",
         help="train the adapters (see `mor-sr train --help`)",
@@ -65,6 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     code = COMMANDS[args.command](args)
-    if args.command != "eval" and code != EXIT_USAGE:
+    if args.command not in ("eval", "demo") and code != EXIT_USAGE:
         print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return code

@@ -19,6 +19,7 @@ from .common import (
     run_kwargs,
 )
 from .outputs import UsageError, check_output_files, check_output_folder
+from .shard import Team, TeamBar, shard_by_pixels
 
 
 def add_parser(sub) -> None:
@@ -28,7 +29,8 @@ def add_parser(sub) -> None:
         description="Super-resolve image files and folders (png, jpg, jpeg, webp, bmp, tif, tiff). Inputs are never "
         "overwritten; existing outputs are skipped unless --overwrite; files are written atomically; an "
         "unreadable image, or one too large for the memory this machine has (checked from its header before "
-        "it is decoded), is reported and skipped. Exit code 1 if any input failed.",
+        "it is decoded), is reported and skipped. Exit code 1 if any input failed. On several GPUs: accelerate launch "
+        "--num_processes N -m mor_model upscale ... (images split by pixel count, one progress bar, one summary).",
     )
     up.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
     up.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if needed)")
@@ -49,18 +51,18 @@ def add_parser(sub) -> None:
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
-def run(args) -> int:
-    import torch
+_SOURCES = ("model", "adapter", "vae_adapter", "clip")
 
+
+def _plan(args):
+    """Main process: the usage checks and the output plan (``EXIT_USAGE`` on a usage error, reported)."""
     from ..sr.image_io import (
         ImageReadError,
         check_suffix,
         collect_images,
         drop_earlier_outputs,
         image_size,
-        load_image,
         plan_outputs,
-        save_image,
     )
 
     try:  # every usage error before the model is loaded or an image is read
@@ -81,25 +83,53 @@ def run(args) -> int:
         return EXIT_USAGE
     if earlier:
         err(f"ignoring {len(earlier)} earlier outputs found among the inputs (inside {args.output})")
-    failures = 0
     for path, why in collected.errors:
         err(f"skipping {path}: {why}")
-        failures += 1
     todo = [p for p in plans if not p.skip]
-    skipped = len(plans) - len(todo)
     for p in plans:
         if p.skip:
             print(f"exists, skipped (use --overwrite): {p.output}", file=sys.stderr)
-    written = 0
-    if todo:
+
+    def pixels(path):
         try:
-            pipe = load_pipeline(args)
+            width, height = image_size(path)
+            return width * height
+        except ImageReadError:
+            return 0  # reported by the process that gets it
+
+    sources = {k: getattr(args, k) for k in _SOURCES}
+    return todo, len(plans) - len(todo), len(collected.errors), [pixels(p.input) for p in todo], sources
+
+
+def run(args) -> int:
+    import torch
+
+    from ..sr.image_io import ImageReadError, image_size, load_image, save_image
+
+    team = Team.from_env()  # one process, or those of `accelerate launch` (see mor_model.cli.shard)
+    device, problem = team.device(args.device)
+    plan = team.share((EXIT_USAGE if problem else _plan(args)) if team.is_main else None)
+    if problem or plan == EXIT_USAGE:
+        if problem and team.is_main:
+            err(problem)
+        return EXIT_USAGE
+    everything, skipped, failures, sizes, sources = plan
+    failures = failures if team.is_main else 0  # the inputs that were not found count once, on the main process
+    for k, v in sources.items():  # the repo ids the main process resolved to local folders
+        setattr(args, k, v)
+    args.device = device
+    todo = [everything[i] for i in shard_by_pixels(sizes, team.size)[team.rank]]
+    written, usage = 0, False
+    if everything:
+        bar = TeamBar(team, len(everything), quiet=args.quiet, desc="upscale")
+        try:
+            pipe = load_pipeline(args) if todo else None
         except (FileNotFoundError, ValueError, TypeError, OSError) as e:
             err(f"cannot load the model: {e}")
-            return EXIT_USAGE
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), unit="img", disable=args.quiet, desc="upscale", file=sys.stderr)
+            if team.size == 1:
+                return EXIT_USAGE
+            bar.update(len(todo))  # the other processes go on; this one's images count as failed
+            usage, failures, todo = True, failures + len(todo), []
         batch: list = []
 
         def tiles(stage, done, total):  # large images: tile progress of the current batch
@@ -159,8 +189,12 @@ def run(args) -> int:
             batch.append((plan, img))
         flush()
         bar.close()
-    print(
-        f"{written} written to {args.output}, {skipped} skipped (already there), {failures} failed",
-        file=sys.stderr,
-    )
-    return EXIT_FAILED if failures else EXIT_OK
+    code = EXIT_USAGE if usage else EXIT_FAILED if failures else EXIT_OK
+    written, failures = team.sum([written, failures])  # the summary of every process, printed once
+    if team.is_main:
+        procs = f" by {team.size} processes" if team.size > 1 else ""
+        print(
+            f"{written} written to {args.output}{procs}, {skipped} skipped (already there), {failures} failed",
+            file=sys.stderr,
+        )
+    return team.worst(code)

@@ -1,7 +1,8 @@
 """The model directory of the SR application and how its parts are loaded: default places of the
 adapters and the degradation CLIP inside a diffusers-layout directory, dtype names, device checks, and
 the cast that keeps the MoR routers in float32 (used by :class:`mor_model.sr.pipeline.MoRSRPipeline`, the
-trainer and :func:`mor_model.testing.tiny_model`; importing it loads no diffusers)."""
+trainer and :func:`mor_model.testing.tiny_model`; importing it loads no diffusers). Each place also takes a
+Hugging Face repo id (:func:`mor_model.sr.hub.resolve_source`), and the CLIP an open_clip ``MODEL:TAG``."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch
 from torch import nn
 
 from ..layers import mor_layers
+from .hub import resolve_source
 
-__all__ = ["ADAPTER_DIR", "CLIP_DIR", "VAE_ADAPTER_DIR", "resolve_dtype"]
+__all__ = ["ADAPTER_DIR", "CLIP_DIR", "VAE_ADAPTER_DIR", "open_clip_name", "resolve_dtype", "resolve_model_dir"]
 
 #: default places inside a model directory
 ADAPTER_DIR = "mor_adapter"
@@ -41,12 +43,43 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch dtype, got {dtype!r}")
 
 
+def open_clip_name(clip) -> tuple[str, str] | None:
+    """``(model, tag)`` when ``clip`` is an open_clip ``"MODEL:TAG"`` (``"ViT-L-14-quickgelu:openai"``; the tag
+    may be a weights file) and no file of that name exists; otherwise None (a path or a repo id)."""
+    if not isinstance(clip, str) or ":" not in clip or Path(clip).exists() or clip.startswith("hf-hub:"):
+        return None
+    name, _, tag = clip.partition(":")
+    return (name, tag) if name and tag and "/" not in name else None
+
+
+def _open_clip_pretrained(name: str, tag: str):
+    import open_clip
+
+    from ..estimator import DegradationEstimator
+
+    if name not in open_clip.list_models():
+        raise ValueError(f"--clip {name}:{tag}: {name!r} is not an open_clip architecture (open_clip.list_models())")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if tag not in tags and not Path(tag).is_file():
+        raise ValueError(f"--clip {name}:{tag}: open_clip knows no pretrained tag {tag!r} for {name}; known: {tags}")
+    try:
+        return DegradationEstimator.from_pretrained(name, tag)
+    except Exception as e:  # noqa: BLE001 - offline, no network, a broken cache: one clear message
+        raise FileNotFoundError(
+            f"open_clip weights {name}:{tag} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "open_clip keeps them in the Hugging Face cache: with HF_HUB_OFFLINE=1 they must be there already"
+        ) from None
+
+
 def _load_estimator(clip, device: torch.device):
     from ..estimator import CONFIG_NAME, DegradationEstimator
 
     if isinstance(clip, DegradationEstimator):
         return clip.to(device)
-    path = Path(clip)
+    named = open_clip_name(clip)
+    if named is not None:
+        return _open_clip_pretrained(*named).to(device)
+    path = resolve_source(clip, kind="clip")
     if path.is_dir():
         return DegradationEstimator.from_local(path).to(device)
     if path.is_file():
@@ -65,10 +98,16 @@ def _load_estimator(clip, device: torch.device):
     raise FileNotFoundError(f"CLIP model {clip} does not exist (expected a directory or a checkpoint file)")
 
 
-def _resolve_adapter_path(path) -> Path:
-    """An adapter directory, or a file inside one (``.../mor_adapter/mor_adapter.safetensors``) -> the directory."""
-    path = Path(path)
+def _resolve_adapter_path(path, kind: str = "adapter") -> Path:
+    """An adapter directory, a file inside one (``.../mor_adapter/mor_adapter.safetensors``) or a Hugging Face
+    repo id (``kind`` "adapter" or "vae_adapter" picks the repo's folder) -> the directory."""
+    path = resolve_source(path, kind=kind)
     return path.parent if path.is_file() else path
+
+
+def resolve_model_dir(model_dir, revision: str | None = None) -> Path:
+    """A model directory, or the cached snapshot of a Hugging Face repo id at ``revision``."""
+    return resolve_source(model_dir, kind="model", revision=revision)
 
 
 def _cast_keeping_routers_fp32(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:

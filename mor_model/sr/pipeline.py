@@ -50,7 +50,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from fractions import Fraction
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +70,7 @@ from .loading import (
     _needs_scores,
     _resolve_adapter_path,
     resolve_dtype,
+    resolve_model_dir,
 )
 from .tile_plan import (
     auto_tile_sizes,
@@ -146,11 +146,13 @@ class MoRSRPipeline:
         backend: str = "auto",
         fold_shared: bool = False,
         merge: str = "auto",
+        revision: str | None = None,
     ) -> MoRSRPipeline:
         """Loads the components of ``model_dir`` (diffusers layout, see the module docstring).
 
         Args:
-            model_dir: the model directory.
+            model_dir: the model directory, or a Hugging Face repo id (``revision``: its branch, tag or commit);
+                a local directory of the same spelling wins (:func:`mor_model.sr.hub.resolve_source`).
             adapter: the UNet's MoR adapter directory (or its ``mor_adapter.safetensors`` file); None =
                 ``model_dir/mor_adapter`` (required unless False, which runs the bare base model, e.g. as
                 a baseline).
@@ -173,7 +175,7 @@ class MoRSRPipeline:
 
         from ..adapter_io import load_adapter
 
-        model_dir = Path(model_dir)
+        model_dir = resolve_model_dir(model_dir, revision)
         missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (model_dir / d).is_dir()]
         if missing:
             raise FileNotFoundError(f"{model_dir} is not a model directory: missing {missing} (diffusers layout)")
@@ -199,7 +201,9 @@ class MoRSRPipeline:
             load_adapter(unet, adapter_path, backend=backend)
         if vae_adapter is not False:
             vae_path = (
-                _resolve_adapter_path(vae_adapter) if vae_adapter not in (None, True) else model_dir / VAE_ADAPTER_DIR
+                _resolve_adapter_path(vae_adapter, "vae_adapter")
+                if vae_adapter not in (None, True)
+                else model_dir / VAE_ADAPTER_DIR
             )
             if vae_path.is_dir():
                 load_adapter(vae, vae_path, backend=backend)

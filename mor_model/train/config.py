@@ -379,6 +379,9 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None, sets: li
     for assignment in sets or []:
         apply_override(data, assignment)
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    from ..sr.hub import resolve_config_sources
+
+    resolve_config_sources(data, Path(path).resolve().parent)  # Hugging Face repo ids -> their cached folders
     return TrainConfig.from_dict(data, base_dir=Path(path).resolve().parent)
 
 

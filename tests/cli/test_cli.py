@@ -253,7 +253,7 @@ def test_train_delegation(monkeypatch, capsys):
     assert "training is not available" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["upscale", "route-stats", "eval"])
+@pytest.mark.parametrize("command", ["upscale", "route-stats", "eval", "demo"])
 def test_help_is_complete(command, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([command, "--help"])
@@ -265,6 +265,9 @@ def test_help_is_complete(command, capsys):
                     "--tile-overlap", "--suffix"],
         "route-stats": ["--model", "--adapter", "--clip", "--json", "-o"],
         "eval": ["--pred", "--gt", "--metrics", "--crop-border", "--csv", "--suffix"],
+        "demo": ["--model", "--revision", "--adapter", "--vae-adapter", "--clip", "--dtype", "--device", "--backend",
+                 "--fold-shared", "--host", "--port", "--share", "--max-pixels", "--max-file-size", "--no-examples",
+                 "127.0.0.1", "tiny"],
     }[command]  # fmt: skip
     for flag in flags:
         assert flag in text, flag
