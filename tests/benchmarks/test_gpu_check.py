@@ -270,6 +270,9 @@ def test_gpu_mark_selects_the_gpu_parity_tests():
     assert proc.returncode == 0, proc.stdout[-2000:]
     ids = proc.stdout
     for needed in ("test_gpu_parity.py::test_sd_linear[cuda-4096x320", "test_gpu_parity.py::test_sd_conv[triton-",
+                   "test_gpu_parity.py::test_sd_projection[cuda-attn2.to_k-v-320-bfloat16-token]",
+                   "test_gpu_parity.py::test_sd_conv_path[triton-downsampler.conv-64x64x320-",
+                   "test_gpu_parity.py::test_sd_conv_path[cuda-up-resnet.conv_shortcut-2560-1280-",
                    "test_training_step_replays_in_a_cuda_graph", "test_extension_parity.py::test_parity",
                    "test_triton_ops.py::test_forward_captures_in_a_cuda_graph", "test_gpu_sd_shapes"):  # fmt: skip
         assert needed in ids, needed
