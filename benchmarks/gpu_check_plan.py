@@ -38,7 +38,7 @@ STEPS = {
     "beside-build": (("triton-any-device", 90, 0, 0),),
     # the wait for the build (it has been running since the install phase: beside kernels and the Triton tests)
     "build": (("build", BUILD_CAP, 0, 30), ("extension", 60, 0, 10)),
-    "parity": (("kernels", 150, 120, 60), ("model", 60, 120, 20)),
+    "parity": (("kernels", 180, 120, 60), ("model", 60, 120, 20)),
     "sanitize": (("extension", 60, 60, 10), ("memcheck", 60, 0, 30), ("racecheck", 60, 0, 30), ("cpu", 0, 60, 20)),
     "bench": (
         ("linear", 100, 120, 40),  # the 1.15x Linear goal: it keeps back only the least of the runs after it
