@@ -122,10 +122,6 @@ class Runner:
     def elapsed(self) -> float:
         return self.now() - self.t0
 
-    def cap(self, want: float, reserve: float = 0.0) -> float:
-        """``want`` seconds, or less so that ``reserve`` seconds stay before the deadline."""
-        return max(0.0, min(want, self.deadline - self.now() - reserve))
-
     def say(self, text: str) -> None:
         print(f"[{self.elapsed():5.0f}s] {text}", flush=True)
 
