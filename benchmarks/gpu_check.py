@@ -25,6 +25,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 
+import gpu_check_plan as plan  # noqa: E402
 import gpu_check_report as report  # noqa: E402
 import gpu_check_stages as stages  # noqa: E402
 
@@ -33,6 +34,8 @@ OUT_FILES = ("summary.md", "stages.json", "env.json", "parity.xml", "kernels.csv
              "bench_pipeline.csv", "logs.tar.gz")  # fmt: skip
 MAX_FILE_BYTES = 15 * 2**20
 MAX_LOG_BYTES = 3 * 2**20  # each log keeps its last 3 MB in logs.tar.gz
+#: a command past its cap minus this grace (at most a quarter of its cap) gets SIGINT, at its cap SIGKILL
+STOP_GRACE_S = 15.0
 STAGE_NAMES = ("env", "install", "parity", "sanitize", "kernels", "bench")
 #: the wheels the model/pipeline tests and bench_pipeline.py need beyond the GPU image (torch 2.11, Python 3.12,
 #: huggingface_hub 1.33, timm, torchvision, regex, ...): pinned to versions whose requirements that image meets
@@ -86,7 +89,8 @@ class Runner:
         self.work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="gpu_check-"))
         self.logs = os.path.join(self.work, "logs")
         os.makedirs(self.logs, exist_ok=True)
-        self.t0 = time.monotonic()
+        self.clock = time.monotonic  # a test puts a fake clock here
+        self.t0 = self.now()
         self.deadline = self.t0 + args.budget
         self.stages = {name: Stage(name) for name in STAGE_NAMES}
         self.python = sys.executable
@@ -102,6 +106,8 @@ class Runner:
         self.goal_rows: list[dict] = []
         self.parity: dict = {}
         self.kernels: list[dict] = []
+        self.build_started: float | None = None  # when the background extension build started
+        self.plan = plan.Plan(self)  # every command's cap (gpu_check_plan.py)
 
     def set_pythonpath(self, extra: list[str]) -> None:
         """The repository first (its mor_kernels, with the in-place built extension), then ``extra``."""
@@ -110,12 +116,11 @@ class Runner:
 
     # time ------------------------------------------------------------------------------------------
 
-    def elapsed(self) -> float:
-        return time.monotonic() - self.t0
+    def now(self) -> float:
+        return self.clock()
 
-    def cap(self, want: float, reserve: float = 0.0) -> float:
-        """``want`` seconds, or less so that ``reserve`` seconds stay for the stages after this one."""
-        return max(0.0, min(want, self.deadline - time.monotonic() - reserve))
+    def elapsed(self) -> float:
+        return self.now() - self.t0
 
     def say(self, text: str) -> None:
         print(f"[{self.elapsed():5.0f}s] {text}", flush=True)
@@ -130,18 +135,20 @@ class Runner:
                                     stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
 
     def wait(self, proc: subprocess.Popen, cap: float) -> tuple[int, bool]:
-        """``(returncode, timed_out)``; past ``cap`` the command gets SIGINT (pytest then still writes its JUnit
-        report), then SIGKILL 20 s later, its whole process group either way."""
+        """``(returncode, timed_out)``; the command ends within ``cap`` seconds, its stop included: ``grace``
+        seconds before the cap (a quarter of it, at most STOP_GRACE_S) it gets SIGINT (pytest then still writes
+        its JUnit report), at the cap SIGKILL, its whole process group either way."""
+        grace = min(STOP_GRACE_S, cap / 4)
         try:
-            return proc.wait(timeout=max(cap, 0.1)), False
+            return proc.wait(timeout=max(cap - grace, 0.1)), False
         except subprocess.TimeoutExpired:
-            for sig, grace in ((signal.SIGINT, 20), (signal.SIGKILL, 10)):
+            for sig, wait_s in ((signal.SIGINT, max(grace, 0.1)), (signal.SIGKILL, 10)):
                 try:
                     os.killpg(proc.pid, sig)
                 except ProcessLookupError:
                     break
                 try:
-                    return proc.wait(timeout=grace), True
+                    return proc.wait(timeout=wait_s), True
                 except subprocess.TimeoutExpired:
                     continue
             return proc.wait(), True
@@ -149,14 +156,14 @@ class Runner:
     def sh(self, cmd: list[str], log: str, cap: float, env: dict | None = None) -> dict:
         """Runs ``cmd`` under ``cap`` seconds: ``{rc, timed_out, seconds, log}``."""
         self.say(f"  $ {shlex.join(cmd)}  (cap {cap:.0f} s, log {log})")
-        start = time.monotonic()
+        start = self.now()
         if cap < 1:
             return {"rc": None, "timed_out": True, "seconds": 0.0, "log": os.path.join(self.logs, log)}
         rc, timed_out = self.wait(self.start(cmd, log, env), cap)
         return {
             "rc": rc,
             "timed_out": timed_out,
-            "seconds": time.monotonic() - start,
+            "seconds": self.now() - start,
             "log": os.path.join(self.logs, log),
         }
 
@@ -276,6 +283,10 @@ def main(argv=None) -> int:
     run.say(
         f"gpu_check{' --dry-run' if run.dry else ''}: OUT_DIR {run.out}, scratch {run.work}, budget {args.budget:.0f} s"
     )
+    floor = run.plan.total_floor()
+    if args.budget < floor:
+        run.say(f"WARNING: --budget {args.budget:.0f} s is under the {floor:.0f} s the selected stages need at least "
+                "(gpu_check_plan.py): the later commands get less than their least, or no time")  # fmt: skip
     try:
         code = stages.run_all(run)
     except KeyboardInterrupt:

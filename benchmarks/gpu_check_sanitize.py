@@ -6,7 +6,7 @@ token and channel tiles) and an aligned one (the tensor-core forward's full tile
 
     python benchmarks/gpu_check_sanitize.py [--device cuda|cpu]
 
-Inputs are made on the CPU and copied over (the convolution that feeds ``conv_up`` too), so the only kernels
+Inputs are made on the CPU and copied over (the two convolutions that feed ``conv_up`` too), so the only kernels
 the sanitizer sees are the extension's and a few copies. ``--device cpu`` runs the same calls on the C++
 kernels: the dry run's check that this program still matches the ops' schemas.
 """
@@ -52,9 +52,11 @@ def calls(device: str):
                 yield f"lora_bwd {label}", bwd
         conv = random_case(kernel_size=3, conv={"padding": (1, 1)}, d_in=5, d_out=37, height=9, width=7, **PAPER,
                            seed=4)  # fmt: skip
-        out = F.conv2d(conv.x, torch.cat([conv.weight, conv.lora_a]), padding=1).to(dtype).to(device)
+        base = F.conv2d(conv.x, conv.weight, padding=1).to(dtype).to(device)  # conv_up's schema: base, z_rank
+        z_rank = F.conv2d(conv.x, conv.lora_a, padding=1).to(dtype).to(device)
         c = conv.to(dtype, device=device)
-        yield f"conv_up {tag}", lambda out=out, c=c: ops.conv_up(out, c.lora_b, c.idx, c.gate, c.num_shared, c.scaling)
+        yield f"conv_up {tag}", lambda base=base, z=z_rank, c=c: ops.conv_up(base, z, c.lora_b, c.idx, c.gate,
+                                                                            c.num_shared, c.scaling)  # fmt: skip
 
 
 def main(argv=None) -> int:

@@ -83,6 +83,13 @@ from .model import OneStepSR, build_model
 
 __all__ = ["Trainer", "build_loss_terms"]
 
+#: config keys that set the shapes of trained tensors a checkpoint holds -> whether the key matters for a config
+SHAPE_KEYS = {
+    "vsd.lora_rank": lambda cfg: cfg.losses.get("vsd", 0) > 0,
+    "gan.head_channels": lambda cfg: cfg.losses.get("gan", 0) > 0,
+    "vae_adapter": lambda cfg: True,
+    "vae_lora_rank": lambda cfg: cfg.vae_adapter == "lora",
+}
 FAKE_SCORE_FILE = "fake_score_lora.safetensors"
 HEADS_FILE = "discriminator_heads.safetensors"
 
@@ -146,9 +153,25 @@ class _Progress:
         self.step = int(state["step"])
 
 
+def check_launcher_precision(cfg: TrainConfig) -> None:
+    """``accelerate launch --mixed_precision X`` (or an accelerate config file) passes X on as
+    ``ACCELERATE_MIXED_PRECISION``, and the training config's ``mixed_precision`` would silently override it: a
+    launcher asking for a precision ("bf16", "fp16", "fp8") that the config does not have is refused. "no" is
+    accelerate launch's default whatever the user meant, so it never conflicts; the config decides then."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    if launcher and launcher != "no" and launcher != cfg.mixed_precision:
+        raise ValueError(
+            f"accelerate launch (or its config file) asks for mixed precision {launcher!r} "
+            f"(ACCELERATE_MIXED_PRECISION) but the training config has mixed_precision {cfg.mixed_precision!r}, "
+            f"which would silently win: set mixed_precision to {launcher!r} in the config (or --mixed-precision "
+            f"{launcher}), or launch with --mixed_precision {cfg.mixed_precision}"
+        )
+
+
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
+    check_launcher_precision(cfg)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # several processes on a machine without a GPU: accelerate runs them on the CPU (gloo) only when told
     cpu = cfg.cpu or (launched > 1 and not torch.cuda.is_available())
@@ -306,8 +329,12 @@ class Trainer:
         return save_checkpoint(self.accelerator, self.out, self.progress.step, self.cfg)
 
     def _check_resumable(self, path: Path) -> None:
-        """The checkpoint must hold the same optimisers (the same VSD/GAN terms on) as this run."""
-        saved = json.loads((path / STATE_NAME).read_text()).get("config", {}).get("losses", {})
+        """The checkpoint must hold the same optimisers (the same VSD/GAN terms on) and the same shapes of what
+        they train (the keys in :data:`SHAPE_KEYS`) as this run: else accelerate's load_state would fail
+        half-way with a raw shape error."""
+        saved_cfg = json.loads((path / STATE_NAME).read_text()).get("config", {})
+        saved = saved_cfg.get("losses", {})
+        now_cfg = self.cfg.to_dict()
         for name, what in (("vsd", "fake-score LoRA"), ("gan", "discriminator heads")):
             was, now = saved.get(name, 0) > 0, self.cfg.losses.get(name, 0) > 0
             if was != now:
@@ -316,6 +343,20 @@ class Trainer:
                     f"{'on' if now else 'off'}: the {what} and its optimiser would not match; keep the losses or "
                     "start a new run"
                 )
+        changed = []
+        for key, applies in SHAPE_KEYS.items():
+            if not applies(self.cfg):
+                continue
+            section, _, field = key.rpartition(".")
+            was = (saved_cfg.get(section, {}) if section else saved_cfg).get(field)
+            now = (now_cfg[section] if section else now_cfg)[field]
+            if was is not None and was != now:
+                changed.append(f"{key} {was!r} -> {now!r}")
+        if changed:
+            raise ValueError(
+                f"checkpoint {path} does not fit this run: {', '.join(changed)} changes the shapes of what it "
+                "trains; keep the checkpoint's values to resume, or start a new run"
+            )
 
     def resume(self, where: str) -> bool:
         """Loads ``where`` (``"latest"`` or a checkpoint dir); False when ``"latest"`` finds none."""
@@ -425,6 +466,13 @@ class Trainer:
                 norms["grad_norm_discriminator"] = self._optimizer_step("discriminator")
         return values, norms
 
+    def _step_schedules(self) -> None:
+        """After an optimiser step: each LR schedule moves on unless its own optimiser skipped the step (fp16: a
+        loss-scale overflow in that group's gradients), as one run of that group alone would."""
+        for name, sched in self.lr_schedulers.items():
+            if not self.optimizers[name].step_was_skipped:
+                sched.step()
+
     def train(self) -> dict:
         """Runs to ``max_steps``; returns the last log record."""
         cfg, acc = self.cfg, self.accelerator
@@ -462,9 +510,7 @@ class Trainer:
             if not acc.sync_gradients:
                 continue
             lrs = {k: opt.param_groups[0]["lr"] for k, opt in self.optimizers.items()}  # the rates this step used
-            if not acc.optimizer_step_was_skipped:
-                for sched in self.lr_schedulers.values():
-                    sched.step()
+            self._step_schedules()
             self.progress.step += 1
             step = self.progress.step
             if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.max_steps):

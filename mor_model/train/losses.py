@@ -100,13 +100,27 @@ def balance_term(model_attr: str | None = "unet") -> Callable[[LossInputs], torc
 def global_balance_loss(module: nn.Module) -> torch.Tensor:
     """:func:`mor_model.balance_loss` with the selection fractions ``f`` of every layer counted over all
     processes (``P``, the mean router probability, stays local: averaging the gradients over the
-    processes averages it). Every process must route the same layers with the same number of units."""
+    processes averages it). Every process must have routed the same layers: checked first (one small
+    all-reduce of the layer count and the slot count), so that processes that differ get a RuntimeError each
+    instead of collectives of different sizes that never complete."""
     import torch.distributed as dist
 
     from ..layers import mor_layers
     from ..losses import top_k_slots
 
-    layers = [m for m in mor_layers(module).values() if m.router.last_probs is not None]
+    everything = list(mor_layers(module).values())
+    layers = [m for m in everything if m.router.last_probs is not None]
+    device = layers[0].router.last_probs.device if layers else next(module.parameters()).device
+    mine = [len(layers), sum(m.router.last_probs.shape[1] + 1 for m in layers)]
+    spread = torch.tensor([*mine, *(-v for v in mine)], dtype=torch.float64, device=device)
+    dist.all_reduce(spread, op=dist.ReduceOp.MAX)  # the largest counts, and minus the smallest
+    most, least = spread[:2].tolist(), (-spread[2:]).tolist()
+    if most != least:
+        raise RuntimeError(
+            f"the balance loss needs every process to have routed the same MoR layers, but they differ: "
+            f"between {int(least[0])} and {int(most[0])} of {len(everything)} layers routed (this process: "
+            f"{mine[0]}); every process must run the same forward before the loss"
+        )
     if not layers:
         raise RuntimeError("no MoR layer under this module has routed anything yet: run a forward pass first")
     counts = []

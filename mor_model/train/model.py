@@ -14,7 +14,7 @@ from ..sr.loading import ADAPTER_DIR, CLIP_DIR, VAE_ADAPTER_DIR
 from ..sr.x0 import clip_x0, x0_from_prediction
 from .config import TrainConfig
 
-__all__ = ["VAE_LORA_TARGETS", "OneStepSR", "build_model"]
+__all__ = ["VAE_LORA_TARGETS", "OneStepSR", "build_model", "cast_frozen_matmul_weights"]
 
 #: the VAE-encoder modules a plain LoRA adapts (OSEDiff: encoder convs, attention projections, quant_conv)
 VAE_LORA_TARGETS = (r"re:^encoder\..*(conv(1|2|_in|_out|_shortcut)?|to_q|to_k|to_v|to_out\.0)$", "quant_conv")
@@ -124,9 +124,35 @@ def _plain_lora_config(rank: int, backend: str):
     )
 
 
+#: the autocast dtype of each mixed-precision mode
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cast_frozen_matmul_weights(module: nn.Module, dtype: torch.dtype, keep: set[int]) -> int:
+    """Casts the frozen ``weight``/``bias`` of every ``nn.Linear``/``nn.Conv2d`` under ``module`` (MoR base layers
+    included) to ``dtype``, in place; parameters whose ``id`` is in ``keep`` (the trainable ones) and everything
+    else (norms, adapters, routers) stay as they are. Returns the number of elements cast.
+
+    Exact under ``torch.autocast(dtype=dtype)``: autocast casts a linear's or a conv's weight and bias to that
+    dtype at every call anyway (and caches the cast only for leaves that require grad, so a frozen weight was
+    re-cast at each call), so the forward and every gradient stay bitwise the same while the float32 copy of
+    these weights is no longer held. Outside autocast the model then no longer runs in float32."""
+    cast = 0
+    for layer in module.modules():
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            continue
+        for name, p in list(layer.named_parameters(recurse=False)):
+            if name in ("weight", "bias") and id(p) not in keep and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                cast += p.numel()
+    return cast
+
+
 def build_model(cfg: TrainConfig, log=print) -> tuple[OneStepSR, dict[str, nn.Parameter]]:
     """Loads the base model, puts on the adapters, freezes the rest; returns the model and its trainable
-    parameters by name (``unet.*`` and ``vae.*``)."""
+    parameters by name (``unet.*`` and ``vae.*``). With ``mixed_precision`` bf16/fp16 the frozen Linear/Conv2d
+    weights of the UNet and the VAE are held in that dtype (:func:`cast_frozen_matmul_weights`); the adapters,
+    routers and norms stay float32."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -218,4 +244,9 @@ def build_model(cfg: TrainConfig, log=print) -> tuple[OneStepSR, dict[str, nn.Pa
     params.update({f"vae.{k}": p for k, p in vae_params.items()})
     for p in params.values():
         p.requires_grad_(True)
+    dtype = AUTOCAST_DTYPES.get(cfg.mixed_precision)
+    if dtype is not None:
+        keep = {id(p) for p in params.values()}
+        n = sum(cast_frozen_matmul_weights(getattr(model, part), dtype, keep) for part in ("unet", "vae"))
+        log(f"frozen UNet/VAE Linear and Conv2d weights held in {cfg.mixed_precision}: {n / 1e6:.1f} M parameters")
     return model, params

@@ -76,8 +76,9 @@ def test_env_stage_end_to_end(tmp_path):
 
 
 def _runner(gc, tmp_path, **kw):
-    args = types.SimpleNamespace(dry_run=True, out_dir=str(tmp_path / "out"), work=str(tmp_path / "work"), budget=60.0,
-                                 stages=list(gc.STAGE_NAMES), wheels=None, no_build=False, **kw)  # fmt: skip
+    args = dict(dry_run=True, out_dir=str(tmp_path / "out"), work=str(tmp_path / "work"), budget=60.0,
+                stages=list(gc.STAGE_NAMES), wheels=None, no_build=False)  # fmt: skip
+    args = types.SimpleNamespace(**{**args, **kw})
     os.makedirs(args.out_dir, exist_ok=True)
     return gc.Runner(args)
 
@@ -96,12 +97,16 @@ def test_a_command_past_its_cap_is_stopped_with_its_process_group(gc, tmp_path):
     assert fast["rc"] == 0 and not fast["timed_out"] and "hello" in run.tail("fast.log")
 
 
-def test_caps_keep_time_for_later_stages(gc, tmp_path):
+def test_a_command_that_ignores_sigint_is_killed_by_its_cap(gc, tmp_path):
+    """The cap includes the stop: SIGINT a grace before it, SIGKILL at it, so a cut command cannot eat the time
+    of the commands after it."""
     run = _runner(gc, tmp_path)
-    assert run.cap(10) == pytest.approx(10, abs=0.5)
-    assert run.cap(100) <= 60
-    assert run.cap(100, reserve=50) <= 10.5
-    assert run.cap(100, reserve=500) == 0.0
+    code = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    start = time.monotonic()
+    res = run.sh([sys.executable, "-c", code], "stubborn.log", cap=4)
+    took = time.monotonic() - start
+    assert res["timed_out"] and res["rc"] == -9
+    assert 3 <= took < 10, took  # the old stop (SIGINT at the cap, SIGKILL 20 s later) took 24 s
 
 
 def test_out_dir_holds_at_most_eight_files_each_under_the_limit(gc, tmp_path):
@@ -257,6 +262,9 @@ def test_gpu_mark_selects_the_gpu_parity_tests():
     assert proc.returncode == 0, proc.stdout[-2000:]
     ids = proc.stdout
     for needed in ("test_gpu_parity.py::test_sd_linear[cuda-4096x320", "test_gpu_parity.py::test_sd_conv[triton-",
+                   "test_gpu_parity.py::test_sd_projection[cuda-attn2.to_k-v-320-bfloat16-token]",
+                   "test_gpu_parity.py::test_sd_conv_path[triton-downsampler.conv-64x64x320-",
+                   "test_gpu_parity.py::test_sd_conv_path[cuda-up-resnet.conv_shortcut-2560-1280-",
                    "test_training_step_replays_in_a_cuda_graph", "test_extension_parity.py::test_parity",
                    "test_triton_ops.py::test_forward_captures_in_a_cuda_graph", "test_gpu_sd_shapes"):  # fmt: skip
         assert needed in ids, needed
@@ -269,23 +277,43 @@ def test_gpu_mark_selects_the_gpu_parity_tests():
 
 class FakeCommands:
     """Stands in for ``Runner.sh``: records each command and writes what the real one would (JUnit, benchmark
-    JSON, sanitizer output) into its log and output paths."""
+    JSON, sanitizer output) into its log and output paths. ``clock``: a list ``[now]`` that each command moves on
+    by its whole cap (and then succeeds): the worst case the time plan must survive. ``cuda_ops``: what the
+    extension check reports."""
 
-    def __init__(self, run, sanitizer_text="========= ERROR SUMMARY: 0 errors\n"):
-        self.run, self.sanitizer_text, self.calls = run, sanitizer_text, []
+    def __init__(self, run, sanitizer_text="========= ERROR SUMMARY: 0 errors\n", clock=None, cuda_ops=None,
+                 imports=True, outcomes=None):  # fmt: skip
+        self.run, self.sanitizer_text, self.calls, self.clock = run, sanitizer_text, [], clock
+        self.cuda_ops = list(_import("gpu_check_stages").CUDA_OPS) if cuda_ops is None else cuda_ops
+        self.imports = imports  # whether "import diffusers, open_clip" works
+        self.outcomes = outcomes or {}  # log name -> {rc, timed_out, cases (JUnit testcases; None: no report)}
+        self.caps: list[tuple[str, float]] = []
 
     def __call__(self, cmd, log, cap, env=None):
         self.calls.append((cmd, env or self.run.env))
+        self.caps.append((log, cap))
         path = os.path.join(self.run.logs, log)
+        if cap < 1:
+            return {"rc": None, "timed_out": True, "seconds": 0.0, "log": path}
+        if self.clock is not None:
+            self.clock[0] += cap
         text, rc = "ok\n", 0
-        if "pytest" in cmd:
+        if cmd[1].endswith("gpu_check_env.py"):
+            env_json = {"cuda_available": not self.run.dry, "torch": "2.11", "cpu_count": 16,
+                        "gpu": {} if self.run.dry else {"name": "NVIDIA H200", "capability": "9.0", "sm_count": 132}}  # fmt: skip
+            with open(cmd[2], "w") as f:
+                json.dump(env_json, f)
+        elif "pytest" in cmd:
             junit = cmd[cmd.index("--junitxml") + 1]
-            cases = '<testcase classname="t" name="a"/><testcase classname="t" name="b"/>'
-            with open(junit, "w") as f:
-                f.write(JUNIT.format(errors=0, n=2, cases=cases))
+            cases = self.outcomes.get(log, {}).get("cases", '<testcase classname="t" name="a"/>'
+                                                            '<testcase classname="t" name="b"/>')  # fmt: skip
+            if cases is not None:
+                with open(junit, "w") as f:
+                    f.write(JUNIT.format(errors=0, n=2, cases=cases))
+        elif cmd[1:] == ["-c", "import diffusers, open_clip"]:
+            rc = 0 if self.imports else 1
         elif cmd[1] == "-c" and "_extension" in cmd[2]:  # the extension check
-            stages = _import("gpu_check_stages")
-            text = json.dumps({"loaded": True, "why": None, "cuda_ops": list(stages.CUDA_OPS)}) + "\n"
+            text = json.dumps({"loaded": True, "why": None, "cuda_ops": self.cuda_ops}) + "\n"
         elif "--tool" in cmd:
             text = self.sanitizer_text
             rc = 86 if "ERROR SUMMARY: 0" not in text and "SUMMARY" in text else (0 if "SUMMARY" in text else 1)
@@ -301,14 +329,15 @@ class FakeCommands:
                 json.dump({"meta": {"device_name": "NVIDIA H200", "torch": "2.11"}, "rows": rows}, f)
         with open(path, "w") as f:
             f.write(text)
-        return {"rc": rc, "timed_out": False, "seconds": 1.0, "log": path}
+        res = {"rc": rc, "timed_out": False, "seconds": cap if self.clock else 1.0, "log": path}
+        res.update({k: v for k, v in self.outcomes.get(log, {}).items() if k in ("rc", "timed_out")})
+        return res
 
 
 def _gpu_runner(gc, tmp_path, monkeypatch, **fake):
     stages = _import("gpu_check_stages")
-    run = _runner(gc, tmp_path)
-    run.dry, run.gpu = False, True
-    run.args.dry_run = False
+    run = _runner(gc, tmp_path, dry_run=False, budget=480.0)
+    run.gpu = True
     run.envinfo = {"gpu": {"capability": "9.0"}}
     run.extension = {"loaded": True, "why": None, "cuda_ops": list(stages.CUDA_OPS)}
     run.have_model_deps = True
@@ -380,7 +409,7 @@ def test_install_on_a_gpu_installs_the_wheels_and_builds_for_the_device_arch(gc,
     run.start = start
     build = stages.install_stage(run)
     assert build is not None and run.stages["install"].status == "running"  # the build runs in the background
-    stages.finish_build(run, *build)
+    stages.finish_build(run, build)
     install = run.stages["install"]
     assert install.status == "passed", install.summary
     pip = next(c for c, _ in run.sh.calls if "pip" in c)
@@ -391,3 +420,155 @@ def test_install_on_a_gpu_installs_the_wheels_and_builds_for_the_device_arch(gc,
     assert cmd[1:] == ["setup.py", "build_ext", "--inplace"]
     assert env["TORCH_CUDA_ARCH_LIST"] == "9.0" and env["MAX_JOBS"] == str(os.cpu_count())
     assert "5/5 ops" in install.summary and "1 wheels installed (diffusers)" in install.summary
+
+
+# ------------------------------------------------------------------------------------------------
+# the time plan: the whole schedule on a fake clock
+
+
+def _fake_run(gc, tmp_path, monkeypatch, *, dry=False, wheels=True, no_build=False, stages=None, **fake):
+    """A whole run (``run_all``) with every command stubbed on a fake clock: each command, and the wait for the
+    build, takes its whole cap and then succeeds."""
+    mod = _import("gpu_check_stages")
+    kw = dict(dry_run=dry, budget=1200.0 if dry else 480.0, no_build=no_build)
+    if wheels:
+        (tmp_path / "whl").mkdir()
+        (tmp_path / "whl" / "diffusers-0.42.1-py3-none-any.whl").write_bytes(b"")
+        kw["wheels"] = str(tmp_path / "whl")
+    if stages is not None:
+        kw["stages"] = stages
+    run = _runner(gc, tmp_path, **kw)
+    clock = [1000.0]
+    run.clock = lambda: clock[0]
+    run.t0, run.deadline = clock[0], clock[0] + run.args.budget
+    run.sh = FakeCommands(run, clock=clock, **fake)
+    waits = []
+
+    def wait(proc, cap):
+        waits.append(cap)
+        clock[0] += cap
+        return 0, False
+
+    run.start, run.wait = (lambda cmd, log, env=None: object()), wait
+    monkeypatch.setattr(mod, "find_sanitizer", lambda: "/opt/cuda/bin/compute-sanitizer")
+    code = mod.run_all(run)
+    return run, code, clock[0], waits
+
+
+ALL_GPU_STEPS = {("env", "env"), ("install", "wheels"), ("install", "imports"), ("kernels", "kernels"),
+                 ("beside-build", "triton-any-device"), ("build", "build"), ("build", "extension"), ("parity", "kernels"), ("parity", "model"),
+                 ("sanitize", "memcheck"), ("sanitize", "racecheck"), ("bench", "linear"), ("bench", "conv"),
+                 ("bench", "sweep"), ("bench", "pipeline")}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case,options,expected",
+    [
+        ("gpu", {}, ALL_GPU_STEPS),
+        ("gpu, no wheels", {"wheels": False, "imports": False},
+         ALL_GPU_STEPS - {("install", "wheels"), ("bench", "pipeline")}),
+        ("gpu, --no-build", {"no_build": True},
+         ALL_GPU_STEPS - {("build", "build"), ("build", "extension")} | {("install", "extension")}),
+        ("gpu, --stages parity,sanitize,bench", {"stages": ["parity", "sanitize", "bench"]},
+         {("env", "env"), ("beside-build", "triton-any-device"), ("parity", "kernels"), ("parity", "model"),
+          ("sanitize", "extension"),
+          ("sanitize", "memcheck"), ("sanitize", "racecheck"), ("bench", "linear"), ("bench", "conv"),
+          ("bench", "sweep"), ("bench", "imports"), ("bench", "pipeline")}),
+        ("dry run", {"dry": True, "wheels": False},
+         {("env", "env"), ("install", "imports"), ("install", "extension"), ("kernels", "kernels"),
+          ("parity", "kernels"), ("parity", "model"), ("sanitize", "cpu"), ("bench", "linear"), ("bench", "conv"),
+          ("bench", "sweep"), ("bench", "pipeline")}),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)  # fmt: skip
+def test_every_step_gets_its_least_when_every_command_uses_its_cap(gc, tmp_path, monkeypatch, case, options, expected):
+    """The worst case of the default budget: every command before a step ran until its cap. Each step still
+    gets at least its ``least`` (gpu_check_plan.STEPS), every command's cap is the plan's, and the run ends
+    inside its budget. (Before the plan: memcheck got 30 s, racecheck 0 s and the linear benchmark 0 s.)"""
+    plan = _import("gpu_check_plan")
+    run, code, end, waits = _fake_run(gc, tmp_path, monkeypatch, **options)
+    assert code == 0, run.info.get("verdict")
+    issued = run.plan.issued
+    assert {(phase, step) for phase, step, *_ in issued} == expected
+    short = [(p, st, round(cap, 1), least) for p, st, cap, want, least in issued if cap < min(least, want) - 1e-6]
+    assert not short, f"steps below their least: {short}"
+    assert all(least > 0 for p, st, _, _, least in issued if (p, st) != ("beside-build", "triton-any-device"))
+    # every command ran under the cap the plan gave it (the build's wait included), in order
+    given = [cap for p, st, cap, *_ in issued if (p, st) != ("build", "build")]
+    assert [cap for _, cap in run.sh.caps] == pytest.approx(given)
+    assert waits == [cap for p, st, cap, *_ in issued if (p, st) == ("build", "build")]
+    assert end <= run.deadline - plan.SUMMARY_RESERVE + 1e-6
+    linear = next(cap for p, st, cap, *_ in issued if st == "linear")
+    later = sum(least for p, st, _, _, least in issued if p == "bench" and st != "linear")
+    assert linear >= plan.STEPS["bench"][0][3] and later <= 100  # the linear run keeps only the later leasts
+    if case == "gpu":  # the default budget holds every floor with time to spare
+        assert run.plan.total_floor() < run.args.budget - 60
+
+
+def test_a_phase_started_at_its_floor_gives_each_command_its_least(gc, tmp_path):
+    """Each phase started with exactly its floor (plus the later floors) left: every step gets its least."""
+    plan = _import("gpu_check_plan")
+    run = _runner(gc, tmp_path, dry_run=False, budget=480.0)
+    run.extension, run.have_model_deps, run.build_started = {"loaded": True}, True, 0.0
+    clock = [0.0]
+    run.clock = lambda: clock[0]
+    for phase in plan.PHASES:
+        steps = run.plan.steps(phase)
+        if not run.plan.selected(phase) or not steps:
+            continue
+        run.deadline = clock[0] + run.plan.floor(phase) + run.plan.reserve_after(phase)
+        for step in steps:
+            cap = run.plan.cap(phase, step.name)
+            assert cap >= min(step.least, step.want) - 1e-6, (phase, step)
+            clock[0] += cap
+        run.plan.ends.clear()
+
+
+def test_a_failed_build_skips_the_cuda_cases_and_exits_3(gc, tmp_path, monkeypatch):
+    """The build made no CUDA kernel: parity runs without MOR_REQUIRE_CUDA_BUILD (the extension cases skip with
+    the build's reason), its summary says the build failed, and the exit code is 3 (not 1: no check failed)."""
+    monkeypatch.setenv("MOR_REQUIRE_CUDA_BUILD", "1")  # even when the caller's environment sets it
+    run, code, _, _ = _fake_run(gc, tmp_path, monkeypatch, cuda_ops=[])
+    assert code == 3 and "INCOMPLETE" in run.info["verdict"] and "install" in run.info["verdict"]
+    assert run.stages["install"].status == "error" and "0/5 ops" in run.stages["install"].summary
+    parity_envs = [env for cmd, env in run.sh.calls if "pytest" in cmd and "-m gpu" in " ".join(cmd)]
+    assert parity_envs and all("MOR_REQUIRE_CUDA_BUILD" not in env for env in parity_envs)
+    assert run.stages["parity"].status == "passed"
+    assert "backend 'cuda' cases skip: the extension build failed" in run.stages["parity"].summary
+    assert run.stages["sanitize"].status == "skipped"
+
+
+@pytest.mark.parametrize(
+    "outcome,status,code",
+    [
+        ({"timed_out": True, "rc": 2}, "passed", 0),  # cut after it wrote its report: a note
+        ({"timed_out": True, "rc": -9, "cases": None}, "passed", 0),  # cut before any report: a note
+        ({"timed_out": True, "rc": 2, "cases": '<testcase classname="t" name="x"><failure message="off"/></testcase>'},
+         "failed", 1),  # what it did run still counts
+        ({"rc": 3}, "error", 3),  # pytest broke by itself: not a cut
+    ],
+)  # fmt: skip
+def test_the_triton_tests_beside_the_build_are_a_note_when_cut(gc, tmp_path, monkeypatch, outcome, status, code):
+    stages, run = _gpu_runner(gc, tmp_path, monkeypatch, outcomes={"parity-triton-any-device.log": outcome})
+    stages.parity_stage(run, stages.parity_triton_any_device(run))
+    parity = run.stages["parity"]
+    assert parity.status == status, parity.summary
+    if status == "passed":
+        assert "a note, not a failure" in parity.summary
+    assert stages.finish(run) == code
+    names = [s.get("name") for s in _import("gpu_check_report").ET.parse(os.path.join(run.out, "parity.xml")).getroot()]
+    assert (stages.ANY_DEVICE in names) == (outcome.get("cases", "") is not None)
+
+
+def test_sanitize_program_matches_the_op_schemas(tmp_path):
+    """gpu_check_sanitize.py on the C++ kernels (what the dry run does): every call matches its op's schema."""
+    from mor_kernels import _extension
+
+    if _extension.load()[0] is None:
+        if os.environ.get("MOR_REQUIRE_CUDA_BUILD", "0") not in ("", "0"):
+            pytest.fail(f"MOR_REQUIRE_CUDA_BUILD=1 but the extension is not built: {_extension.load()[1]}")
+        pytest.skip(f"the compiled extension is not built here: {_extension.load()[1]}")
+    proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "gpu_check_sanitize.py"), "--device", "cpu"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "op calls ran on cpu" in proc.stdout

@@ -1,10 +1,20 @@
-"""GPU-only parity of both fused backends (``"triton"`` and ``"cuda"``) at every SD 2.1-base layer shape, and
-CUDA-graph capture of the compiled extension's ops and of a training step (all marked ``gpu``).
+"""GPU-only parity of both fused backends (``"triton"`` and ``"cuda"``) at the SD 2.1-base (512 px, 64x64 latent)
+shapes of the layers OSEDiff's targets adapt, and CUDA-graph capture of the compiled extension's ops and of a
+training step (all marked ``gpu``). The shapes, one case each where several layers share one:
 
+- square C->C Linear (to_q, to_out.0, proj_in/proj_out, self-attention to_k/to_v) at the four attention sizes;
+- the other Linear shapes: cross-attention to_k/to_v (77 text tokens, 1024->C), GEGLU ff.net.0.proj (C->8C)
+  and ff.net.2 (4C->C), at the largest and the smallest channel count;
+- stride-1 C->C 3x3 and 1x1 convs at the largest and the smallest map;
+- the other convs: channel-changing resnet conv1 and its 1x1 conv_shortcut (down block 320->640, up block
+  2560->1280 with the concatenated skip), the stride-2 downsampler conv, conv_in (4->320) and conv_out (320->4).
+
+Not every layer's exact (tokens, C_in, C_out) is a case: the remaining ones (640-channel cross-attention, up-block
+conv1 at other concatenations, the upsampler conv) use tile and grid paths the cases above already take.
 What the other kernel tests do not cover on a GPU: test_triton_*.py runs odd sizes and the zero-slot corners on
 any device, but only one SD Linear shape (1024x640) and one SD conv on the GPU; test_extension_parity.py runs
 ``backend="cuda"`` on small odd shapes only. The Triton forward picks its tile from a table by shape and the
-CUDA kernels size their grids by shape, so each SD shape is its own code path. Oracle and budget as everywhere
+CUDA kernels size their grids by shape, so each shape above is its own code path. Oracle and budget as everywhere
 (MOR_SPEC section 7): the reference in float64 on the same rounded inputs, and the reference's own error in
 the tested dtype; forward and every gradient (x, weight, bias, lora_a, lora_b, gate). Odd sizes run here too,
 for both backends, so that ``pytest -m gpu`` alone covers them.
@@ -32,6 +42,29 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PAPER = dict(num_shared=8, num_routed=32, num_zero=4, top_k=8)
 SD_LINEAR = [(4096, 320), (1024, 640), (256, 1280), (64, 1280)]  # tokens x channels at 512x512 (64x64 latent)
 SD_CONV = [(64, 320), (16, 1280)]  # side x channels: the largest and the smallest SD 2.1-base conv maps
+#: the non-square Linear targets: (tokens, d_in, d_out) -> layer (cross-attention keys/values see the 77 text tokens)
+SD_PROJECTIONS = {
+    (77, 1024, 320): "attn2.to_k-v-320",
+    (77, 1024, 1280): "attn2.to_k-v-1280",
+    (4096, 320, 2560): "ff.net.0.proj-320",
+    (256, 1280, 10240): "ff.net.0.proj-1280",
+    (4096, 1280, 320): "ff.net.2-320",
+    (256, 5120, 1280): "ff.net.2-1280",
+}
+#: the other conv targets: (side, C_in, C_out, kernel, stride) -> layer
+SD_CONV_PATHS = {
+    (32, 320, 640, 3, 1): "down-resnet.conv1-320-640",
+    (32, 320, 640, 1, 1): "down-resnet.conv_shortcut-320-640",
+    (16, 2560, 1280, 3, 1): "up-resnet.conv1-2560-1280",
+    (16, 2560, 1280, 1, 1): "up-resnet.conv_shortcut-2560-1280",
+    (64, 320, 320, 3, 2): "downsampler.conv-64x64x320",
+    (16, 1280, 1280, 3, 2): "downsampler.conv-16x16x1280",
+    (64, 4, 320, 3, 1): "conv_in-4-320",
+    (64, 320, 4, 3, 1): "conv_out-320-4",
+}
+#: the dtypes of those extra shapes: float32 and bfloat16 (float16 takes bfloat16's 16-bit paths; it runs at the
+#: square shapes above), and token routing in bfloat16 only: keeps the file's case count down (see the README)
+EXTRA_DTYPES = [torch.float32, torch.bfloat16]
 REQUIRE_CUDA = os.environ.get("MOR_REQUIRE_CUDA_BUILD", "0") not in ("", "0")
 
 
@@ -121,6 +154,33 @@ def test_sd_conv(backend, side, channels, kernel, dtype):
     _require(backend, "mor_conv2d", dtype)
     case = random_case(kernel_size=kernel, conv={"padding": (kernel // 2,) * 2}, batch=1, d_in=channels,
                        d_out=channels, height=side, width=side, **PAPER, seed=side + kernel)  # fmt: skip
+    check_on_gpu(case, dtype, backend)
+
+
+@pytest.mark.parametrize(
+    "dtype,routing",
+    [(torch.float32, "sample"), (torch.bfloat16, "sample"), (torch.bfloat16, "token")],
+    ids=["float32-sample", "bfloat16-sample", "bfloat16-token"],
+)
+@pytest.mark.parametrize("shape", list(SD_PROJECTIONS), ids=list(SD_PROJECTIONS.values()))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sd_projection(backend, shape, dtype, routing):
+    _require(backend, "mor_linear", dtype)
+    tokens, d_in, d_out = shape
+    case = random_case(routing=routing, batch=2, tokens=tokens, d_in=d_in, d_out=d_out, **PAPER,
+                       seed=tokens + d_in + d_out)  # fmt: skip
+    check_on_gpu(case, dtype, backend)
+
+
+@pytest.mark.parametrize("dtype", EXTRA_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(SD_CONV_PATHS), ids=list(SD_CONV_PATHS.values()))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sd_conv_path(backend, shape, dtype):
+    _require(backend, "mor_conv2d", dtype)
+    side, c_in, c_out, kernel, stride = shape
+    conv = {"padding": (kernel // 2,) * 2, "stride": (stride, stride)}
+    case = random_case(kernel_size=kernel, conv=conv, batch=1, d_in=c_in, d_out=c_out, height=side, width=side,
+                       **PAPER, seed=side + c_in + c_out + kernel + stride)  # fmt: skip
     check_on_gpu(case, dtype, backend)
 
 

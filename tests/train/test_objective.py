@@ -510,3 +510,38 @@ def test_two_processes_match_one_process(tmp_path, tiny, hr_dir, alex_weights):
     log = read_log(tmp_path / "two")  # one process wrote the log and the checkpoint
     assert [r["step"] for r in log] == [1] and (tmp_path / "two" / "checkpoints" / "step-00000001").is_dir()
     assert json.loads((tmp_path / "two" / "train_config.json").read_text())["batch_size"] == 1
+
+
+def test_balance_loss_refuses_processes_that_routed_different_layers(tmp_path):
+    """Two gloo processes: when both routed the same layers the loss is the same on both; when one routed fewer,
+    each gets a RuntimeError naming the counts (before: all-reduces of different sizes, on which gloo aborted the
+    process here, and NCCL can wait forever)."""
+    driver = Path(__file__).with_name("balance_driver.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    outputs = {}
+    for mode in ("same", "differ"):
+        init = tmp_path / f"init-{mode}"
+        procs = [subprocess.Popen([sys.executable, str(driver), str(r), "2", str(init), mode], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # fmt: skip
+        outputs[mode] = []
+        for p in procs:
+            out, err = p.communicate(timeout=180)
+            assert p.returncode == 0, err[-2000:]
+            outputs[mode].append(out.strip().splitlines()[-1])
+    same = outputs["same"]
+    assert same[0].startswith("loss ") and same[0] == same[1]
+    for line in outputs["differ"]:
+        assert line.startswith("error ") and "same MoR layers" in line and "between 1 and 2 of 2 layers" in line
+
+
+def test_resume_with_other_trained_shapes_is_refused_by_name(tmp_path, tiny, hr_dir, capsys):
+    """A checkpoint whose psi rank or head width differs from the config's: `mor-sr train --resume` stops with
+    one line naming the key, before the model loads (before: a raw shape error inside accelerate's load_state)."""
+    path = write_config(tmp_path / "c.json", tiny, hr_dir, losses="l2,vsd,gan", max_steps=1, data={"crop_size": 16})
+    assert train_main([str(path)]) == 0
+    capsys.readouterr()
+    for key, value in (("vsd.lora_rank", 2), ("gan.head_channels", 64), ("vae_lora_rank", 8)):
+        assert train_main([str(path), "--max-steps", "2", "--resume", "--set", f"{key}={value}"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"{key} " in err and "does not fit this run" in err, err
+    assert train_main([str(path), "--max-steps", "2", "--resume", "--set", "gan.learning_rate=1e-4"]) == 0

@@ -330,3 +330,79 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny, hr_dir)
     assert all(g is not None for g in grads[0].values())
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_a_launcher_precision_the_config_does_not_have_is_refused(tmp_path, tiny, hr_dir, capsys, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` (ACCELERATE_MIXED_PRECISION) with a config left at "no" would
+    silently train in float32: refused, naming mixed_precision. The launcher's "no" (its default) never
+    conflicts, and a matching value is fine."""
+    from mor_model.train.loop import check_launcher_precision
+
+    path = write_config(tmp_path / "c.json", tiny, hr_dir, output_dir="never")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert train_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "mixed_precision 'no'" in err and "ACCELERATE_MIXED_PRECISION" in err and "'bf16'" in err
+    assert not (tmp_path / "never").exists()
+    check_launcher_precision(load_config(path, sets=["mixed_precision=bf16"]))  # the same: fine
+    with pytest.raises(ValueError, match="mixed_precision 'bf16'"):
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+        check_launcher_precision(load_config(path, sets=["mixed_precision=bf16"]))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    check_launcher_precision(load_config(path, sets=["mixed_precision=bf16"]))  # the config decides
+
+
+def test_each_lr_schedule_waits_only_for_its_own_skipped_step(tmp_path, tiny, hr_dir, monkeypatch):
+    """fp16: a loss-scale overflow skips one optimiser's step; only that group's LR schedule is held back."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    path = write_config(tmp_path / "c.json", tiny, hr_dir, losses="l2,gan", lr_schedule="warmup", warmup_steps=4,
+                        data={"crop_size": 16})  # fmt: skip
+    trainer = Trainer(load_config(path), log=lambda m: None)
+    ds = trainer.dataloader().dataset
+    trainer.train_step(*(torch.stack(t) for t in zip(*[ds[i] for i in range(2)], strict=True)))  # both step
+    skipped = trainer.optimizers["discriminator"]
+    monkeypatch.setattr(AcceleratedOptimizer, "step_was_skipped", property(lambda self: self is skipped))
+    assert trainer.accelerator.optimizer_step_was_skipped  # what held back every schedule before
+    trainer._step_schedules()
+    steps = {k: s.last_epoch for k, s in trainer.lr_schedulers.items()}
+    assert steps == {"generator": 1, "discriminator": 0}
+
+
+def test_frozen_weights_in_bf16_change_nothing_under_autocast(tmp_path, tiny, hr_dir):
+    """mixed_precision bf16 holds the frozen UNet/VAE Linear and Conv2d weights in bf16 (adapters, routers, norms
+    stay float32): under bf16 autocast the forward and every trainable gradient are bitwise those of the float32
+    model, since autocast rounds those weights to bf16 at each call anyway."""
+    from mor_model.losses import balance_loss
+
+    runs = []
+    for precision in ("no", "bf16"):
+        cfg = load_config(write_config(tmp_path / "c.json", tiny, hr_dir, mixed_precision=precision, cpu=True))
+        torch.manual_seed(0)  # the fresh adapters' init
+        model, params = build_model(cfg, log=lambda m: None)
+        model.train()
+        lq = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pred, _ = model(lq)
+            loss = pred.square().mean() + balance_loss(model.unet)
+        loss.backward()
+        runs.append((model, params, pred.detach(), {k: p.grad for k, p in params.items()}))
+    (fp32_model, fp32_params, fp32_pred, fp32_grads), (model, params, pred, grads) = runs
+    assert torch.equal(pred, fp32_pred)
+    assert grads.keys() == fp32_grads.keys() and all(g is not None for g in grads.values())
+    for k in grads:
+        assert torch.equal(grads[k], fp32_grads[k]), k
+    trainable = {id(p) for p in params.values()}
+    dtypes = {}
+    for name, p in model.named_parameters():
+        kind = "trainable" if id(p) in trainable else ("matmul" if name.endswith((".weight", ".bias")) else "other")
+        dtypes.setdefault(kind, set()).add(p.dtype)
+    assert dtypes["trainable"] == {torch.float32}
+    conv = model.unet.conv_in.weight
+    norm = model.unet.conv_norm_out.weight
+    assert conv.dtype == torch.bfloat16 and norm.dtype == torch.float32
+    assert model.vae.decoder.conv_out.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.estimator.parameters())  # the CLIP estimator is not cast
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    held_fp32 = sum(p.numel() * p.element_size() for p in fp32_model.parameters())
+    assert held < held_fp32
