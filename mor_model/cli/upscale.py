@@ -108,10 +108,14 @@ def run(args) -> int:
 
     team = Team.from_env()  # one process, or those of `accelerate launch` (see mor_model.cli.shard)
     device, problem = team.device(args.device)
-    plan = team.share((EXIT_USAGE if problem else _plan(args)) if team.is_main else None)
-    if problem or plan == EXIT_USAGE:
-        if problem and team.is_main:
-            err(problem)
+    problems = team.problems(problem)  # any process's device problem stops every process, before planning
+    if problems:
+        if team.is_main:
+            for p in problems:
+                err(p)
+        return EXIT_USAGE
+    plan = team.share(_plan(args) if team.is_main else None)
+    if plan == EXIT_USAGE:
         return EXIT_USAGE
     everything, skipped, failures, sizes, sources = plan
     failures = failures if team.is_main else 0  # the inputs that were not found count once, on the main process
