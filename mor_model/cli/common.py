@@ -231,22 +231,6 @@ def check_args(args) -> str | None:
     return None
 
 
-def memory_problem(pipe, height: int, width: int, args, *, batch: int = 1) -> str | None:
-    """Why upscaling ``batch`` images of ``height x width`` with these options cannot fit in the memory the
-    host and the device have now (:func:`mor_model.sr.tile_plan.job_memory`), or None."""
-    from ..sr.host_memory import device_free_bytes, host_available_bytes
-    from ..sr.tile_plan import job_memory, memory_shortfall, resolve_tile_sizes
-
-    tiles = resolve_tile_sizes(args.tile, args.encoder_tile, args.decoder_tile, lambda: pipe.auto_tile_sizes(batch))
-    job = job_memory(
-        height,
-        width,
-        unet_config=pipe.unet.config,
-        vae_config=pipe.vae.config,
-        dtype=pipe.dtype,
-        device=pipe.device,
-        tiles=tiles,
-        scale=args.scale,
-        batch=batch,
-    )
-    return memory_shortfall(job, host_free=host_available_bytes(), device_free=device_free_bytes(pipe.device))
+def memory_options(args) -> dict:
+    """The call options the memory plan of a job depends on (see :func:`mor_model.sr.job_check.memory_problem`)."""
+    return {k: getattr(args, k) for k in ("scale", "tile", "encoder_tile", "decoder_tile")}

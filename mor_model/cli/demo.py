@@ -7,6 +7,7 @@ Gradio's analytics and version check are off (``GRADIO_ANALYTICS_ENABLED=False``
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -30,7 +31,7 @@ def add_parser(sub) -> None:
     add_model_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    g.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free port)")
+    g.add_argument("--port", type=port_arg, default=7860, help="port, 0 to 65535 (default 7860; 0: any free port)")
     g.add_argument(
         "--share", action="store_true", help="also open a public gradio.live link (off by default; needs the network)"
     )
@@ -45,6 +46,16 @@ def add_parser(sub) -> None:
         "--max-file-size", type=positive_int, default=32, metavar="MB", help="largest upload in MB (default 32)"
     )
     g.add_argument("--no-examples", action="store_true", help="do not offer the example images")
+
+
+def port_arg(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 0 to 65535, got {value!r}") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0 to 65535, got {n}")
+    return n
 
 
 def _stop(signum, frame):
@@ -75,7 +86,7 @@ def run(args) -> int:
         err(str(e))
         return EXIT_USAGE
     work = Path(tempfile.mkdtemp(prefix="mor-sr-demo-"))
-    signal.signal(signal.SIGTERM, _stop)  # `kill` cleans up too, like Ctrl-C
+    previous = signal.signal(signal.SIGTERM, _stop)  # `kill` cleans up too, like Ctrl-C (restored below)
     # before gradio is imported: some of its modules read these at import time
     os.environ["GRADIO_TEMP_DIR"] = str(work / "uploads")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -123,5 +134,6 @@ def run(args) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(work, ignore_errors=True)
     return EXIT_OK

@@ -19,6 +19,7 @@ import time
 from . import demo, route_stats, upscale
 from . import eval as eval_cmd
 from .common import EXIT_USAGE, err
+from .shard import is_main_process
 
 __all__ = ["build_parser", "main"]
 
@@ -67,6 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     code = COMMANDS[args.command](args)
-    if args.command not in ("eval", "demo") and code != EXIT_USAGE:
+    if args.command not in ("eval", "demo") and code != EXIT_USAGE and is_main_process():  # once per team
         print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return code

@@ -12,7 +12,7 @@ from .common import (
     err,
     input_trees,
     load_pipeline,
-    memory_problem,
+    memory_options,
     run_kwargs,
 )
 from .outputs import UsageError, check_output_files, write_output
@@ -43,7 +43,8 @@ def run(args) -> int:
     import torch
 
     from ..layers import mor_layers
-    from ..sr.image_io import ImageReadError, collect_images, image_size, load_image
+    from ..sr.image_io import ImageReadError, collect_images
+    from ..sr.job_check import ImageTooLargeError, load_checked
     from ..stats import RoutingStats, routing_stats, save_routing_heatmap
 
     collected = collect_images(args.inputs, recursive=args.recursive)
@@ -86,14 +87,12 @@ def run(args) -> int:
     names, columns, severities, slots, max_ranks = [], [], [], {}, {}
     layer_names = None
     for path in collected.files:
-        try:
-            width, height = image_size(path)
-            why = memory_problem(pipe, height, width, args)
-            if why:
-                err(f"skipping {path}: too large for this machine ({width}x{height} input): it {why}")
-                failures += 1
-                continue
-            img = load_image(path)
+        try:  # the declared size first: an image that cannot fit is skipped before it is decoded
+            img = load_checked(pipe, path, **memory_options(args))
+        except ImageTooLargeError as e:
+            err(f"skipping {path}: {e}")
+            failures += 1
+            continue
         except Exception as e:  # noqa: BLE001
             err(f"skipping unreadable image {path}: {e.reason if isinstance(e, ImageReadError) else e}")
             failures += 1

@@ -6,9 +6,11 @@
 - :func:`shard_by_pixels` splits the images by pixel count, read from the file headers (nothing is
   decoded), largest first onto the least loaded process: every output belongs to exactly one process,
   so no two processes ever write the same file.
-- Each process runs on its own device (``cuda:LOCAL_RANK``; ``--device cpu`` keeps all on the CPU) and
-  follows the rules of one process: existing outputs skipped, atomic writes, a failed image reported
-  and skipped. A run stopped half-way and started again skips what was written and finishes the rest.
+- Each process checks its device first (``cuda:LOCAL_RANK``, made its current CUDA device; ``--device cpu``
+  keeps all on the CPU); a problem on any process is gathered, printed once by the main process, and every
+  process exits with 2 before anything is planned. Each process then follows the rules of one process:
+  existing outputs skipped, atomic writes, a failed image reported and skipped. A run stopped half-way
+  and started again skips what was written and finishes the rest.
 - One progress bar, on the main process, counts the images of all processes (a shared counter in the
   process group's key-value store); the main process prints the summary of all processes, and every
   process returns the same exit code (the worst one).
@@ -25,7 +27,15 @@ import os
 import time
 from collections.abc import Sequence
 
-__all__ = ["Team", "shard_by_pixels"]
+__all__ = ["Team", "is_main_process", "shard_by_pixels"]
+
+
+def is_main_process() -> bool:
+    """False only in a process of a started process group that is not its rank 0 (so one line, such as
+    ``mor-sr``'s closing "done in", is printed once for the whole team)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def shard_by_pixels(pixels: Sequence[int], parts: int) -> list[list[int]]:
@@ -68,7 +78,11 @@ class Team:
         return team
 
     def device(self, asked: str | None) -> tuple[str | None, str | None]:
-        """``(device, problem)``: this process's device, or why ``--device`` cannot be shared by the team."""
+        """``(device, problem)``: this process's device, or why ``--device`` cannot be shared by the team.
+
+        With several processes on CUDA, ``cuda:LOCAL_RANK`` also becomes the process's current device
+        (``torch.cuda.set_device``): Triton launches on the current device, so without it every process
+        would run its kernels on GPU 0 against another GPU's memory."""
         if self.size == 1 or asked == "cpu":
             return asked, None
         if asked is not None:
@@ -83,7 +97,20 @@ class Team:
         count = torch.cuda.device_count()
         if self.local_rank >= count:
             return None, f"process {self.rank} has local rank {self.local_rank} but there are only {count} CUDA devices"
+        torch.cuda.set_device(self.local_rank)
         return f"cuda:{self.local_rank}", None
+
+    def problems(self, problem: str | None) -> list[str]:
+        """The distinct problems of every process (``problem`` is this one's, None if it has none), in rank
+        order, on every process: a problem of any one process stops them all, and the main process can say
+        why (only it prints)."""
+        if self.size == 1:
+            return [problem] if problem else []
+        import torch.distributed as dist
+
+        everyone: list[str | None] = [None] * self.size
+        dist.all_gather_object(everyone, problem)
+        return list(dict.fromkeys(p for p in everyone if p))
 
     def share(self, obj):
         """``obj`` of the main process, on every process."""

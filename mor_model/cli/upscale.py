@@ -14,7 +14,7 @@ from .common import (
     err,
     input_trees,
     load_pipeline,
-    memory_problem,
+    memory_options,
     positive_int,
     run_kwargs,
 )
@@ -104,14 +104,19 @@ def _plan(args):
 def run(args) -> int:
     import torch
 
-    from ..sr.image_io import ImageReadError, image_size, load_image, save_image
+    from ..sr.image_io import ImageReadError, save_image
+    from ..sr.job_check import ImageTooLargeError, load_checked, memory_problem
 
     team = Team.from_env()  # one process, or those of `accelerate launch` (see mor_model.cli.shard)
     device, problem = team.device(args.device)
-    plan = team.share((EXIT_USAGE if problem else _plan(args)) if team.is_main else None)
-    if problem or plan == EXIT_USAGE:
-        if problem and team.is_main:
-            err(problem)
+    problems = team.problems(problem)  # any process's device problem stops every process, before planning
+    if problems:
+        if team.is_main:
+            for p in problems:
+                err(p)
+        return EXIT_USAGE
+    plan = team.share(_plan(args) if team.is_main else None)
+    if plan == EXIT_USAGE:
         return EXIT_USAGE
     everything, skipped, failures, sizes, sources = plan
     failures = failures if team.is_main else 0  # the inputs that were not found count once, on the main process
@@ -164,16 +169,10 @@ def run(args) -> int:
 
         for plan in todo:
             try:  # the declared size first: an image that cannot fit is skipped before it is decoded
-                width, height = image_size(plan.input)
-            except ImageReadError as e:
-                skip(plan, f"unreadable image: {e.reason}")
+                img = load_checked(pipe, plan.input, **memory_options(args))
+            except ImageTooLargeError as e:
+                skip(plan, str(e))
                 continue
-            why = memory_problem(pipe, height, width, args)
-            if why:
-                skip(plan, f"too large for this machine ({width}x{height} input): it {why}")
-                continue
-            try:
-                img = load_image(plan.input)
             except Exception as e:  # noqa: BLE001 - ImageReadError, or anything else the decoder raises
                 skip(
                     plan,
@@ -183,7 +182,7 @@ def run(args) -> int:
             if batch and (
                 len(batch) >= args.batch_size
                 or batch[0][1].shape != img.shape
-                or memory_problem(pipe, *img.shape[1:], args, batch=len(batch) + 1)
+                or memory_problem(pipe, *img.shape[1:], **memory_options(args), batch=len(batch) + 1)
             ):
                 flush()
             batch.append((plan, img))

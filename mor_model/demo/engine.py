@@ -1,11 +1,12 @@
 """What the demo page runs, without Gradio: one upscale with everything the page shows.
 
 :meth:`DemoEngine.upscale` checks the file like ``mor-sr upscale`` does (the declared size against the
-page's pixel limit and against the memory plan of the job, before decoding; a damaged file is an error
-that names it), runs the pipeline with a progress callback per tile, and returns a :class:`DemoResult`:
-the SR and bicubic images (PNG files in the demo's temporary folder), the degradation scores, the active
-ranks per MoR layer (:func:`mor_model.stats.routing_stats`), seconds per stage (forward hooks on the CLIP,
-the VAE encoder, the UNet and the VAE decoder) and which ``mor_kernels`` backend ran. Every problem is a
+page's pixel limit and against the memory plan of the job, before decoding, with
+:func:`mor_model.sr.job_check.load_checked`; a damaged file is an error that names it), runs the
+pipeline with a progress callback per tile, and returns a :class:`DemoResult`: the SR and bicubic images
+(PNG files in the demo's temporary folder), the degradation scores, the active ranks per MoR layer
+(:func:`mor_model.stats.routing_stats`), seconds per stage (forward hooks on the CLIP, the VAE encoder,
+the UNet and the VAE decoder) and which ``mor_kernels`` backend ran. Every problem is a
 :class:`DemoError` with a message for the page.
 """
 
@@ -18,7 +19,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -127,7 +127,7 @@ class DemoEngine:
 
         key = (dtype, bool(fold_shared))
         if self._key != key:
-            self._pipe = None  # one model in memory at a time
+            self._pipe, self._key = None, None  # one model in memory at a time; a failed load keeps none
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             self._pipe = MoRSRPipeline.from_pretrained(
@@ -166,9 +166,11 @@ class DemoEngine:
         progress: Callable[[str, int, int], None] | None = None,
     ) -> DemoResult:
         """Upscales the image file ``path``; raises :class:`DemoError` with a message for the page."""
-        from ..cli.common import memory_problem
+        from PIL import Image
+
         from ..layers import mor_layers
-        from ..sr.image_io import ImageReadError, image_size, load_image, save_image
+        from ..sr.image_io import ImageReadError, image_size, save_image
+        from ..sr.job_check import ImageTooLargeError, load_checked
         from ..stats import routing_stats
 
         if not path:
@@ -181,18 +183,17 @@ class DemoEngine:
         if width * height > self.max_pixels:
             raise DemoError(
                 f"{name} is {width}x{height} = {width * height} pixels; this page takes at most {self.max_pixels} "
-                "(mor-sr demo --max-pixels; mor-sr upscale has no such limit)"
+                f"(mor-sr demo --max-pixels raises it; mor-sr upscale takes up to Pillow's limit, "
+                f"{Image.MAX_IMAGE_PIXELS} pixels, as far as the machine's memory allows)"
             )
         try:
             pipe = self.pipeline(dtype, fold_shared)
-            options = SimpleNamespace(tile=tile, encoder_tile=None, decoder_tile=None, scale=scale)
-            why = memory_problem(pipe, height, width, options)
-            if why:
-                raise DemoError(f"{name} ({width}x{height}) is too large for this machine: it {why}")
-            try:
-                lq = load_image(path, max_pixels=self.max_pixels)[None]
+            try:  # the memory plan of the job from the declared size, then the decoding
+                lq = load_checked(pipe, path, max_pixels=self.max_pixels, scale=scale, tile=tile)[None]
             except ImageReadError as e:
                 raise DemoError(f"unreadable image {name}: {_hide(e.reason, path)}") from None
+            except ImageTooLargeError as e:
+                raise DemoError(f"{name} ({width}x{height}) is too large for this machine: it {e.why}") from None
             parts = [(p, m) for p, m in (("unet", pipe.unet), ("vae", pipe.vae)) if mor_layers(m)]
             for _, m in parts:
                 for layer in mor_layers(m).values():

@@ -75,6 +75,8 @@ from .loading import (
 from .tile_plan import (
     auto_tile_sizes,
     check_call_options,
+    pixels_on_host,
+    resolve_tile_sizes,
 )
 from .x0 import clip_x0, x0_from_prediction
 
@@ -373,20 +375,13 @@ class MoRSRPipeline:
             raise ValueError(f"scores must be a tensor (B={b}, D), got {getattr(scores, 'shape', scores)}")
         f = self.vae_scale_factor
         ph, pw = _round_up(out_h, self.multiple), _round_up(out_w, self.multiple)
-        sizes = {"unet": tile, "encoder": encoder_tile, "decoder": decoder_tile}
-        if tile == 0:
-            sizes = dict.fromkeys(sizes, 0)
-        if any(v is None for v in sizes.values()):
-            auto = self.auto_tile_sizes(b)
-            sizes = {k: auto[k] if v is None else v for k, v in sizes.items()}
+        sizes = resolve_tile_sizes(tile, encoder_tile, decoder_tile, lambda: self.auto_tile_sizes(b))
         unet_ov = tile_overlap if tile_overlap is not None else self._overlap(sizes["unet"], 3, self.unet_factor)
         if sizes["unet"] and unet_ov >= sizes["unet"]:
             raise ValueError(f"tile_overlap ({unet_ov}) must be smaller than the UNet tile ({sizes['unet']})")
         # Tiled VAE stages on an accelerator: the full-resolution pixels (upscaled input, output) stay in
         # host memory and only tiles visit the device, so device memory is bounded by the tile sizes.
-        enc_tiled = bool(sizes["encoder"]) and (sizes["encoder"] < ph or sizes["encoder"] < pw)
-        dec_tiled = bool(sizes["decoder"]) and (sizes["decoder"] * f < ph or sizes["decoder"] * f < pw)
-        pixel_device = torch.device("cpu") if enc_tiled or dec_tiled else self.device
+        pixel_device = torch.device("cpu") if pixels_on_host(sizes, ph, pw, f) else self.device
         up = F.interpolate(lq.to(pixel_device), size=(out_h, out_w), mode="bicubic", align_corners=False).clamp(0, 1)
         x = up * 2 - 1
         if (ph, pw) != (out_h, out_w):

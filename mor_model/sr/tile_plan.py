@@ -32,6 +32,7 @@ __all__ = [
     "job_memory",
     "memory_shortfall",
     "model_factors",
+    "pixels_on_host",
     "resolve_tile_sizes",
     "tile_costs",
 ]
@@ -181,8 +182,9 @@ def check_call_options(
 def resolve_tile_sizes(
     tile: int | None, encoder_tile: int | None, decoder_tile: int | None, auto: Callable[[], dict[str, int]]
 ) -> dict[str, int]:
-    """The tile sizes a pipeline call uses: ``tile=0`` turns every stage off, None entries come from ``auto()``
-    (:func:`auto_tile_sizes`), the rest as given (the rule of :meth:`MoRSRPipeline.__call__`)."""
+    """The tile sizes a pipeline call uses (:meth:`MoRSRPipeline.__call__` and the memory plan of a job call
+    this): ``tile=0`` turns every stage off, None entries come from ``auto()`` (:func:`auto_tile_sizes`),
+    the rest as given."""
     sizes = {"unet": tile, "encoder": encoder_tile, "decoder": decoder_tile}
     if tile == 0:
         return dict.fromkeys(sizes, 0)
@@ -190,6 +192,15 @@ def resolve_tile_sizes(
         found = auto()
         sizes = {k: found[k] if v is None else v for k, v in sizes.items()}
     return sizes
+
+
+def pixels_on_host(tiles: dict[str, int], height: int, width: int, vae_factor: int) -> bool:
+    """Whether a call keeps its full-resolution pixels (the upscaled input, the output) in host memory: when
+    the VAE encoder or decoder runs on tiles of the padded ``height x width`` image (tile sizes ``tiles`` of
+    :func:`resolve_tile_sizes`), only tiles visit the device, so device memory is bounded by the tile sizes
+    (the placement of :meth:`MoRSRPipeline.__call__`, and of :func:`job_memory`)."""
+    longest = max(height, width)
+    return 0 < (tiles.get("encoder") or 0) < longest or 0 < (tiles.get("decoder") or 0) * vae_factor < longest
 
 
 #: float32 RGB copies of the output image alive at the peak of a call, counting the CLI's: the bicubic
@@ -247,11 +258,9 @@ def job_memory(
     pixels = batch * PIXEL_COPIES * 12 * ph * pw
     latents = batch * LATENT_COPIES * 4 * latent_channels * lh * lw
     inputs = batch * 2 * 12 * height * width  # the decoded image and the pipeline's float32 copy
-    enc_tiled = bool(tiles.get("encoder")) and tiles["encoder"] < max(ph, pw)
-    dec_tiled = bool(tiles.get("decoder")) and tiles["decoder"] * f < max(ph, pw)
     if torch.device(device).type == "cpu":
         return JobMemory(int(pixels + latents + inputs + activations), 0, (out_h, out_w))
-    if enc_tiled or dec_tiled:
+    if pixels_on_host(tiles, ph, pw, f):
         return JobMemory(int(pixels + inputs), int(latents + activations), (out_h, out_w))
     return JobMemory(int(inputs), int(pixels + latents + activations), (out_h, out_w))
 

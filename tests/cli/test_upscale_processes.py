@@ -43,6 +43,67 @@ def test_one_process_team_talks_to_nobody(monkeypatch):
     assert "each process takes its own GPU" in two.device("cuda:0")[1]
 
 
+def test_each_process_takes_its_gpu_as_the_current_device(monkeypatch):
+    """Triton launches on the current CUDA device: Team.device makes cuda:LOCAL_RANK current (faked CUDA)."""
+    import torch
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert Team(rank=1, size=2, local_rank=1).device(None) == ("cuda:1", None)
+    assert current == [1]
+    device, problem = Team(rank=3, size=4, local_rank=3).device(None)  # 4 processes on 2 GPUs
+    assert device is None and "local rank 3 but there are only 2 CUDA devices" in problem
+    assert current == [1]
+
+
+# rank 1 of two processes has a device problem of its own (as with --num_processes 8 on 4 GPUs)
+_RANK_1_PROBLEM = """
+import sys
+from mor_model.cli import main, shard
+
+real = shard.Team.device
+
+def device(self, asked):
+    if self.rank == 1:
+        return None, "process 1 has local rank 1 but there are only 1 CUDA devices (injected)"
+    return real(self, asked)
+
+shard.Team.device = device
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_device_problem_of_one_process_is_reported_and_stops_all(tmp_path):
+    """The main process prints the other process's problem (once), every process exits with 2, and nothing is
+    planned (the missing model would be the main process's next complaint)."""
+    photo = save_photo(tmp_path / "a.png")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), WORLD_SIZE="2")  # fmt: skip
+    argv = ["upscale", str(photo), "-o", str(tmp_path / "out"), "--model", str(tmp_path / "no-model")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RANK_1_PROBLEM, *argv],
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    try:
+        (_, err0), (_, err1) = (p.communicate(timeout=300) for p in procs)
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], err0 + err1
+    assert err0.count("only 1 CUDA devices (injected)") == 1, err0
+    assert "injected" not in err1, err1  # only the main process prints
+    assert "no-model" not in err0 and "done in" not in err0, err0  # stopped before planning
+    assert not (tmp_path / "out").exists()
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -83,6 +144,7 @@ def test_two_processes_write_the_same_files_as_one(tiny_model_dir, photos, tmp_p
     assert "7 written to" in two.stderr and "by 2 processes" in two.stderr and "2 failed" in two.stderr, two.stderr
     assert "2 failed" in one.stderr, one.stderr  # the broken file and the missing one, counted once each
     assert two.stderr.count("written to") == 1  # one summary, from the main process
+    assert two.stderr.count("done in") == 1 and one.stderr.count("done in") == 1, two.stderr
     assert two.stderr.count("broken.png") == 1  # the failure is reported by the process that had it
 
     a, b = digest_tree(tmp_path / "one"), digest_tree(tmp_path / "two")

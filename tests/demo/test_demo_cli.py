@@ -2,6 +2,7 @@
 message without the [demo] extra, `--model tiny` builds the tiny model when it is missing, and the
 temporary folder is removed whatever happens."""
 
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,16 @@ def test_every_option_is_documented():
     assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)  # loopback, never shared by default
 
 
+@pytest.mark.parametrize("port", ["70000", "-1", "65536", "http"])
+def test_a_port_out_of_range_is_a_usage_error(port, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo_parser().parse_args(["--model", "m", "--port", port])
+    assert e.value.code == 2
+    assert "--port" in capsys.readouterr().err
+    assert demo_parser().parse_args(["--model", "m", "--port", "65535"]).port == 65535
+    assert demo_parser().parse_args(["--model", "m", "--port", "0"]).port == 0
+
+
 def test_gradio_is_imported_by_the_demo_only():
     code = "import sys, mor_model, mor_model.cli, mor_model.demo.engine; print('gradio' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -42,7 +53,9 @@ def test_without_gradio_tiny_is_built_and_the_message_says_what_to_install(tmp_p
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
+    before = signal.getsignal(signal.SIGTERM)
     assert main(["demo", "--model", "tiny"]) == 2
+    assert signal.getsignal(signal.SIGTERM) is before  # the demo's SIGTERM handler is gone with it
     captured = capsys.readouterr()
     assert "building the tiny random model in ./tiny" in captured.out
     assert "pip install 'mor-sr[demo]'" in captured.err

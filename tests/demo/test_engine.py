@@ -106,3 +106,34 @@ def test_out_of_memory_is_a_message_and_the_next_run_reloads(engine, tmp_path, m
         engine.upscale(photo(tmp_path / "a.png", (8, 8)))
     assert engine.pipeline() is not pipe  # the model is loaded afresh after running out of memory
     assert engine.upscale(photo(tmp_path / "a.png", (8, 8))).output_size == (32, 32)
+
+
+def test_a_failed_load_then_a_good_one(tiny_model_dir, tmp_path, monkeypatch):
+    """A model that fails to load (here: bf16 made to fail) is a message; the next run with the dtype that loaded
+    before loads it again instead of returning the dropped pipeline (None)."""
+    from mor_model.sr.pipeline import MoRSRPipeline
+
+    engine = DemoEngine(tiny_model_dir, work_dir=tmp_path / "work", device="cpu", max_pixels=64 * 64)
+    assert engine.pipeline("fp32") is not None
+    real = MoRSRPipeline.from_pretrained
+
+    def load(*args, dtype="fp32", **kwargs):
+        if dtype == "bf16":
+            raise OSError("cannot read the bf16 weights")
+        return real(*args, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(MoRSRPipeline, "from_pretrained", load)
+    with pytest.raises(DemoError, match="OSError: cannot read the bf16 weights"):
+        engine.upscale(photo(tmp_path / "a.png", (8, 8)), dtype="bf16")
+    assert isinstance(engine.pipeline("fp32"), MoRSRPipeline)
+    assert engine.upscale(photo(tmp_path / "a.png", (8, 8)), dtype="fp32").output_size == (32, 32)
+
+
+def test_the_size_limit_message_says_what_upscale_takes(engine, tmp_path):
+    from PIL import Image as PILImage
+
+    with pytest.raises(DemoError) as e:
+        engine.upscale(photo(tmp_path / "big.png", (65, 64)))
+    assert "mor-sr demo --max-pixels raises it" in str(e.value)
+    assert f"mor-sr upscale takes up to Pillow's limit, {PILImage.MAX_IMAGE_PIXELS} pixels" in str(e.value)
+    assert "no such limit" not in str(e.value)

@@ -1,10 +1,14 @@
-"""The planned peak memory of an upscaling job (mor_model.sr.tile_plan.job_memory) and the host memory
-query: where the bytes are counted (host or device), how they grow, what the refusal says."""
+"""The planned peak memory of an upscaling job (mor_model.sr.tile_plan.job_memory), the check every front end
+runs with it before decoding an image (mor_model.sr.job_check) and the host memory query: where the bytes
+are counted (host or device), how they grow, what the refusal says."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from mor_model.sr import host_memory
+from mor_model.sr.job_check import ImageTooLargeError, load_checked, memory_problem
 from mor_model.sr.tile_plan import (
     MAX_SCALE,
     JobMemory,
@@ -12,6 +16,7 @@ from mor_model.sr.tile_plan import (
     check_call_options,
     job_memory,
     memory_shortfall,
+    pixels_on_host,
     resolve_tile_sizes,
 )
 from mor_model.testing import TINY_UNET_CONFIG, TINY_VAE_CONFIG
@@ -59,6 +64,67 @@ def test_resolve_tile_sizes_is_the_pipelines_rule():
         raise AssertionError("auto tiles computed although every size was given")
 
     assert resolve_tile_sizes(4, 8, 2, not_called) == {"unet": 4, "encoder": 8, "decoder": 2}
+
+
+def test_pixels_stay_on_the_host_when_a_vae_stage_is_tiled():
+    # a padded 64 x 48 image, VAE factor 4: the encoder is tiled below 64 pixels, the decoder below 16 latents
+    assert not pixels_on_host({"unet": 8, "encoder": 0, "decoder": 0}, 64, 48, 4)  # both whole
+    assert not pixels_on_host({"unet": 8, "encoder": 64, "decoder": 16}, 64, 48, 4)  # one tile each = whole
+    assert pixels_on_host({"unet": 0, "encoder": 32, "decoder": 0}, 64, 48, 4)
+    assert pixels_on_host({"unet": 0, "encoder": 0, "decoder": 8}, 64, 48, 4)
+    assert pixels_on_host({"encoder": 0, "decoder": 12}, 48, 64, 4)  # either side counts
+
+
+def _fake_pipe(auto=None):
+    """What memory_problem reads of a pipeline: the configs, dtype, device and auto_tile_sizes."""
+
+    def auto_tile_sizes(batch):
+        if auto is None:
+            raise AssertionError("auto tiles computed although every size was given")
+        return auto
+
+    return SimpleNamespace(
+        unet=SimpleNamespace(config=TINY_UNET_CONFIG),
+        vae=SimpleNamespace(config=TINY_VAE_CONFIG),
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        auto_tile_sizes=auto_tile_sizes,
+    )
+
+
+def test_memory_problem_plans_with_the_tiles_the_call_would_use(monkeypatch):
+    monkeypatch.setattr(host_memory, "host_available_bytes", lambda: 1 << 40)
+    assert memory_problem(_fake_pipe(), 16, 16, tile=16, encoder_tile=64, decoder_tile=16) is None
+    monkeypatch.setattr(host_memory, "host_available_bytes", lambda: 1 << 20)
+    why = memory_problem(_fake_pipe(TILES), 16, 24, scale=2, tile=None)
+    want = job_memory(16, 24, device="cpu", tiles=TILES, scale=2, **KW)
+    assert why == memory_shortfall(want, host_free=1 << 20, device_free=None)
+    assert why.startswith("needs about") and "for a 48x32 output; 1.0 MiB is available" in why
+
+
+def test_load_checked_refuses_before_decoding(monkeypatch, tmp_path):
+    from PIL import Image
+
+    from mor_model.sr import image_io
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (24, 16), (10, 20, 30)).save(path)
+    decoded = []
+    real = image_io.load_image
+    monkeypatch.setattr(image_io, "load_image", lambda p, **kw: decoded.append(p) or real(p, **kw))
+    monkeypatch.setattr(host_memory, "host_available_bytes", lambda: 1 << 20)
+    with pytest.raises(ImageTooLargeError) as e:
+        load_checked(_fake_pipe(TILES), path)
+    assert (e.value.width, e.value.height) == (24, 16) and not decoded
+    assert str(e.value).startswith("too large for this machine (24x16 input): it needs about")
+    monkeypatch.setattr(host_memory, "host_available_bytes", lambda: 1 << 40)
+    img = load_checked(_fake_pipe(TILES), path)
+    assert decoded == [path] and img.shape == (3, 16, 24)
+    with pytest.raises(image_io.ImageReadError, match="a.png"):  # max_pixels reaches load_image
+        load_checked(_fake_pipe(TILES), path, max_pixels=100)
+    (tmp_path / "b.png").write_bytes(b"not an image")
+    with pytest.raises(image_io.ImageReadError, match="b.png"):
+        load_checked(_fake_pipe(TILES), tmp_path / "b.png")
 
 
 def test_scale_is_capped():

@@ -246,6 +246,32 @@ def test_auto_tile_sizes(pipe):
     assert pipe.auto_tile_sizes(4, free_bytes=1 << 30)["unet"] < pipe.auto_tile_sizes(1, free_bytes=1 << 30)["unet"]
 
 
+def test_tiles_and_pixel_placement_follow_the_memory_plans_rules(pipe, monkeypatch):
+    """__call__ takes its tile sizes and the place of the full-resolution pixels from tile_plan's
+    resolve_tile_sizes and pixels_on_host: the rules job_memory plans with (mor_model.sr.job_check checks
+    every image against that plan before decoding it), not copies of them."""
+    import mor_model.sr.pipeline as pipeline_module
+    from mor_model.sr import tile_plan
+
+    seen = {}
+
+    def resolve(*args):
+        seen["sizes"] = tile_plan.resolve_tile_sizes(*args)
+        seen["asked"] = args[:3]
+        return seen["sizes"]
+
+    def placement(*args):
+        seen["placement"] = args
+        return tile_plan.pixels_on_host(*args)
+
+    monkeypatch.setattr(pipeline_module, "resolve_tile_sizes", resolve)
+    monkeypatch.setattr(pipeline_module, "pixels_on_host", placement)
+    pipe(astronaut((8, 8)), tile=None, encoder_tile=0, decoder_tile=8)
+    assert seen["asked"] == (None, 0, 8)
+    assert seen["sizes"]["encoder"] == 0 and seen["sizes"]["decoder"] == 8 and seen["sizes"]["unet"] > 0
+    assert seen["placement"] == (seen["sizes"], 32, 32, pipe.vae_scale_factor)  # the padded 4x output
+
+
 def test_scheduler_clip_and_thresholding_are_honoured(pipe):
     from diffusers import DDPMScheduler
 
