@@ -17,6 +17,7 @@ from torch import nn
 import mor_kernels
 
 from .config import MoRConfig
+from .inference import needs_grad
 from .router import MoRRouter
 
 
@@ -106,7 +107,9 @@ class MoRLayer(nn.Module):
         (``last_path`` then says why)."""
         state = self._image_state
         why = "no per-image state (scores not set through mor_model.set_degradation)"
-        if state is not None:
+        if state is not None and needs_grad(self, x):  # before the casts below: training never pays for them
+            why = state.why_not(self, x)
+        elif state is not None:
             xc, weight, bias = self._base_operands(x)  # the compute dtype (autocast's) picks the entry
             entry = state.lookup(self, xc)
             if entry is not None:

@@ -55,6 +55,23 @@ def test_prepared_inference_matches_the_per_call_path(unet, mode):
     assert mor_model.balance_loss(unet).item() == pytest.approx(want_loss, rel=1e-6)
 
 
+def test_a_forward_that_needs_gradients_casts_the_base_weights_once(unet, monkeypatch):
+    """With per-image state set, a training forward (a gradient needed) goes straight to the per-call path:
+    the base operands are cast to the autocast dtype once per layer (by the op's operands), not once more for a
+    lookup of the state that a gradient rules out (an extra weight-sized copy per layer and step)."""
+    from mor_model.layers import MoRLayer
+
+    set_degradation(unet, SCORES)
+    calls = []
+    real = MoRLayer._base_operands
+    monkeypatch.setattr(MoRLayer, "_base_operands", lambda self, x: calls.append(self) or real(self, x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _forward(unet, grad=True)
+    layers = list(mor_layers(unet).values())
+    assert len(calls) == len(layers) and {id(c) for c in calls} == {id(layer) for layer in layers}
+    assert all(layer.explain().startswith("per call") and "a gradient is needed" in layer.explain() for layer in layers)
+
+
 def test_routing_once_per_scores_and_merged_weights_once_per_image(unet, monkeypatch):
     set_merge(unet, "always")
     merges, routes = [], []
