@@ -7,6 +7,13 @@
 // share the chunk's channels. The active rank activations of the tile (gated) and the chunk's slice of lora_b
 // are staged in shared memory first. The grid grows with the channels too: a 64-channel chunk per block instead
 // of one thread walking every output channel.
+//
+// base and z_rank are read through their (batch, channel, pixel) strides, so NCHW and channels_last inputs (what
+// cuDNN gives a channels_last model) are read in place, with no contiguous copy. y is NCHW: that is mor::conv_up's
+// contract, shared with its CPU kernel and its fake (returning base's layout would change all three). For
+// channels_last inputs the lanes' reads of base are then strided by C_out, but the block reads a 32-pixel x
+// 64-channel patch whose 128-byte channel runs its eight warps use whole (L1/L2), so the HBM bytes are those of
+// the NCHW case, where the former copies read and wrote base and z_rank once more each.
 #ifndef MOR_EMULATE_CUDA
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -22,12 +29,21 @@ namespace {
 constexpr int kPixels = 32;    // pixels per block (a warp's lanes)
 constexpr int kChannels = 64;  // output channels per block
 
+}  // namespace
+
+// Element strides of a (B, C, H, W) tensor whose H and W flatten into one pixel index.
+struct PixelStrides {
+  int64_t batch, channel, pixel;
+};
+
+namespace {
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     conv_up_kernel(const scalar_t* __restrict__ base, const scalar_t* __restrict__ z_rank,
                    const scalar_t* __restrict__ lora_b, const int32_t* __restrict__ idx, const float* __restrict__ gate,
-                   scalar_t* __restrict__ y, int64_t pixels, int64_t c_out, int ranks, int num_shared, int k,
-                   float scaling) {
+                   scalar_t* __restrict__ y, PixelStrides sb, PixelStrides sz, PixelStrides sy, int64_t pixels,
+                   int64_t c_out, int ranks, int num_shared, int k, float scaling) {
   MOR_DYNAMIC_SMEM(smem);
   __shared__ int n_act_s;
   int* rank = reinterpret_cast<int*>(smem);
@@ -40,10 +56,10 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) build_active(idx + b * k, gate + b * k, k, num_shared, ranks, scaling, rank, coef, &n_act_s);
   __syncthreads();
   const int n_act = n_act_s;
-  const scalar_t* zb = z_rank + b * ranks * pixels;
+  const scalar_t* zb = z_rank + b * sz.batch;
   for (int e = threadIdx.x; e < n_act * kPixels; e += blockDim.x) {
     const int a = e / kPixels, p = e % kPixels;
-    const float v = p0 + p < pixels ? static_cast<float>(zb[static_cast<int64_t>(rank[a]) * pixels + p0 + p]) : 0.f;
+    const float v = p0 + p < pixels ? static_cast<float>(zb[rank[a] * sz.channel + (p0 + p) * sz.pixel]) : 0.f;
     hs[e] = coef[a] != 0.f ? coef[a] * v : 0.f;  // MOR_SPEC 2.2: g = 0 gives exactly zero
   }
   for (int e = threadIdx.x; e < kChannels * n_act; e += blockDim.x) {
@@ -54,16 +70,16 @@ __global__ void __launch_bounds__(kThreads)
   const int p = threadIdx.x % kPixels;
   const int64_t pix = p0 + p;
   if (pix >= pixels) return;  // no barrier below
-  const scalar_t* base_b = base + b * c_out * pixels;
-  scalar_t* yb = y + b * c_out * pixels;
+  const scalar_t* base_b = base + b * sb.batch + pix * sb.pixel;
+  scalar_t* yb = y + b * sy.batch + pix * sy.pixel;
   for (int cc = threadIdx.x / kPixels; cc < kChannels && c0 + cc < c_out; cc += blockDim.x / kPixels) {
     const int64_t c = c0 + cc;
-    float acc = static_cast<float>(base_b[c * pixels + pix]);
+    float acc = static_cast<float>(base_b[c * sb.channel]);
     for (int a = 0; a < n_act; ++a) {
       const float hv = hs[a * kPixels + p];
       acc = hv != 0.f ? fmaf(bs[cc * n_act + a], hv, acc) : acc;
     }
-    yb[c * pixels + pix] = static_cast<scalar_t>(acc);
+    yb[c * sy.channel] = static_cast<scalar_t>(acc);
   }
 }
 
@@ -75,18 +91,32 @@ inline size_t conv_up_smem_bytes(int64_t ranks) {
 
 #ifndef MOR_EMULATE_CUDA  // host code; tests/kernels/extension_emulation.cpp compiles the kernels above on a CPU
 
+// t itself when its H and W flatten into one pixel index (NCHW, channels_last, a batch slice of either), else a
+// contiguous copy.
+static at::Tensor flat_pixels(const at::Tensor& t) {
+  const bool flat = t.size(2) == 1 || t.size(3) == 1 || t.stride(2) == t.stride(3) * t.size(3);
+  return flat ? t : t.contiguous();
+}
+
+// The (batch, channel, pixel) strides of a tensor that flat_pixels returned.
+static PixelStrides pixel_strides(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.size(3) == 1 ? t.stride(2) : t.stride(3)};
+}
+
 at::Tensor conv_up(const at::Tensor& base, const at::Tensor& z_rank, const at::Tensor& lora_b, const at::Tensor& idx,
                    const at::Tensor& gate, int64_t num_shared, double scaling) {
   const auto s = check_conv_up_args(base, z_rank, lora_b, idx, gate, num_shared);
   check_cuda_limits("mor::conv_up", s.batch, s.ranks);
   const c10::cuda::CUDAGuard guard(base.device());
-  auto bc = base.contiguous();
-  auto zc = z_rank.contiguous();
+  const auto bc = flat_pixels(base);  // read in place: no copy of an NCHW or channels_last input
+  const auto zc = flat_pixels(z_rank);
+  const PixelStrides sb = pixel_strides(bc), sz = pixel_strides(zc);
   auto lbc = lora_b.contiguous();
   auto idx_c = idx.contiguous();
   auto gate_c = gate.contiguous();
-  auto y = at::empty(base.sizes(), base.options());
+  auto y = at::empty(base.sizes(), base.options());  // NCHW (see the top of this file)
   if (y.numel() == 0) return y;
+  const PixelStrides sy = pixel_strides(y);
   const dim3 grid(static_cast<unsigned>((s.tokens + kPixels - 1) / kPixels),
                   static_cast<unsigned>((s.d_out + kChannels - 1) / kChannels), static_cast<unsigned>(s.batch));
   const size_t smem = conv_up_smem_bytes(s.ranks);
@@ -95,7 +125,7 @@ at::Tensor conv_up(const at::Tensor& base, const at::Tensor& z_rank, const at::T
     allow_smem(kernel, smem);
     kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
         bc.data_ptr<scalar_t>(), zc.data_ptr<scalar_t>(), lbc.data_ptr<scalar_t>(), idx_c.data_ptr<int32_t>(),
-        gate_c.data_ptr<float>(), y.data_ptr<scalar_t>(), s.tokens, s.d_out, static_cast<int>(s.ranks),
+        gate_c.data_ptr<float>(), y.data_ptr<scalar_t>(), sb, sz, sy, s.tokens, s.d_out, static_cast<int>(s.ranks),
         static_cast<int>(num_shared), static_cast<int>(s.top_k), static_cast<float>(scaling));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

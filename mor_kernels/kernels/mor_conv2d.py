@@ -10,7 +10,11 @@ convolutions ``z = conv(x, W0)`` and ``z_rank = conv(x, A)`` (all ``R`` ranks as
   one rank never reaches another's channel), zero for the ranks the sample does not pick. For 16-bit inputs
   it is written as two channel blocks, ``hi = round(dz)`` and ``lo = round(dz - hi)``, so that one 16-bit
   convolution over ``2R`` channels gives ``dA`` with float32-accurate ``dz`` (the split-precision trick of
-  bf16x2 GEMM emulation) and one gives ``dx``'s rank part with the rank filters repeated;
+  bf16x2 GEMM emulation) and one gives ``dx``'s rank part with the rank filters repeated. Where the pixel
+  blocks are too few to fill the GPU (:func:`bwd_split`), the ``C_out`` loop is split as the linear kernels
+  split theirs (:mod:`.mor_lora`): each split writes its ``dB`` partial columns and a float32 ``dh`` partial,
+  and the split that arrives last sums the ``dh`` partials in split order (bitwise repeatable for one shape)
+  and finishes the block;
 - ``_finite_ranks_kernel``: ``lora_a`` with non-finite values zeroed, repeated ``REPS`` times along the ranks,
   for those backward convolutions (a zero of ``dz_rank`` times a NaN filter would be NaN).
 
@@ -23,12 +27,36 @@ import torch
 import triton
 import triton.language as tl
 
-from .mor_lora import _dot, _gates, _rank_list, padded_ranks
+from .mor_lora import _dot, _gates, _rank_list, _split_arrive, _split_sum, on_tensor_device, padded_ranks, split_buffers
 from .mor_lora_bwd import reduce
+from .mor_lora_tiles import MAX_SPLIT_K, NUM_SMS
 
 BLOCK_M = 32  # pixels per program
 BLOCK_N = 64  # output channels per program (forward) / per dy step (backward)
 BLOCK_R = 16  # rank channels of dz_rank per step
+MIN_BWD_STEPS = 2  # fewest BLOCK_N-wide C_out steps per split of the backward
+
+
+def bwd_split(batch: int, pixels: int, c_out: int) -> int:
+    """The splits of ``_conv_bwd_kernel``'s ``C_out`` loop, a power of two up to 8, a function of the shapes alone:
+    doubled while the grid (``cdiv(pixels, 32)`` pixel blocks per sample) has fewer programs than an H100/H200
+    has SMs (132) and each split keeps ``MIN_BWD_STEPS`` 64-wide steps. A split's partial is only its ``dh``
+    (32 x RP floats, 2 KB at RP = 16, against 4 KB of ``dy`` per step), so short splits cost little. At batch 1:
+
+    ==============  ============  ======  ========
+    H x W x C_out   pixel blocks  splits  programs
+    ==============  ============  ======  ========
+    64x64x320       128           2       256
+    32x32x640       32            4       128
+    16x16x1280      8             8       64 (was 8)
+    8x8x1280        2             8       16 (was 2)
+    ==============  ============  ======  ========
+    """
+    programs = -(-pixels // BLOCK_M) * batch
+    split = 1
+    while programs * split < NUM_SMS and split < MAX_SPLIT_K and c_out >= 2 * split * BLOCK_N * MIN_BWD_STEPS:
+        split *= 2
+    return split
 
 
 @triton.jit
@@ -71,18 +99,22 @@ def _conv_up_kernel(
 
 @triton.jit
 def _conv_bwd_kernel(
-    dy_ptr, zr_ptr, b_ptr, idx_ptr, gate_ptr, dz_ptr, part_ptr, gpart_ptr,
+    dy_ptr, zr_ptr, b_ptr, idx_ptr, gate_ptr, dz_ptr, part_ptr, gpart_ptr, ws_ptr, lock_ptr,
     P, c_out, ranks, num_shared, num_routed, scaling,
     stride_yb, stride_yc, stride_yp, stride_rb, stride_rc, stride_rp, stride_bn, stride_br, stride_ib,
     stride_db, stride_dc, stride_dp,
     TOP_K: tl.constexpr, RP: tl.constexpr, NEED_DZ: tl.constexpr, SPLIT_DZ: tl.constexpr, NEED_DB: tl.constexpr,
-    NEED_DG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    NEED_DG: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """dy ``(B, C_out, P)``, z_rank ``(B, R, P)`` -> dz ``(B, R (x2 with SPLIT_DZ), P)`` in dz's dtype, partials
     ``part (B, n_m, RP, C_out)`` of ``h^T dy`` and ``gpart (B, n_m, RP)`` of the gate gradient (float32).
-    Grid ``(n_m = cdiv(P, BLOCK_M), B)``."""
+    Grid ``(n_m = cdiv(P, BLOCK_M), SPLIT, B)``: split ``s`` runs the ``C_out`` steps ``[s n / SPLIT, (s + 1) n /
+    SPLIT)``; with ``SPLIT > 1`` it writes its ``dh`` partial to ``ws (n_m B, SPLIT, BLOCK_M, RP)`` and counts
+    itself in ``lock[tile]``, and the split that counts last sums the partials in split order and finishes."""
     pid_m = tl.program_id(0).to(tl.int64)
-    pid_b = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    pid_b = tl.program_id(2).to(tl.int64)
     n_m = tl.num_programs(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     mask_m = offs_m < P
@@ -99,7 +131,10 @@ def _conv_bwd_kernel(
     part_row = part_ptr + ((pid_b * n_m + pid_m) * RP + p[:, None]) * c_out
     dh = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
     dy_b = dy_ptr + pid_b * stride_yb + offs_m[:, None] * stride_yp
-    for n0 in range(0, c_out, BLOCK_N):
+    n_steps = tl.cdiv(c_out, BLOCK_N)
+    n_lo = (pid_s * n_steps // SPLIT) * BLOCK_N
+    n_hi = ((pid_s + 1) * n_steps // SPLIT) * BLOCK_N
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         mask_n = offs_n < c_out
         dyt = tl.load(dy_b + offs_n[None, :] * stride_yc, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
@@ -112,21 +147,28 @@ def _conv_bwd_kernel(
         if NEED_DB:
             part = _dot(ht, dyt.to(tl.float32), tl.zeros((RP, BLOCK_N), dtype=tl.float32))
             tl.store(part_row + offs_n[None, :], part, mask=mask_n[None, :])
-    if NEED_DG:
-        tl.store(gpart_ptr + (pid_b * n_m + pid_m) * RP + p, tl.sum(dh * u * scaling, axis=0))
-    if NEED_DZ:
-        du = tl.where(g != 0, dh * g, 0.0)
-        dz_b = dz_ptr + pid_b * stride_db + offs_m[:, None] * stride_dp
-        for r0 in range(0, ranks, BLOCK_R):
-            cols = r0 + tl.arange(0, BLOCK_R)
-            holds = (rank[:, None] == cols[None, :]) & active[:, None]  # (RP, BLOCK_R)
-            dz = tl.sum(tl.where(holds[None, :, :], du[:, :, None], 0.0), axis=1)  # (BLOCK_M, BLOCK_R)
-            mask = mask_m[:, None] & (cols < ranks)[None, :]
-            hi = dz.to(dz_ptr.dtype.element_ty)
-            tl.store(dz_b + cols[None, :] * stride_dc, hi, mask=mask)
-            if SPLIT_DZ:
-                lo = (dz - hi.to(tl.float32)).to(dz_ptr.dtype.element_ty)
-                tl.store(dz_b + (ranks + cols[None, :]) * stride_dc, lo, mask=mask)
+    last = True
+    if SPLIT > 1:
+        tile = pid_b * n_m + pid_m
+        last = _split_arrive(dh, dh, ws_ptr, ws_ptr, lock_ptr, tile, pid_s, SPLIT, False, BLOCK_M, BLOCK_N, RP)
+        if last:
+            _, dh = _split_sum(ws_ptr, ws_ptr, lock_ptr, tile, SPLIT, False, BLOCK_M, BLOCK_N, RP)
+    if last:
+        if NEED_DG:
+            tl.store(gpart_ptr + (pid_b * n_m + pid_m) * RP + p, tl.sum(dh * u * scaling, axis=0))
+        if NEED_DZ:
+            du = tl.where(g != 0, dh * g, 0.0)
+            dz_b = dz_ptr + pid_b * stride_db + offs_m[:, None] * stride_dp
+            for r0 in range(0, ranks, BLOCK_R):
+                cols = r0 + tl.arange(0, BLOCK_R)
+                holds = (rank[:, None] == cols[None, :]) & active[:, None]  # (RP, BLOCK_R)
+                dz = tl.sum(tl.where(holds[None, :, :], du[:, :, None], 0.0), axis=1)  # (BLOCK_M, BLOCK_R)
+                mask = mask_m[:, None] & (cols < ranks)[None, :]
+                hi = dz.to(dz_ptr.dtype.element_ty)
+                tl.store(dz_b + cols[None, :] * stride_dc, hi, mask=mask)
+                if SPLIT_DZ:
+                    lo = (dz - hi.to(tl.float32)).to(dz_ptr.dtype.element_ty)
+                    tl.store(dz_b + (ranks + cols[None, :]) * stride_dc, lo, mask=mask)
 
 
 @triton.jit
@@ -153,6 +195,7 @@ def _pixels(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(3)
 
 
+@on_tensor_device
 def conv_up(z, z_rank, lora_b, bias, idx, gate, num_shared: int, scaling: float) -> torch.Tensor:
     """``z (B, C_out, H, W) <- z + bias + B (scaling g z_rank)`` in place (``z`` must be the caller's own
     buffer) and returned; ``z_rank (B, R, H, W)``, idx/gate ``(B, k)`` contiguous."""
@@ -173,6 +216,7 @@ def conv_up(z, z_rank, lora_b, bias, idx, gate, num_shared: int, scaling: float)
     return z
 
 
+@on_tensor_device
 def rank_backward(dy, z_rank, lora_b, idx, gate, num_shared: int, scaling: float, needs, dz_dtype, split: bool):
     """The rank side of the conv backward, two launches. ``needs = (dz, dB, dgate)``. Returns ``dz`` (``(B, 2R,
     H, W)`` with ``split``: ``round(dz)`` then ``round(dz - round(dz))``, else ``(B, R, H, W)``; ``dz_dtype``,
@@ -199,19 +243,22 @@ def rank_backward(dy, z_rank, lora_b, idx, gate, num_shared: int, scaling: float
     n_m = triton.cdiv(n_pix, BLOCK_M)
     part = torch.empty((batch, n_m, rp, c_out) if need_db else (0,), dtype=torch.float32, device=dev)
     gpart = torch.empty((batch, n_m, rp) if need_dg else (0,), dtype=torch.float32, device=dev)
-    _conv_bwd_kernel[(n_m, batch)](
-        dy, z_rank, lora_b, idx, gate, dz if dz is not None else part, part, gpart,
+    splits = bwd_split(batch, n_pix, c_out)
+    _, ws, lock = split_buffers(part, n_m * batch, splits, BLOCK_M, 0, rp)
+    _conv_bwd_kernel[(n_m, splits, batch)](
+        dy, z_rank, lora_b, idx, gate, dz if dz is not None else part, part, gpart, ws, lock,
         n_pix, c_out, ranks, num_shared, ranks - num_shared, scaling,
         *_pixels(dy), *_pixels(z_rank), *lora_b.stride(), idx.shape[1],
         *(_pixels(dz) if dz is not None else (0, 0, 0)),
         TOP_K=idx.shape[1], RP=rp, NEED_DZ=need_dz, SPLIT_DZ=split, NEED_DB=need_db, NEED_DG=need_dg,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
+        SPLIT=splits, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
     )  # fmt: skip
     if need_db or need_dg:
         reduce(part, gpart, idx, num_shared, ranks, rp, n_m, 0, c_out, None, db, dgate)
     return dz, db, dgate
 
 
+@on_tensor_device
 def finite_ranks(lora_a: torch.Tensor, reps: int) -> torch.Tensor:
     """``lora_a (R, C_in, kh, kw)`` with non-finite values zeroed, repeated ``reps`` times: ``(reps R, C_in, kh,
     kw)``, one launch."""

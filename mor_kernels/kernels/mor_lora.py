@@ -13,7 +13,7 @@ Ranks are handled as a "rank list" of ``RP`` positions (a constexpr power of two
 
 Forward: one kernel, ``_fwd_kernel`` (LoRAFusion's "[x | h] as one extended K", here as one extended
 N over the same K loop). Grid ``(cdiv(T, BLOCK_M), max(1, cdiv(d_out, BLOCK_N)) * SPLIT_K, B)``, fixed by the
-shapes (no data-dependent grid, no atomic adds, no host sync: CUDA graphs can capture it). Each program loops once
+shapes (no data-dependent grid, no host sync: CUDA graphs can capture it). Each program loops once
 over ``d_in``, loading each ``x`` tile once for both ``acc += x W^T`` (when there is a weight) and
 ``u += x A^T`` over its rank list (float32 accumulators); after the loop ``h = scaling g u`` (rounded
 to x's dtype, the operand dtype of the up-projection's dot), ``acc += h B^T``, then bias and/or
@@ -42,10 +42,31 @@ the SD widths.
 
 Split-K (``SPLIT_K > 1``, where the table finds too few tiles to fill the GPU, see :mod:`.mor_lora_tiles`):
 each split runs a slice of the ``d_in`` loop and writes float32 partials of ``acc`` and ``u`` to a workspace
-kept per device and stream (:func:`split_workspace`, no allocation per call); an int32 count per tile (an
-atomic increment: the only atomic, it orders nothing) tells the last split to arrive, which sums the partials
-in split order (:func:`_split_sum`; the same bits whichever split is last), resets the count and runs the
-epilogue. The backward splits its ``d_out`` loop the same way.
+(:func:`split_workspace`); then it counts itself in an int32 arrival counter of its tile with one atomic
+increment (``acq_rel``, GPU scope). That atomic is what orders the splits: its release makes a split's
+partials visible before its count, its acquire lets the split that counts last (the reducer) read every other
+split's partials; relaxing it (or dropping the barrier before it) lets the reducer read stale partials, a
+wrong result that no interpreter test can show. The reducer sums the partials in split order, never in arrival
+order (:func:`_split_sum`: the same bits whichever split is last), resets the counter to zero and runs the
+epilogue. The backward splits its ``d_out`` loop the same way. Results are bitwise repeatable for identical
+shapes only: ``SPLIT_K`` depends on the batch and the token count, so the same image alone and in a batch can
+differ in the low bits.
+
+The workspace and the counters (:func:`split_workspace`), and CUDA graphs. The counters must be zero when a
+launch starts; every launch leaves them zero (the reducer of each tile resets its own), so a buffer can serve
+launch after launch, provided no two launches use it at once:
+
+- eager launches take a buffer cached per (device, stream); the launches on one stream run in order, so they
+  never overlap. A larger launch replaces the cached buffer; the old one is freed to the caching allocator,
+  which hands its memory only to later allocations on the same stream (it was allocated on that stream), in
+  stream order, after the launches that used it;
+- a launch captured in a CUDA graph (``torch.cuda.is_current_stream_capturing()``) never touches that cache:
+  it allocates its own workspace and counters, the counters zeroed by a memset recorded into the graph just
+  before the kernel, from the graph's memory pool, which the graph holds until it is destroyed. So every
+  replay starts from zeroed counters (and the kernel leaves them zero), graphs captured one after another on
+  one stream replay in any order, two graphs replay at once on two streams, and no eager launch or later
+  capture frees or shares a graph's buffers (within one capture, the pool reuses a freed block only after
+  the kernel that used it, in capture order, as for any temporary).
 
 MOR_SPEC 2.2: ``h = where(g != 0, scaling g u, 0)``, so an unpicked rank's ``u`` (NaN when its filter is) never
 reaches ``y``. Under sample routing only picked ranks are loaded at all; under token routing the rank tile is
@@ -61,6 +82,7 @@ TF32 for float32 inputs, so float32 results meet the float32 tolerance).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -193,7 +215,8 @@ def _split_arrive(acc, aux, ws_acc_ptr, ws_aux_ptr, lock_ptr, tile, pid_s,
     """Split-K, first half: split ``pid_s`` of ``tile`` writes its float32 partials ``acc (BLOCK_M, BLOCK_N)``
     (unless not ``HAS_ACC``) and ``aux (BLOCK_M, AUX)`` to ``ws_acc (tiles, S, BLOCK_M, BLOCK_N)`` /
     ``ws_aux (tiles, S, BLOCK_M, AUX)`` and counts itself in ``lock[tile]``; true for the split that counts
-    last, which then owns the tile (:func:`_split_sum`)."""
+    last, which then owns the tile (:func:`_split_sum`). The count is an ``acq_rel`` atomic: it publishes these
+    partials before the count and makes the others' visible to the last split; a relaxed one would not."""
     i = tl.arange(0, BLOCK_M).to(tl.int64)[:, None]
     slot = tile * SPLIT_K + pid_s
     if HAS_ACC:
@@ -208,8 +231,8 @@ def _split_sum(ws_acc_ptr, ws_aux_ptr, lock_ptr, tile,
                SPLIT_K: tl.constexpr, HAS_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                AUX: tl.constexpr):  # fmt: skip
     """Split-K, second half (the last split of ``tile`` only): the sums of the ``S`` partials in split order,
-    whichever split came last (a fixed order: bitwise repeatable); resets ``lock[tile]`` to zero for the next
-    launch (and a CUDA graph's next replay)."""
+    whichever split came last (a fixed order: bitwise repeatable for one shape); resets ``lock[tile]`` to zero
+    for the next launch (and a CUDA graph's next replay)."""
     i = tl.arange(0, BLOCK_M).to(tl.int64)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     aux = tl.zeros((BLOCK_M, AUX), dtype=tl.float32)
@@ -370,11 +393,42 @@ def like_tokens(x: torch.Tensor, features: int, dtype: torch.dtype | None = None
 _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def on_tensor_device(launcher):
+    """Runs ``launcher`` with its first argument's CUDA device current. Triton launches on the current device
+    and its current stream, not on the tensors' device: without this, tensors on ``cuda:1`` with device 0
+    current would run on device 0's stream (or fail). A no-op when the device is current already, and for CPU
+    tensors (the interpreter)."""
+
+    @functools.wraps(launcher)
+    def run(t, *args, **kwargs):
+        if t.device.type != "cuda":
+            return launcher(t, *args, **kwargs)
+        with torch.cuda.device(t.device):
+            return launcher(t, *args, **kwargs)
+
+    return run
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is capturing a CUDA graph."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 def split_workspace(device: torch.device, floats: int, locks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split-K partials (float32, at least ``floats``) and tile counts (int32, at least ``locks``, zero
-    between launches), kept per device and stream and reused by every later launch on that stream (no
-    allocation per call; launches on one stream run in order). Grown when a larger launch needs more."""
+    """The split-K partials (float32, at least ``floats``) and the tiles' arrival counters (int32, at least
+    ``locks``, zero when a launch starts; each launch leaves them zero). Eager: kept per device and stream and
+    reused by every later launch on that stream (no allocation per call), replaced by a larger pair when a
+    launch needs more. Inside a CUDA-graph capture: a new pair for this launch only, the counters zeroed in the
+    graph (see the module docstring)."""
     device = torch.device(device)
+    if capturing(device):
+        return (
+            torch.empty(max(floats, 1), dtype=torch.float32, device=device),
+            torch.zeros(max(locks, 1), dtype=torch.int32, device=device),
+        )
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device.type, device.index, stream)
     ws, lock = _WORKSPACES.get(key, (None, None))
@@ -397,6 +451,7 @@ def split_buffers(placeholder, tiles: int, split: int, block_m: int, block_n: in
     return ws[:n_acc], ws[n_acc:], lock
 
 
+@on_tensor_device
 def forward(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared: int, scaling: float, store_u: bool, out=None):
     """One launch: y ``(B, T, d_out)`` in ``x.dtype`` = (x W^T + bias) + scaling B (g * (A x)) (+ base), and
     ``u = x A^T`` float32 ``(B, T, RP)`` over the rank list (``(0,)`` unless ``store_u``). ``y`` is allocated in

@@ -1,14 +1,19 @@
 """Triton kernels of the fused MoR linear / LoRA backward (MOR_SPEC 2.2); the rank list, the gates and the
-forward are in :mod:`.mor_lora`. Two launches, deterministic (no atomics; every sum in a fixed order):
+forward are in :mod:`.mor_lora`. Two launches, deterministic (every sum in a fixed order; the only atomic is the
+split-K arrival counter of :mod:`.mor_lora`, whose ``acq_rel`` ordering the split reduction needs, and which
+picks no order of summation):
 
 1. ``_bwd_kernel``, one program per (token block, ``d_in`` tile, sample), the forward mirrored: each ``dy``
    tile is read once for both ``dy W`` (the ``dx`` GEMM) and ``dh = dy B`` over the rank list (``[W | B]``
    as one extended N; every ``d_in`` tile recomputes ``dh``, ``RP / BLOCK_N`` more MMA work, as the forward
    recomputes ``u``). Then ``du = scaling g dh`` (zero where ``g = 0``), ``dx = du A + dy W`` for its
    ``d_in`` columns, and float32 partials per token block: ``du^T x`` (``dA``) for its columns; in the
-   ``pid_k == 0`` programs ``h^T dy`` (``dB``, with ``h = scaling g u`` from the saved ``u``) in the same
-   ``dy`` loop, and the gate gradient (per token under token routing; a per-block partial under sample
-   routing);
+   ``pid_k == 0`` programs ``h^T dy`` (``dB``, with ``h = scaling g u`` from the saved ``u``) and the gate
+   gradient (per token under token routing; a per-block partial under sample routing). ``h^T dy`` runs in a
+   ``dy`` loop of its own before the main one (a second read of that ``dy`` slice, by one column tile in
+   ``n_k``, mostly from L2), and ``u``, ``g`` are reloaded after the main loop: held across it, with ``acc``
+   and ``dh``, they pushed the sm_90 build to 255 registers and 0.6-8.6 KB of spills per thread (bf16; the
+   most under token routing);
 2. ``_bwd_reduce_kernel``: ``dA``, ``dB`` from the partials, summed over samples and token blocks in order
    and mapped from the rank list to ranks by selection (a rank picked twice in a sample gets both
    positions; no one-hot product, so a NaN of one rank never reaches another's gradient), written in
@@ -37,6 +42,7 @@ from .mor_lora import (
     _split_arrive,
     _split_sum,
     like_tokens,
+    on_tensor_device,
     split_buffers,
 )
 from .mor_lora_tiles import bwd_config
@@ -45,17 +51,55 @@ REDUCE_BLOCK = 64  # columns per program of the reduction
 
 
 @triton.jit
+def _part_rows(b, m, n_m, RP: tl.constexpr, width):
+    """Offsets (int64) of the ``RP`` rows of sample ``b``, token block ``m`` in ``part (B, n_m, RP, width)``: the
+    product passes 2^31 at large batches and widths, whatever the integer type of ``b`` (a loop index is int32)."""
+    return ((tl.cast(b, tl.int64) * n_m + m) * RP + tl.arange(0, RP).to(tl.int64)) * width
+
+
+@triton.jit
+def _load_u(u_ptr, pid_b, offs_m, mask_m, T, RP: tl.constexpr):
+    """The forward's ``u`` rows of the token block, ``(BLOCK_M, RP)`` float32 (zero on padded tokens)."""
+    p = tl.arange(0, RP)
+    return tl.load(u_ptr + (pid_b * T + offs_m[:, None]) * RP + p[None, :], mask=mask_m[:, None], other=0.0)
+
+
+@triton.jit
+def _h(u_ptr, idx_ptr, gate_ptr, pid_b, offs_m, mask_m, T, num_shared, num_routed, scaling, stride_ib, stride_it,
+       TOP_K: tl.constexpr, RP: tl.constexpr, TOKEN_ROUTING: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """``h = scaling g u`` ``(BLOCK_M, RP)`` float32, zero where ``g = 0`` (whatever ``u`` holds)."""
+    g = _gates(idx_ptr, gate_ptr, stride_ib, stride_it, pid_b, offs_m, mask_m, num_shared, num_routed, scaling,
+               TOP_K, RP, TOKEN_ROUTING, BLOCK_M)  # fmt: skip
+    return tl.where(g != 0, _load_u(u_ptr, pid_b, offs_m, mask_m, T, RP) * g, 0.0)
+
+
+@triton.jit
 def _bwd_epilogue(
-    acc, dh, g, u, a_ptr, x_ptr, idx_ptr, dx_ptr, part_row, gpart_ptr, dgate_ptr,
+    acc, dh, a_ptr, x_ptr, u_ptr, idx_ptr, gate_ptr, dx_ptr, part_row, gpart_ptr, dgate_ptr,
     rank, active, offs_m, offs_c, mask_m, mask_c, pid_b, pid_m, first, n_m,
     T, d_in, num_shared, num_routed, scaling,
     stride_ar, stride_ak, stride_xb, stride_xt, stride_xk, stride_db, stride_dt, stride_dk, stride_ib, stride_it,
     TOP_K: tl.constexpr, RP: tl.constexpr, TOKEN_ROUTING: tl.constexpr, NEED_DX: tl.constexpr,
-    NEED_DA: tl.constexpr, NEED_DG: tl.constexpr, BLOCK_N: tl.constexpr,
+    NEED_DA: tl.constexpr, NEED_DG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """After the ``d_out`` loop: ``du = scaling g dh`` (zero where ``g = 0``), ``dx = acc + du A``, the ``dA``
-    partial ``du^T x`` and the gate gradient."""
+    """After the ``d_out`` loop: the gate gradient, ``du = scaling g dh`` (zero where ``g = 0``), ``dx = acc + du
+    A`` and the ``dA`` partial ``du^T x``. ``u`` and ``g`` are loaded and rebuilt here rather than kept live
+    across the loop."""
     p = tl.arange(0, RP)
+    if NEED_DG:
+        if first:
+            c = dh * _load_u(u_ptr, pid_b, offs_m, mask_m, T, RP) * scaling  # d(loss)/d(gate of position p)
+            if TOKEN_ROUTING:
+                base = pid_b * stride_ib + offs_m * stride_it
+                for j in range(TOP_K):
+                    sel = tl.load(idx_ptr + base + j, mask=mask_m, other=-1)
+                    ok = (sel >= 0) & (sel < num_routed)
+                    dg = tl.sum(tl.where(p[None, :] == (num_shared + sel)[:, None], c, 0.0), axis=1)
+                    tl.store(dgate_ptr + (pid_b * T + offs_m) * TOP_K + j, tl.where(ok, dg, 0.0), mask=mask_m)
+            else:
+                tl.store(gpart_ptr + (pid_b * n_m + pid_m) * RP + p, tl.sum(c, axis=0))
+    g = _gates(idx_ptr, gate_ptr, stride_ib, stride_it, pid_b, offs_m, mask_m, num_shared, num_routed, scaling,
+               TOP_K, RP, TOKEN_ROUTING, BLOCK_M)  # fmt: skip
     du = tl.where(g != 0, dh * g, 0.0)  # an unpicked rank's dh (dy times its column of B) never reaches dx
     if NEED_DX:
         at = tl.load(
@@ -76,18 +120,6 @@ def _bwd_epilogue(
         # the float16 tolerance allows (a small GEMM next to the base layer's)
         part = _dot(tl.trans(du), xt.to(tl.float32), tl.zeros((RP, BLOCK_N), dtype=tl.float32))
         tl.store(part_row + offs_c[None, :], part, mask=mask_c[None, :])
-    if NEED_DG:
-        if first:
-            c = dh * u * scaling  # d(loss)/d(gate of position p), per token
-            if TOKEN_ROUTING:
-                base = pid_b * stride_ib + offs_m * stride_it
-                for j in range(TOP_K):
-                    sel = tl.load(idx_ptr + base + j, mask=mask_m, other=-1)
-                    ok = (sel >= 0) & (sel < num_routed)
-                    dg = tl.sum(tl.where(p[None, :] == (num_shared + sel)[:, None], c, 0.0), axis=1)
-                    tl.store(dgate_ptr + (pid_b * T + offs_m) * TOP_K + j, tl.where(ok, dg, 0.0), mask=mask_m)
-            else:
-                tl.store(gpart_ptr + (pid_b * n_m + pid_m) * RP + p, tl.sum(c, axis=0))
 
 
 @triton.jit
@@ -117,20 +149,29 @@ def _bwd_kernel(
     offs_c = pid_k * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     mask_m = offs_m < T
     mask_c = offs_c < d_in
-    p = tl.arange(0, RP)
     rank, active = _rank_list(idx_ptr, stride_ib, pid_b, num_shared, num_routed, TOP_K, RP, TOKEN_ROUTING)
-    g = _gates(idx_ptr, gate_ptr, stride_ib, stride_it, pid_b, offs_m, mask_m, num_shared, num_routed, scaling,
-               TOP_K, RP, TOKEN_ROUTING, BLOCK_M)  # fmt: skip
-    u = tl.load(u_ptr + (pid_b * T + offs_m[:, None]) * RP + p[None, :], mask=mask_m[:, None], other=0.0)
-    part_row = part_ptr + ((pid_b * n_m + pid_m) * RP + p[:, None]) * (d_in + d_out)
-    ht = tl.trans(tl.where(g != 0, u * g, 0.0))  # (RP, BLOCK_M) float32; zero on padded tokens
+    part_row = part_ptr + _part_rows(pid_b, pid_m, n_m, RP, d_in + d_out)[:, None]
     first = pid_k == 0
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    dh = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
     dy_row = dy_ptr + pid_b * stride_yb + offs_m[:, None] * stride_yt
     n_steps = tl.cdiv(d_out, BLOCK_K)
     n_lo = (pid_s * n_steps // SPLIT_K) * BLOCK_K
     n_hi = ((pid_s + 1) * n_steps // SPLIT_K) * BLOCK_K
+    if NEED_DB:
+        if first:
+            # The dB partial h^T dy, in a loop of its own before the dx loop, so that h (and g, u) are not held
+            # in registers across that loop (they made it spill); the second read of this dy slice, by one
+            # column tile of the n_k, mostly hits L2. float32 operands: dB sums over every token, and rounding h
+            # to 16 bits would cost more than the float16 tolerance allows (a small GEMM next to the base's).
+            ht = tl.trans(_h(u_ptr, idx_ptr, gate_ptr, pid_b, offs_m, mask_m, T, num_shared, num_routed, scaling,
+                             stride_ib, stride_it, TOP_K, RP, TOKEN_ROUTING, BLOCK_M))  # fmt: skip
+            for n0 in range(n_lo, n_hi, BLOCK_K):
+                offs_n = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
+                mask_n = offs_n < d_out
+                dyt = tl.load(dy_row + offs_n[None, :] * stride_yn, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+                part = _dot(ht, dyt.to(tl.float32), tl.zeros((RP, BLOCK_K), dtype=tl.float32))
+                tl.store(part_row + d_in + offs_n[None, :], part, mask=mask_n[None, :])
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dh = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
     # one dy tile read for both products: [dy W | dy B] as one extended N; each d_in tile recomputes dh
     for n0 in range(n_lo, n_hi, BLOCK_K):
         offs_n = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -149,29 +190,23 @@ def _bwd_kernel(
             other=0.0,
         )
         dh = _dot(dyt, bt, dh)
-        if NEED_DB:
-            if first:
-                # float32 operands: dB sums over every token, and rounding h to 16 bits would cost more
-                # than the float16 tolerance allows (a small GEMM next to the base layer's).
-                part = _dot(ht, dyt.to(tl.float32), tl.zeros((RP, BLOCK_K), dtype=tl.float32))
-                tl.store(part_row + d_in + offs_n[None, :], part, mask=mask_n[None, :])
     if SPLIT_K == 1:
-        _bwd_epilogue(acc, dh, g, u, a_ptr, x_ptr, idx_ptr, dx_ptr, part_row, gpart_ptr, dgate_ptr,
+        _bwd_epilogue(acc, dh, a_ptr, x_ptr, u_ptr, idx_ptr, gate_ptr, dx_ptr, part_row, gpart_ptr, dgate_ptr,
                       rank, active, offs_m, offs_c, mask_m, mask_c, pid_b, pid_m, first, n_m,
                       T, d_in, num_shared, num_routed, scaling,
                       stride_ar, stride_ak, stride_xb, stride_xt, stride_xk, stride_db, stride_dt, stride_dk,
                       stride_ib, stride_it,
-                      TOP_K, RP, TOKEN_ROUTING, NEED_DX, NEED_DA, NEED_DG, BLOCK_N)  # fmt: skip
+                      TOP_K, RP, TOKEN_ROUTING, NEED_DX, NEED_DA, NEED_DG, BLOCK_M, BLOCK_N)  # fmt: skip
     else:
         tile = (pid_b * n_m + pid_m) * (tl.num_programs(1) // SPLIT_K) + pid_k
         if _split_arrive(acc, dh, ws_acc_ptr, ws_dh_ptr, lock_ptr, tile, pid_s, SPLIT_K, HAS_W, BLOCK_M, BLOCK_N, RP):
             acc, dh = _split_sum(ws_acc_ptr, ws_dh_ptr, lock_ptr, tile, SPLIT_K, HAS_W, BLOCK_M, BLOCK_N, RP)
-            _bwd_epilogue(acc, dh, g, u, a_ptr, x_ptr, idx_ptr, dx_ptr, part_row, gpart_ptr, dgate_ptr,
+            _bwd_epilogue(acc, dh, a_ptr, x_ptr, u_ptr, idx_ptr, gate_ptr, dx_ptr, part_row, gpart_ptr, dgate_ptr,
                           rank, active, offs_m, offs_c, mask_m, mask_c, pid_b, pid_m, first, n_m,
                           T, d_in, num_shared, num_routed, scaling,
                           stride_ar, stride_ak, stride_xb, stride_xt, stride_xk, stride_db, stride_dt, stride_dk,
                           stride_ib, stride_it,
-                          TOP_K, RP, TOKEN_ROUTING, NEED_DX, NEED_DA, NEED_DG, BLOCK_N)  # fmt: skip
+                          TOP_K, RP, TOKEN_ROUTING, NEED_DX, NEED_DA, NEED_DG, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
 @triton.jit
@@ -194,12 +229,13 @@ def _bwd_reduce_kernel(
         offs = pid_c * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < width
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for b in range(batch):
+        for sample in range(batch):
+            b = tl.cast(sample, tl.int64)
             rank, active = _rank_list(idx_ptr, stride_ib, b, num_shared, num_routed, TOP_K, RP, TOKEN_ROUTING)
             hit = active & (rank == pid_r)
             if tl.sum(hit.to(tl.int32), axis=0) > 0:
                 for m in range(n_m):
-                    rows = part_ptr + ((b * n_m + m) * RP + p[:, None]) * width + offs[None, :]
+                    rows = part_ptr + _part_rows(b, m, n_m, RP, width)[:, None] + offs[None, :]
                     acc += tl.sum(tl.load(rows, mask=hit[:, None] & mask[None, :], other=0.0), axis=0)
         if NEED_DA:
             tl.store(da_ptr + pid_r * stride_ar + offs * stride_ak, acc.to(da_ptr.dtype.element_ty), mask=offs < d_in)
@@ -223,6 +259,7 @@ def _bwd_reduce_kernel(
 # launcher: check, allocate, launch
 
 
+@on_tensor_device
 def backward(dy, x, weight, lora_a, lora_b, u, idx, gate, num_shared: int, scaling: float, needs, dx_out=None):
     """The MoR linear backward in two launches. ``needs = (dx, dA, dB, dgate)``. Returns ``(dx (B, T, d_in) in
     x's dtype (written into ``dx_out`` when given), dA (R, d_in) in lora_a's dtype, dB (d_out, R) in lora_b's
@@ -270,6 +307,7 @@ def backward(dy, x, weight, lora_a, lora_b, u, idx, gate, num_shared: int, scali
     return dx, da, db, dgate
 
 
+@on_tensor_device
 def reduce(part, gpart, idx, num_shared: int, ranks: int, rp: int, n_m: int, d_in: int, d_out: int, da, db, dgate):
     """One launch of ``_bwd_reduce_kernel``: ``da (R, d_in)`` and ``db (d_out, R)`` (either may be None) from
     ``part (B, n_m, RP, d_in + d_out)``, and the sample-routing gate gradient ``dgate (B, k)`` (or None) from

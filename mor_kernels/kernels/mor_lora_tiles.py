@@ -16,7 +16,8 @@ Forward, 16-bit inputs on a GPU (``BLOCK_K = 64``):
 3. Still short of 132 programs: split the ``d_in`` loop (``SPLIT_K``, a power of two up to 8, while every
    split keeps at least 4 of the 64-wide K steps). The splits write float32 partial tiles of ``acc`` and
    ``u`` (``BLOCK_M x (BLOCK_N + RP)``) to a persistent workspace; the last split of a tile to finish sums
-   all of them in split order (a fixed-order reduction: bitwise repeatable) and runs the epilogue.
+   all of them in split order (a fixed-order reduction: bitwise repeatable for one shape; the split depends on
+   the batch and the tokens, so another batch can change the low bits) and runs the epilogue.
 
 Why 4 steps and not more splits: per program, a split reads ``2 (BLOCK_M + BLOCK_N + RP) d_in / S`` bytes of
 ``x``, ``W`` and ``A`` and the reducing one then reads the ``S`` partials, ``4 S BLOCK_M (BLOCK_N + RP)``

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .mor_lora import _INTERPRETED
+from .mor_lora import _INTERPRETED, on_tensor_device
 
 try:  # where triton keeps libdevice has moved between versions
     from triton.language.extra import libdevice
@@ -106,6 +106,7 @@ def _route_kernel(
         tl.store(gate_ptr + out, val / total, mask=row_ok)
 
 
+@on_tensor_device
 def route_forward(logits: torch.Tensor, top_k: int, num_zero: int, renormalize: bool):
     """logits ``(N, E + Z)`` -> ``(idx int32, gate f32, probs f32, slot int32)``, ``(N, k)`` each but probs."""
     n_rows, n_slots = logits.shape

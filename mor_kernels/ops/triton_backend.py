@@ -8,9 +8,12 @@ a fake implementation and an autograd.Function. Runs on CUDA tensors, or on CPU 
 
 Precision and determinism: every Triton dot accumulates in float32 with IEEE float32 products (no
 TF32); ``mor_conv2d``'s cuDNN convolutions with float32 operands run with TF32 off too. Partial sums
-are reduced in a fixed order (no atomics) and the backward convolutions use cuDNN's deterministic
-algorithms, so forward and backward are bitwise repeatable on one device. Operands are cast to one
-compute dtype first (autocast's when it is on, else ``x``'s).
+are reduced in a fixed order (split-K's one atomic, an ``acq_rel`` arrival counter, orders the partial writes
+before the reducing split reads them; relaxing it would break results, and it picks no order of summation) and
+the backward convolutions use cuDNN's deterministic algorithms, so forward and backward are bitwise repeatable
+on one device for identical shapes. Not across shapes: the split of a K loop depends on the batch and the token
+count, so one image alone and in a batch can differ in the low bits. Operands are cast to one compute dtype
+first (autocast's when it is on, else ``x``'s). Every launch runs on its tensors' device.
 """
 
 from __future__ import annotations

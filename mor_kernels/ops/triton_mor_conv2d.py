@@ -23,7 +23,9 @@ before. On CPU (the interpreter tests) the 16-bit convolutions run in float32 on
 as CPU half-precision convolutions may accumulate in half precision.
 
 cuDNN settings (:mod:`.cudnn_conv`): TF32 off for float32 operands and deterministic backward convolutions,
-so the whole backward is bitwise repeatable (the Triton parts never use atomics).
+so the whole backward is bitwise repeatable for identical shapes (the Triton parts sum every partial in a fixed
+order; the backward's split of its ``C_out`` loop, which depends on the batch and the image size, uses the linear
+kernels' arrival counter, see :mod:`..kernels.mor_lora`).
 
 Operands: ``x``, ``weight``, ``bias``, ``lora_a`` and ``lora_b`` are cast to one compute dtype first
 (autocast's when it is on, else ``x``'s), as the kernels' dots need.

@@ -7,9 +7,13 @@ once (plus the float32 rank activations ``u`` when a backward will need them). B
 ``triton_lora_bwd``, two launches (``dy`` read once for ``dy W`` and ``dy B``; ``dx``, partials of ``dA``,
 ``dB`` and the gate gradient; then their fixed-order reduction onto the ranks, see
 :mod:`..kernels.mor_lora_bwd`); ``dW``/``db``, when the base layer is trained, are a torch matmul and sum.
-Every partial sum is reduced in a fixed order (no atomics; the forward's split-K partials too): forward and
-backward are bitwise repeatable. No host synchronisation and no data-dependent grid: both can be captured
-in a CUDA graph.
+Every partial sum is reduced in a fixed order, the forward's split-K partials too (their one atomic, an
+``acq_rel`` arrival counter, orders the partial writes before the reducing split reads them, and picks no order
+of summation; see :mod:`..kernels.mor_lora`): forward and backward are bitwise repeatable for identical shapes.
+Across shapes they are not: the split of the K loop depends on the batch and the token count, so one image alone
+and the same image in a batch can differ in the low bits. No host synchronisation and no data-dependent grid:
+both can be captured in a CUDA graph (a captured split-K launch gets its own workspace). Each launch runs on its
+tensors' device, whichever device is current.
 
 Operands: ``x``, ``weight``, ``bias``, ``lora_a``, ``lora_b`` and ``base`` are cast to one compute
 dtype first (autocast's when it is on, else ``x``'s; see :func:`compute_dtype`), as the kernels'

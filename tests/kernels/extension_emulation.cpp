@@ -316,11 +316,16 @@ void emu_route(const float* logits, int32_t* idx, float* gate, float* probs, int
 }
 
 // mor::conv_up's kernel, written for full 256-thread blocks: always run with 256 host threads and real barriers.
+// base and z_rank are read through their (batch, channel, pixel) strides (NCHW or channels_last); y is NCHW.
 void emu_conv_up(const float* base, const float* z_rank, const float* lora_b, const int32_t* idx, const float* gate,
-                 float* y, int64_t batch, int64_t pixels, int64_t c_out, int ranks, int num_shared, int k,
-                 float scaling) {
+                 float* y, const int64_t* base_strides, const int64_t* z_strides, int64_t batch, int64_t pixels,
+                 int64_t c_out, int ranks, int num_shared, int k, float scaling) {
+  const PixelStrides sb{base_strides[0], base_strides[1], base_strides[2]};
+  const PixelStrides sz{z_strides[0], z_strides[1], z_strides[2]};
+  const PixelStrides sy{c_out * pixels, pixels, 1};
   launch_tile(cdiv(pixels, 32), cdiv(c_out, 64), [&] {
-    conv_up_kernel<float>(base, z_rank, lora_b, idx, gate, y, pixels, c_out, ranks, num_shared, k, scaling);
+    conv_up_kernel<float>(base, z_rank, lora_b, idx, gate, y, sb, sz, sy, pixels, c_out, ranks, num_shared, k,
+                          scaling);
   }, static_cast<unsigned>(batch), kThreads);
 }
 }

@@ -54,7 +54,7 @@ def emu(tmp_path_factory):
     dll.emu_lora_fwd.argtypes = [p] * 8 + [i64] * 5 + [i32] * 3 + [f32, i32]
     dll.emu_lora_fwd_mma.argtypes = dll.emu_lora_fwd.argtypes
     dll.emu_lora_bwd.argtypes = [p] * 11 + [i64] * 4 + [i32] * 3 + [f32, i32]
-    dll.emu_conv_up.argtypes = [p] * 6 + [i64] * 3 + [i32] * 3 + [f32]
+    dll.emu_conv_up.argtypes = [p] * 8 + [i64] * 3 + [i32] * 3 + [f32]
     dll.emu_split_sum.argtypes = [p, p, i64, i64]
     dll.emu_route.argtypes = [p] * 5 + [i64] + [i32] * 4
     dll.emu_set_block_threads.argtypes = [i32]
@@ -166,21 +166,38 @@ def test_cuda_tensor_core_forward_emulated(emu, case, routing, block_threads):
     emu.emu_set_block_threads(1)
 
 
+def _pixel_strides(t):
+    """(batch, channel, pixel) strides of a 4-D tensor whose H and W flatten (as csrc/cuda/conv_up.cu reads them)."""
+    assert t.stride(2) == t.stride(3) * t.shape[3]
+    return torch.tensor([t.stride(0), t.stride(1), t.stride(3)], dtype=torch.int64)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "mixed"])
 @pytest.mark.parametrize("case", ["default", "r1", "zero_only_s0", "t70_r40"])
-def test_cuda_conv_up_emulated(emu, case):
+def test_cuda_conv_up_emulated(emu, case, layout):
     """conv_up's blocks (32 pixels x 64 channels, 256 threads with real barriers) against the C++ CPU kernel,
-    on 9 x 11 pixels (the last pixel tile partial) and 70 channels (two channel chunks, the last partial)."""
+    on 9 x 11 pixels (the last pixel tile partial) and 70 channels (two channel chunks, the last partial); base
+    and z_rank NCHW, channels_last (what cuDNN gives a channels_last model) or one of each, read in place through
+    their strides (the host code passes them without a contiguous copy), y NCHW."""
     kw = {k: v for k, v in CASES[case].items() if k not in ("tokens", "d_in", "d_out")}
     c = random_case(kernel_size=3, d_in=4, d_out=70, height=9, width=11, conv={"padding": (1, 1)}, **kw, seed=37)
     base = torch.nn.functional.conv2d(c.x, c.weight, c.bias, padding=1).contiguous()
     z_rank = torch.nn.functional.conv2d(c.x, c.lora_a, padding=1).contiguous()
     want = torch.ops.mor.conv_up(base, z_rank, c.lora_b, c.idx, c.gate, c.num_shared, c.scaling)
+    if layout != "nchw":
+        base = base.contiguous(memory_format=torch.channels_last)
+        assert not base.is_contiguous()
+    if layout == "channels_last":
+        z_rank = z_rank.contiguous(memory_format=torch.channels_last)
+        assert z_rank.shape[1] == 1 or not z_rank.is_contiguous()  # one rank channel: both layouts are one
     got = torch.full_like(want, float("nan"))
     b, _, hh, ww = base.shape
     d_out, ranks = c.lora_b.shape
     lora_b = c.lora_b.contiguous()
+    sb, sz = _pixel_strides(base), _pixel_strides(z_rank)
     emu.emu_conv_up(
-        *map(_ptr, (base, z_rank, lora_b, c.idx, c.gate, got)),
+        *(ctypes.c_void_p(t.data_ptr()) for t in (base, z_rank)),
+        *map(_ptr, (lora_b, c.idx, c.gate, got, sb, sz)),
         b,
         hh * ww,
         d_out,

@@ -89,8 +89,9 @@ SCRIPT = textwrap.dedent(
                       BLOCK=LB.REDUCE_BLOCK), "bwd_reduce " + tag)
         comp(C._conv_up_kernel, dict(z_ptr=dt, zr_ptr=dt, b_ptr=dt, bias_ptr=dt, **rt),
              dict(TOP_K=8, RP=16, HAS_BIAS=True, BLOCK_M=C.BLOCK_M, BLOCK_N=C.BLOCK_N), "conv_up " + dt)
-        comp(C._conv_bwd_kernel, dict(dy_ptr=dt, zr_ptr=dt, b_ptr=dt, dz_ptr=dt, part_ptr=f32, gpart_ptr=f32, **rt),
-             dict(TOP_K=8, RP=16, NEED_DZ=True, SPLIT_DZ=dt != "*fp32", NEED_DB=True, NEED_DG=True,
+        comp(C._conv_bwd_kernel, dict(dy_ptr=dt, zr_ptr=dt, b_ptr=dt, dz_ptr=dt, part_ptr=f32, gpart_ptr=f32,
+                                      ws_ptr=f32, lock_ptr=i32, **rt),
+             dict(TOP_K=8, RP=16, NEED_DZ=True, SPLIT_DZ=dt != "*fp32", NEED_DB=True, NEED_DG=True, SPLIT=8,
                   BLOCK_M=C.BLOCK_M, BLOCK_N=C.BLOCK_N, BLOCK_R=C.BLOCK_R), "conv_bwd " + dt)
         comp(C._finite_ranks_kernel, dict(a_ptr=dt, out_ptr=dt), dict(REPS=2, BLOCK=1024), "finite_ranks " + dt)
     print("\\n".join(failures) if failures else "all kernels compiled")

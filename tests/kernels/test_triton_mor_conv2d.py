@@ -92,6 +92,54 @@ def test_conv_deterministic_and_inputs_untouched():
         assert torch.equal(t, b)
 
 
+def test_conv_backward_split_table():
+    """The backward's C_out loop is split while the pixel blocks (32 pixels) of the batch are fewer than an
+    H100's 132 SMs and each split keeps two 64-wide steps: the SD sizes at batch 1 and 8, and C_out 64 (one
+    step: never split)."""
+    from mor_kernels.kernels import mor_conv2d as KC
+
+    want = {(1, 64, 320): 2, (1, 32, 640): 4, (1, 16, 1280): 8, (1, 8, 1280): 8, (8, 64, 320): 1, (8, 32, 640): 1,
+            (8, 16, 1280): 4, (8, 8, 1280): 8, (1, 8, 64): 1}  # fmt: skip
+    for (batch, side, c_out), splits in want.items():
+        assert KC.bwd_split(batch, side * side, c_out) == splits, (batch, side, c_out)
+
+
+# float32 on the paper's 40 ranks at 13 x 11 pixels; float16 on a smaller case, because at 40 ranks and 2 x 143
+# pixels the float16 reference path itself misses the float16 tolerance on dB (z_rank is rounded to 16 bits
+# before dB sums ~300 of its products: measured 0.019 against atol 0.002 + rtol 0.002 |ref|), so that case
+# could not tell a wrong split from float16 rounding.
+SPLIT_CASES = {
+    torch.float32: dict(d_in=5, height=13, width=11, num_shared=8, num_routed=32, num_zero=4, top_k=8),
+    torch.float16: dict(d_in=3, height=7, width=5, num_shared=2, num_routed=6, num_zero=2, top_k=2),
+}
+
+
+@pytest.mark.parametrize("dtype", list(SPLIT_CASES))
+@pytest.mark.parametrize("splits", [2, 3])
+def test_conv_backward_split_matches_the_reference_and_repeats(splits, dtype, monkeypatch):
+    """The backward with its C_out loop split (2 or 3 splits over three 64-wide steps of C_out = 150, the last
+    partial; odd pixel counts, the last block partial): the last split of each pixel block sums the dh partials
+    in split order and writes dz (float16: the hi/lo pair), the dB and gate partials; every gradient meets the
+    reference, and two runs give the same bits."""
+    from mor_kernels.kernels import mor_conv2d as KC
+
+    calls = []
+    monkeypatch.setattr(KC, "bwd_split", lambda *shape: calls.append(shape) or splits)
+    shape = SPLIT_CASES[dtype]
+    case = random_case(kernel_size=3, conv={"padding": 1}, d_out=150, seed=11, **shape)
+    check_conv(case, dtype)
+    assert calls == [(2, shape["height"] * shape["width"], 150)]
+
+    def run():
+        t = case.to(dtype, device=DEVICE, requires_grad=True)
+        y = mor_kernels.mor_conv2d(*_args(t), padding=1, backend="triton")
+        dy = torch.linspace(-1, 1, y.numel(), device=DEVICE).reshape(y.shape).to(dtype)
+        return torch.autograd.grad(y, [getattr(t, n) for n in NAMES], dy)
+
+    for a, b in zip(run(), run(), strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA device, not the interpreter")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -4,6 +4,8 @@ gradient against the reference (MOR_SPEC section 7), and bitwise repeatable."""
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from test_triton_mor_linear import check_parity
 from triton_env import DEVICE, skip_if_triton_imported_too_late
 
@@ -88,8 +90,9 @@ def _gpu_config(bm, bn, split):
 def test_gpu_tile_configs(routing, dtype, config, monkeypatch):
     """Every tensor-core tile of the forward's and the backward's tables, as on a GPU with 16-bit inputs, run
     here under the interpreter on ragged sizes: T = 130 (the last token block partial), d_in = 41 and d_out =
-    150 (the last column tile partial); with a split, d_in = d_out = 300 (splits of 1 or 2 K steps of 64, so
-    that each does some work)."""
+    150 (the last column tile partial); with a split, d_in = d_out = 300: five K steps of 64 over the splits,
+    so 2 and 4 splits give every split one step or more, while 8 splits leave three of them empty (zero
+    partials, still counted in: the arrival count must reach 8)."""
     from mor_kernels.kernels import mor_lora, mor_lora_bwd
 
     seen = []
@@ -132,6 +135,91 @@ def test_split_k_is_bitwise_repeatable(routing, split, monkeypatch):
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
     check_parity(c, torch.float32)
+
+
+@triton.jit
+def _arrive_in_order_kernel(parts_ptr, order_ptr, ws_acc_ptr, ws_aux_ptr, lock_ptr, acc_ptr, aux_ptr, reducer_ptr,
+                            SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            AUX: tl.constexpr):  # fmt: skip
+    """Program ``(i, tile)`` plays split ``order[tile, i]`` of ``tile``: its partials are ``parts[tile, s]``
+    (``BLOCK_M x (BLOCK_N + AUX)``); it arrives through ``_split_arrive`` and, if last, reduces with
+    ``_split_sum`` and writes the sums and its split id. The interpreter runs the programs in order of ``i``, so
+    ``order`` is the arrival order."""
+    from mor_kernels.kernels.mor_lora import _split_arrive, _split_sum
+
+    pid = tl.program_id(0)
+    tile = tl.program_id(1).to(tl.int64)
+    s = tl.load(order_ptr + tile * SPLIT_K + pid).to(tl.int64)
+    i = tl.arange(0, BLOCK_M)[:, None]
+    width = BLOCK_N + AUX
+    row = parts_ptr + ((tile * SPLIT_K + s) * BLOCK_M + i) * width
+    acc = tl.load(row + tl.arange(0, BLOCK_N)[None, :])
+    aux = tl.load(row + BLOCK_N + tl.arange(0, AUX)[None, :])
+    if _split_arrive(acc, aux, ws_acc_ptr, ws_aux_ptr, lock_ptr, tile, s, SPLIT_K, True, BLOCK_M, BLOCK_N, AUX):
+        acc, aux = _split_sum(ws_acc_ptr, ws_aux_ptr, lock_ptr, tile, SPLIT_K, True, BLOCK_M, BLOCK_N, AUX)
+        out = (tile * BLOCK_M + i) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(acc_ptr + out, acc)
+        tl.store(aux_ptr + (tile * BLOCK_M + i) * AUX + tl.arange(0, AUX)[None, :], aux)
+        tl.store(reducer_ptr + tile, s.to(tl.int32))
+
+
+@pytest.mark.parametrize("split", [3, 4, 8])
+def test_split_sum_is_in_split_order_whatever_the_arrival_order(split):
+    """The split-K reduction driven with the splits arriving in reversed and in shuffled order (on a GPU they
+    arrive in any order; the interpreter alone would always make the last program the reducer): the split that
+    arrives last reduces, its sums equal the partials added in split order bit for bit (the partials span 24
+    binary orders of magnitude, so the arrival order would give other bits), and every count is back to zero."""
+    from mor_kernels.kernels.mor_lora import split_workspace
+
+    tiles, bm, bn, aux = 2, 16, 16, 16
+    gen = torch.Generator().manual_seed(19)
+    scale = torch.pow(2.0, torch.randint(-12, 12, (tiles, split, bm, bn + aux), generator=gen).float())
+    parts = (torch.randn(tiles, split, bm, bn + aux, generator=gen) * scale).to(DEVICE)
+    want = parts[:, 0].clone()
+    for s in range(1, split):
+        want = want + parts[:, s]  # float32, in split order
+    orders = {
+        "reversed": torch.arange(split - 1, -1, -1).repeat(tiles, 1),
+        "shuffled": torch.stack([torch.randperm(split, generator=gen) for _ in range(tiles)]),
+    }
+    for name, order in orders.items():
+        arrival = parts[torch.arange(tiles)[:, None], order.to(DEVICE)]
+        in_arrival_order = arrival[:, 0].clone()
+        for s in range(1, split):
+            in_arrival_order = in_arrival_order + arrival[:, s]
+        assert not torch.equal(in_arrival_order, want), "the data cannot tell the two orders apart"
+        ws, lock = split_workspace(torch.device(DEVICE), tiles * split * bm * (bn + aux), tiles)
+        ws_acc, ws_aux = ws[: tiles * split * bm * bn], ws[tiles * split * bm * bn :]
+        acc = torch.full((tiles, bm, bn), float("nan"), device=DEVICE)
+        aux_out = torch.full((tiles, bm, aux), float("nan"), device=DEVICE)
+        reducer = torch.full((tiles,), -1, dtype=torch.int32, device=DEVICE)
+        order32 = order.to(torch.int32).contiguous().to(DEVICE)
+        _arrive_in_order_kernel[(split, tiles)](parts.contiguous(), order32, ws_acc, ws_aux, lock, acc, aux_out,
+                                                reducer, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, AUX=aux)  # fmt: skip
+        if DEVICE == "cpu":  # the interpreter runs the programs in order: the last one listed arrives last
+            assert reducer.tolist() == order[:, -1].tolist(), name
+        assert torch.equal(acc, want[..., :bn]) and torch.equal(aux_out, want[..., bn:]), name
+        assert not lock[:tiles].any(), f"{name}: the arrival counts were not reset to zero"
+
+
+@triton.jit
+def _part_rows_kernel(out_ptr, b, m, n_m, width, RP: tl.constexpr):
+    from mor_kernels.kernels.mor_lora_bwd import _part_rows
+
+    tl.store(out_ptr + tl.arange(0, RP), _part_rows(b, m, n_m, RP, width))
+
+
+def test_backward_partial_offsets_do_not_wrap_at_2_to_the_31():
+    """The backward reduction's offsets into ``part (B, n_m, RP, d_in + d_out)`` (``_part_rows``), computed from
+    int32 indices as its loop over samples gives them, at a size where ``((b n_m + m) RP + p) width`` passes
+    2^31: batch 128 at 4096 tokens (32 blocks of 128), token routing (RP 64), ff.net.0's d_in + d_out = 11520,
+    12 GB of float32 partials; the exact int64 offsets, not the wrapped int32 ones."""
+    b, m, n_m, rp, width = 127, 31, 32, 64, 11520
+    out = torch.zeros(rp, dtype=torch.int64, device=DEVICE)
+    _part_rows_kernel[(1,)](out, b, m, n_m, width, RP=rp)
+    want = [((b * n_m + m) * rp + p) * width for p in range(rp)]
+    assert want[-1] > 2**31
+    assert out.tolist() == want
 
 
 @pytest.mark.gpu
