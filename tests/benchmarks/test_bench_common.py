@@ -58,7 +58,6 @@ def test_environment_and_writer(bench, tmp_path):
     assert data["rows"] == rows and data["fields"] == ["a", "b"] and data["meta"]["device"] == "cpu"
 
 
-
 def test_writer_metadata_never_overwrites_a_row_column(bench, tmp_path):
     """A metadata key that is also a row field goes to ``meta_<key>``; the row's value stays in its column."""
     c = common(bench)
@@ -70,6 +69,7 @@ def test_writer_metadata_never_overwrites_a_row_column(bench, tmp_path):
     assert [r["device"] for r in table] == ["row-device", "other"]
     assert table[0]["meta_device"] == "cpu" and table[0]["meta_meta_device"] == "taken" and table[1]["torch"] == "v"
     assert sorted(os.listdir(tmp_path)) == ["t.csv", "t.json"]  # no temporary file left behind
+
 
 class FakeClock:
     """A clock that only moves when a fake call does work; between ``slow`` = (start, end) every call is
