@@ -174,6 +174,8 @@ def executed_rank_rows(
     - ``cuda``: the active ranks under sample routing, all ``R`` under token routing (an upper bound);
       a conv: all ``R`` down, active up (the 16-bit tensor-core forward pads the rank list to a multiple
       of 16, not modelled here);
+    - ``blas``: the active ranks under sample routing (zero slots dropped from each sample's list), down and
+      up alike; all ``R`` under token routing (the reference's masked path);
     - anything else: all ``R``.
     """
     rows = layer.rows
@@ -188,6 +190,8 @@ def executed_rank_rows(
     if backend in ("cpp", "cuda"):
         active = rows * ranks if (backend == "cuda" and token_routing) else useful_rank_rows
         return (rows * ranks, active) if conv else active
+    if backend == "blas" and not token_routing:
+        return useful_rank_rows
     if backend == "reference" and not token_routing:
         return rows * (num_shared + top_k if list_width is None else list_width)
     return rows * ranks
