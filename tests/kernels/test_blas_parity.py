@@ -131,17 +131,19 @@ def test_a_rank_picked_twice_adds_both_contributions(op):
 
 @pytest.mark.parametrize("merge", ["always", "never"])
 @pytest.mark.parametrize("alike", [False, True], ids=["distinct", "alike"])
-@pytest.mark.parametrize("op", ["linear", "conv"])
+@pytest.mark.parametrize("op", ["linear", "conv", "conv_nhwc"])
 def test_merged_and_low_rank_forward_agree_with_the_reference(op, alike, merge):
     """Inference: merge='always' (per-sample merged weights, one GEMM/conv per distinct routing; samples routed
     alike share one) and merge='never' (the low-rank path) both within MOR_SPEC 7 of the oracle."""
+    nhwc, op = op == "conv_nhwc", op.removesuffix("_nhwc")
     kw = {"kernel_size": 3, "conv": {"padding": (1, 1), "stride": (2, 1)}} if op == "conv" else {}
     c = random_case(batch=3, seed=_seed("merge", op, alike), **kw)
     if alike:
         c.idx, c.gate = c.idx[:1].expand_as(c.idx).clone(), c.gate[:1].expand_as(c.gate).clone()
     y64 = _run(op, c.to(torch.float64), REF[op])
     with torch.no_grad(), poison_allocations():
-        y = _run(op, c, "blas", merge=merge)
+        y = _run(op, c, "blas", channels_last=nhwc, merge=merge)
+    assert y.is_contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
     assert_parity(y, y64, dtype=torch.float32, name=f"{op} merge={merge}")
 
 
