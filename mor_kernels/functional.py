@@ -114,16 +114,26 @@ def _no_autocast(x: torch.Tensor, autocast: torch.dtype | None):
 
 _Tensor = torch.Tensor
 _SCALARS = (float, int)
+_LEAN_PLANS = dispatch._LEAN  # lean_plan's cache itself (clear_cache empties it), read without a call
+_BLAS_OPS: list = []  # (mor::blas_mor_linear, mor::blas_mor_conv2d), filled on the first lean call
 
 
 def _lean(op: str, backend, merge, x, idx):
     """The merge limits of :func:`mor_kernels.dispatch.lean_plan` when this call can take the lean CPU path
-    (plain CPU tensors, sample routing, no autocast, not tracing), else None."""
+    (plain CPU tensors, sample routing, no autocast, not tracing), else None. Every step here runs per call,
+    usually right after a GEMM evicted the caches: few objects touched, no import, one dict lookup."""
     if type(x) is not _Tensor or type(idx) is not _Tensor or not x.is_cpu or idx.dim() != 2:
         return None
-    plan = dispatch.lean_plan(op, backend, merge, x.dtype)
+    if type(backend) is not str or type(merge) is not str:
+        return None  # the general path names the bad argument
+    key = (op, backend, merge, x.dtype)
+    plan = _LEAN_PLANS[key] if key in _LEAN_PLANS else dispatch.lean_plan(*key)
     if plan is None or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return None
+    if not _BLAS_OPS:
+        from .ops import cpu_blas
+
+        _BLAS_OPS.extend((cpu_blas.linear_op(), cpu_blas.conv2d_op()))
     return plan
 
 
@@ -241,10 +251,8 @@ def mor_linear(
     """
     lean = _lean("mor_linear", backend, merge, x, idx)
     if lean is not None and type(num_shared) is int and type(scaling) in _SCALARS:
-        from .ops import cpu_blas
-
         try:
-            return cpu_blas.linear_op()(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, lean[0],
+            return _BLAS_OPS[0](x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, lean[0],
                                         check_indices)  # fmt: skip
         except (RuntimeError, TypeError, ValueError, IndexError):
             # the documented error for bad arguments (the C++ checks accept exactly what these accept)
@@ -296,11 +304,9 @@ def mor_conv2d(
     if lean is not None and type(num_shared) is int and type(scaling) in _SCALARS:
         s, p, d = _lean_pair(stride), _lean_pair(padding), _lean_pair(dilation)
         if s is not None and p is not None and d is not None:
-            from .ops import cpu_blas
-
             try:
                 one = weight.shape[-1] == 1 and weight.shape[-2] == 1
-                return cpu_blas.conv2d_op()(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, s, p, d,
+                return _BLAS_OPS[1](x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, s, p, d,
                                             lean[0] if one else lean[1], check_indices)  # fmt: skip
             except (RuntimeError, TypeError, ValueError, IndexError, AttributeError):
                 check_mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding,

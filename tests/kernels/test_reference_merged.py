@@ -126,7 +126,8 @@ def test_the_public_ops_merge_per_the_cost_model_and_say_so(monkeypatch):
         real = merged_mod.mor_linear_merged
         monkeypatch.setattr(merged_mod, "mor_linear_merged", lambda *a, **k: calls.append(1) or real(*a, **k))
         real_op = cpu_blas.linear_op()
-        monkeypatch.setattr(cpu_blas, "linear_op", lambda: lambda *a: limits.append(a[9]) or real_op(*a))
+        lean_ops = [lambda *a: limits.append(a[9]) or real_op(*a), cpu_blas.conv2d_op()]
+        monkeypatch.setattr(mor_kernels.functional, "_BLAS_OPS", lean_ops)
         y = mor_kernels.mor_linear(*_args(case, False), check_indices=False)
         if blas:  # merges when rho = 16 > merge_above
             assert calls == [] and limits == [dispatch.MERGE_CROSSOVER[("cpu", "linear")]] and 16 > limits[0]
