@@ -74,15 +74,15 @@ DECISIONS = (
         "cpu",
         _FLOATS,
         ("blas", "reference"),
-        f"{_CPU_RUN}, branch cpu-fast on 042467b with the BLAS path (load 2.4; ratios to the bare layer, same run): "
-        "mor:blas 1.21/1.17/1.09/1.20/1.07/1.24x forward and 1.32/1.21/1.15/1.25/1.10/1.43x fwd+bwd at "
+        f"{_CPU_RUN}, commit 4c9d0f0 (load 5.1; ratios to the bare layer, same run): mor:blas "
+        "1.25/1.15/1.07/1.16/1.08/1.25x forward and 1.30/1.19/1.18/1.24/1.10/1.44x fwd+bwd at "
         "lin4096x320/lin1024x640/lin256x1280/lin64x1280/conv3x3-32x32x640/conv1x1-64x64x320 against mor:reference's "
-        "1.47/1.37/1.27/1.49/1.11/1.41x and 1.89/1.60/1.43/1.68/1.11/1.74x: faster at every shape and mode (zero "
-        "sweep: 1.16-1.18x against 1.34-1.37x), so the BLAS path comes first for mor_linear/mor_conv2d and the "
-        "reference runs the rest (mor_lora, route, and every op without the extension). The C++ loop kernels "
-        "(mor:cpp) ran 1.62-3.63x forward and 1.88-4.13x fwd+bwd, slower than both at every shape: they are the CUDA "
-        "kernels' CPU twin for tests (backend='cpp'), not a speed path. fp16/bf16 on CPU: both compute in float32 "
-        "(not measured apart)",
+        "1.48/1.38/1.27/1.47/1.12/1.45x and 1.93/1.61/1.45/1.60/1.13/1.78x; zero sweep 1.14-1.19x against "
+        "1.35-1.44x. Faster at every shape and mode, here and in three more runs of the same command (loads "
+        "2.4-4.8), so the BLAS path comes first for mor_linear/mor_conv2d; the reference runs the rest (mor_lora, "
+        "route, token routing, and every op without the extension). The C++ loop kernels (mor:cpp) ran 1.22-3.48x "
+        "forward and 1.35-4.15x fwd+bwd, slower than both at every shape: they are the CUDA kernels' CPU twin for "
+        "tests (backend='cpp'), not a speed path. fp16/bf16 on CPU: both compute in float32 (not measured apart)",
     ),
     Decision(
         "cuda",
