@@ -393,18 +393,34 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def meta_columns(meta: Mapping, fields: Sequence[str]) -> dict:
+    """``meta`` as CSV columns beside the row ``fields``: a key that is also a field is written as
+    ``meta_<key>`` (prefixed again while it still collides), so a row's own value is never overwritten."""
+    taken, out = set(fields), {}
+    for key, value in meta.items():
+        name = key
+        while name in taken:
+            name = f"meta_{name}"
+        taken.add(name)
+        out[name] = value
+    return out
+
+
 def write_outputs(out_dir: str, stem: str, meta: dict, rows: list[dict], fields: Sequence[str]) -> dict:
-    """Writes ``<stem>.csv`` (one row per measurement, metadata repeated in every row) and
-    ``<stem>.json`` (``{"meta": ..., "rows": [...]}``); returns the paths."""
+    """Writes ``<stem>.csv`` (one row per measurement, metadata repeated in every row, under
+    :func:`meta_columns`' names) and ``<stem>.json`` (``{"meta": ..., "rows": [...]}``), each atomically;
+    returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, f"{stem}.csv")
     json_path = os.path.join(out_dir, f"{stem}.json")
-    meta_keys = list(meta)
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(fields) + meta_keys)
+    columns = meta_columns(meta, fields)
+    with open(csv_path + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields) + list(columns))
         writer.writeheader()
         for row in rows:
-            writer.writerow({**{k: row.get(k) for k in fields}, **meta})
-    with open(json_path, "w") as f:
+            writer.writerow({**{k: row.get(k) for k in fields}, **columns})
+    os.replace(csv_path + ".tmp", csv_path)
+    with open(json_path + ".tmp", "w") as f:
         json.dump({"meta": meta, "fields": list(fields), "rows": rows}, f, indent=1, default=str)
+    os.replace(json_path + ".tmp", json_path)
     return {"csv": csv_path, "json": json_path}

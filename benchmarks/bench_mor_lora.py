@@ -8,7 +8,7 @@
 Providers, all timed in the same run: ``base`` (bare ``F.linear``/``F.conv2d``, the floor), ``lora``
 (base + dense LoRA of the same active rank, PEFT-style unmerged: ``base(x) + B(A x) * scaling``) and
 ``mor:<backend>`` (``mor_kernels.mor_linear``/``mor_conv2d`` with ``backend=`` reference, triton,
-cuda, cpp), each included when ``mor_kernels.available_backends`` lists it, else reported with the
+cuda, cpp, blas), each included when ``mor_kernels.available_backends`` lists it, else reported with the
 reason. Routing is built directly (``idx``/``gate``), so the number of zero slots each sample (or
 token) picks, hence its active ranks, is exactly what the case says. See benchmarks/README.md.
 """

@@ -11,7 +11,7 @@ import torch
 
 from mor_kernels import flops
 
-MOR_BACKENDS = ("reference", "triton", "cuda", "cpp")
+MOR_BACKENDS = ("reference", "triton", "cuda", "cpp", "blas")
 #: ``mor:auto`` is what a MoR layer runs (backend and per-call merge decision of ``"auto"``); the
 #: ``mor:<backend>`` providers run that backend's low-rank path
 PROVIDERS = ("base", "lora", "mor:auto") + tuple(f"mor:{b}" for b in MOR_BACKENDS)

@@ -44,4 +44,31 @@ TORCH_LIBRARY(mor, m) {
   // int32 / gate float32 (B, k).
   m.def("conv_up(Tensor base, Tensor z_rank, Tensor lora_b, Tensor idx, Tensor gate, int num_shared, "
         "float scaling) -> Tensor");
+
+  // The BLAS CPU path (csrc/cpu/blas_mor_linear.cpp, blas_mor_conv2d.cpp; backend "blas"): sample routing,
+  // idx int32/int64 / gate float (B, k), read on the host; x, weight, bias, lora_a, lora_b of one float dtype
+  // (16-bit computed in float32). The public ops are CompositeImplicitAutograd: without a gradient they run the
+  // _fwd op (per-sample merged weights when rho = T (C_in + C_out) / (C_in kh kw C_out) > merge_above: inf never,
+  // -1 always), with one a C++ autograd Function over _fwd (store_u: u = A_act x, (B, T, S + k) for a Linear,
+  // (B, S + k, H_out, W_out) for a conv, zero past each sample's active ranks) and _bwd (output_mask: grads of
+  // x, weight, bias, lora_a, lora_b, gate; one not asked for is an empty (0,) tensor). check_indices: idx values
+  // outside [-1, E) raise ValueError (else they are zero slots).
+  m.def("blas_mor_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor idx, "
+        "Tensor gate, int num_shared, float scaling, float merge_above, bool check_indices) -> Tensor");
+  m.def("blas_mor_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor idx, "
+        "Tensor gate, int num_shared, float scaling, float merge_above, bool check_indices, bool store_u) -> "
+        "(Tensor y, Tensor u)");
+  m.def("blas_mor_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor idx, "
+        "Tensor gate, Tensor u, int num_shared, float scaling, bool[6] output_mask) -> (Tensor grad_x, "
+        "Tensor grad_weight, Tensor grad_bias, Tensor grad_lora_a, Tensor grad_lora_b, Tensor grad_gate)");
+  m.def("blas_mor_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor idx, "
+        "Tensor gate, int num_shared, float scaling, int[2] stride, int[2] padding, int[2] dilation, "
+        "float merge_above, bool check_indices) -> Tensor");
+  m.def("blas_mor_conv2d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor idx, "
+        "Tensor gate, int num_shared, float scaling, int[2] stride, int[2] padding, int[2] dilation, "
+        "float merge_above, bool check_indices, bool store_u) -> (Tensor y, Tensor u)");
+  m.def("blas_mor_conv2d_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor idx, "
+        "Tensor gate, Tensor u, int num_shared, float scaling, int[2] stride, int[2] padding, int[2] dilation, "
+        "bool[6] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_lora_a, "
+        "Tensor grad_lora_b, Tensor grad_gate)");
 }

@@ -85,3 +85,62 @@ def _register_fakes() -> None:
     @torch.library.register_fake("mor::conv_up")
     def _(base, z_rank, lora_b, idx, gate, num_shared, scaling):
         return base.new_empty(base.shape)
+
+    _register_blas_fakes()
+
+
+def _blas_dtype(x) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32  # the BLAS ops' compute dtype
+
+
+def _channels_last(x) -> bool:
+    """The BLAS conv ops keep channels_last when ``x`` is laid out so (and not also plain contiguous)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _grads(x, weight, lora_a, lora_b, idx, gate, mask, dx):
+    def out(i, like, dtype=x.dtype):
+        return like() if mask[i] else x.new_empty((0,))
+
+    return (
+        out(0, dx),
+        out(1, lambda: x.new_empty(weight.shape)),
+        out(2, lambda: x.new_empty((weight.shape[0],))),
+        out(3, lambda: x.new_empty(lora_a.shape)),
+        out(4, lambda: x.new_empty(lora_b.shape)),
+        out(5, lambda: gate.new_empty(idx.shape)),
+    )
+
+
+def _register_blas_fakes() -> None:
+    @torch.library.register_fake("mor::blas_mor_linear_fwd")
+    def _(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, merge_above, check_indices, store_u):
+        tokens = 1
+        for size in x.shape[1:-1]:
+            tokens *= size
+        u = (x.shape[0], tokens, num_shared + idx.shape[1]) if store_u else (0,)
+        return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty(u, dtype=_blas_dtype(x))
+
+    @torch.library.register_fake("mor::blas_mor_linear_bwd")
+    def _(grad_y, x, weight, lora_a, lora_b, idx, gate, u, num_shared, scaling, output_mask):
+        return _grads(x, weight, lora_a, lora_b, idx, gate, output_mask, lambda: x.new_empty(x.shape))
+
+    def conv_out(x, weight, stride, padding, dilation):
+        return [
+            (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+            for i in (0, 1)
+        ]
+
+    @torch.library.register_fake("mor::blas_mor_conv2d_fwd")
+    def _(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation, merge_above,
+          check_indices, store_u):  # fmt: skip
+        h, w = conv_out(x, weight, stride, padding, dilation)
+        fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+        y = torch.empty((x.shape[0], weight.shape[0], h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+        shape = (x.shape[0], num_shared + idx.shape[1], h, w) if store_u else (0,)
+        u = torch.empty(shape, dtype=_blas_dtype(x), device=x.device)
+        return y, (u.contiguous(memory_format=fmt) if store_u else u)
+
+    @torch.library.register_fake("mor::blas_mor_conv2d_bwd")
+    def _(grad_y, x, weight, lora_a, lora_b, idx, gate, u, num_shared, scaling, stride, padding, dilation, output_mask):
+        return _grads(x, weight, lora_a, lora_b, idx, gate, output_mask, lambda: torch.empty_like(x))

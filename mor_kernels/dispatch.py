@@ -8,8 +8,11 @@ Backends:
 - ``"cpp"``: the compiled extension's CPU kernels (same module): the oracle-independent CPU twin of the
   CUDA kernels, for tests; measured slower than the reference on CPU, so ``"auto"`` does not offer it
   (:data:`DECISIONS`);
-- ``"reference"``: pure PyTorch (``mor_kernels.reference``), any device, always available; on CPU the
-  fastest measured path (each sample's active ranks gathered).
+- ``"blas"``: the compiled extension's BLAS CPU path (``mor_kernels.ops.cpu_blas``): one C++ op per call, host
+  rank lists and gathers in C++, the GEMMs in ATen's BLAS; ``mor_linear``/``mor_conv2d`` only; the fastest
+  measured path on CPU (:data:`DECISIONS`);
+- ``"reference"``: pure PyTorch (``mor_kernels.reference``), any device, always available: the test oracle,
+  and the CPU path when the extension is not built (each sample's active ranks gathered).
 
 ``"auto"`` tries the backends of :data:`DECISIONS` for the device type and dtype in order; each entry
 cites the measurement behind it. On top of the backend, :func:`merge_plan` decides per call whether a
@@ -40,11 +43,12 @@ import torch
 logger = logging.getLogger("mor_kernels")
 
 OPS = ("route", "mor_lora", "mor_linear", "mor_conv2d")
-BACKENDS = ("triton", "cuda", "cpp", "reference")
+BACKENDS = ("triton", "cuda", "cpp", "blas", "reference")
 _MODULES = {
     "triton": "mor_kernels.ops.triton_backend",
     "cuda": "mor_kernels.ops.extension_backend",
     "cpp": "mor_kernels.ops.extension_backend",
+    "blas": "mor_kernels.ops.cpu_blas",
     "reference": "mor_kernels.reference",
 }
 
@@ -69,12 +73,16 @@ DECISIONS = (
     Decision(
         "cpu",
         _FLOATS,
-        ("reference",),
-        f"{_CPU_RUN}, commit 1b2d081 (load 4.7): the C++ kernels ran 1.42-3.40x the bare layer forward and "
-        "1.83-3.97x fwd+bwd against the reference's 1.09-1.45x and 1.14-1.83x (8e57852, before the reference "
-        "gathered active ranks: 1.28-3.36x and 1.91-4.20x against 1.17-2.20x and 1.19-1.95x), slower at every "
-        "shape; they are the CUDA kernels' CPU twin for tests (backend='cpp'), not a speed path. fp16/bf16 on CPU: "
-        "the reference computes in float32 (not measured apart)",
+        ("blas", "reference"),
+        f"{_CPU_RUN}, commit 4c9d0f0 (load 5.1; ratios to the bare layer, same run): mor:blas "
+        "1.25/1.15/1.07/1.16/1.08/1.25x forward and 1.30/1.19/1.18/1.24/1.10/1.44x fwd+bwd at "
+        "lin4096x320/lin1024x640/lin256x1280/lin64x1280/conv3x3-32x32x640/conv1x1-64x64x320 against mor:reference's "
+        "1.48/1.38/1.27/1.47/1.12/1.45x and 1.93/1.61/1.45/1.60/1.13/1.78x; zero sweep 1.14-1.19x against "
+        "1.35-1.44x. Faster at every shape and mode, here and in three more runs of the same command (loads "
+        "2.4-4.8), so the BLAS path comes first for mor_linear/mor_conv2d; the reference runs the rest (mor_lora, "
+        "route, token routing, and every op without the extension). The C++ loop kernels (mor:cpp) ran 1.22-3.48x "
+        "forward and 1.35-4.15x fwd+bwd, slower than both at every shape: they are the CUDA kernels' CPU twin for "
+        "tests (backend='cpp'), not a speed path. fp16/bf16 on CPU: both compute in float32 (not measured apart)",
     ),
     Decision(
         "cuda",
@@ -87,8 +95,8 @@ DECISIONS = (
 #: backends ``"auto"`` leaves out for a device type, with the reason (listed by ``explain``)
 _NOT_OFFERED = {
     "cpu": {
-        "cpp": "measured slower than the reference on CPU (see the decision); the C++ kernels are the CUDA "
-        "kernels' CPU twin for tests: ask for backend='cpp'",
+        "cpp": "measured slower than the reference and the BLAS path on CPU (see the decision); the C++ loop kernels "
+        "are the CUDA kernels' CPU twin for tests: ask for backend='cpp'",
         "triton": None,  # the interpreter (a test path): unavailable_reason says why
     },
 }
@@ -212,6 +220,8 @@ class Choice:
             lines.append(f"  measured: {self.measured}")
         if self.op in ("mor_linear", "mor_conv2d"):
             lines.append(f"  merged inference: {merge_rule(self.device)}")
+        if self.op == "mor_linear" and self.backend == "blas":
+            lines.append("  token routing: the reference's masked all-rank path (the BLAS path gathers per sample)")
         return "\n".join(lines)
 
 
@@ -337,6 +347,41 @@ def available_backends(device="cpu", op: str = "mor_linear", dtype: torch.dtype 
     return [name for name in BACKENDS if unavailable_reason(name, op, device, dtype) is None]
 
 
+#: the public ops' lean CPU path (:func:`lean_plan`), cached with the decisions
+_LEAN: dict[tuple, tuple[float, float] | None] = {}
+
+
+def lean_plan(op: str, backend: str, merge: str, dtype: torch.dtype) -> tuple[float, float] | None:
+    """For a sample-routed ``op`` (``"mor_linear"``/``"mor_conv2d"``) on CPU tensors of ``dtype``: when ``backend``
+    resolves to ``"blas"``, :func:`merge_plan`'s rule for ``merge`` as the C++ op's ``merge_above`` (the op merges
+    when ``rho`` exceeds it and no gradient is needed): ``(limit for a Linear or 1x1 kernel, limit for a larger
+    kernel)``, ``inf`` = never, ``-1`` = always; else None. Cached per (op, backend, merge, dtype) with the
+    decisions, so a call decides with one dict lookup."""
+    key = (op, backend, merge, dtype)
+    try:
+        return _LEAN[key]
+    except KeyError:
+        pass
+    plan = None
+    if merge in MERGE_MODES and backend in ("auto", "blas") and op in ("mor_linear", "mor_conv2d"):
+        try:
+            runs = resolve(op, backend, torch.device("cpu"), dtype).backend
+        except BackendUnavailableError:
+            runs = None
+        if runs == "blas":
+            never = float("inf")
+            if merge == "never" or (merge == "auto" and backend != "auto"):
+                plan = (never, never)
+            elif merge == "always":
+                plan = (-1.0, -1.0)
+            else:
+                kinds = ("linear", "linear") if op == "mor_linear" else ("conv1x1", "conv")
+                plan = tuple(MERGE_CROSSOVER.get(("cpu", kind), never) for kind in kinds)
+    _LEAN[key] = plan
+    return plan
+
+
 def clear_cache() -> None:
     """Forget earlier decisions (after building the extension or changing TRITON_INTERPRET)."""
     _CACHE.clear()
+    _LEAN.clear()

@@ -29,6 +29,7 @@ Conventions (the same as ``torch.utils.flop_counter``):
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -174,6 +175,8 @@ def executed_rank_rows(
     - ``cuda``: the active ranks under sample routing, all ``R`` under token routing (an upper bound);
       a conv: all ``R`` down, active up (the 16-bit tensor-core forward pads the rank list to a multiple
       of 16, not modelled here);
+    - ``blas``: the active ranks under sample routing (zero slots dropped from each sample's list), down and
+      up alike; all ``R`` under token routing (the reference's masked path);
     - anything else: all ``R``.
     """
     rows = layer.rows
@@ -188,6 +191,8 @@ def executed_rank_rows(
     if backend in ("cpp", "cuda"):
         active = rows * ranks if (backend == "cuda" and token_routing) else useful_rank_rows
         return (rows * ranks, active) if conv else active
+    if backend == "blas" and not token_routing:
+        return useful_rank_rows
     if backend == "reference" and not token_routing:
         return rows * (num_shared + top_k if list_width is None else list_width)
     return rows * ranks
@@ -423,6 +428,45 @@ def _lora_bwd(a, out):
     return flop
 
 
+def _blas_sizes(a, rows):
+    """``(rows, d_in, d_out, n)`` of a BLAS op (``mor::blas_mor_*``): ``d_in`` = C_in kh kw for a conv, ``n`` =
+    S + k (every slot a real rank: shapes cannot tell zero slots, so an upper bound)."""
+    lora_a, idx = a["lora_a"], a["idx"]
+    ranks = int(lora_a[0])
+    return rows, _prod(lora_a[1:]), int(a["weight"][0]), min(ranks, int(a.get("num_shared", 0) or 0) + int(idx[-1]))
+
+
+def _blas_fwd(a, out):
+    """The base GEMM/conv, then the merged weights (one ``d_out x n x d_in`` GEMM per sample: an upper bound, samples
+    routed alike share one) when no ``u`` is stored and ``rho > merge_above``, else ``x A_act^T`` and its
+    up-projection over the rows."""
+    y = _outs(out)[0] if out is not None else None
+    conv = len(a["weight"]) == 4
+    rows = _conv_rows(y) if conv else _rows(a["x"])
+    rows, d_in, d_out, n = _blas_sizes(a, rows)
+    batch = int(a["x"][0])
+    tokens = rows // max(batch, 1)
+    rho = tokens * (int(a["x"][1] if conv else a["x"][-1]) + d_out) / max(d_in * d_out, 1)
+    base = 2 * rows * d_in * d_out
+    if not a.get("store_u", False) and rho > float(a.get("merge_above", math.inf)):
+        return base + 2 * batch * d_out * n * d_in
+    return base + 2 * rows * n * (d_in + d_out)
+
+
+def _blas_bwd(a, out):
+    """The base layer's dx and dW, ``du = dy B_act``, dx's and dA's rank terms, dB (``output_mask``: x, weight,
+    bias, lora_a, lora_b, gate)."""
+    conv = len(a["weight"]) == 4
+    rows = _conv_rows(a["grad_y"]) if conv else _rows(a["x"])
+    rows, d_in, d_out, n = _blas_sizes(a, rows)
+    need_x, need_w, _, need_a, need_b, need_g = (list(a.get("output_mask") or [True] * 6) + [True] * 6)[:6]
+    flop = 2 * rows * d_in * d_out * (int(bool(need_x)) + int(bool(need_w)))
+    flop += 2 * rows * n * d_out if (need_x or need_a or need_g) else 0
+    flop += 2 * rows * n * d_in * (int(bool(need_x)) + int(bool(need_a)))
+    flop += 2 * rows * n * d_out if need_b else 0
+    return flop
+
+
 _STAGES = {
     "triton_lora_fwd": _triton_fwd,
     "triton_lora_bwd": _triton_bwd,
@@ -431,6 +475,10 @@ _STAGES = {
     "conv_up": _conv_up,
     "lora_fwd": _lora_fwd,
     "lora_bwd": _lora_bwd,
+    "blas_mor_linear_fwd": _blas_fwd,
+    "blas_mor_linear_bwd": _blas_bwd,
+    "blas_mor_conv2d_fwd": _blas_fwd,
+    "blas_mor_conv2d_bwd": _blas_bwd,
 }
 
 

@@ -7,8 +7,18 @@ Backends are called with canonical arguments, after the checks:
   ``(B, T, d_out)`` or None, ``scaling`` a float;
 - for convolutions ``stride``/``padding``/``dilation`` as pairs of ints.
 
-so a backend never re-implements the checks or the reshaping. ``mor_linear``/``mor_conv2d`` with sample
-routing and no gradient needed may instead run per-sample merged weights
+so a backend never re-implements the checks or the reshaping.
+
+**The lean CPU path.** When ``backend`` resolves to ``"blas"`` on a CPU tensor (``"auto"`` does where the
+compiled extension is built: :data:`mor_kernels.dispatch.DECISIONS`) and the routing is per sample,
+``mor_linear``/``mor_conv2d`` skip all of the above and call the C++ op directly (one dict lookup, a few type
+tests, one dispatcher hop: :mod:`mor_kernels.ops.cpu_blas`). On a CPU each Python-level step of a call costs
+microseconds next to the layer's GEMMs, more after a GEMM evicted the caches; the Python checks alone cost
+more than a dense LoRA's extra torch calls. The C++ op checks every condition the Python checks do (sizes,
+dtypes, devices, index range) before it computes anything; when one fails, the Python checks run and raise
+their documented ``ValueError``/``TypeError`` naming the argument, so a bad call fails exactly as before.
+
+``mor_linear``/``mor_conv2d`` with sample routing and no gradient needed may instead run per-sample merged weights
 (:mod:`mor_kernels.reference.merged`): ``merge="auto"`` (default) asks the cost model of
 :func:`mor_kernels.dispatch.merge_plan` when ``backend="auto"``; :func:`merge_decision` says what a call
 would run and why. Inside ``torch.autocast`` the ops act
@@ -100,6 +110,41 @@ def _no_autocast(x: torch.Tensor, autocast: torch.dtype | None):
     if autocast is None or x.device.type not in ("cuda", "cpu"):  # no autocast there (meta tensors...)
         return _NO_CONTEXT
     return torch.autocast(x.device.type, enabled=False)
+
+
+_Tensor = torch.Tensor
+_SCALARS = (float, int)
+_LEAN_PLANS = dispatch._LEAN  # lean_plan's cache itself (clear_cache empties it), read without a call
+_BLAS_OPS: list = []  # (mor::blas_mor_linear, mor::blas_mor_conv2d), filled on the first lean call
+
+
+def _lean(op: str, backend, merge, x, idx):
+    """The merge limits of :func:`mor_kernels.dispatch.lean_plan` when this call can take the lean CPU path
+    (plain CPU tensors, sample routing, no autocast, not tracing), else None. Every step here runs per call,
+    usually right after a GEMM evicted the caches: few objects touched, no import, one dict lookup."""
+    if type(x) is not _Tensor or type(idx) is not _Tensor or not x.is_cpu or idx.dim() != 2:
+        return None
+    if type(backend) is not str or type(merge) is not str:
+        return None  # the general path names the bad argument
+    key = (op, backend, merge, x.dtype)
+    plan = _LEAN_PLANS[key] if key in _LEAN_PLANS else dispatch.lean_plan(*key)
+    if plan is None or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        return None
+    if not _BLAS_OPS:
+        from .ops import cpu_blas
+
+        _BLAS_OPS.extend((cpu_blas.linear_op(), cpu_blas.conv2d_op()))
+    return plan
+
+
+def _lean_pair(value):
+    """``(a, b)`` for an int or a pair of ints (stride, padding, dilation), None for anything else (the
+    general path's checks then report it)."""
+    if type(value) is int:
+        return [value, value]
+    if type(value) in (tuple, list) and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return list(value)
+    return None
 
 
 def _needs_grad(*tensors) -> bool:
@@ -204,6 +249,15 @@ def mor_linear(
     model of :func:`mor_kernels.dispatch.merge_plan` says they are faster), ``"always"`` or ``"never"``;
     sample routing without a gradient only (see :func:`merge_decision`).
     """
+    lean = _lean("mor_linear", backend, merge, x, idx)
+    if lean is not None and type(num_shared) is int and type(scaling) in _SCALARS:
+        try:
+            return _BLAS_OPS[0](x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, lean[0],
+                                        check_indices)  # fmt: skip
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            # the documented error for bad arguments (the C++ checks accept exactly what these accept)
+            check_mor_linear(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, check_indices)
+            raise
     autocast = _autocast_dtype(x)
     x, weight, bias, lora_a, lora_b = _autocast(autocast, x, weight, bias, lora_a, lora_b)
     info = check_mor_linear(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, check_indices)
@@ -246,6 +300,18 @@ def mor_conv2d(
     :func:`mor_lora`; ``merge``: see :func:`mor_linear` (the merged weight of a conv is the 1x1 x kxk
     composition ``W0 + scaling B diag(g) A``, run as a grouped conv when the samples' ranks differ).
     """
+    lean = _lean("mor_conv2d", backend, merge, x, idx)
+    if lean is not None and type(num_shared) is int and type(scaling) in _SCALARS:
+        s, p, d = _lean_pair(stride), _lean_pair(padding), _lean_pair(dilation)
+        if s is not None and p is not None and d is not None:
+            try:
+                one = weight.shape[-1] == 1 and weight.shape[-2] == 1
+                return _BLAS_OPS[1](x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, s, p, d,
+                                            lean[0] if one else lean[1], check_indices)  # fmt: skip
+            except (RuntimeError, TypeError, ValueError, IndexError, AttributeError):
+                check_mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding,
+                                 dilation, check_indices)  # fmt: skip
+                raise
     autocast = _autocast_dtype(x)
     x, weight, bias, lora_a, lora_b = _autocast(autocast, x, weight, bias, lora_a, lora_b)
     info, s, p, d = check_mor_conv2d(

@@ -8,6 +8,7 @@ from mor_kernels import _extension, dispatch
 from mor_kernels.testing import random_case
 
 CPU_BACKENDS = ["reference"] + (["cpp"] if _extension.has_kernel("lora_fwd", "CPU") else [])
+CPU_BACKENDS += ["blas"] if dispatch.unavailable_reason("blas", "mor_linear", torch.device("cpu")) is None else []
 
 
 def _linear(c, backend, **kw):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import os
 import time
 
 import pytest
@@ -55,6 +56,19 @@ def test_environment_and_writer(bench, tmp_path):
     with open(paths["json"]) as f:
         data = json.load(f)
     assert data["rows"] == rows and data["fields"] == ["a", "b"] and data["meta"]["device"] == "cpu"
+
+
+def test_writer_metadata_never_overwrites_a_row_column(bench, tmp_path):
+    """A metadata key that is also a row field goes to ``meta_<key>``; the row's value stays in its column."""
+    c = common(bench)
+    rows = [{"device": "row-device", "shape": "s1"}, {"device": "other", "shape": "s2"}]
+    meta = {"device": "cpu", "meta_device": "taken", "torch": "v"}
+    paths = c.write_outputs(str(tmp_path), "t", meta, rows, ("device", "shape"))
+    with open(paths["csv"], newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["device"] for r in table] == ["row-device", "other"]
+    assert table[0]["meta_device"] == "cpu" and table[0]["meta_meta_device"] == "taken" and table[1]["torch"] == "v"
+    assert sorted(os.listdir(tmp_path)) == ["t.csv", "t.json"]  # no temporary file left behind
 
 
 class FakeClock:

@@ -171,13 +171,13 @@ def test_flop_counter_matches_merged_inference(conv):
     """Merged inference: one (d_out x n) @ (n x d_in) GEMM per distinct sample, then the base GEMM/conv."""
     t, layer, R, S = _linear_case(False)
     args = [t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["idx"], t["gate"], S, 0.5]
-    op = mor_kernels.mor_linear
+    op = functools.partial(mor_kernels.mor_linear, backend="reference")  # its aten ops are counted one by one
     if conv:
         gen = torch.Generator().manual_seed(3)
         args[0] = torch.randn(2, 6, 7, 7, generator=gen)
         args[1], args[3] = torch.randn(150, 6, 3, 3, generator=gen), torch.randn(R, 6, 3, 3, generator=gen)
         layer = flops.conv2d_layer(2, 6, 150, (7, 7), (3, 3), padding=(1, 1))
-        op = functools.partial(mor_kernels.mor_conv2d, stride=1, padding=1)
+        op = functools.partial(mor_kernels.mor_conv2d, stride=1, padding=1, backend="reference")
     with torch.no_grad():
         assert mor_kernels.merge_decision(
             "mor_conv2d" if conv else "mor_linear", args[0], args[1], args[3], args[5], merge="always", padding=1
@@ -186,6 +186,34 @@ def test_flop_counter_matches_merged_inference(conv):
     width = flops.rank_list_width(t["idx"], S, R)
     expected = flops.base_flops(layer) + flops.lora_flops(layer, flops.merged_rank_rows(layer, 2, width))
     assert got == expected
+
+
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("mode", ["low-rank", "merged", "fwd+bwd"])
+def test_flop_counter_formula_of_the_blas_ops(conv, mode):
+    """backend='blas' is one opaque op per call: its registered formula counts the S + k slots as real ranks
+    (shapes cannot tell zero slots) and one merged weight per sample when it merges."""
+    if mor_kernels.dispatch.unavailable_reason("blas", "mor_linear", torch.device("cpu")) is not None:
+        pytest.skip("backend='blas' needs the compiled extension")
+    t, layer, R, S = _linear_case(mode == "fwd+bwd")
+    args = [t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["idx"], t["gate"], S, 0.5]
+    op = functools.partial(mor_kernels.mor_linear, backend="blas")
+    if conv:
+        gen = torch.Generator().manual_seed(3)
+        args[0] = torch.randn(2, 6, 7, 7, generator=gen, requires_grad=mode == "fwd+bwd")
+        args[1], args[3] = torch.randn(150, 6, 3, 3, generator=gen), torch.randn(R, 6, 3, 3, generator=gen)
+        args[3].requires_grad_(mode == "fwd+bwd")
+        layer = flops.conv2d_layer(2, 6, 150, (7, 7), (3, 3), padding=(1, 1))
+        op = functools.partial(mor_kernels.mor_conv2d, stride=1, padding=1, backend="blas")
+    width = S + t["idx"].shape[1]
+    if mode == "fwd+bwd":
+        got = counted(lambda: op(*args).sum().backward())
+        assert got == flops.op_flops("mor_linear", layer, layer.rows * width, backward=True)
+        return
+    with torch.no_grad():
+        got = counted(lambda: op(*args, merge="always" if mode == "merged" else "never"))
+    rows = flops.merged_rank_rows(layer, 2, width) if mode == "merged" else layer.rows * width
+    assert got == flops.base_flops(layer) + flops.lora_flops(layer, rows)
 
 
 @pytest.mark.parametrize("backward", [False, True])

@@ -69,7 +69,7 @@ def test_identical_routing_rows_share_one_merged_weight(conv, monkeypatch):
 
     monkeypatch.setattr(merged_mod, "merge_weights", factors.merge_weights)
     with torch.no_grad():
-        got = _op(conv)(*_args(case, conv), merge="always")
+        got = _op(conv)(*_args(case, conv), merge="always", backend="reference")  # this module's merged path
         want = _op(conv)(*_args(case.to(torch.float64), conv), merge="never")
     assert counts == [1]
     assert_parity(got, want)
@@ -112,18 +112,28 @@ def test_merge_decision_follows_the_measured_cost_model():
 
 
 def test_the_public_ops_merge_per_the_cost_model_and_say_so(monkeypatch):
+    """backend='auto' merges when rho is above the measured crossover: through this module when 'auto' runs the
+    reference, inside the C++ op (given the crossover as merge_above) when it runs the BLAS path."""
     case = random_case(batch=1, tokens=64, d_in=8, d_out=8, seed=7)  # rho = 64 * 16 / 64 = 16
+    blas = dispatch.resolve("mor_linear", "auto", torch.device("cpu"), torch.float32).backend == "blas"
     with torch.no_grad():
         plan = mor_kernels.merge_decision("mor_linear", case.x, case.weight, case.lora_a, case.idx)
         assert plan.merge
+        from mor_kernels.ops import cpu_blas
         from mor_kernels.reference import merged as merged_mod
 
-        calls = []
+        calls, limits = [], []
         real = merged_mod.mor_linear_merged
         monkeypatch.setattr(merged_mod, "mor_linear_merged", lambda *a, **k: calls.append(1) or real(*a, **k))
+        real_op = cpu_blas.linear_op()
+        lean_ops = [lambda *a: limits.append(a[9]) or real_op(*a), cpu_blas.conv2d_op()]
+        monkeypatch.setattr(mor_kernels.functional, "_BLAS_OPS", lean_ops)
         y = mor_kernels.mor_linear(*_args(case, False), check_indices=False)
-        assert calls == [1]
+        if blas:  # merges when rho = 16 > merge_above
+            assert calls == [] and limits == [dispatch.MERGE_CROSSOVER[("cpu", "linear")]] and 16 > limits[0]
+        else:
+            assert calls == [1] and limits == []
         mor_kernels.mor_linear(*_args(case, False), backend="reference")
-        assert calls == [1]  # an explicit backend: its own low-rank path
+        assert calls == ([] if blas else [1])  # an explicit backend: its own low-rank path
     atol, rtol = TOLERANCES[torch.float32]
     torch.testing.assert_close(y, mor_kernels.mor_linear(*_args(case, False), merge="never"), atol=atol, rtol=rtol)
