@@ -19,6 +19,22 @@ def build_info() -> dict | None:
         return None
 
 
+#: the ops csrc/registration.cpp defines, all of which these sources call
+OPS = (
+    "route",
+    "dense_gate",
+    "lora_fwd",
+    "lora_bwd",
+    "conv_up",
+    "blas_mor_linear",
+    "blas_mor_linear_fwd",
+    "blas_mor_linear_bwd",
+    "blas_mor_conv2d",
+    "blas_mor_conv2d_fwd",
+    "blas_mor_conv2d_bwd",
+)
+
+
 @functools.cache
 def load():
     """``(module, None)`` when the extension imports, else ``(None, reason)``."""
@@ -35,6 +51,13 @@ def load():
         return None, (
             f"the compiled extension mor_kernels._C is not available ({err}{mismatch}); build it against the "
             "installed torch with `pip install --no-build-isolation .`"
+        )
+    missing = [op for op in OPS if not hasattr(torch.ops.mor, op)]
+    if missing:  # a _C built from older sources (the sources changed, the extension was not rebuilt)
+        return None, (
+            f"the compiled extension mor_kernels._C is older than these sources: it lacks "
+            f"{', '.join('mor::' + op for op in missing)}; rebuild it with `pip install --no-build-isolation .` "
+            "(or `python setup.py build_ext --inplace` in a checkout)"
         )
     _register_fakes()
     return module, None

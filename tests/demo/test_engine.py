@@ -2,6 +2,9 @@
 before decoding, the heatmap over runs, the offline examples."""
 
 import pytest
+import torch
+
+from mor_kernels import dispatch
 
 pytest.importorskip("diffusers", reason="the [model] extra (diffusers) is not installed")
 Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed")
@@ -36,7 +39,9 @@ def test_upscale_gives_what_the_page_shows(engine, tmp_path):
     assert all(2 <= a <= m for a, m in zip(result.active, result.max_ranks, strict=True))
     assert set(result.stage_seconds) == {"degradation CLIP", "VAE encoder", "UNet", "VAE decoder", "total"}
     assert all(v > 0 for v in result.stage_seconds.values())
-    assert "backend 'reference'" in result.backend  # the tiny model on CPU runs the reference
+    # the tiny model on CPU runs what auto picks there (the BLAS path when the extension is built, else the reference)
+    want = dispatch.resolve("mor_linear", "auto", torch.device("cpu"), torch.float32).backend
+    assert f"mor_linear on cpu (torch.float32): backend {want!r}" in result.backend
     assert calls and {c[0] for c in calls} >= {"unet"}, calls  # a tiled run reports tile by tile
 
 

@@ -93,6 +93,26 @@ def test_failed_load_names_the_torch_it_was_built_for(monkeypatch):
     assert "--no-build-isolation" in why
 
 
+def test_the_required_ops_are_those_the_sources_define():
+    """``_extension.OPS`` (what a loaded _C must have) is the list of ops csrc/registration.cpp defines."""
+    import re
+    from pathlib import Path
+
+    source = (Path(__file__).parents[2] / "csrc" / "registration.cpp").read_text()
+    assert set(_extension.OPS) == set(re.findall(r'm\.def\("([a-z_0-9]+)\(', source))
+
+
+@needs_extension
+def test_an_extension_older_than_the_sources_is_not_used(monkeypatch):
+    """A _C built before an op was added (sources pulled, extension not rebuilt) is refused with a reason that
+    names the missing op and how to rebuild, instead of failing later when a fake or a call needs the op."""
+    monkeypatch.setattr(_extension, "OPS", (*_extension.OPS, "op_from_newer_sources"))
+    module, why = _extension.load.__wrapped__()
+    assert module is None
+    assert "older than these sources" in why and "mor::op_from_newer_sources" in why and "rebuild" in why
+    assert "mor::route" not in why  # only the missing ones are named
+
+
 @needs_extension
 def test_build_info_is_installed_with_the_extension():
     info = _extension.build_info()
