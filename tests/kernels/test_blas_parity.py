@@ -9,6 +9,7 @@ import zlib
 
 import pytest
 import torch
+from test_extension_parity import CONV_CASES as EXTENSION_CONV_CASES
 
 import mor_kernels
 from mor_kernels import dispatch
@@ -30,19 +31,8 @@ LINEAR_CASES = {
     "no_bias_b3": {"bias": False, "batch": 3, "tokens": 5},
     "t130_d320": {"tokens": 130, "d_in": 320, "d_out": 65, "batch": 1},
 }
-CONV_CASES = {
-    "3x3_pad1": {"kernel_size": 3, "conv": {"padding": (1, 1)}},
-    "3x3_stride2": {"kernel_size": 3, "conv": {"stride": (2, 2), "padding": (1, 1)}},
-    "1x1": {"kernel_size": 1},
-    "3x3_dil2_r1": {
-        "kernel_size": 3,
-        "conv": {"padding": (2, 2), "dilation": (2, 2)},
-        "num_shared": 0,
-        "num_routed": 1,
-        "num_zero": 1,
-        "top_k": 2,
-    },
-    "zero_only_s0": {"kernel_size": 3, "conv": {"padding": (1, 1)}, "zero_only_unit": True, "num_shared": 0},
+CONV_CASES = {  # the extension's conv cases, plus a non-square padding without bias
+    **EXTENSION_CONV_CASES,
     "2x3_no_bias": {"kernel_size": 3, "conv": {"padding": (0, 1)}, "bias": False, "batch": 3},
 }
 
