@@ -7,8 +7,10 @@
 
 For each layer shape and token count ``T`` (per sample) it times, interleaved in the same run, the bare
 base layer and the two paths a MoR layer runs in inference once its rank factors are prepared for the
-image (``mor_kernels.reference.factors``; ``mor_model.inference``): the low-rank path (base layer plus
-``b (a x)`` added into its output) and the merged path (``W_b = W0 + b a``, then one base GEMM/conv),
+image (``mor_model.inference``): the low-rank path a model runs (the op of the backend ``"auto"`` picks, with
+the image's routing and ``merge="never"``, e.g. the BLAS path on a CPU with the extension built; where
+``"auto"`` is the reference, its prepared factors ``b (a x)`` added into the base output,
+``mor_kernels.reference.factors``) and the merged path (``W_b = W0 + b a``, then one base GEMM/conv),
 batch 1, each after an elementwise op that leaves ``x`` in the caches as the previous layer of a model
 does. It reports
 
@@ -33,11 +35,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_common as common  # noqa: E402
 
+import mor_kernels  # noqa: E402
+from mor_kernels import dispatch  # noqa: E402
 from mor_kernels.reference import factors  # noqa: E402
 
 # (kind, channels, kernel): the SD 2.1 widths
 SHAPES = [("linear", c, 1) for c in (320, 640, 1280)] + [("conv", c, k) for k in (3, 1) for c in (320, 640, 1280)]
-FIELDS = ("kind", "channels", "kernel", "tokens", "active", "rho", "base_ms", "lowrank_ms", "merged_ms",
+FIELDS = ("kind", "channels", "kernel", "tokens", "active", "lowrank_backend", "rho", "base_ms", "lowrank_ms", "merged_ms",
           "merged_over_lowrank", "lowrank_over_base", "merged_over_base")  # fmt: skip
 
 
@@ -76,22 +80,40 @@ def measure(kind, channels, kernel, tokens, active, device, budget):
     def prev():  # the previous layer's elementwise output: x fresh in the caches
         return torch.nn.functional.silu(x0)
 
+    op = "mor_conv2d" if kind == "conv" else "mor_linear"
+    backend = dispatch.resolve(op, "auto", device, x0.dtype).backend
+    fused = backend != "reference"  # what mor_model.inference runs for a layer that does not merge
+
     if kind == "conv":
-        fns = {
-            "base": lambda: torch.nn.functional.conv2d(prev(), w, bias, 1, pad),
-            "lowrank": lambda: factors.add_lowrank_conv2d(
-                torch.nn.functional.conv2d(x := prev(), w, bias, 1, pad), x, f, 1, pad, 1
-            ),
-            "merged": lambda: factors.merged_conv2d(prev(), factors.merge_weights(w, f), bias, 1, pad, 1),
-        }
+
+        def base():
+            return torch.nn.functional.conv2d(prev(), w, bias, 1, pad)
+
+        def lowrank():
+            x = prev()
+            if fused:
+                return mor_kernels.mor_conv2d(x, w, bias, a, b, idx, gate, s, 1.0, 1, pad, 1, check_indices=False,
+                                              merge="never")  # fmt: skip
+            return factors.add_lowrank_conv2d(torch.nn.functional.conv2d(x, w, bias, 1, pad), x, f, 1, pad, 1)
+
+        def merged():
+            return factors.merged_conv2d(prev(), factors.merge_weights(w, f), bias, 1, pad, 1)
+
     else:
-        fns = {
-            "base": lambda: torch.nn.functional.linear(prev(), w, bias),
-            "lowrank": lambda: factors.add_lowrank_linear(
-                torch.nn.functional.linear(x := prev(), w, bias), x, f, inplace=True
-            ),
-            "merged": lambda: factors.merged_linear(prev(), factors.merge_weights(w, f), bias),
-        }
+
+        def base():
+            return torch.nn.functional.linear(prev(), w, bias)
+
+        def lowrank():
+            x = prev()
+            if fused:
+                return mor_kernels.mor_linear(x, w, bias, a, b, idx, gate, s, 1.0, check_indices=False, merge="never")
+            return factors.add_lowrank_linear(torch.nn.functional.linear(x, w, bias), x, f, inplace=True)
+
+        def merged():
+            return factors.merged_linear(prev(), factors.merge_weights(w, f), bias)
+
+    fns = {"base": base, "lowrank": lowrank, "merged": merged}
     with torch.no_grad():
         if device.type == "cuda":
             t = {n: common.time_fn(fn, device, budget_s=budget) for n, fn in fns.items()}
@@ -99,7 +121,7 @@ def measure(kind, channels, kernel, tokens, active, device, budget):
             t = common.time_cpu_interleaved({n: (fn, ()) for n, fn in fns.items()}, budget_s=budget)
     ms = {n: v.median_ms for n, v in t.items()}
     return {
-        "kind": kind, "channels": channels, "kernel": kernel, "tokens": tokens, "active": active,
+        "kind": kind, "channels": channels, "kernel": kernel, "tokens": tokens, "active": active, "lowrank_backend": backend,
         "rho": tokens * 2 * channels / (channels * kernel * kernel * channels), "base_ms": ms["base"],
         "lowrank_ms": ms["lowrank"], "merged_ms": ms["merged"], "merged_over_lowrank": ms["merged"] / ms["lowrank"],
         "lowrank_over_base": ms["lowrank"] / ms["base"], "merged_over_base": ms["merged"] / ms["base"],
@@ -137,7 +159,10 @@ def main(argv=None) -> dict:
         cap = (args.max_gflop or (1.5 if device.type == "cpu" else 50.0)) * 1e9
         meta = common.environment(device)
         meta.update(threads_note=note, budget_s=args.budget)
-        print(f"merge crossover on {device.type} ({meta['device_name']}), fp32, batch 1, {note}; load "
+        lowrank = {k: dispatch.resolve(f"mor_{k}", "auto", device, torch.float32).backend for k in ("linear", "conv2d")}
+        meta["lowrank_backend"] = lowrank
+        print(f"merge crossover on {device.type} ({meta['device_name']}), fp32, batch 1, {note}; low-rank path: "
+              f"backend {lowrank}; load "
               f"{meta.get('load_avg_1min')}; commit {(meta['git_commit'] or '?')[:10]}", flush=True)  # fmt: skip
         print(f"{'shape':18s} {'act':>3s} {'T':>6s} {'rho':>7s} {'base ms':>9s} {'lowrank':>8s} {'merged':>8s} "
               f"{'m/l':>6s}")  # fmt: skip

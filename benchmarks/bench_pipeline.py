@@ -23,7 +23,10 @@ Parts, each timed for every variant in the same run (variants of a part interlea
   ``none``, ``lora-r4``, ``mor:auto`` (a MoR model as loaded: per-image routing, merged weights where the
   cost model says so), ``mor-lowrank:auto`` (``set_merge(unet, "never")``) and ``mor-folded:auto``. Every
   MoR call sets the scores first (``set_degradation``), so each call pays what one image pays: the
-  routing, the rank factors and the merged weights are made in the timed call.
+  routing, the rank factors and the merged weights are made in the timed call. On one thread this part
+  is timed in user CPU time: each forward here also spends 0.4-1.2 s in the kernel on ~300k page faults
+  (oneDNN's per-call conv weight reorders, the same in every variant, varying with the host), which
+  swamped the ratios in process time.
 
 Variants:
 
@@ -371,14 +374,15 @@ def _nbytes(*mods) -> float:
     return sum(t.numel() * t.element_size() for m in mods for t in [*m.parameters(), *m.buffers()]) / 1e6
 
 
-def time_jobs(jobs: dict, device, args) -> tuple[dict, dict]:
+def time_jobs(jobs: dict, device, args, clock=None) -> tuple[dict, dict]:
     """Times ``{key: fn}`` (no grad); returns ``({key: Timing or exception}, {key: peak MB added})``.
-    CPU: interleaved sample by sample; CUDA: job after job (``args.rounds`` rounds), the peak memory a
-    call adds over what was allocated before it."""
+    CPU: interleaved sample by sample (``clock``: the sample clock, default ``common.cpu_clock()``); CUDA: job
+    after job (``args.rounds`` rounds), the peak memory a call adds over what was allocated before it."""
     if device.type != "cuda":
         with torch.no_grad():
             fns = {k: (fn, ()) for k, fn in jobs.items()}
-            return common.time_cpu_interleaved(fns, budget_s=args.budget, min_samples=args.min_samples), {}
+            tm = common.time_cpu_interleaved(fns, budget_s=args.budget, min_samples=args.min_samples, clock=clock)
+            return tm, {}
     out: dict = {k: [] for k in jobs}
     peak: dict = {}
     for _ in range(args.rounds):
@@ -464,7 +468,10 @@ def _run(args) -> dict:
         peak.update({(name, part): v for name, v in pk.items()})
     if args.sd21_latent:
         sd_jobs, sd_notes, sd_weights = sd21_unet_jobs(args, device)
-        tm, pk = time_jobs(sd_jobs, device, args)
+        # user CPU time on one thread: the kernel's page-fault time of oneDNN's per-call weight reorders
+        # (0.4-1.2 s per forward here, the same work in every variant) swamped the ratios (common.cpu_user_time)
+        user = common.cpu_user_time if torch.get_num_threads() == 1 else None
+        tm, pk = time_jobs(sd_jobs, device, args, clock=user)
         timings.update({(name, "unet-sd21"): v for name, v in tm.items()})
         notes.update({(name, "unet-sd21"): v for name, v in sd_notes.items()})
         weights.update({(name, "unet-sd21"): v for name, v in sd_weights.items()})

@@ -114,15 +114,16 @@ def decision(device_type: str, dtype: torch.dtype) -> Decision | None:
 #: exceeds the crossover measured for the device type and layer kind (:func:`merge_kind`: "linear",
 #: "conv1x1", "conv" for larger kernels), with the measurement. No entry: "auto" never merges there.
 MERGE_CROSSOVER = {
-    ("cpu", "linear"): 1.5,
-    ("cpu", "conv1x1"): 2.1,
-    ("cpu", "conv"): 1.7,
+    ("cpu", "linear"): 1.2,
+    ("cpu", "conv1x1"): 1.2,
+    ("cpu", "conv"): 0.5,
 }
 MERGE_MEASURED = {
-    "cpu": "benchmarks/bench_mor_lora_merge.py on the 2-core Xeon (fp32, batch 1, 16 active ranks, 1 thread, "
-    "load 4.6, commit 0cafc16 with the reference factors module of ab61348), the per-image prepared paths: merged over low-rank crossed 1 at rho 0.79 "
-    "(Linear 320) and 1.42 (Linear 640; Linear 1280 not up to rho 0.4), 2.13 and 2.03 (1x1 conv 320, 640), "
-    "1.65 (3x3 conv 320; 1.04 at rho 0.36 for 640)",
+    "cpu": "benchmarks/bench_mor_lora_merge.py on the 2-core Xeon (fp32, batch 1, 16 active ranks, 1 thread, load "
+    "0.3-0.8, commit 168940b plus this table's change), the low-rank path being the BLAS op the model runs: merged over "
+    "low-rank crossed 1 at rho 0.96 (Linear 320) and 1.53 (Linear 640; Linear 1280 not up to rho 0.4), 0.88 and 1.66 "
+    "(1x1 conv 320, 640), 0.60 (3x3 conv 320; 640 and 1280 not up to rho 0.36); per layer of the SD 2.1 UNet at a "
+    "32x32 latent the 3x3 convs merged faster from rho 0.47 (320 -> 320/640/960 inputs) and slower at 0.36 (640)",
 }
 MERGE_MODES = ("auto", "never", "always")
 
@@ -381,7 +382,17 @@ def lean_plan(op: str, backend: str, merge: str, dtype: torch.dtype) -> tuple[fl
     return plan
 
 
+_GENERATION = [0]  # bumped by clear_cache: callers that keep plans of their own key them on it
+
+
+def generation() -> int:
+    """How many times :func:`clear_cache` ran: part of the key of plans kept outside this module (the MoR
+    layers' per-size inference plans, ``mor_model.inference``), so clearing the cache forgets those too."""
+    return _GENERATION[0]
+
+
 def clear_cache() -> None:
     """Forget earlier decisions (after building the extension or changing TRITON_INTERPRET)."""
     _CACHE.clear()
     _LEAN.clear()
+    _GENERATION[0] += 1

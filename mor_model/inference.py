@@ -58,9 +58,20 @@ class _Entry:
     dtype: torch.dtype
     refs: tuple  # the tensors the entry was made from ...
     versions: tuple  # ... and their in-place version counters then
-    factors: RankFactors | None = None
+    args: tuple = ()  # (lora_a, lora_b, num_shared, scaling): what the factors are made from
+    _factors: RankFactors | None = None
     merged: torch.Tensor | None = None
-    runs: dict = field(default_factory=dict)  # (x shape, device) -> (last_path, fn): the decision per size
+    runs: dict = field(default_factory=dict)  # (x shape, device) -> (last_path, fn): this image's calls per size
+
+    @property
+    def factors(self) -> RankFactors:
+        """The active rank factors, gathered on first use (the merged and reference paths use them; the fused
+        backends gather in their own op, so a layer that runs one never pays for them)."""
+        if self._factors is None:
+            lora_a, lora_b, num_shared, scaling = self.args
+            with torch.no_grad():
+                self._factors = rank_factors(lora_a, lora_b, self.idx, self.gate, num_shared, scaling, self.dtype)
+        return self._factors
 
     def valid(self, layer, dtype: torch.dtype) -> bool:
         """Made for ``dtype`` from the layer's current tensors, none changed in place since."""
@@ -159,9 +170,8 @@ class ImageState:
         state = {"last_probs": probs, "last_idx": idx, "last_batch": batch,
                  "last_severity": sev.to(probs.device) if sev is not None else torch.ones(batch, device=probs.device)}  # fmt: skip
         refs = _refs(layer)
-        entry = _Entry(idx, gate, state, dtype, refs, tuple(t._version for t in refs))
-        entry.factors = rank_factors(layer.lora_a, layer.lora_b, idx, gate, layer.num_shared, layer.scaling, dtype)
-        return entry
+        args = (layer.lora_a, layer.lora_b, layer.num_shared, layer.scaling)
+        return _Entry(idx, gate, state, dtype, refs, tuple(t._version for t in refs), args)
 
     # -- one call ------------------------------------------------------------------------------
     def forward(self, layer, entry: _Entry, x: torch.Tensor, weight, bias, conv: dict | None) -> torch.Tensor:
@@ -176,8 +186,10 @@ class ImageState:
         return run[1](x, weight, bias)
 
 
-def _decide(layer, entry: _Entry, x: torch.Tensor, weight: torch.Tensor, conv: dict | None):
-    """``(what runs and why, fn(x, weight, bias))`` for this entry and input size."""
+def _plan(layer, x: torch.Tensor, weight: torch.Tensor, conv: dict | None) -> tuple[str, str]:
+    """``(path, why)`` for a call of ``layer`` on ``x``'s size: ``path`` is ``"merged"``, ``"reference"`` (the
+    prepared low-rank path) or ``"fused"`` (the backend's op with the prepared routing). Depends on sizes and
+    settings only, so :func:`_decide` keeps it on the layer across images."""
     batch = x.shape[0]
     if conv is None:
         tokens, c_in = x.numel() // max(batch * x.shape[-1], 1), x.shape[-1]
@@ -185,28 +197,48 @@ def _decide(layer, entry: _Entry, x: torch.Tensor, weight: torch.Tensor, conv: d
         tokens, c_in = _conv_tokens(x, weight, conv), weight.shape[1]
     plan = dispatch.merge_plan(x.device.type, tokens, c_in, weight.shape[0], mode=layer.merge,
                                backend=layer.config.backend, kernel=tuple(weight.shape[2:]))  # fmt: skip
-    f = entry.factors
     if plan.merge:
+        return "merged", f"merged (per-image weights): {plan.why}"
+    op = "mor_linear" if conv is None else "mor_conv2d"
+    backend = dispatch.resolve(op, layer.config.backend, x.device, x.dtype).backend
+    if backend == "reference":
+        return "reference", f"low-rank (reference, rank factors prepared per image): {plan.why}"
+    return "fused", f"low-rank (backend {backend!r}, routing prepared per image): {plan.why}"
+
+
+_PLANS_KEPT = 64  # sizes a layer remembers (tiles of a few sizes, the GroupNorm statistics pass...)
+
+
+def _decide(layer, entry: _Entry, x: torch.Tensor, weight: torch.Tensor, conv: dict | None):
+    """``(what runs and why, fn(x, weight, bias))`` for this entry and input size. The plan is kept on the
+    layer (sizes, device, dtype, merge mode, backend and dispatch's generation as the key), so only the first
+    image of a size pays for the decision."""
+    key = (x.shape, x.device, x.dtype, weight.shape, layer.merge, layer.config.backend, dispatch.generation())
+    plans = layer.__dict__.setdefault("_path_plans", {})
+    plan = plans.get(key)
+    if plan is None:
+        if len(plans) >= _PLANS_KEPT:
+            plans.clear()
+        plan = plans[key] = _plan(layer, x, weight, conv)
+    path, why = plan
+    if path == "merged":
 
         def merged(x, weight, bias):
             if entry.merged is None:  # built by the first call that wants it, kept for the image's later calls
-                entry.merged = merge_weights(weight, f)
+                entry.merged = merge_weights(weight, entry.factors)
             if conv is None:
                 return merged_linear(x, entry.merged, bias)
             return merged_conv2d(x, entry.merged, bias, conv["stride"], conv["padding"], conv["dilation"])
 
-        return f"merged (per-image weights): {plan.why}", merged
-    op = "mor_linear" if conv is None else "mor_conv2d"
-    backend = dispatch.resolve(op, layer.config.backend, x.device, x.dtype).backend
-    if backend == "reference":
-        why = f"low-rank (reference, rank factors prepared per image): {plan.why}"
+        return why, merged
+    if path == "reference":
         if conv is None:
-            return why, functools.partial(_lowrank_linear, f=f)
+            return why, functools.partial(_lowrank_linear, f=entry.factors)
         s, p, d = conv["stride"], conv["padding"], conv["dilation"]
 
         def lowrank_conv(x, weight, bias):
             y = F.conv2d(x, weight, bias, s, p, d)
-            return add_lowrank_conv2d(y, x, f, s, p, d)
+            return add_lowrank_conv2d(y, x, entry.factors, s, p, d)
 
         return why, lowrank_conv
 
@@ -218,7 +250,7 @@ def _decide(layer, entry: _Entry, x: torch.Tensor, weight: torch.Tensor, conv: d
             return mor_kernels.mor_linear(*args, **kw)
         return mor_kernels.mor_conv2d(*args, conv["stride"], conv["padding"], conv["dilation"], **kw)
 
-    return f"low-rank (backend {backend!r}, routing prepared per image): {plan.why}", fused
+    return why, fused
 
 
 def _lowrank_linear(x, weight, bias, f: RankFactors) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import math
 import os
 import time
 
@@ -109,6 +110,21 @@ def test_time_cpu_interleaved_alternates_and_measures_the_work(bench):
         runs = runs + 1 if name == prev else 1
         prev, longest[name] = name, max(longest.get(name, 0), runs)
     assert longest == {"base": 4, "lora": 3, "slow": 2}
+
+
+def test_a_ticking_clock_sizes_its_samples_by_the_wall_clock(bench):
+    """A clock that advances in 10 ms ticks (cpu_user_time) reads 0 for most 3 ms calls: the calls per sample
+    come from the wall clock then (ceil(29 / 3) = 10 calls per sample), not from a zero estimate (100000)."""
+    c = common(bench)
+    wall = FakeClock()
+
+    def ticks():
+        return math.floor(wall.t / 0.01 + 1e-9) * 0.01
+
+    out = c.time_cpu_interleaved({"fn": (lambda: wall.work(3.0), ())}, budget_s=0.5, min_samples=5, sample_ms=29.0,
+                                 clock=ticks, wall=wall)["fn"]  # fmt: skip
+    assert out.timer.startswith("ticks x10,") and out.samples >= 5
+    assert out.median_ms == pytest.approx(3.0, abs=1.0)  # 10 calls read on a 10 ms tick
 
 
 def test_interleaving_keeps_ratios_right_under_load(bench):

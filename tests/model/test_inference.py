@@ -139,3 +139,43 @@ def test_set_merge_checks_its_arguments(unet):
         set_merge(unet, "sometimes")
     with pytest.raises(ValueError, match="no MoR layers"):
         set_merge(nn.Linear(2, 2), "auto")
+
+
+def test_rank_factors_only_where_used_and_plans_kept_across_images(unet, monkeypatch):
+    """The fused backends gather the active ranks inside their op, so a layer they run never gathers the
+    per-image rank factors; the merged and reference low-rank paths gather them once per image. A layer's
+    per-size plan (merge or not, which backend) outlives the image; set_merge and dispatch.clear_cache make it
+    again."""
+    from mor_kernels import dispatch
+    from mor_model import inference
+
+    gathers, plans = [], []
+    real_factors, real_plan = inference.rank_factors, inference._plan
+    monkeypatch.setattr(inference, "rank_factors", lambda *a, **k: gathers.append(1) or real_factors(*a, **k))
+    monkeypatch.setattr(inference, "_plan", lambda *a, **k: plans.append(1) or real_plan(*a, **k))
+    layers = mor_layers(unet)
+
+    def image(scores):
+        gathers.clear()
+        set_degradation(unet, scores)
+        _forward(unet)
+        _forward(unet)  # a second tile of the image
+        paths = [layer.explain() for layer in layers.values()]
+        return sum(p.startswith("merged") or "rank factors prepared" in p for p in paths), paths
+
+    set_merge(unet, "never")
+    users, paths = image(SCORES)
+    assert len(gathers) == users
+    if dispatch.resolve("mor_linear", "auto", torch.device("cpu"), torch.float32).backend != "reference":
+        assert users == 0 and all("routing prepared per image" in p for p in paths), paths
+    first = len(plans)
+    assert first >= len(layers)
+    users, _ = image(SCORES.flip(0))  # the next image: same sizes, no new plan
+    assert len(plans) == first and len(gathers) == users
+    set_merge(unet, "always")
+    users, paths = image(SCORES)
+    assert len(plans) == 2 * first and users == len(layers) == len(gathers)
+    assert all(p.startswith("merged") for p in paths)
+    dispatch.clear_cache()
+    image(SCORES)
+    assert len(plans) == 3 * first
