@@ -4,25 +4,25 @@ With sample routing on the degradation vector, a layer's ranks and gates depend 
 alone, so in inference they need not be recomputed per call. :func:`attach` (called by
 ``set_degradation``) gives every MoR layer of a module one shared :class:`ImageState` for the scores.
 The first layer that runs in inference (no gradient needed, sample routing, router on the degradation
-vector only, the scores still the router's) prepares the whole module in one pass:
-
-- the routing of every layer: each router's logits, then one ``mor_kernels.route`` call for all of
-  them (the same arithmetic as the routers, which go on recording ``last_probs``/``last_idx`` for the
-  statistics);
-- each layer's active low-rank factors (``mor_kernels.reference.factors``: the picked rows of ``A``,
-  the picked columns of ``B`` with the gates folded in).
+vector only, the scores still the router's) routes the whole module in one pass: each router's logits,
+then one ``mor_kernels.route`` call for all of them (the same arithmetic as the routers, which go on
+recording ``last_probs``/``last_idx`` for the statistics).
 
 Each call then runs, by the layer's ``merge`` mode and ``mor_kernels.dispatch.merge_plan``'s measured
 cost model: the **merged path** (``W_b = W0 + B_act diag(g) A_act`` built on the first call that wants
 it and kept for the image's later calls: tiles, the GroupNorm statistics pass), the **prepared
 low-rank path** where ``"auto"`` runs the reference backend (the base layer plus two skinny GEMMs: the
-op count of a dense LoRA), or the backend's fused op with the prepared routing. ``layer.last_path``
-says which ran and why. Running small ops back to back here, not one by one between the model's big
-GEMMs (where each waits on caches the GEMMs evicted), is most of what makes a layer cheap on a CPU.
+op count of a dense LoRA), or the backend's fused op with the prepared routing (the BLAS op on a CPU,
+which gathers the active ranks itself). The merged and reference paths use the layer's active low-rank
+factors (``mor_kernels.reference.factors``: the picked rows of ``A``, the picked columns of ``B`` with
+the gates folded in), gathered on their first use in the image; a layer on a fused op never makes them.
+``layer.last_path`` says which ran and why. Which path a layer runs depends on sizes and settings only:
+the plan is kept on the layer across images (made again after ``set_merge`` or
+``mor_kernels.dispatch.clear_cache``).
 
 Nothing outlives the scores: new scores (or ``None``) replace the state, and with it every merged
-weight. A layer whose weights changed in place since the preparation (``load_adapter``) prepares
-itself again; a forward that needs gradients never uses the state.
+weight and factor. A layer whose weights changed in place since the preparation (``load_adapter``)
+prepares itself again; a forward that needs gradients never uses the state.
 """
 
 from __future__ import annotations
@@ -141,7 +141,8 @@ class ImageState:
 
     # -- preparation ---------------------------------------------------------------------------
     def _prepare(self) -> None:
-        """Routes every eligible layer in one ``route`` call per router configuration, and gathers factors."""
+        """Routes every eligible layer in one ``route`` call per router configuration (the rank factors wait for
+        their first use, :attr:`_Entry.factors`)."""
         groups: dict[tuple, list] = {}
         for layer in self.layers:
             r = layer.router
