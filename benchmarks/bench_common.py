@@ -191,6 +191,16 @@ def time_cpu_interleaved(
     return {name: out[name] for name in fns}
 
 
+def paired_ratio(raw: Sequence[float], ref: Sequence[float]) -> float | None:
+    """The median over rounds of ``raw[i] / ref[i]``, for CPU samples taken in the same interleaved rounds
+    (:func:`time_cpu_interleaved` gives every live function one sample per round, in round order): a slow
+    drift of the machine (load, clock, memory) moves both samples of a round alike, so this ratio spreads less
+    than the ratio of the medians. Rounds where ``ref`` read 0 (a ticking clock) are left out; None without a
+    pair."""
+    pairs = [a / b for a, b in zip(raw, ref, strict=False) if b > 0]
+    return statistics.median(pairs) if pairs else None
+
+
 def cpu_clock() -> Callable[[], float]:
     """The CPU sample clock: ``time.process_time`` when torch runs on one thread (every op of a call
     runs on the calling thread, so the process CPU time is the call's time without the time other

@@ -40,7 +40,9 @@ Variants:
 - ``mor-folded:<backend>``: the same after ``mor_model.merge.fold_shared_ranks`` on both (what
   ``from_pretrained(fold_shared=True)`` does), on the fastest backend.
 
-Reports median / p20 / p80 latency, the ratio to ``none`` for the same part, the weights of the
+Reports median / p20 / p80 latency, the ratio to ``none`` for the same part (of the medians; on a CPU also
+``paired_ratio``: the median over the interleaved rounds of each round's ratio, which a drift of a shared
+machine moves less, ``bench_common.paired_ratio``), the weights of the
 models a call uses (``weights_mb``) and the peak GPU memory a call adds on top of what was allocated
 before it (``peak_act_mb``: activations and workspaces; the L2-flush buffer is allocated before any
 measurement; all variants stay resident, so the absolute peak would mix them) (CSV/JSON like
@@ -358,7 +360,8 @@ def parse_args(argv=None):
 
 
 FIELDS = ("variant", "part", "note", "status", "reason", "batch", "resolution", "dtype", "full_size", "timer",
-          "median_ms", "p20_ms", "p80_ms", "samples", "ratio_to_none", "weights_mb", "peak_act_mb", "latent")  # fmt: skip
+          "median_ms", "p20_ms", "p80_ms", "samples", "ratio_to_none", "paired_ratio", "weights_mb", "peak_act_mb",
+          "latent")  # fmt: skip
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -492,6 +495,8 @@ def _run(args) -> dict:
         ref = rows.get(("none", key[1]))
         if row["status"] == "ok" and ref and ref["status"] == "ok":
             row["ratio_to_none"] = row["median_ms"] / ref["median_ms"]
+            if device.type != "cuda":  # CPU samples come in interleaved rounds: pair them round by round
+                row["paired_ratio"] = common.paired_ratio(timings[key].raw, timings[("none", key[1])].raw)
     out_rows = list(rows.values())
     for b, why in skipped.items():
         out_rows.append({"variant": f"mor:{b}", "part": "-", "status": "unavailable", "reason": why})
@@ -504,17 +509,18 @@ def _run(args) -> dict:
 
 def print_table(rows: list[dict], device) -> None:
     print(
-        f"\n{'variant':22s} {'part':10s} {'median ms':>10s} {'p20-p80 ms':>17s} {'x none':>7s} {'weights MB':>10s} "
-        f"{'peak+ MB':>8s}  note"
+        f"\n{'variant':22s} {'part':10s} {'median ms':>10s} {'p20-p80 ms':>17s} {'x none':>7s} {'paired':>7s} "
+        f"{'weights MB':>10s} {'peak+ MB':>8s}  note"
     )
     for r in rows:
         if r["status"] != "ok":
             print(f"{r['variant']:22s} {r['part']:10s} {r['status']}: {r['reason']}")
             continue
         ratio = f"{r['ratio_to_none']:.3f}" if r.get("ratio_to_none") else "-"
+        paired = f"{r['paired_ratio']:.3f}" if r.get("paired_ratio") else "-"
         mem = f"{r['peak_act_mb']:.0f}" if r.get("peak_act_mb") is not None else "-"
         print(f"{r['variant']:22s} {r['part']:10s} {r['median_ms']:10.2f} {r['p20_ms']:8.2f}-{r['p80_ms']:<8.2f} "
-              f"{ratio:>7s} {r['weights_mb']:10.1f} {mem:>8s}  {r['note']}")  # fmt: skip
+              f"{ratio:>7s} {paired:>7s} {r['weights_mb']:10.1f} {mem:>8s}  {r['note']}")  # fmt: skip
     if device.type != "cuda":
         print("peak+ (memory a call adds) is measured on CUDA devices only")
 

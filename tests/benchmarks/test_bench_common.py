@@ -8,6 +8,7 @@ import importlib
 import json
 import math
 import os
+import statistics
 import time
 
 import pytest
@@ -125,6 +126,20 @@ def test_a_ticking_clock_sizes_its_samples_by_the_wall_clock(bench):
                                  clock=ticks, wall=wall)["fn"]  # fmt: skip
     assert out.timer.startswith("ticks x10,") and out.samples >= 5
     assert out.median_ms == pytest.approx(3.0, abs=1.0)  # 10 calls read on a 10 ms tick
+
+
+def test_paired_ratio_follows_the_rounds_not_the_drift(bench):
+    """Two providers timed in the same rounds while the machine slows down 3x from round 4 on, the second
+    one's fourth sample still fast: the medians' ratio lands on different sides of the slowdown (0.4 instead
+    of 1.2), the median of the per-round ratios does not; a round whose reference read 0 (a ticking clock) is
+    left out."""
+    c = common(bench)
+    base = [1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0]
+    assert c.paired_ratio([1.2 * v for v in base], base) == pytest.approx(1.2)
+    lora = [1.2, 1.2, 1.2, 1.2, 3.6, 3.6, 3.6]
+    assert c.paired_ratio(lora, base) == pytest.approx(1.2)
+    assert statistics.median(lora) / statistics.median(base) == pytest.approx(0.4)
+    assert c.paired_ratio([1.0, 2.0], [0.0, 1.0]) == 2.0 and c.paired_ratio([1.0], [0.0]) is None
 
 
 def test_interleaving_keeps_ratios_right_under_load(bench):

@@ -170,4 +170,6 @@ def test_sd21_unet_part_times_every_variant_per_image(bench, monkeypatch, tmp_pa
         assert r["status"] == "ok" and r["latent"] == 8 and r["resolution"] == 64 and r["samples"] >= 2
         assert math.isfinite(r["ratio_to_none"]) and r["ratio_to_none"] > 0
     assert by["none"]["ratio_to_none"] == 1.0 and "merge='never'" in by["mor-lowrank:auto"]["note"]
+    assert by["none"]["paired_ratio"] == 1.0  # every round's none over itself
+    assert all(math.isfinite(r["paired_ratio"]) and r["paired_ratio"] > 0 for r in rows)
     assert calls.count(True) >= 3 * 2  # the three MoR variants, at least two timed samples each
