@@ -102,12 +102,19 @@ def _plan(args):
 
 
 def run(args) -> int:
+    team = Team.from_env()  # one process, or those of `accelerate launch` (see mor_model.cli.shard)
+    try:
+        return _run(args, team)
+    finally:
+        team.leave()
+
+
+def _run(args, team: Team) -> int:
     import torch
 
     from ..sr.image_io import ImageReadError, save_image
     from ..sr.job_check import ImageTooLargeError, load_checked, memory_problem
 
-    team = Team.from_env()  # one process, or those of `accelerate launch` (see mor_model.cli.shard)
     device, problem = team.device(args.device)
     problems = team.problems(problem)  # any process's device problem stops every process, before planning
     if problems:

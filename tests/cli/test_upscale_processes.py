@@ -43,6 +43,20 @@ def test_one_process_team_talks_to_nobody(monkeypatch):
     assert "each process takes its own GPU" in two.device("cuda:0")[1]
 
 
+def test_the_main_process_is_rank_0_also_once_the_group_is_gone(monkeypatch):
+    """Team.leave destroys the process group before mor-sr prints its closing line: is_main_process then reads
+    the launcher's RANK, so that line is still printed once per team (not by every process)."""
+    from mor_model.cli.shard import is_main_process
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert is_main_process()  # no launcher: one process
+    monkeypatch.setenv("RANK", "1")
+    assert not is_main_process()
+    monkeypatch.setenv("RANK", "0")
+    assert is_main_process()
+    Team().leave()  # a one-process team has no group to leave
+
+
 def test_each_process_takes_its_gpu_as_the_current_device(monkeypatch):
     """Triton launches on the current CUDA device: Team.device makes cuda:LOCAL_RANK current (faked CUDA)."""
     import torch
