@@ -234,8 +234,7 @@ def variants(args, unet, vae, device, dtype):
         u, v = copy.deepcopy(unet), copy.deepcopy(vae)
         ru = mor_model.inject_mor(u, mor_model.MoRConfig(backend=b))
         rv = mor_model.inject_mor(v, vae_adapter_config(b))
-        for layer in [*mor_model.mor_layers(u).values(), *mor_model.mor_layers(v).values()]:
-            nn.init.normal_(layer.lora_b, std=0.02)  # as if trained (inject_mor starts B at zero)
+        as_trained(u), as_trained(v)
         notes = (f"MoR on {len(ru.replaced)} layers ({len(ru.skipped)} skipped)", f"rank-4 MoR adapter on "
                  f"{len(rv.replaced)} encoder layers")  # fmt: skip
         out[f"mor:{b}"] = (u, v, notes)
@@ -251,23 +250,40 @@ def variants(args, unet, vae, device, dtype):
     return cast, skipped
 
 
+def as_trained(model: nn.Module) -> nn.Module:
+    """Draws ``lora_b`` of every MoR layer under ``model`` as if trained (``inject_mor`` starts B at zero, which
+    would make every adapter a no-op and its cost the only thing left to see)."""
+    import mor_model
+
+    for layer in mor_model.mor_layers(model).values():
+        nn.init.normal_(layer.lora_b, std=0.02)
+    return model
+
+
+def sd21_unet(side: int, batch: int, device) -> tuple[nn.Module, tuple, torch.Tensor]:
+    """The SD 2.1-base UNet at its real sizes (random weights, seed 0, eval, float32) with its inputs at a
+    ``side`` x ``side`` latent: ``(unet, (z, t, text embeddings), degradation scores)``."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**UNET_SD21).to(device).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(batch, 4, side, side, generator=gen).to(device)
+    embeds = torch.randn(batch, 77, UNET_SD21["cross_attention_dim"], generator=gen).to(device)
+    t = torch.full((batch,), 999, device=device, dtype=torch.long)
+    scores = torch.rand(batch, 7, generator=gen).to(device)
+    return unet, (z, t, embeds), scores
+
+
 def sd21_unet_jobs(args, device) -> tuple[dict, dict, dict]:
     """The ``unet-sd21`` part: ``({variant: fn}, {variant: note}, {variant: weights MB})`` for the SD 2.1-base
     UNet at its real sizes at a ``--sd21-latent`` latent, batch ``--batch``, float32 (see the module
     docstring). The variants share the base weights (one copy in memory)."""
-    from diffusers import UNet2DConditionModel
-
     import mor_model
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**UNET_SD21).to(device).eval().requires_grad_(False)
+    side = args.sd21_latent
+    unet, (z, t, embeds), scores = sd21_unet(side, args.batch, device)
     shared = {id(t): t for t in [*unet.parameters(), *unet.buffers()]}
-    gen = torch.Generator().manual_seed(2)
-    side, b = args.sd21_latent, args.batch
-    z = torch.randn(b, 4, side, side, generator=gen).to(device)
-    embeds = torch.randn(b, 77, UNET_SD21["cross_attention_dim"], generator=gen).to(device)
-    t = torch.full((b,), 999, device=device, dtype=torch.long)
-    scores = torch.rand(b, 7, generator=gen).to(device)
     models, notes = {"none": unet}, {"none": f"SD 2.1-base UNet, latent {side}x{side}"}
     if "lora" in args.variants:
         models["lora-r4"] = copy.deepcopy(unet, dict(shared))
@@ -275,9 +291,7 @@ def sd21_unet_jobs(args, device) -> tuple[dict, dict, dict]:
     if "mor" in args.variants or "mor:auto" in args.variants:
         mor = copy.deepcopy(unet, dict(shared))
         report = mor_model.inject_mor(mor, mor_model.MoRConfig())
-        for layer in mor_model.mor_layers(mor).values():
-            nn.init.normal_(layer.lora_b, std=0.02)  # as if trained
-        models["mor:auto"] = mor
+        models["mor:auto"] = as_trained(mor)
         notes["mor:auto"] = f"MoR on {len(report.replaced)} layers, merge='auto'"
         lowrank = copy.deepcopy(mor, dict(shared))
         mor_model.set_merge(lowrank, "never")

@@ -44,7 +44,7 @@ import bench_common as common  # noqa: E402
 import bench_pipeline  # noqa: E402
 
 import mor_kernels  # noqa: E402
-from mor_kernels import dispatch  # noqa: E402
+from mor_kernels.validation import conv_out_size  # noqa: E402
 
 FIELDS = ("layer", "kind", "tokens", "weight_shape", "rho", "base_ms", "lowrank_ms", "merged_ms", "auto_path",
           "lowrank_over_base", "merged_over_base")  # fmt: skip
@@ -94,22 +94,11 @@ def parse_args(argv=None):
 
 def model_and_inputs(args, device: torch.device):
     """The MoR UNet and ``{layer name: (layer, input)}`` from one forward with the scores of one image."""
-    from diffusers import UNet2DConditionModel
-
     import mor_model
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**bench_pipeline.UNET_SD21).to(device).eval().requires_grad_(False)
+    unet, (z, t, embeds), scores = bench_pipeline.sd21_unet(args.latent, 1, device)
     mor_model.inject_mor(unet, mor_model.MoRConfig(backend=args.backend))
-    layers = mor_model.mor_layers(unet)
-    for layer in layers.values():
-        nn.init.normal_(layer.lora_b, std=0.02)  # as if trained (inject_mor starts B at zero)
-    gen = torch.Generator().manual_seed(2)
-    side = args.latent
-    z = torch.randn(1, 4, side, side, generator=gen).to(device)
-    embeds = torch.randn(1, 77, bench_pipeline.UNET_SD21["cross_attention_dim"], generator=gen).to(device)
-    t = torch.full((1,), 999, device=device, dtype=torch.long)
-    scores = torch.rand(1, 7, generator=gen).to(device)
+    layers = mor_model.mor_layers(bench_pipeline.as_trained(unet))
     seen: dict[str, torch.Tensor] = {}
 
     def recorder(name):
@@ -139,9 +128,10 @@ def layer_calls(layer, x: torch.Tensor, scores: torch.Tensor, backend: str):
     if isinstance(base, nn.Conv2d):
         conv = (base.stride, base.padding, base.dilation)
         kind = "conv1x1" if w.shape[2:] == (1, 1) else "conv"
-        out_hw = [(x.shape[2 + i] + 2 * conv[1][i] - conv[2][i] * (w.shape[2 + i] - 1) - 1) // conv[0][i] + 1
-                  for i in (0, 1)]  # fmt: skip
+        out_hw = [conv_out_size(x.shape[2 + i], w.shape[2 + i], *(c[i] for c in conv)) for i in (0, 1)]
         tokens, c_in = out_hw[0] * out_hw[1], w.shape[1]
+        plan = mor_kernels.merge_decision("mor_conv2d", x, w, a, idx, stride=conv[0], padding=conv[1],
+                                          dilation=conv[2], backend=backend, merge=layer.merge)  # fmt: skip
         fns = {
             "base": lambda: F.conv2d(x, w, b, *conv),
             "lowrank": lambda: mor_kernels.mor_conv2d(
@@ -153,6 +143,7 @@ def layer_calls(layer, x: torch.Tensor, scores: torch.Tensor, backend: str):
         }
     else:
         kind, tokens, c_in = "linear", x.numel() // (x.shape[0] * x.shape[-1]), x.shape[-1]
+        plan = mor_kernels.merge_decision("mor_linear", x, w, a, idx, backend=backend, merge=layer.merge)
         fns = {
             "base": lambda: F.linear(x, w, b),
             "lowrank": lambda: mor_kernels.mor_linear(x, w, b, a, bb, idx, gate, s, scaling, merge="never", **kw),
@@ -160,8 +151,6 @@ def layer_calls(layer, x: torch.Tensor, scores: torch.Tensor, backend: str):
         }
     taps = w[0, 0].numel() if w.dim() == 4 else 1
     rho = tokens * (c_in + w.shape[0]) / (c_in * taps * w.shape[0])
-    plan = dispatch.merge_plan(x.device.type, tokens, c_in, w.shape[0], kernel=tuple(w.shape[2:]), mode=layer.merge,
-                               backend=backend)  # fmt: skip
     return fns, kind, tokens, rho, plan
 
 
