@@ -6,6 +6,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/rank_kernels.h"
+
 extern "C" {
 // `import mor_kernels._C` only has to run the static registrations below; no Python bindings.
 PyObject* PyInit__C(void) {
@@ -71,4 +73,7 @@ TORCH_LIBRARY(mor, m) {
         "Tensor gate, Tensor u, int num_shared, float scaling, int[2] stride, int[2] padding, int[2] dilation, "
         "bool[6] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_lora_a, "
         "Tensor grad_lora_b, Tensor grad_gate)");
+  // Whether the BLAS path's float32 rank work runs in the AVX-512 rank kernels (csrc/cpu/rank_kernels.h) before
+  // this call; enable=True/False switches them on/off for the process (the tests compare both paths).
+  m.def("cpu_rank_kernels(bool? enable=None) -> bool", &mor::cpu_rank_kernels);
 }

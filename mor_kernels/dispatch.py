@@ -221,6 +221,8 @@ class Choice:
             lines.append(f"  measured: {self.measured}")
         if self.op in ("mor_linear", "mor_conv2d"):
             lines.append(f"  merged inference: {merge_rule(self.device)}")
+        if self.op in ("mor_linear", "mor_conv2d") and self.backend == "blas":
+            lines.append(f"  rank work: {importlib.import_module(_MODULES['blas']).rank_kernels()}")
         if self.op == "mor_linear" and self.backend == "blas":
             lines.append("  token routing: the reference's masked all-rank path (the BLAS path gathers per sample)")
         return "\n".join(lines)

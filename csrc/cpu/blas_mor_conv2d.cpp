@@ -36,13 +36,32 @@ at::Tensor pixel_rows(const at::Tensor& t) {
   return t.permute({0, 2, 3, 1}).reshape({t.size(0) * t.size(2) * t.size(3), t.size(1)});
 }
 
-// y (S, C_out, H, W) += m (C_out, n) applied to u (S, n, H, W) at every pixel, both contiguous in `fmt`.
-void add_pixel_mm(at::Tensor y, const at::Tensor& u, const at::Tensor& m, at::MemoryFormat fmt) {
+// y (S, C_out, H, W) += m (C_out, n) applied to u (S, n, H, W) at every pixel, both contiguous in `fmt`, with m =
+// B_act diag(w) of list l; with `fast` (float32) in the rank kernel, else one ATen GEMM per sample (NCHW) or in all.
+void add_pixel_mm(at::Tensor y, const at::Tensor& u, const at::Tensor& b, const SampleLists& lists, int64_t l,
+                  at::MemoryFormat fmt, bool fast) {
+  const int64_t c_out = y.size(1), n = u.size(1), pixels = y.size(2) * y.size(3);
+  if (fast && fmt == at::MemoryFormat::ChannelsLast) {  // pixel rows: y (S P, C_out) += u (S P, n) m^T
+    const auto w = rank_weights(lists, l);
+    rank_up(y.data_ptr<float>(), c_out, y.size(0) * pixels, c_out, u.data_ptr<float>(), n, n, b.data_ptr<float>(),
+            b.size(1), lists.rank.data() + l * lists.width, w.data());
+    return;
+  }
+  if (fast) {  // per sample: y_s (C_out, P) += m u_s, u_s's n rows read in place
+    const auto m = rank_coef(b, lists, l, true);
+    std::vector<const float*> rows(n);
+    for (int64_t s = 0; s < y.size(0); ++s) {
+      for (int64_t i = 0; i < n; ++i) rows[i] = u.data_ptr<float>() + (s * n + i) * pixels;
+      float* ys = y.data_ptr<float>() + s * c_out * pixels;
+      rank_update_rows(ys, pixels, ys, pixels, c_out, pixels, m.data_ptr<float>(), n, n, rows.data());
+    }
+    return;
+  }
+  const auto m = gather_cols(b, lists, l, true);
   if (fmt == at::MemoryFormat::ChannelsLast) {
     y.permute({0, 2, 3, 1}).view({-1, y.size(1)}).addmm_(pixel_rows(u), m.t());
     return;
   }
-  const int64_t pixels = y.size(2) * y.size(3);
   for (int64_t s = 0; s < y.size(0); ++s) y[s].view({y.size(1), pixels}).addmm_(m, u[s].reshape({u.size(1), pixels}));
 }
 
@@ -77,14 +96,14 @@ std::tuple<at::Tensor, at::Tensor> blas_mor_conv2d_fwd_cpu(
     return gather_rows(a, lists, l, with_weight).view({lists.count[l], a_shape[1], a_shape[2], a_shape[3]});
   };
   at::Tensor u = at::empty({0}, xc.options());
+  const bool fast = ct == at::kFloat && rank_kernels_on();  // the AVX-512 rank kernels (rank_kernels.h)
   at::Tensor y;
   if (!store_u && merges(h_out * w_out, x.size(1), c_out, kh * kw, merge_above) && lists.lists > 0) {
     std::vector<at::Tensor> parts;
     for (int64_t l = 0; l < lists.lists; ++l) {
       at::Tensor wl = w0;  // W0 + B_act diag(g) A_act (W0 alone when the list is empty)
       if (lists.count[l] > 0) {
-        wl = at::addmm(w0.reshape({c_out, -1}), gather_cols(b, lists, l, true), gather_rows(a, lists, l, false))
-                 .view(w0.sizes());
+        wl = merged_weight(w0.reshape({c_out, -1}), a, b, lists, l, fast).view(w0.sizes());
       }
       parts.push_back(at::conv2d(xc.narrow(0, lists.first(l), lists.size(l)), wl, b0, stride, padding, dilation));
     }
@@ -99,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor> blas_mor_conv2d_fwd_cpu(
       if (n == 0) continue;
       auto ul = at::conv2d(xc.narrow(0, s0, samples), rank_filters(l, false), std::nullopt, stride, padding, dilation)
                     .contiguous(fmt);
-      add_pixel_mm(y.narrow(0, s0, samples), ul, gather_cols(b, lists, l, true), fmt);
+      add_pixel_mm(y.narrow(0, s0, samples), ul, b, lists, l, fmt, fast);
       if (store_u) {
         if (whole) {
           u = ul;

@@ -24,6 +24,7 @@
 #include <limits>
 
 #include "blas_checks.h"
+#include "rank_kernels.h"
 #include "rank_lists.h"
 
 namespace mor {
@@ -74,6 +75,8 @@ std::tuple<at::Tensor, at::Tensor> blas_mor_linear_fwd_cpu(const at::Tensor& x, 
   const auto a = cast(lora_a, ct).contiguous();
   const auto b = cast(lora_b, ct).contiguous();
   at::Tensor u = store_u ? at::empty({batch, tokens, lists.width}, x2.options()) : at::empty({0}, x2.options());
+  // float32 with row-contiguous operands: the AVX-512 rank kernels where the CPU has them (rank_kernels.h)
+  const bool fast = ct == at::kFloat && rank_kernels_on() && x2.stride(1) == 1 && w0.stride(1) == 1;
   at::Tensor y;
   if (!store_u && merges(tokens, d_in, d_out, merge_above)) {
     y = at::empty({batch * tokens, d_out}, x2.options());
@@ -82,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> blas_mor_linear_fwd_cpu(const at::Tensor& x, 
       auto yl = y.narrow(0, r0, rows);
       const auto xl = x2.narrow(0, r0, rows);
       at::Tensor wl = w0;  // W0 + B_act diag(g) A_act (W0 alone when the list is empty)
-      if (lists.count[l] > 0) wl = at::addmm(w0, gather_cols(b, lists, l, true), gather_rows(a, lists, l, false));
+      if (lists.count[l] > 0) wl = merged_weight(w0, a, b, lists, l, fast);
       if (b0.has_value()) {
         at::addmm_out(yl, *b0, xl, wl.t());
       } else {
@@ -98,6 +101,14 @@ std::tuple<at::Tensor, at::Tensor> blas_mor_linear_fwd_cpu(const at::Tensor& x, 
       if (n == 0 || rows == 0) continue;
       const auto xl = x2.narrow(0, r0, rows);
       auto ul = store_u ? u2.narrow(0, r0, rows).narrow(1, 0, n) : at::empty({rows, n}, x2.options());
+      if (fast) {  // u = x A_act^T, y += u (B_act diag(w))^T in the rank kernels, lora_a and lora_b read in place
+        const auto a_rows = rank_row_ptrs(a, lists, l);
+        const auto w = rank_weights(lists, l);
+        rank_down(xl.data_ptr<float>(), xl.stride(0), rows, d_in, a_rows.data(), n, ul.data_ptr<float>(), ul.stride(0));
+        rank_up(y.data_ptr<float>() + r0 * d_out, d_out, rows, d_out, ul.data_ptr<float>(), ul.stride(0), n,
+                b.data_ptr<float>(), b.size(1), lists.rank.data() + l * lists.width, w.data());
+        continue;
+      }
       at::mm_out(ul, xl, gather_rows(a, lists, l, false).t());
       y.narrow(0, r0, rows).addmm_(ul, gather_cols(b, lists, l, true).t());
     }

@@ -16,6 +16,8 @@
 #include <limits>
 #include <vector>
 
+#include "rank_kernels.h"
+
 namespace mor {
 
 struct SampleLists {
@@ -147,6 +149,44 @@ inline at::Tensor gather_cols(const at::Tensor& src, const SampleLists& s, int64
       for (int64_t i = 0; i < n; ++i) dst[i] = row[rk[i]] * w[i];
     }
   });
+  return out;
+}
+
+// float32 operands of the AVX-512 rank kernels (rank_kernels.h) for list l: the list's rows of src (R, K),
+// contiguous, where they are (no copy), and its weights as float.
+inline std::vector<const float*> rank_row_ptrs(const at::Tensor& src, const SampleLists& s, int64_t l) {
+  std::vector<const float*> out(s.count[l]);
+  const float* sp = src.data_ptr<float>();
+  for (int64_t i = 0; i < s.count[l]; ++i) out[i] = sp + s.rank[l * s.width + i] * src.size(1);
+  return out;
+}
+
+inline std::vector<float> rank_weights(const SampleLists& s, int64_t l) {
+  return std::vector<float>(s.weight.begin() + l * s.width, s.weight.begin() + l * s.width + s.count[l]);
+}
+
+// B_act diag(w) (d_out, n) of lora_b (d_out, R), contiguous: with `fast` (float32) in rank_coef, else gather_cols.
+inline at::Tensor rank_coef(const at::Tensor& b, const SampleLists& s, int64_t l, bool fast) {
+  if (!fast) return gather_cols(b, s, l, true);
+  const int64_t n = s.count[l];
+  auto out = at::empty({b.size(0), n}, b.options());
+  const auto w = rank_weights(s, l);
+  rank_coef(b.data_ptr<float>(), b.size(1), b.size(0), s.rank.data() + l * s.width, w.data(), n, out.data_ptr<float>(),
+            n);
+  return out;
+}
+
+// W0 (d_out, K) + B_act diag(w) A_act for list l of lora_a (R, K) and lora_b (d_out, R): with `fast` in one pass of
+// the rank kernel over W0 (lora_a's rows read in place), else one ATen addmm on the gathered factors.
+inline at::Tensor merged_weight(const at::Tensor& w0, const at::Tensor& a, const at::Tensor& b, const SampleLists& lists,
+                                int64_t l, bool fast) {
+  const int64_t n = lists.count[l], d_out = w0.size(0), d_in = w0.size(1);
+  if (!fast) return at::addmm(w0, gather_cols(b, lists, l, true), gather_rows(a, lists, l, false));
+  auto out = at::empty({d_out, d_in}, w0.options());
+  const auto coef = rank_coef(b, lists, l, true);
+  const auto rows = rank_row_ptrs(a, lists, l);
+  rank_update_rows(w0.data_ptr<float>(), w0.stride(0), out.data_ptr<float>(), d_in, d_out, d_in,
+                   coef.data_ptr<float>(), n, n, rows.data());
   return out;
 }
 

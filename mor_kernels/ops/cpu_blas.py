@@ -2,10 +2,12 @@
 runs on CPU when ``mor_kernels._C`` is built; :data:`mor_kernels.dispatch.DECISIONS` cites the measurement).
 
 One C++ op per public op does the whole call (``csrc/cpu/blas_mor_linear.cpp``, ``blas_mor_conv2d.cpp``): the
-rank lists read from ``idx`` on the host, the active rows of ``lora_a`` and columns of ``lora_b`` (gates folded
-in) gathered by plain loops, then ATen's BLAS / oneDNN: per-sample merged weights (inference, when the cost
-model says so) or the low-rank path (the base GEMM, ``u = A_act x``, ``y += B_act diag(g) u`` in place), and a
-backward with a dense LoRA's GEMMs. On a CPU the cost of a MoR layer next to its base GEMM is mostly per-op
+rank lists read from ``idx`` on the host, the base GEMM/convolution in ATen's BLAS / oneDNN, and the rank work
+either in the AVX-512 rank kernels (``csrc/cpu/rank_kernels.h``: float32 on a CPU with AVX-512F; they read the
+active rows of ``lora_a`` and columns of ``lora_b`` where they are) or, without them, in ATen GEMMs on the
+gathered active ranks (gates folded in): per-sample merged weights (inference, when the cost model says so) or
+the low-rank path (``u = A_act x``, ``y += B_act diag(g) u`` in place), and a backward with a dense LoRA's
+GEMMs (ATen only). :func:`rank_kernels` says which runs here. On a CPU the cost of a MoR layer next to its base GEMM is mostly per-op
 overhead (each torch op issued after the base GEMM waits on the caches it evicted), so the whole op is one
 dispatcher hop instead of the reference's dozen Python-issued ops; the FLOPs are the reference's.
 
@@ -45,6 +47,17 @@ def unavailable_reason(op: str, device: torch.device, dtype: torch.dtype = torch
     if dtype not in DTYPES:
         return f"{str(dtype).replace('torch.', '')} unsupported (float32, float64, float16, bfloat16)"
     return None
+
+
+def rank_kernels() -> str:
+    """Where this process runs the BLAS path's float32 rank work, and why (for ``explain_backend``)."""
+    if _C is None:
+        return f"nowhere: {_LOAD_ERROR}"
+    if torch.ops.mor.cpu_rank_kernels(None):
+        return "the AVX-512 rank kernels (csrc/cpu/rank_kernels.h; float64 in ATen GEMMs)"
+    why = ("switched off by torch.ops.mor.cpu_rank_kernels(False)" if "AVX512" in torch.backends.cpu.get_cpu_capability()
+           else "this CPU has no AVX-512F")  # fmt: skip
+    return f"ATen GEMMs on the gathered ranks ({why})"
 
 
 def linear_op():

@@ -1,0 +1,289 @@
+// The AVX-512 rank kernels of the BLAS CPU path (see rank_kernels.h for what they compute and why).
+//
+// Both are register-blocked outer-product loops in the style of a GEMM micro-kernel (BLIS's idea: keep a block of
+// the output in registers and stream the two operands past it once per block), sized for a small inner dimension:
+//   - rank_update_rows keeps a 4 x 64 block of `out` in 16 zmm registers; per rank i it loads 64 columns of
+//     rows[i] (4 vectors) and broadcasts 4 coefficients: 16 FMAs for 8 loads.
+//   - rank_down keeps 8 tokens x 16 ranks of u in 8 registers; per input feature it loads 16 ranks of `at` and
+//     broadcasts 8 activations.
+// Columns past a multiple of 16 use masked loads and stores, so nothing outside a row is read or written.
+#include "rank_kernels.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <array>
+#include <utility>
+#include <atomic>
+#include <optional>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define MOR_RANK_AVX512 1
+#define MOR_AVX512_FN __attribute__((target("avx512f")))
+// unrolled before GCC decides where the accumulator arrays live, so they stay in registers (else it spills them
+// to the stack every iteration)
+#define MOR_UNROLL _Pragma("GCC unroll 16")
+#endif
+
+namespace mor {
+namespace {
+
+std::atomic<bool> g_enabled{true};
+
+bool cpu_has_avx512f() {
+#ifdef MOR_RANK_AVX512
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Rows per parallel chunk: at least ~64k multiply-adds, so a thread's share outweighs its start.
+int64_t grain(int64_t work_per_row) { return std::max<int64_t>(4, (int64_t{1} << 16) / std::max<int64_t>(work_per_row, 1)); }
+
+#ifdef MOR_RANK_AVX512
+
+MOR_AVX512_FN inline __mmask16 tail_mask(int64_t w) {
+  return w >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << w) - 1u);
+}
+
+// out[r + rr, c0 + 16 v + :16] for rr < RB, v < NV; the last vector masked by `last`.
+template <int RB, int NV>
+MOR_AVX512_FN inline void update_block(const float* c, int64_t ldc, float* out, int64_t ldo, int64_t r, int64_t c0,
+                                       const float* coef, int64_t ldcoef, int64_t n, const float* const* rows,
+                                       __mmask16 last) {
+  __mmask16 mk[NV];
+  MOR_UNROLL
+  for (int v = 0; v < NV; ++v) mk[v] = v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF);
+  __m512 acc[RB * NV];
+  MOR_UNROLL
+  for (int rr = 0; rr < RB; ++rr) {
+    MOR_UNROLL
+    for (int v = 0; v < NV; ++v) acc[rr * NV + v] = _mm512_maskz_loadu_ps(mk[v], c + (r + rr) * ldc + c0 + 16 * v);
+  }
+  const float* cf = coef + r * ldcoef;
+  for (int64_t i = 0; i < n; ++i) {
+    const float* src = rows[i] + c0;
+    __m512 b[NV];
+    MOR_UNROLL
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_maskz_loadu_ps(mk[v], src + 16 * v);
+    MOR_UNROLL
+    for (int rr = 0; rr < RB; ++rr) {
+      const __m512 s = _mm512_set1_ps(cf[rr * ldcoef + i]);
+      MOR_UNROLL
+      for (int v = 0; v < NV; ++v) acc[rr * NV + v] = _mm512_fmadd_ps(s, b[v], acc[rr * NV + v]);
+    }
+  }
+  MOR_UNROLL
+  for (int rr = 0; rr < RB; ++rr) {
+    MOR_UNROLL
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(out + (r + rr) * ldo + c0 + 16 * v, mk[v], acc[rr * NV + v]);
+  }
+}
+
+template <int RB>
+MOR_AVX512_FN inline void update_row_block(const float* c, int64_t ldc, float* out, int64_t ldo, int64_t r,
+                                           int64_t cols, const float* coef, int64_t ldcoef, int64_t n,
+                                           const float* const* rows) {
+  for (int64_t c0 = 0; c0 < cols; c0 += 64) {
+    const int64_t w = std::min<int64_t>(64, cols - c0);
+    const int64_t nv = (w + 15) / 16;
+    const __mmask16 last = tail_mask(w - 16 * (nv - 1));
+    switch (nv) {
+      case 4: update_block<RB, 4>(c, ldc, out, ldo, r, c0, coef, ldcoef, n, rows, last); break;
+      case 3: update_block<RB, 3>(c, ldc, out, ldo, r, c0, coef, ldcoef, n, rows, last); break;
+      case 2: update_block<RB, 2>(c, ldc, out, ldo, r, c0, coef, ldcoef, n, rows, last); break;
+      default: update_block<RB, 1>(c, ldc, out, ldo, r, c0, coef, ldcoef, n, rows, last); break;
+    }
+  }
+}
+
+// Rows [r0, r1), 4 at a time, each block across all columns: c and out stream through once, in order; the n rows
+// stay in L1 or L2 (n x cols floats).
+MOR_AVX512_FN void update_rows_avx512(const float* c, int64_t ldc, float* out, int64_t ldo, int64_t r0, int64_t r1,
+                                      int64_t cols, const float* coef, int64_t ldcoef, int64_t n,
+                                      const float* const* rows) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) update_row_block<4>(c, ldc, out, ldo, r, cols, coef, ldcoef, n, rows);
+  for (; r < r1; ++r) update_row_block<1>(c, ldc, out, ldo, r, cols, coef, ldcoef, n, rows);
+}
+
+// u[t + tt, i0 + ii] = x[t + tt, :k] . rows[i0 + ii][:k] for tt < TB, ii < IB: TB x IB dot products side by side,
+// 16 features per step (the last step masked), each reduced across its lanes at the end.
+template <int TB, int IB>
+MOR_AVX512_FN inline void down_block(const float* x, int64_t ldx, int64_t t, int64_t k, const float* const* rows,
+                                     int64_t i0, float* u, int64_t ldu) {
+  __m512 acc[TB * IB];
+  MOR_UNROLL
+  for (int q = 0; q < TB * IB; ++q) acc[q] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; kk += 16) {
+    const __mmask16 mk = tail_mask(k - kk);
+    __m512 xv[TB];
+    MOR_UNROLL
+    for (int tt = 0; tt < TB; ++tt) xv[tt] = _mm512_maskz_loadu_ps(mk, x + (t + tt) * ldx + kk);
+    MOR_UNROLL
+    for (int ii = 0; ii < IB; ++ii) {
+      const __m512 a = _mm512_maskz_loadu_ps(mk, rows[i0 + ii] + kk);
+      MOR_UNROLL
+      for (int tt = 0; tt < TB; ++tt) acc[tt * IB + ii] = _mm512_fmadd_ps(xv[tt], a, acc[tt * IB + ii]);
+    }
+  }
+  MOR_UNROLL
+  for (int tt = 0; tt < TB; ++tt) {
+    MOR_UNROLL
+    for (int ii = 0; ii < IB; ++ii) u[(t + tt) * ldu + i0 + ii] = _mm512_reduce_add_ps(acc[tt * IB + ii]);
+  }
+}
+
+MOR_AVX512_FN void down_avx512(const float* x, int64_t ldx, int64_t t0, int64_t t1, int64_t k,
+                               const float* const* rows, int64_t n, float* u, int64_t ldu) {
+  int64_t t = t0;
+  for (; t + 4 <= t1; t += 4) {  // 4 tokens' rows of x stay in L1 across the ranks
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) down_block<4, 4>(x, ldx, t, k, rows, i, u, ldu);
+    for (; i < n; ++i) down_block<4, 1>(x, ldx, t, k, rows, i, u, ldu);
+  }
+  for (; t < t1; ++t) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) down_block<1, 4>(x, ldx, t, k, rows, i, u, ldu);
+    for (; i < n; ++i) down_block<1, 1>(x, ldx, t, k, rows, i, u, ldu);
+  }
+}
+
+// Column offsets j * ldb of 16 consecutive rows of a (.., ldb) matrix, as gather indices.
+MOR_AVX512_FN inline __m512i row_offsets(int64_t ldb) {
+  return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                            _mm512_set1_epi32(static_cast<int32_t>(ldb)));
+}
+
+// y[t, c0 + :16] += sum_{i < NN} u[t, i] w[i] b[c0 + :16, rank[i]] for t in [t0, t1): the NN columns of b, weighted,
+// gathered into registers once (16 rows each), then 8 tokens at a time.
+template <int NN>
+MOR_AVX512_FN void up_chunk(float* y, int64_t ldy, int64_t t0, int64_t t1, int64_t c0, __mmask16 mk, const float* u,
+                            int64_t ldu, const float* b, int64_t ldb, const int64_t* rank, const float* w) {
+  const __m512i offsets = row_offsets(ldb);
+  __m512 bv[NN];
+  MOR_UNROLL
+  for (int i = 0; i < NN; ++i) {
+    const __m512 col = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, offsets, b + c0 * ldb + rank[i], 4);
+    bv[i] = _mm512_mul_ps(col, _mm512_set1_ps(w[i]));
+  }
+  int64_t t = t0;
+  for (; t + 8 <= t1; t += 8) {
+    __m512 acc[8];
+    MOR_UNROLL
+    for (int tt = 0; tt < 8; ++tt) acc[tt] = _mm512_maskz_loadu_ps(mk, y + (t + tt) * ldy + c0);
+    MOR_UNROLL
+    for (int i = 0; i < NN; ++i) {
+      MOR_UNROLL
+      for (int tt = 0; tt < 8; ++tt) acc[tt] = _mm512_fmadd_ps(_mm512_set1_ps(u[(t + tt) * ldu + i]), bv[i], acc[tt]);
+    }
+    MOR_UNROLL
+    for (int tt = 0; tt < 8; ++tt) _mm512_mask_storeu_ps(y + (t + tt) * ldy + c0, mk, acc[tt]);
+  }
+  for (; t < t1; ++t) {
+    __m512 acc = _mm512_maskz_loadu_ps(mk, y + t * ldy + c0);
+    MOR_UNROLL
+    for (int i = 0; i < NN; ++i) acc = _mm512_fmadd_ps(_mm512_set1_ps(u[t * ldu + i]), bv[i], acc);
+    _mm512_mask_storeu_ps(y + t * ldy + c0, mk, acc);
+  }
+}
+
+using UpChunk = void (*)(float*, int64_t, int64_t, int64_t, int64_t, __mmask16, const float*, int64_t, const float*,
+                         int64_t, const int64_t*, const float*);
+
+template <int... N>
+constexpr std::array<UpChunk, sizeof...(N)> up_chunks(std::integer_sequence<int, N...>) {
+  return {&up_chunk<N + 1>...};
+}
+
+// Ranks in groups of 16 (16 gathered columns in registers), each group a pass over y.
+MOR_AVX512_FN void up_avx512(float* y, int64_t ldy, int64_t t0, int64_t t1, int64_t cols, const float* u, int64_t ldu,
+                             int64_t n, const float* b, int64_t ldb, const int64_t* rank, const float* w) {
+  static constexpr auto chunks = up_chunks(std::make_integer_sequence<int, 16>{});
+  for (int64_t g = 0; g < n; g += 16) {
+    const UpChunk chunk = chunks[std::min<int64_t>(16, n - g) - 1];
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      chunk(y, ldy, t0, t1, c0, tail_mask(cols - c0), u + g, ldu, b, ldb, rank + g, w + g);
+    }
+  }
+}
+
+// out[o, :n] = b[o, rank[:n]] * w[:n] for o in [o0, o1): one gather per row and 16 ranks.
+MOR_AVX512_FN void coef_avx512(const float* b, int64_t ldb, int64_t o0, int64_t o1, const int64_t* rank,
+                               const float* w, int64_t n, float* out, int64_t ldo) {
+  for (int64_t g = 0; g < n; g += 16) {
+    const __mmask16 mk = tail_mask(n - g);
+    alignas(64) int32_t idx[16] = {};
+    for (int64_t i = g; i < std::min<int64_t>(n, g + 16); ++i) idx[i - g] = static_cast<int32_t>(rank[i]);
+    const __m512i vi = _mm512_load_si512(idx);
+    const __m512 wv = _mm512_maskz_loadu_ps(mk, w + g);
+    for (int64_t o = o0; o < o1; ++o) {
+      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, vi, b + o * ldb, 4);
+      _mm512_mask_storeu_ps(out + o * ldo + g, mk, _mm512_mul_ps(v, wv));
+    }
+  }
+}
+
+#endif  // MOR_RANK_AVX512
+
+}  // namespace
+
+bool rank_kernels_on() { return cpu_has_avx512f() && g_enabled.load(std::memory_order_relaxed); }
+
+const char* rank_kernels_off_reason() {
+  if (!cpu_has_avx512f()) return "this CPU (or this build's compiler) has no AVX-512F";
+  if (!g_enabled.load(std::memory_order_relaxed)) return "switched off (torch.ops.mor.cpu_rank_kernels(False))";
+  return "";
+}
+
+bool cpu_rank_kernels(std::optional<bool> enable) {
+  const bool before = rank_kernels_on();
+  if (enable.has_value()) g_enabled.store(*enable, std::memory_order_relaxed);
+  return before;
+}
+
+void rank_update_rows(const float* c, int64_t ldc, float* out, int64_t ldo, int64_t m, int64_t cols,
+                      const float* coef, int64_t ldcoef, int64_t n, const float* const* rows) {
+#ifdef MOR_RANK_AVX512
+  at::parallel_for(0, m, grain(cols * n), [&](int64_t r0, int64_t r1) {
+    update_rows_avx512(c, ldc, out, ldo, r0, r1, cols, coef, ldcoef, n, rows);
+  });
+#else
+  TORCH_CHECK(false, "mor: rank_update_rows needs AVX-512F (callers check rank_kernels_on())");
+#endif
+}
+
+void rank_down(const float* x, int64_t ldx, int64_t m, int64_t k, const float* const* rows, int64_t n, float* u,
+               int64_t ldu) {
+#ifdef MOR_RANK_AVX512
+  at::parallel_for(0, m, grain(k * n), [&](int64_t t0, int64_t t1) { down_avx512(x, ldx, t0, t1, k, rows, n, u, ldu); });
+#else
+  TORCH_CHECK(false, "mor: rank_down needs AVX-512F (callers check rank_kernels_on())");
+#endif
+}
+
+void rank_up(float* y, int64_t ldy, int64_t m, int64_t cols, const float* u, int64_t ldu, int64_t n, const float* b,
+             int64_t ldb, const int64_t* rank, const float* w) {
+#ifdef MOR_RANK_AVX512
+  at::parallel_for(0, m, grain(cols * n), [&](int64_t t0, int64_t t1) {
+    up_avx512(y, ldy, t0, t1, cols, u, ldu, n, b, ldb, rank, w);
+  });
+#else
+  TORCH_CHECK(false, "mor: rank_up needs AVX-512F (callers check rank_kernels_on())");
+#endif
+}
+
+void rank_coef(const float* b, int64_t ldb, int64_t m, const int64_t* rank, const float* w, int64_t n, float* out,
+               int64_t ldo) {
+#ifdef MOR_RANK_AVX512
+  at::parallel_for(0, m, grain(4 * n), [&](int64_t o0, int64_t o1) { coef_avx512(b, ldb, o0, o1, rank, w, n, out, ldo); });
+#else
+  TORCH_CHECK(false, "mor: rank_coef needs AVX-512F (callers check rank_kernels_on())");
+#endif
+}
+
+}  // namespace mor

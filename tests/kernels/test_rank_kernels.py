@@ -1,0 +1,141 @@
+"""The AVX-512 rank kernels of the BLAS CPU path (``csrc/cpu/rank_kernels.h``): the float32 forward with them
+on, against the float64 oracle (MOR_SPEC section 7) and against the same op with them off (ATen GEMMs on the
+gathered ranks), on shapes that reach every edge of their blocking: 1..40 active ranks (groups of 16 and of 4,
+and their remainders), feature and channel counts around multiples of 16 (masked columns), token and row counts
+around multiples of 4 and 8, per-sample and shared routing, merged and low-rank, NCHW and channels_last. The
+training forward (``store_u``) saves the same rank activations either way. The backward never uses them; its
+parity is ``test_blas_parity.py``'s (which runs with them on, the default)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mor_kernels
+from mor_kernels import dispatch
+from mor_kernels import reference as ref
+from mor_kernels.testing import assert_parity, poison_allocations, random_case
+
+WHY = dispatch.unavailable_reason("blas", "mor_linear", torch.device("cpu"))
+pytestmark = pytest.mark.skipif(WHY is not None, reason=f"backend='blas' cannot run here ({WHY})")
+HAVE = WHY is None and torch.ops.mor.cpu_rank_kernels(None)
+needs_avx512 = pytest.mark.skipif(not HAVE, reason="the rank kernels do not run here (no AVX-512F, or switched off)")
+INF = float("inf")
+
+
+@pytest.fixture
+def kernels():
+    """``kernels(on)`` switches the rank kernels; the switch is restored afterwards."""
+    before = torch.ops.mor.cpu_rank_kernels(None)
+    yield lambda on: torch.ops.mor.cpu_rank_kernels(on)
+    torch.ops.mor.cpu_rank_kernels(before)
+
+
+# (batch, tokens, d_in, d_out, num_shared, num_routed, top_k): active ranks n = S + picks
+LINEAR = {
+    "n1_t1": (1, 1, 7, 5, 0, 3, 1),
+    "n4_t5_d16": (2, 5, 16, 16, 2, 6, 2),
+    "n16_t9_d17x65": (1, 9, 17, 65, 8, 32, 8),
+    "n30_t13_d70x33": (3, 13, 70, 33, 20, 30, 10),
+    "n40_t8_d130x129": (2, 8, 130, 129, 16, 24, 24),
+}
+
+
+def _linear_case(name, alike):
+    batch, tokens, d_in, d_out, s, e, k = LINEAR[name]
+    c = random_case(batch=batch, tokens=tokens, d_in=d_in, d_out=d_out, num_shared=s, num_routed=e, num_zero=1,
+                    top_k=k, seed=len(name) + 7 * alike)  # fmt: skip
+    if alike:
+        c.idx, c.gate = c.idx[:1].expand_as(c.idx).clone(), c.gate[:1].expand_as(c.gate).clone()
+    return c
+
+
+def _args(c):
+    return (c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx, c.gate, c.num_shared, c.scaling)
+
+
+def _linear(c, merge_above, store_u):
+    return torch.ops.mor.blas_mor_linear_fwd(c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx, c.gate, c.num_shared,
+                                             c.scaling, merge_above, True, store_u)  # fmt: skip
+
+
+@needs_avx512
+@pytest.mark.parametrize("path", ["merged", "low_rank", "training"])
+@pytest.mark.parametrize("alike", [False, True], ids=["distinct", "alike"])
+@pytest.mark.parametrize("name", list(LINEAR))
+def test_linear_forward_with_and_without_the_kernels(name, alike, path, kernels):
+    c = _linear_case(name, alike)
+    merge_above, store_u = {"merged": (-1.0, False), "low_rank": (INF, False), "training": (INF, True)}[path]
+    y64 = ref.mor_linear(*_args(c.to(torch.float64)))
+    kernels(True)
+    with torch.no_grad(), poison_allocations():
+        y_on, u_on = _linear(c, merge_above, store_u)
+    kernels(False)
+    with torch.no_grad():
+        y_off, u_off = _linear(c, merge_above, store_u)
+    assert_parity(y_on, y64, dtype=torch.float32, name=f"linear {path} (rank kernels)")
+    assert_parity(y_off, y64, dtype=torch.float32, name=f"linear {path} (ATen)")
+    torch.testing.assert_close(y_on, y_off, rtol=1e-5, atol=1e-5 * float(y64.abs().max()))
+    assert u_on.shape == u_off.shape
+    if store_u:  # u = x A_act^T per sample, zero past each sample's active ranks (the backward reads it)
+        torch.testing.assert_close(u_on, u_off, rtol=1e-5, atol=1e-5 * float(u_off.abs().max()))
+
+
+CONV = {  # (batch, c_in, c_out, kernel, height, width, stride, num_shared, num_routed, top_k)
+    "k1_c24x40_n11": (2, 24, 40, 1, 6, 5, 1, 3, 9, 8),
+    "k3_c5x17_n5": (1, 5, 17, 3, 9, 9, 1, 2, 6, 3),
+    "k3_c33x18_s2_n21": (3, 33, 18, 3, 7, 10, 2, 8, 20, 13),
+}
+
+
+@needs_avx512
+@pytest.mark.parametrize("merge", ["always", "never"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("name", list(CONV))
+def test_conv_forward_with_and_without_the_kernels(name, layout, merge, kernels):
+    batch, c_in, c_out, kk, h, w, stride, s, e, k = CONV[name]
+    c = random_case(batch=batch, d_in=c_in, d_out=c_out, kernel_size=kk, height=h, width=w, num_shared=s,
+                    num_routed=e, num_zero=1, top_k=k, conv={"padding": (kk // 2, kk // 2), "stride": (stride, stride)},
+                    seed=len(name))  # fmt: skip
+    x = c.x.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else c.x
+    conv = {"stride": (stride, stride), "padding": (kk // 2, kk // 2), "dilation": (1, 1)}
+    y64 = ref.mor_conv2d(*_args(c.to(torch.float64)), **conv)
+    args = (x, *_args(c)[1:])
+    outs = {}
+    for on in (True, False):
+        kernels(on)
+        with torch.no_grad(), poison_allocations():
+            outs[on] = mor_kernels.mor_conv2d(*args, **conv, backend="blas", merge=merge)
+        assert_parity(outs[on], y64, dtype=torch.float32, name=f"conv {merge} {layout} (kernels {on})")
+    assert outs[True].is_contiguous(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-5 * float(y64.abs().max()))
+
+
+@needs_avx512
+@pytest.mark.parametrize("merge", [-1.0, INF], ids=["merged", "low_rank"])
+def test_ranks_not_picked_are_never_read(merge, kernels):
+    """The kernels read lora_a's rows and lora_b's columns of the active ranks only (lora_b's columns by vector
+    gathers, 16 rows at a time): NaN in every other rank, next to the active ones in memory, stays out."""
+    c = random_case(batch=2, tokens=9, d_in=35, d_out=37, num_shared=2, num_routed=12, num_zero=1, top_k=3, seed=3)
+    y_clean = _linear(c, merge, False)[0]
+    picked = {0, 1} | {2 + int(v) for v in c.idx.flatten() if 0 <= int(v) < 12}
+    for r in set(range(14)) - picked:
+        c.lora_a[r] = float("nan")
+        c.lora_b[:, r] = float("nan")
+    kernels(True)
+    y = _linear(c, merge, False)[0]
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, y_clean, rtol=0, atol=0)
+
+
+def test_the_switch_and_what_explain_says(kernels):
+    """cpu_rank_kernels(None) reads the state, True/False set it and return the state before; explain_backend
+    says where the BLAS path's rank work runs and why."""
+    before = kernels(None)
+    assert kernels(False) == before
+    assert kernels(None) is False
+    text = mor_kernels.explain_backend("cpu", "mor_linear", torch.float32)
+    if dispatch.resolve("mor_linear", "auto", torch.device("cpu"), torch.float32).backend == "blas":
+        assert "rank work: ATen GEMMs on the gathered ranks" in text
+    assert kernels(True) is False
+    assert kernels(None) is HAVE  # on only where the CPU has AVX-512F
