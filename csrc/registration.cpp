@@ -73,6 +73,11 @@ TORCH_LIBRARY(mor, m) {
         "Tensor gate, Tensor u, int num_shared, float scaling, int[2] stride, int[2] padding, int[2] dilation, "
         "bool[6] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_lora_a, "
         "Tensor grad_lora_b, Tensor grad_gate)");
+  // W0 + scaling B_act diag(g) A_act per distinct routing of idx/gate (B, k) on the host: (D, *weight.shape), D = 1
+  // when every sample routes alike, else B; Linear or conv weights; in float32 for 16-bit inputs. The per-image
+  // merged weights of mor_model.inference (csrc/cpu/blas_mor_linear.cpp).
+  m.def("blas_merged_weights(Tensor weight, Tensor lora_a, Tensor lora_b, Tensor idx, Tensor gate, int num_shared, "
+        "float scaling) -> Tensor");
   // Whether the BLAS path's float32 rank work runs in the AVX-512 rank kernels (csrc/cpu/rank_kernels.h) before
   // this call; enable=True/False switches them on/off for the process (the tests compare both paths).
   m.def("cpu_rank_kernels(bool? enable=None) -> bool", &mor::cpu_rank_kernels);

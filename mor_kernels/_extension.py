@@ -32,6 +32,7 @@ OPS = (
     "blas_mor_conv2d",
     "blas_mor_conv2d_fwd",
     "blas_mor_conv2d_bwd",
+    "blas_merged_weights",
     "cpu_rank_kernels",
 )
 

@@ -188,8 +188,10 @@ class ImageState:
 
 
 def _plan(layer, x: torch.Tensor, weight: torch.Tensor, conv: dict | None) -> tuple[str, str]:
-    """``(path, why)`` for a call of ``layer`` on ``x``'s size: ``path`` is ``"merged"``, ``"reference"`` (the
-    prepared low-rank path) or ``"fused"`` (the backend's op with the prepared routing). Depends on sizes and
+    """``(path, why)`` for a call of ``layer`` on ``x``'s size: ``path`` is ``"merged"`` (the merged weights made
+    from the rank factors), ``"merged_op"`` (made by the BLAS op ``mor::blas_merged_weights``: float32 where
+    ``backend`` resolves to ``"blas"``), ``"reference"`` (the prepared low-rank path) or ``"fused"`` (the
+    backend's op with the prepared routing). Depends on sizes and
     settings only, so :func:`_decide` keeps it on the layer across images."""
     batch = x.shape[0]
     if conv is None:
@@ -198,10 +200,12 @@ def _plan(layer, x: torch.Tensor, weight: torch.Tensor, conv: dict | None) -> tu
         tokens, c_in = _conv_tokens(x, weight, conv), weight.shape[1]
     plan = dispatch.merge_plan(x.device.type, tokens, c_in, weight.shape[0], mode=layer.merge,
                                backend=layer.config.backend, kernel=tuple(weight.shape[2:]))  # fmt: skip
-    if plan.merge:
-        return "merged", f"merged (per-image weights): {plan.why}"
     op = "mor_linear" if conv is None else "mor_conv2d"
     backend = dispatch.resolve(op, layer.config.backend, x.device, x.dtype).backend
+    if plan.merge:
+        if backend == "blas" and x.dtype == torch.float32:  # one C++ call: lists, gathers and the merge
+            return "merged_op", f"merged (per-image weights, made by mor::blas_merged_weights): {plan.why}"
+        return "merged", f"merged (per-image weights): {plan.why}"
     if backend == "reference":
         return "reference", f"low-rank (reference, rank factors prepared per image): {plan.why}"
     return "fused", f"low-rank (backend {backend!r}, routing prepared per image): {plan.why}"
@@ -222,11 +226,11 @@ def _decide(layer, entry: _Entry, x: torch.Tensor, weight: torch.Tensor, conv: d
             plans.clear()
         plan = plans[key] = _plan(layer, x, weight, conv)
     path, why = plan
-    if path == "merged":
+    if path in ("merged", "merged_op"):
 
         def merged(x, weight, bias):
             if entry.merged is None:  # built by the first call that wants it, kept for the image's later calls
-                entry.merged = merge_weights(weight, entry.factors)
+                entry.merged = _merged_weights(weight, entry, path == "merged_op")
             if conv is None:
                 return merged_linear(x, entry.merged, bias)
             return merged_conv2d(x, entry.merged, bias, conv["stride"], conv["padding"], conv["dilation"])
@@ -252,6 +256,16 @@ def _decide(layer, entry: _Entry, x: torch.Tensor, weight: torch.Tensor, conv: d
         return mor_kernels.mor_conv2d(*args, conv["stride"], conv["padding"], conv["dilation"], **kw)
 
     return why, fused
+
+
+def _merged_weights(weight: torch.Tensor, entry: _Entry, by_op: bool) -> torch.Tensor:
+    """``(D, *weight.shape)``: ``W0 + B_act diag(g) A_act`` per distinct routing of the entry, by the BLAS op
+    (``by_op``: lists, gathers and merge in one C++ call) or from the entry's rank factors."""
+    if not by_op:
+        return merge_weights(weight, entry.factors)
+    lora_a, lora_b, num_shared, scaling = entry.args
+    a, b = lora_a.to(weight.dtype), lora_b.to(weight.dtype)
+    return torch.ops.mor.blas_merged_weights(weight, a, b, entry.idx, entry.gate, num_shared, float(scaling))
 
 
 def _lowrank_linear(x, weight, bias, f: RankFactors) -> torch.Tensor:

@@ -116,6 +116,41 @@ std::tuple<at::Tensor, at::Tensor> blas_mor_linear_fwd_cpu(const at::Tensor& x, 
   return {cast(y, x.scalar_type()).view(out_shape(x, d_out)), u};
 }
 
+// W0 + B_act diag(g) A_act per distinct routing, (D, *weight.shape) with D = 1 when every sample routes alike
+// (else one per sample), in the compute dtype: the per-image merged weights of mor_model.inference, made by the
+// rank kernel where it runs (one pass over W0, lora_a's rows read in place). Works for a Linear (weight (d_out,
+// d_in), lora_a (R, d_in)) and a conv (weight (C_out, C_in, kh, kw), lora_a (R, C_in, kh, kw)) alike.
+at::Tensor blas_merged_weights_cpu(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                   const at::Tensor& idx, const at::Tensor& gate, int64_t num_shared, double scaling) {
+  TORCH_CHECK_VALUE(weight.dim() >= 2 && lora_a.dim() == weight.dim() && lora_b.dim() == 2 &&
+                        lora_b.size(0) == weight.size(0) && lora_b.size(1) == lora_a.size(0) &&
+                        lora_a.sizes().slice(1) == weight.sizes().slice(1),
+                    "mor::blas_merged_weights: weight (d_out, ...), lora_a (R, ...) with weight's trailing sizes and "
+                    "lora_b (d_out, R) expected, got weight ", weight.sizes(), ", lora_a ", lora_a.sizes(), ", lora_b ",
+                    lora_b.sizes());
+  TORCH_CHECK_VALUE(idx.dim() == 2 && gate.sizes() == idx.sizes() && !at::isFloatingType(idx.scalar_type()),
+                    "mor::blas_merged_weights: idx (B, k) integer and gate of the same shape expected, got idx ",
+                    idx.sizes(), " ", idx.scalar_type(), ", gate ", gate.sizes());
+  TORCH_CHECK_VALUE(num_shared >= 0 && num_shared <= lora_a.size(0), "mor::blas_merged_weights: num_shared must be in [0, ",
+                    lora_a.size(0), "], got ", num_shared);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto ct = blas_compute_dtype(weight.scalar_type());
+  const auto lists = sample_lists(idx, gate, num_shared, lora_a.size(0), scaling, false);
+  const int64_t d_out = weight.size(0);
+  const auto w0 = cast(weight, ct).reshape({d_out, -1});
+  const auto a = cast(lora_a, ct).reshape({lora_a.size(0), -1}).contiguous();
+  const auto b = cast(lora_b, ct).contiguous();
+  const bool fast = ct == at::kFloat && rank_kernels_on() && w0.stride(1) == 1;
+  auto shape = weight.sizes().vec();
+  shape.insert(shape.begin(), lists.lists);
+  auto out = at::empty(shape, w0.options());
+  for (int64_t l = 0; l < lists.lists; ++l) {
+    auto ol = out[l].view({d_out, -1});
+    merged_weight_out(ol, w0, a, b, lists, l, fast);
+  }
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blas_mor_linear_bwd_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& idx, const at::Tensor& gate, const at::Tensor& u, int64_t num_shared,
@@ -257,6 +292,7 @@ at::Tensor blas_mor_linear(const at::Tensor& x, const at::Tensor& weight, const 
 TORCH_LIBRARY_IMPL(mor, CPU, m) {
   m.impl("blas_mor_linear_fwd", &blas_mor_linear_fwd_cpu);
   m.impl("blas_mor_linear_bwd", &blas_mor_linear_bwd_cpu);
+  m.impl("blas_merged_weights", &blas_merged_weights_cpu);
 }
 
 TORCH_LIBRARY_IMPL(mor, CompositeImplicitAutograd, m) { m.impl("blas_mor_linear", &blas_mor_linear); }

@@ -176,17 +176,28 @@ inline at::Tensor rank_coef(const at::Tensor& b, const SampleLists& s, int64_t l
   return out;
 }
 
-// W0 (d_out, K) + B_act diag(w) A_act for list l of lora_a (R, K) and lora_b (d_out, R): with `fast` in one pass of
-// the rank kernel over W0 (lora_a's rows read in place), else one ATen addmm on the gathered factors.
+// out (d_out, K), contiguous = W0 (d_out, K) + B_act diag(w) A_act for list l of lora_a (R, K) and lora_b (d_out, R):
+// with `fast` in one pass of the rank kernel over W0 (lora_a's rows read in place), else one ATen addmm on the
+// gathered factors. An empty list gives W0.
+inline void merged_weight_out(at::Tensor& out, const at::Tensor& w0, const at::Tensor& a, const at::Tensor& b,
+                              const SampleLists& lists, int64_t l, bool fast) {
+  const int64_t n = lists.count[l], d_out = w0.size(0), d_in = w0.size(1);
+  if (n == 0) {
+    out.copy_(w0);
+  } else if (!fast) {
+    at::addmm_out(out, w0, gather_cols(b, lists, l, true), gather_rows(a, lists, l, false));
+  } else {
+    const auto coef = rank_coef(b, lists, l, true);
+    const auto rows = rank_row_ptrs(a, lists, l);
+    rank_update_rows(w0.data_ptr<float>(), w0.stride(0), out.data_ptr<float>(), d_in, d_out, d_in,
+                     coef.data_ptr<float>(), n, n, rows.data());
+  }
+}
+
 inline at::Tensor merged_weight(const at::Tensor& w0, const at::Tensor& a, const at::Tensor& b, const SampleLists& lists,
                                 int64_t l, bool fast) {
-  const int64_t n = lists.count[l], d_out = w0.size(0), d_in = w0.size(1);
-  if (!fast) return at::addmm(w0, gather_cols(b, lists, l, true), gather_rows(a, lists, l, false));
-  auto out = at::empty({d_out, d_in}, w0.options());
-  const auto coef = rank_coef(b, lists, l, true);
-  const auto rows = rank_row_ptrs(a, lists, l);
-  rank_update_rows(w0.data_ptr<float>(), w0.stride(0), out.data_ptr<float>(), d_in, d_out, d_in,
-                   coef.data_ptr<float>(), n, n, rows.data());
+  auto out = at::empty({w0.size(0), w0.size(1)}, w0.options());
+  merged_weight_out(out, w0, a, b, lists, l, fast);
   return out;
 }
 

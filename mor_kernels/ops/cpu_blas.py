@@ -22,6 +22,7 @@ signatures used by the general path (explicit ``backend="blas"`` with unusual ar
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -29,6 +30,8 @@ from .. import _extension
 from ..reference import mor_linear as _reference_linear
 
 _C, _LOAD_ERROR = _extension.load()
+if _C is not None and os.environ.get("MOR_CPU_RANK_KERNELS", "1") == "0":  # the A/B switch of the benchmarks
+    torch.ops.mor.cpu_rank_kernels(False)
 
 #: the C++ ops each public op needs
 OP_KERNELS = {"mor_linear": "blas_mor_linear_fwd", "mor_conv2d": "blas_mor_conv2d_fwd"}
@@ -55,7 +58,7 @@ def rank_kernels() -> str:
         return f"nowhere: {_LOAD_ERROR}"
     if torch.ops.mor.cpu_rank_kernels(None):
         return "the AVX-512 rank kernels (csrc/cpu/rank_kernels.h; float64 in ATen GEMMs)"
-    why = ("switched off by torch.ops.mor.cpu_rank_kernels(False)" if "AVX512" in torch.backends.cpu.get_cpu_capability()
+    why = ("MOR_CPU_RANK_KERNELS=0 or torch.ops.mor.cpu_rank_kernels(False) switched them off" if "AVX512" in torch.backends.cpu.get_cpu_capability()
            else "this CPU has no AVX-512F")  # fmt: skip
     return f"ATen GEMMs on the gathered ranks ({why})"
 

@@ -139,3 +139,35 @@ def test_the_switch_and_what_explain_says(kernels):
         assert "rank work: ATen GEMMs on the gathered ranks" in text
     assert kernels(True) is False
     assert kernels(None) is HAVE  # on only where the CPU has AVX-512F
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["kernels", "aten"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("alike", [False, True], ids=["distinct", "alike"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_merged_weights_op_matches_the_reference_merge(kind, alike, dtype, on, kernels):
+    """mor::blas_merged_weights (mor_model.inference's per-image merged weights on a CPU): W0 + B_act diag(g)
+    A_act per distinct routing, (1, ...) when the samples route alike, else one per sample; float32 for 16-bit."""
+    kw = {"kernel_size": 3} if kind == "conv" else {}
+    c = random_case(batch=3, d_in=21, d_out=19, num_shared=2, num_routed=9, num_zero=2, top_k=4, seed=11, **kw)
+    if alike:
+        c.idx, c.gate = c.idx[:1].expand_as(c.idx).clone(), c.gate[:1].expand_as(c.gate).clone()
+    kernels(on)
+    low = c.to(dtype)
+    with poison_allocations():
+        got = torch.ops.mor.blas_merged_weights(low.weight, low.lora_a, low.lora_b, c.idx, c.gate, c.num_shared,
+                                                c.scaling)  # fmt: skip
+    r = low.to(torch.float64)  # the same maths in float64 on the inputs as rounded to dtype
+    f = ref.factors.rank_factors(r.lora_a, r.lora_b, r.idx, r.gate, c.num_shared, c.scaling, torch.float64)
+    exact = ref.factors.merge_weights(r.weight, f)
+    assert got.shape == (1 if alike else 3, *c.weight.shape) and got.shape == exact.shape
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_weights_op_names_bad_arguments():
+    c = random_case(d_in=6, d_out=5)
+    with pytest.raises(ValueError, match="lora_b \\(d_out, R\\)"):
+        torch.ops.mor.blas_merged_weights(c.weight, c.lora_a, c.lora_b.t(), c.idx, c.gate, c.num_shared, 1.0)
+    with pytest.raises(ValueError, match="idx \\(B, k\\) integer"):
+        torch.ops.mor.blas_merged_weights(c.weight, c.lora_a, c.lora_b, c.gate, c.gate, c.num_shared, 1.0)
