@@ -1,5 +1,6 @@
 // mor::blas_mor_conv2d: the sample-routed MoR Conv2d on the CPU in one call (the twin of blas_mor_linear.cpp:
-// host rank lists and gathers in C++, the convolutions and GEMMs in ATen/oneDNN/BLAS).
+// host rank lists in C++, the convolutions in ATen/oneDNN, the float32 merge and up-projection in rank_kernels.h's
+// AVX-512 kernels where the CPU has them, else ATen GEMMs on the gathered ranks).
 //
 //   - merged (inference, when the caller's cost model says so): W_b = W0 + B_act diag(g) A_act (the 1x1 x kxk
 //     composition, one small GEMM), then one base convolution per distinct routing;

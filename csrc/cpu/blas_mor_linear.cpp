@@ -4,12 +4,13 @@
 // Why: on a CPU a MoR layer is the base GEMM plus a few small GEMMs; what a Python implementation adds is a
 // dozen torch ops and their Python around them, each issued after the base GEMM has evicted the caches (10-40 us
 // apiece on the 2-core Xeon of benchmarks/README.md, as much as the adapter's FLOPs at small T). Here a call is
-// one dispatcher hop: the lists are read from idx on the host (rank_lists.h), the active rows of lora_a and
-// columns of lora_b (gates folded in) are gathered by plain loops, then
-//   - merged (inference, when the caller's cost model says so): W_b = W0 + B_act diag(g) A_act (one small GEMM),
-//     then one base GEMM with W_b per distinct routing;
-//   - low-rank: y = x W0^T + b (one GEMM), u = x A_act^T, y += u (B_act diag(g))^T (in place): the calls of a
-//     dense LoRA of the same active rank, with the add fused into the second small GEMM.
+// one dispatcher hop: the lists are read from idx on the host (rank_lists.h), then
+//   - merged (inference, when the caller's cost model says so): W_b = W0 + B_act diag(g) A_act, then one base
+//     GEMM with W_b per distinct routing;
+//   - low-rank: y = x W0^T + b (one GEMM), u = x A_act^T, y += u (B_act diag(g))^T (in place).
+// In float32 on a CPU with AVX-512F the rank work (the merge, u, the update of y) runs in rank_kernels.h's
+// kernels, which read the active rows of lora_a and columns of lora_b where they are; otherwise the active ranks
+// are gathered (gates folded in) and the same steps are ATen GEMMs: the calls of a dense LoRA of the same rank.
 // The backward (blas_mor_linear_bwd) makes the GEMMs a dense LoRA's backward makes (dx = dy W0 + du A_w,
 // dA = du^T x, dB = dy^T u, with du = dy B_act), no full-R work and no extra pass over the activations; the
 // gate's gradient is a per-sample reduction of du * u (n columns).
@@ -131,8 +132,8 @@ at::Tensor blas_merged_weights_cpu(const at::Tensor& weight, const at::Tensor& l
   TORCH_CHECK_VALUE(idx.dim() == 2 && gate.sizes() == idx.sizes() && !at::isFloatingType(idx.scalar_type()),
                     "mor::blas_merged_weights: idx (B, k) integer and gate of the same shape expected, got idx ",
                     idx.sizes(), " ", idx.scalar_type(), ", gate ", gate.sizes());
-  TORCH_CHECK_VALUE(num_shared >= 0 && num_shared <= lora_a.size(0), "mor::blas_merged_weights: num_shared must be in [0, ",
-                    lora_a.size(0), "], got ", num_shared);
+  TORCH_CHECK_VALUE(num_shared >= 0 && num_shared <= lora_a.size(0),
+                    "mor::blas_merged_weights: num_shared must be in [0, ", lora_a.size(0), "], got ", num_shared);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto ct = blas_compute_dtype(weight.scalar_type());
   const auto lists = sample_lists(idx, gate, num_shared, lora_a.size(0), scaling, false);

@@ -42,7 +42,9 @@ bool cpu_has_avx512f() {
 }
 
 // Rows per parallel chunk: at least ~64k multiply-adds, so a thread's share outweighs its start.
-int64_t grain(int64_t work_per_row) { return std::max<int64_t>(4, (int64_t{1} << 16) / std::max<int64_t>(work_per_row, 1)); }
+int64_t grain(int64_t work_per_row) {
+  return std::max<int64_t>(4, (int64_t{1} << 16) / std::max<int64_t>(work_per_row, 1));
+}
 
 #ifdef MOR_RANK_AVX512
 
@@ -260,7 +262,8 @@ void rank_update_rows(const float* c, int64_t ldc, float* out, int64_t ldo, int6
 void rank_down(const float* x, int64_t ldx, int64_t m, int64_t k, const float* const* rows, int64_t n, float* u,
                int64_t ldu) {
 #ifdef MOR_RANK_AVX512
-  at::parallel_for(0, m, grain(k * n), [&](int64_t t0, int64_t t1) { down_avx512(x, ldx, t0, t1, k, rows, n, u, ldu); });
+  at::parallel_for(0, m, grain(k * n),
+                   [&](int64_t t0, int64_t t1) { down_avx512(x, ldx, t0, t1, k, rows, n, u, ldu); });
 #else
   TORCH_CHECK(false, "mor: rank_down needs AVX-512F (callers check rank_kernels_on())");
 #endif
@@ -280,7 +283,8 @@ void rank_up(float* y, int64_t ldy, int64_t m, int64_t cols, const float* u, int
 void rank_coef(const float* b, int64_t ldb, int64_t m, const int64_t* rank, const float* w, int64_t n, float* out,
                int64_t ldo) {
 #ifdef MOR_RANK_AVX512
-  at::parallel_for(0, m, grain(4 * n), [&](int64_t o0, int64_t o1) { coef_avx512(b, ldb, o0, o1, rank, w, n, out, ldo); });
+  at::parallel_for(0, m, grain(4 * n),
+                   [&](int64_t o0, int64_t o1) { coef_avx512(b, ldb, o0, o1, rank, w, n, out, ldo); });
 #else
   TORCH_CHECK(false, "mor: rank_coef needs AVX-512F (callers check rank_kernels_on())");
 #endif

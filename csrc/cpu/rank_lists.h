@@ -3,11 +3,12 @@
 // With sample routing every token of a sample uses the same ranks: the S shared ranks, then the routed ranks
 // its k slots picked (slot order; a zero slot, idx = -1 or any index outside [0, E), picks nothing; a rank
 // picked by two slots appears twice, each with its own gate, so their contributions add up as in every
-// backend). A list holds those ranks and their weights scaling * g. The BLAS path gathers the list's rows of
-// lora_a and columns of lora_b and runs ordinary GEMMs on them: the work follows the active ranks, and a rank
-// no list holds is never read, so a NaN or inf in it cannot reach an output or a gradient (MOR_SPEC 2.2).
-// Reading idx on the host is free for CPU tensors; this is the C++ twin of mor_kernels/reference/rank_lists.py
-// (Punica/S-LoRA's segment idea, one segment per sample), without its tensor ops.
+// backend). A list holds those ranks and their weights scaling * g. The BLAS path reads the list's rows of
+// lora_a and columns of lora_b (in place in the rank kernels, rank_kernels.h; else gathered for ordinary GEMMs):
+// the work follows the active ranks, and a rank no list holds is never read, so a NaN or inf in it cannot reach
+// an output or a gradient (MOR_SPEC 2.2). Reading idx on the host is free for CPU tensors; this is the C++ twin
+// of mor_kernels/reference/rank_lists.py (Punica/S-LoRA's segment idea, one segment per sample), without its
+// tensor ops.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -194,8 +195,8 @@ inline void merged_weight_out(at::Tensor& out, const at::Tensor& w0, const at::T
   }
 }
 
-inline at::Tensor merged_weight(const at::Tensor& w0, const at::Tensor& a, const at::Tensor& b, const SampleLists& lists,
-                                int64_t l, bool fast) {
+inline at::Tensor merged_weight(const at::Tensor& w0, const at::Tensor& a, const at::Tensor& b,
+                                const SampleLists& lists, int64_t l, bool fast) {
   auto out = at::empty({w0.size(0), w0.size(1)}, w0.options());
   merged_weight_out(out, w0, a, b, lists, l, fast);
   return out;
