@@ -52,23 +52,12 @@ PATHS = ("base", "lowrank", "merged")
 
 
 def keep_freed_memory() -> str:
-    """On Linux/glibc: ``mallopt`` so that freed memory stays in the process (no ``mmap`` per large block, no
-    trimming). Without it every conv call page-faults a fresh weight-sized buffer (oneDNN reorders the weight
-    in each call: ~14k minor faults for a 1280x1280x3x3 conv, 0.4-1.2 s of kernel time per SD 2.1 UNet forward
-    on this project's CPU), time that is the same for the three paths of a layer and hides what the adapter
-    costs. Returns what it did, for the header."""
-    import ctypes
-    import ctypes.util
+    """``mor_model.cpu_memory.keep_freed_memory``: without it every conv call page-faults a fresh weight-sized
+    buffer (oneDNN reorders the weight in each call: ~14k minor faults for a 1280x1280x3x3 conv), time that is
+    the same for the three paths of a layer and hides what the adapter costs. Returns what it did."""
+    from mor_model.cpu_memory import keep_freed_memory as keep
 
-    if not sys.platform.startswith("linux"):
-        return "allocator left alone (not Linux)"
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
-        ok = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
-    except (OSError, AttributeError) as err:
-        return f"allocator left alone ({err})"
-    return "freed memory kept in the process (glibc mallopt)" if ok else "allocator left alone (mallopt refused)"
+    return keep()
 
 
 def parse_args(argv=None):

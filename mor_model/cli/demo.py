@@ -14,7 +14,16 @@ import signal
 import tempfile
 from pathlib import Path
 
-from .common import EXIT_OK, EXIT_USAGE, add_model_args, device_problem, err, positive_int, resolve_sources
+from .common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    add_model_args,
+    device_problem,
+    err,
+    keep_freed_memory_on_cpu,
+    positive_int,
+    resolve_sources,
+)
 
 
 def add_parser(sub) -> None:
@@ -111,6 +120,7 @@ def run(args) -> int:
             backend=args.backend,
             max_pixels=args.max_pixels,
         )
+        keep_freed_memory_on_cpu(args.device)  # this process serves one model for its life
         try:
             engine.pipeline(args.dtype, args.fold_shared)  # load now: a broken model fails here, not on the page
         except (FileNotFoundError, ValueError, TypeError, OSError) as e:
