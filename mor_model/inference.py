@@ -13,7 +13,8 @@ cost model: the **merged path** (``W_b = W0 + B_act diag(g) A_act`` built on the
 it and kept for the image's later calls: tiles, the GroupNorm statistics pass), the **prepared
 low-rank path** where ``"auto"`` runs the reference backend (the base layer plus two skinny GEMMs: the
 op count of a dense LoRA), or the backend's fused op with the prepared routing (the BLAS op on a CPU,
-which gathers the active ranks itself). The merged and reference paths use the layer's active low-rank
+which reads the active ranks itself). On a CPU in float32 the BLAS op ``mor::blas_merged_weights`` makes
+the merged weights in one call; otherwise the merged and the reference paths use the layer's active low-rank
 factors (``mor_kernels.reference.factors``: the picked rows of ``A``, the picked columns of ``B`` with
 the gates folded in), gathered on their first use in the image; a layer on a fused op never makes them.
 ``layer.last_path`` says which ran and why. Which path a layer runs depends on sizes and settings only:
@@ -191,8 +192,8 @@ def _plan(layer, x: torch.Tensor, weight: torch.Tensor, conv: dict | None) -> tu
     """``(path, why)`` for a call of ``layer`` on ``x``'s size: ``path`` is ``"merged"`` (the merged weights made
     from the rank factors), ``"merged_op"`` (made by the BLAS op ``mor::blas_merged_weights``: float32 where
     ``backend`` resolves to ``"blas"``), ``"reference"`` (the prepared low-rank path) or ``"fused"`` (the
-    backend's op with the prepared routing). Depends on sizes and
-    settings only, so :func:`_decide` keeps it on the layer across images."""
+    backend's op with the prepared routing). Depends on sizes and settings only, so :func:`_decide` keeps it on
+    the layer across images."""
     batch = x.shape[0]
     if conv is None:
         tokens, c_in = x.numel() // max(batch * x.shape[-1], 1), x.shape[-1]

@@ -129,9 +129,11 @@ at::Tensor blas_merged_weights_cpu(const at::Tensor& weight, const at::Tensor& l
                     "mor::blas_merged_weights: weight (d_out, ...), lora_a (R, ...) with weight's trailing sizes and "
                     "lora_b (d_out, R) expected, got weight ", weight.sizes(), ", lora_a ", lora_a.sizes(), ", lora_b ",
                     lora_b.sizes());
-  TORCH_CHECK_VALUE(idx.dim() == 2 && gate.sizes() == idx.sizes() && !at::isFloatingType(idx.scalar_type()),
-                    "mor::blas_merged_weights: idx (B, k) integer and gate of the same shape expected, got idx ",
-                    idx.sizes(), " ", idx.scalar_type(), ", gate ", gate.sizes());
+  TORCH_CHECK_VALUE(idx.dim() == 2 && gate.sizes() == idx.sizes() &&
+                        (idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong) &&
+                        at::isFloatingType(gate.scalar_type()),
+                    "mor::blas_merged_weights: idx (B, k) int32/int64 and a float gate of the same shape expected, "
+                    "got idx ", idx.sizes(), " ", idx.scalar_type(), ", gate ", gate.sizes(), " ", gate.scalar_type());
   TORCH_CHECK_VALUE(num_shared >= 0 && num_shared <= lora_a.size(0),
                     "mor::blas_merged_weights: num_shared must be in [0, ", lora_a.size(0), "], got ", num_shared);
   at::AutoDispatchBelowADInplaceOrView below_autograd;

@@ -7,9 +7,10 @@ either in the AVX-512 rank kernels (``csrc/cpu/rank_kernels.h``: float32 on a CP
 active rows of ``lora_a`` and columns of ``lora_b`` where they are) or, without them, in ATen GEMMs on the
 gathered active ranks (gates folded in): per-sample merged weights (inference, when the cost model says so) or
 the low-rank path (``u = A_act x``, ``y += B_act diag(g) u`` in place), and a backward with a dense LoRA's
-GEMMs (ATen only). :func:`rank_kernels` says which runs here. On a CPU the cost of a MoR layer next to its base GEMM is mostly per-op
-overhead (each torch op issued after the base GEMM waits on the caches it evicted), so the whole op is one
-dispatcher hop instead of the reference's dozen Python-issued ops; the FLOPs are the reference's.
+GEMMs (ATen only). :func:`rank_kernels` says which runs here. On a CPU the cost of a MoR layer next to its
+base GEMM is mostly per-op overhead (each torch op issued after the base GEMM waits on the caches it evicted),
+so the whole op is one dispatcher hop instead of the reference's dozen Python-issued ops; the FLOPs are the
+reference's.
 
 Same maths as the reference (:mod:`mor_kernels.reference`), which stays the test oracle; the C++ loop kernels
 (``backend="cpp"``) stay the CUDA kernels' oracle-independent CPU twin. Token routing has no per-sample
@@ -58,8 +59,10 @@ def rank_kernels() -> str:
         return f"nowhere: {_LOAD_ERROR}"
     if torch.ops.mor.cpu_rank_kernels(None):
         return "the AVX-512 rank kernels (csrc/cpu/rank_kernels.h; float64 in ATen GEMMs)"
-    why = ("MOR_CPU_RANK_KERNELS=0 or torch.ops.mor.cpu_rank_kernels(False) switched them off" if "AVX512" in torch.backends.cpu.get_cpu_capability()
-           else "this CPU has no AVX-512F")  # fmt: skip
+    if "AVX512" in torch.backends.cpu.get_cpu_capability():
+        why = "MOR_CPU_RANK_KERNELS=0 or torch.ops.mor.cpu_rank_kernels(False) switched them off"
+    else:
+        why = "this CPU has no AVX-512F"
     return f"ATen GEMMs on the gathered ranks ({why})"
 
 

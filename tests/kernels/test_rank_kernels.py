@@ -169,5 +169,7 @@ def test_merged_weights_op_names_bad_arguments():
     c = random_case(d_in=6, d_out=5)
     with pytest.raises(ValueError, match="lora_b \\(d_out, R\\)"):
         torch.ops.mor.blas_merged_weights(c.weight, c.lora_a, c.lora_b.t(), c.idx, c.gate, c.num_shared, 1.0)
-    with pytest.raises(ValueError, match="idx \\(B, k\\) integer"):
+    with pytest.raises(ValueError, match="idx \\(B, k\\) int32/int64 and a float gate"):
         torch.ops.mor.blas_merged_weights(c.weight, c.lora_a, c.lora_b, c.gate, c.gate, c.num_shared, 1.0)
+    with pytest.raises(ValueError, match="a float gate"):
+        torch.ops.mor.blas_merged_weights(c.weight, c.lora_a, c.lora_b, c.idx, c.idx, c.num_shared, 1.0)
