@@ -49,7 +49,7 @@ void add_pixel_mm(at::Tensor y, const at::Tensor& u, const at::Tensor& b, const 
     return;
   }
   if (fast) {  // per sample: y_s (C_out, P) += m u_s, u_s's n rows read in place
-    const auto m = rank_coef(b, lists, l, true);
+    const auto m = rank_coef(b, lists, l);
     std::vector<const float*> rows(n);
     for (int64_t s = 0; s < y.size(0); ++s) {
       for (int64_t i = 0; i < n; ++i) rows[i] = u.data_ptr<float>() + (s * n + i) * pixels;

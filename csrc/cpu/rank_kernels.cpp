@@ -1,11 +1,14 @@
 // The AVX-512 rank kernels of the BLAS CPU path (see rank_kernels.h for what they compute and why).
 //
-// Both are register-blocked outer-product loops in the style of a GEMM micro-kernel (BLIS's idea: keep a block of
-// the output in registers and stream the two operands past it once per block), sized for a small inner dimension:
+// Register-blocked loops in the style of a GEMM micro-kernel (BLIS's idea: keep a block of the output in registers
+// and stream the two operands past it once per block), sized for a small rank dimension:
 //   - rank_update_rows keeps a 4 x 64 block of `out` in 16 zmm registers; per rank i it loads 64 columns of
 //     rows[i] (4 vectors) and broadcasts 4 coefficients: 16 FMAs for 8 loads.
-//   - rank_down keeps 8 tokens x 16 ranks of u in 8 registers; per input feature it loads 16 ranks of `at` and
-//     broadcasts 8 activations.
+//   - rank_down keeps 4 tokens x 4 ranks of dot products in 16 registers, 16 features per step: 16 FMAs for 8
+//     loads, each sum reduced across its lanes at the end.
+//   - rank_up gathers 16 weighted columns of lora_b into registers per 16 output columns, then streams 8 tokens
+//     at a time past them.
+//   - rank_coef: one vector gather of a lora_b row's active entries per row.
 // Columns past a multiple of 16 use masked loads and stores, so nothing outside a row is read or written.
 #include "rank_kernels.h"
 
@@ -14,9 +17,9 @@
 
 #include <algorithm>
 #include <array>
-#include <utility>
 #include <atomic>
 #include <optional>
+#include <utility>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -235,12 +238,6 @@ MOR_AVX512_FN void coef_avx512(const float* b, int64_t ldb, int64_t o0, int64_t 
 }  // namespace
 
 bool rank_kernels_on() { return cpu_has_avx512f() && g_enabled.load(std::memory_order_relaxed); }
-
-const char* rank_kernels_off_reason() {
-  if (!cpu_has_avx512f()) return "this CPU (or this build's compiler) has no AVX-512F";
-  if (!g_enabled.load(std::memory_order_relaxed)) return "switched off (torch.ops.mor.cpu_rank_kernels(False))";
-  return "";
-}
 
 bool cpu_rank_kernels(std::optional<bool> enable) {
   const bool before = rank_kernels_on();

@@ -3,15 +3,15 @@
 //
 // Why: MoR's rank work is GEMMs with one dimension = the active ranks n (16 by default). MKL runs those skinny
 // shapes far below its large-GEMM rate (benchmarks/README.md: 15-30 GFLOP/s with cold operands against ~150 for
-// the base GEMM), and each call needs its operands gathered first. Two small register-blocked loops do the
-// same work at close to the FMA rate, reading the active rows of lora_a in place (no gather):
+// the base GEMM), and each call needs its operands gathered first. Small register-blocked loops do the same
+// work closer to the FMA rate, reading the active ranks of lora_a and lora_b where they are (no gathered copy):
 //   - rank_update_rows: out = c + coef @ rows, coef (m, n), rows n pointers to rows of length cols: the
 //     per-sample merge W_b = W0 + (B_act diag(w)) A_act (rows = lora_a's active rows, read where they are; coef
 //     from rank_coef), and a NCHW conv's up-projection y_s += (B_act diag(w)) u_s;
 //   - rank_down: u = x A_act^T, dot products against lora_a's active rows in place;
 //   - rank_up: y += u (B_act diag(w))^T, lora_b's active columns gathered into registers (no copy);
 //   - rank_coef: B_act diag(w) itself, one vector gather per row.
-// Both split their rows over ATen's intra-op threads. When the CPU lacks AVX-512F (checked at run time), or the
+// Each splits its rows over ATen's intra-op threads. When the CPU lacks AVX-512F (checked at run time), or the
 // kernels are switched off (cpu_rank_kernels(false), the tests' way to compare both paths), the callers use their
 // ATen GEMMs as before: rank_kernels_on() says which.
 #pragma once
@@ -26,9 +26,6 @@ bool rank_kernels_on();
 // torch.ops.mor.cpu_rank_kernels(enable=None) -> bool: whether they ran before the call; enable switches them on
 // or off for the process (they still need AVX-512F).
 bool cpu_rank_kernels(std::optional<bool> enable);
-
-// Why they do not run, or "" when they do (for explain_backend).
-const char* rank_kernels_off_reason();
 
 // out[r, :cols] = c[r, :cols] + sum_i coef[r * ldcoef + i] * rows[i][:cols], r < m. out may be c (in place).
 void rank_update_rows(const float* c, int64_t ldc, float* out, int64_t ldo, int64_t m, int64_t cols,

@@ -166,9 +166,8 @@ inline std::vector<float> rank_weights(const SampleLists& s, int64_t l) {
   return std::vector<float>(s.weight.begin() + l * s.width, s.weight.begin() + l * s.width + s.count[l]);
 }
 
-// B_act diag(w) (d_out, n) of lora_b (d_out, R), contiguous: with `fast` (float32) in rank_coef, else gather_cols.
-inline at::Tensor rank_coef(const at::Tensor& b, const SampleLists& s, int64_t l, bool fast) {
-  if (!fast) return gather_cols(b, s, l, true);
+// B_act diag(w) (d_out, n) of float32 lora_b (d_out, R), contiguous, by the rank kernel (gather_cols' twin).
+inline at::Tensor rank_coef(const at::Tensor& b, const SampleLists& s, int64_t l) {
   const int64_t n = s.count[l];
   auto out = at::empty({b.size(0), n}, b.options());
   const auto w = rank_weights(s, l);
@@ -188,7 +187,7 @@ inline void merged_weight_out(at::Tensor& out, const at::Tensor& w0, const at::T
   } else if (!fast) {
     at::addmm_out(out, w0, gather_cols(b, lists, l, true), gather_rows(a, lists, l, false));
   } else {
-    const auto coef = rank_coef(b, lists, l, true);
+    const auto coef = rank_coef(b, lists, l);
     const auto rows = rank_row_ptrs(a, lists, l);
     rank_update_rows(w0.data_ptr<float>(), w0.stride(0), out.data_ptr<float>(), d_in, d_out, d_in,
                      coef.data_ptr<float>(), n, n, rows.data());
