@@ -309,6 +309,7 @@ at::Tensor blas_mor_conv2d(const at::Tensor& x, const at::Tensor& weight, const 
     return BlasMorConv2d::apply(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding,
                                 dilation, check_indices);
   }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // no graph to record (as blas_mor_linear)
   return std::get<0>(call_fwd(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding,
                               dilation, merge_above, check_indices, false));
 }
