@@ -183,6 +183,45 @@ def test_torch_compile_runs_the_op_through_its_fakes():
 
 
 @pytest.mark.parametrize("op", ["linear", "conv"])
+def test_inference_calls_record_no_graph_and_training_calls_do(op):
+    """The public op's inference branch dispatches below autograd: under no_grad (inputs requiring grad or not)
+    and with grad enabled but nothing requiring it, the output has no grad_fn and equals the forward op's; with
+    an input requiring grad it records the backward and its gradient is the reference's."""
+    kw = {"kernel_size": 3, "conv": {"padding": (1, 1)}} if op == "conv" else {}
+    c = random_case(seed=_seed("graph", op), **kw)
+    want = _run(op, c.to(torch.float64), REF[op])
+    plain = _run(op, c, "blas", merge="never")
+    assert plain.grad_fn is None and not plain.requires_grad
+    assert_parity(plain, want, dtype=torch.float32, name=f"{op} grad enabled, nothing requiring it")
+    leaves = c.to(torch.float32, requires_grad=True)
+    with torch.no_grad():
+        y = _run(op, leaves, "blas", merge="never")
+    assert y.grad_fn is None and not y.requires_grad
+    torch.testing.assert_close(y, plain, rtol=0, atol=0)
+    y = _run(op, leaves, "blas")
+    assert y.grad_fn is not None
+    torch.testing.assert_close(y, plain, rtol=0, atol=0)
+    y.sum().backward()
+    oracle = c.to(torch.float64, requires_grad=True)
+    _run(op, oracle, REF[op]).sum().backward()
+    assert_parity(leaves.x.grad, oracle.x.grad, dtype=torch.float32, name=f"{op} dx")
+
+
+def test_torch_compile_traces_the_inference_branch():
+    """Under no_grad the compiled call takes the op's inference branch (below autograd) and matches eager."""
+    c = random_case(seed=8, tokens=40, d_in=24, d_out=20).to(torch.float32)
+
+    def fn(x, w, b, a, bb, g):
+        return mor_kernels.mor_linear(x, w, b, a, bb, c.idx, g, c.num_shared, c.scaling, backend="blas")
+
+    leaves = (c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.gate)
+    with torch.no_grad():
+        y = torch.compile(fn, backend="aot_eager", fullgraph=True)(*leaves)
+        eager = fn(*leaves)
+    torch.testing.assert_close(y, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["linear", "conv"])
 def test_opcheck(op):
     c = random_case(seed=6, **({"kernel_size": 3, "conv": {"padding": (1, 1)}} if op == "conv" else {}))
     if op == "linear":
