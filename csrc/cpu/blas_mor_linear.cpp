@@ -288,7 +288,7 @@ at::Tensor blas_mor_linear(const at::Tensor& x, const at::Tensor& weight, const 
                     (x.requires_grad() || weight.requires_grad() || requires_grad(bias) || lora_a.requires_grad() ||
                      lora_b.requires_grad() || gate.requires_grad());
   if (grad) return BlasMorLinear::apply(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, check_indices);
-  // no graph to record: straight to the CPU kernel (through the autograd fallback this cost ~7 us per call)
+  // no graph to record: straight to the CPU kernel (through the autograd fallback this cost ~9 us per call)
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return std::get<0>(
       call_fwd(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, merge_above, check_indices, false));

@@ -3,7 +3,8 @@
 // Register-blocked loops in the style of a GEMM micro-kernel (BLIS's idea: keep a block of the output in registers
 // and stream the two operands past it once per block), sized for a small rank dimension:
 //   - rank_update_rows keeps a 4 x 64 block of `out` in 16 zmm registers; per rank i it loads 64 columns of
-//     rows[i] (4 vectors) and broadcasts 4 coefficients: 16 FMAs for 8 loads.
+//     rows[i] (4 vectors) and broadcasts 4 coefficients: 16 FMAs for 8 loads; it prefetches c and out a few
+//     blocks ahead (cold weights stream from memory).
 //   - rank_down keeps 4 tokens x 4 ranks of dot products in 16 registers, 16 features per step: 16 FMAs for 8
 //     loads, each sum reduced across its lanes at the end.
 //   - rank_up gathers 16 weighted columns of lora_b into registers per 16 output columns, then streams 8 tokens
