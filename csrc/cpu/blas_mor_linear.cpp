@@ -233,6 +233,9 @@ std::tuple<at::Tensor, at::Tensor> call_fwd(const at::Tensor& x, const at::Tenso
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mor::blas_mor_linear_fwd", "")
                        .typed<decltype(blas_mor_linear_fwd_cpu)>();
+  // the _fwd op has no autograd kernel and records nothing: dispatched below autograd (through the autograd
+  // fallback this cost ~9 us per call)
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, merge_above, check_indices, store_u);
 }
 
@@ -241,7 +244,6 @@ struct BlasMorLinear : public torch::autograd::Function<BlasMorLinear> {
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_a, const at::Tensor& lora_b,
                             const at::Tensor& idx, const at::Tensor& gate, int64_t num_shared, double scaling,
                             bool check_indices) {
-    at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, u] = call_fwd(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling,
                            std::numeric_limits<double>::infinity(), check_indices, true);
     ctx->save_for_backward({x, weight, lora_a, lora_b, idx, gate, u});
@@ -288,8 +290,6 @@ at::Tensor blas_mor_linear(const at::Tensor& x, const at::Tensor& weight, const 
                     (x.requires_grad() || weight.requires_grad() || requires_grad(bias) || lora_a.requires_grad() ||
                      lora_b.requires_grad() || gate.requires_grad());
   if (grad) return BlasMorLinear::apply(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, check_indices);
-  // no graph to record: straight to the CPU kernel (through the autograd fallback this cost ~9 us per call)
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
   return std::get<0>(
       call_fwd(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, merge_above, check_indices, false));
 }
