@@ -37,11 +37,12 @@ def naive_route(logits: torch.Tensor, top_k: int, num_zero: int, renormalize: bo
 
 
 def _unit_gates(idx_row, gate_row, num_shared):
-    """(rank, weight) pairs for one routing unit: shared ranks with weight 1, then the routed picks."""
+    """(rank, weight) pairs for one routing unit: shared ranks with weight 1, then the routed picks (a pick
+    with a gate of exactly 0 has g_r = 0: the unit does not use that rank, MOR_SPEC 2.2)."""
     pairs = [(r, None) for r in range(num_shared)]
     for j in range(idx_row.shape[0]):
         slot = int(idx_row[j])
-        if slot >= 0:
+        if slot >= 0 and float(gate_row[j]) != 0:
             pairs.append((num_shared + slot, gate_row[j]))
     return pairs
 

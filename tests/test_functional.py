@@ -201,3 +201,69 @@ def test_conv_with_no_input_channels_is_a_value_error(backend, device):
         ValueError, match=r"x must have at least one input channel \(C_in >= 1\), got shape \(2, 0, 5, 7\)"
     ):
         mor_kernels.mor_conv2d(x, weight, c.bias, lora_a, c.lora_b, c.idx, c.gate, 2, 0.75, padding=1, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MOR_SPEC 2.2: g_r = 0 means the unit does not use rank r. A slot that picks a rank with a gate of exactly 0
+# (a softmax probability that underflowed, or a gate set to 0 by hand) is therefore a zero slot: it adds
+# nothing, whatever the rank's weights hold, and its gate gets no gradient, like every rank the unit does not
+# use.
+
+
+def _zero_gate_case(op: str, routing: str):
+    """The poisoned case of the test above with the picking unit's slot-0 gate set to exactly 0, and the same
+    case with that slot a zero slot (``idx = -1``) instead."""
+    c, picker, rank = _poisoned_case(op, routing)
+    c.gate = c.gate.clone()
+    c.gate[picker + (0,)] = 0.0
+    zero = c.to(torch.float32)
+    zero.idx = c.idx.clone()
+    zero.idx[picker + (0,)] = -1
+    return c, zero, rank
+
+
+def _merged_forward(op, c, backend):
+    args = (c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx, c.gate, c.num_shared, c.scaling)
+    with torch.no_grad():
+        if op == "conv":
+            return mor_kernels.mor_conv2d(*args, padding=1, backend=backend, check_indices=False, merge="always")
+        return mor_kernels.mor_linear(*args, backend=backend, check_indices=False, merge="always")
+
+
+@pytest.mark.parametrize("poison", [None, *POISON])
+@pytest.mark.parametrize("op,routing", [("linear", "sample"), ("linear", "token"), ("conv", "sample")])
+@pytest.mark.parametrize("backend,device", _backend_params("mor_linear"))
+def test_a_picked_slot_with_gate_zero_is_a_zero_slot(backend, device, op, routing, poison):
+    """Output and every gradient (the slot's own gate gradient included: 0) equal those of the same call with
+    that slot a zero slot, bit for bit, with finite weights and with NaN/inf in the rank it points at; the
+    merged path (inference) too."""
+    if op == "conv" and dispatch.unavailable_reason(backend, "mor_conv2d", torch.device(device)) is not None:
+        pytest.skip(dispatch.unavailable_reason(backend, "mor_conv2d", torch.device(device)))
+    c, zero, rank = _zero_gate_case(op, routing)
+    want_y, want_g = _run_poison(op, zero, backend, device)
+    if poison is not None:
+        where, value = POISON[poison]
+        c = c.to(torch.float32)
+        if "a" in where:
+            c.lora_a[rank].view(-1)[1] = value
+        if "b" in where:
+            c.lora_b[3, rank] = value
+    y, g = _run_poison(op, c, backend, device)
+    assert torch.isfinite(want_y).all()
+    assert torch.equal(y, want_y), "a slot with gate 0 changed the output"
+    for name in ("x", "gate", "weight", "bias"):
+        assert torch.equal(g[name], want_g[name]), f"d{name} differs from the zero-slot call"
+    keep = torch.arange(c.lora_a.shape[0]) != rank  # a poisoned rank's own gradient may be anything
+    if poison is None:
+        keep[:] = True
+    assert torch.equal(g["lora_a"][keep], want_g["lora_a"][keep]), "dlora_a differs from the zero-slot call"
+    assert torch.equal(g["lora_b"][:, keep], want_g["lora_b"][:, keep]), "dlora_b differs from the zero-slot call"
+    if routing == "sample" and device == "cpu":
+        t, z = c.to(torch.float32), zero.to(torch.float32)
+        got = _merged_forward(op, t, backend)
+        assert torch.isfinite(got).all(), "the merged path let a zero-gate slot's rank into W_b"
+        assert torch.equal(got, _merged_forward(op, z, backend))
+        if backend == "blas":  # the per-image merged weights of mor_model.inference
+            merged = [torch.ops.mor.blas_merged_weights(u.weight, u.lora_a, u.lora_b, u.idx, u.gate, u.num_shared,
+                                                        u.scaling) for u in (t, z)]  # fmt: skip
+            assert torch.isfinite(merged[0]).all() and torch.equal(merged[0], merged[1])

@@ -9,7 +9,8 @@ namespace mor {
 
 // For each routing unit u (a sample, or a token): the active ranks (shared ranks, then the routed ranks
 // picked by at least one slot, in slot order) and their scaled dense gate scaling * g_r (MOR_SPEC 2.1; a rank
-// picked by two slots gets the sum of both gates). Index values outside [0, E) are zero slots.
+// picked by two slots gets the sum of both gates). Index values outside [0, E) are zero slots, and so is a slot
+// whose gate is exactly 0.
 struct UnitGates {
   int64_t ranks = 0;
   std::vector<int32_t> rank;   // (units, ranks): rank[u * ranks + a], a < count[u]
@@ -44,7 +45,8 @@ struct UnitGates {
         }
         for (int64_t j = 0; j < k; ++j) {
           const int64_t slot = ip[u * k + j];
-          if (slot < 0 || slot >= num_routed) continue;  // zero slot (or an out-of-range index)
+          // a zero slot (or an out-of-range index), or a gate of exactly 0: g_r = 0 adds nothing (MOR_SPEC 2.2)
+          if (slot < 0 || slot >= num_routed || gp[u * k + j] == 0.f) continue;
           const int64_t r = num_shared + slot;
           dense[r] += gp[u * k + j];
           if (!on[r]) {

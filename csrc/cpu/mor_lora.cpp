@@ -170,10 +170,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd_cpu(
     grad_b = sum_outer(hgp, dyp, n_total, ranks, d_out, f32).t().contiguous().to(x.scalar_type());
   }
   if (output_mask[3]) {
-    // d gate_j = scaling * sum over the unit's tokens of dyB[r] h[r], r = S + idx_j (0 for a zero slot).
+    // d gate_j = scaling * sum over the unit's tokens of dyB[r] h[r], r = S + idx_j (0 for a zero slot, and for
+    // a slot whose gate is exactly 0: the unit does not use that rank).
     grad_gate = at::empty(idx.sizes(), f32);
     auto idx_c = idx.contiguous();
+    auto gate_c = gate.contiguous();
     const int32_t* ip = idx_c.data_ptr<int32_t>();
+    const float* gv = gate_c.data_ptr<float>();
     float* gp = grad_gate.data_ptr<float>();
     const int64_t units = idx.numel() / k;
     const int64_t per_unit = s.token_routing ? 1 : s.tokens;
@@ -184,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd_cpu(
         for (int64_t j = 0; j < k; ++j) {
           const int64_t slot = ip[u * k + j];
           double acc = 0.0;
-          if (slot >= 0 && slot < num_routed) {
+          if (slot >= 0 && slot < num_routed && gv[u * k + j] != 0.f) {
             const int64_t r = num_shared + slot;
             for (int64_t t = 0; t < per_unit; ++t) acc += qp[(u * per_unit + t) * ranks + r];
           }

@@ -99,7 +99,9 @@ inline SampleLists sample_lists(const at::Tensor& idx, const at::Tensor& gate, i
     }
     for (int64_t j = 0; j < k; ++j) {
       const int64_t v = iv[l * k + j];
-      if (v < 0 || v >= num_routed) continue;  // a zero slot (or, unchecked, an index outside [0, E))
+      // a zero slot (or, unchecked, an index outside [0, E)), or a gate of exactly 0: g_r = 0, the sample does not
+      // use the rank (MOR_SPEC 2.2), whatever its weights hold, and the slot's gate gets no gradient
+      if (v < 0 || v >= num_routed || gv[l * k + j] == 0.0) continue;
       rk[n] = num_shared + v;
       sl[n] = j;
       w[n++] = scaling * gv[l * k + j];

@@ -63,7 +63,8 @@ __global__ void __launch_bounds__(kThreads)
       const int t = e / k;
       const int64_t o = (n0 + t) * k + e % k;
       const int slot = idx[o];
-      dgate[o] = (slot >= 0 && slot < num_routed) ? scaling * sm.U[t * ranks + num_shared + slot] : 0.f;
+      const bool used = slot >= 0 && slot < num_routed && gate[o] != 0.f;  // a gate of 0: the rank is not used
+      dgate[o] = used ? scaling * sm.U[t * ranks + num_shared + slot] : 0.f;
     }
   } else {
     const int64_t tiles = gridDim.x;
@@ -75,16 +76,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Sample routing: dgate[b, j] = scaling * sum over tiles of qpart[b, tile, S + idx[b, j]] (0 for a zero slot).
+// Sample routing: dgate[b, j] = scaling * sum over tiles of qpart[b, tile, S + idx[b, j]] (0 for a zero slot and
+// for a gate of exactly 0, which does not use its rank).
 __global__ void lora_bwd_gate_kernel(const float* __restrict__ qpart, const int32_t* __restrict__ idx,
-                                     float* __restrict__ dgate, int64_t batch, int64_t tiles, int ranks,
+                                     const float* __restrict__ gate, float* __restrict__ dgate, int64_t batch, int64_t tiles, int ranks,
                                      int num_shared, int k, float scaling) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= batch * k) return;
   const int64_t b = e / k;
   const int slot = idx[e];
   float s = 0.f;
-  if (slot >= 0 && slot < ranks - num_shared) {
+  if (slot >= 0 && slot < ranks - num_shared && gate[e] != 0.f) {
     for (int64_t tile = 0; tile < tiles; ++tile) s += qpart[(b * tiles + tile) * ranks + num_shared + slot];
   }
   dgate[e] = scaling * s;
@@ -234,7 +236,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd(
     } else {
       const int64_t units = s.batch * k;
       lora_bwd_gate_kernel<<<static_cast<unsigned>((units + 127) / 128), 128, 0, stream>>>(
-          qpart.data_ptr<float>(), idx_c.data_ptr<int32_t>(), grad_gate.data_ptr<float>(), s.batch, tiles,
+          qpart.data_ptr<float>(), idx_c.data_ptr<int32_t>(), gate_c.data_ptr<float>(), grad_gate.data_ptr<float>(),
+          s.batch, tiles,
           static_cast<int>(ranks), static_cast<int>(num_shared), static_cast<int>(k), sc);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

@@ -43,7 +43,8 @@ __device__ inline void build_active(const int32_t* __restrict__ idx_row, const f
   const int num_routed = ranks - num_shared;
   for (int j = 0; j < k; ++j) {
     const int slot = idx_row[j];
-    if (slot < 0 || slot >= num_routed) continue;  // zero slot, or an index outside [0, E): ignored
+    // a zero slot, an index outside [0, E) or a gate of exactly 0 (g_r = 0: the rank is not used, MOR_SPEC 2.2)
+    if (slot < 0 || slot >= num_routed || gate_row[j] == 0.f) continue;
     const int r = num_shared + slot;
     int a = num_shared;
     while (a < n && rank[a] != r) ++a;

@@ -75,7 +75,7 @@ def _conv_up_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     mask_m = offs_m < P
     mask_n = offs_n < c_out
-    rank, active = _rank_list(idx_ptr, stride_ib, pid_b, num_shared, num_routed, TOP_K, RP, False)
+    rank, active = _rank_list(idx_ptr, gate_ptr, stride_ib, pid_b, num_shared, num_routed, TOP_K, RP, False)
     u = tl.load(
         zr_ptr + pid_b * stride_rb + rank[None, :] * stride_rc + offs_m[:, None] * stride_rp,
         mask=mask_m[:, None] & active[None, :],
@@ -119,7 +119,7 @@ def _conv_bwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     mask_m = offs_m < P
     p = tl.arange(0, RP)
-    rank, active = _rank_list(idx_ptr, stride_ib, pid_b, num_shared, num_routed, TOP_K, RP, False)
+    rank, active = _rank_list(idx_ptr, gate_ptr, stride_ib, pid_b, num_shared, num_routed, TOP_K, RP, False)
     g = _gates(idx_ptr, gate_ptr, stride_ib, 0, pid_b, offs_m, mask_m, num_shared, num_routed, scaling,
                TOP_K, RP, False, BLOCK_M)  # fmt: skip
     u = tl.load(
@@ -254,7 +254,7 @@ def rank_backward(dy, z_rank, lora_b, idx, gate, num_shared: int, scaling: float
         SPLIT=splits, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
     )  # fmt: skip
     if need_db or need_dg:
-        reduce(part, gpart, idx, num_shared, ranks, rp, n_m, 0, c_out, None, db, dgate)
+        reduce(part, gpart, idx, gate, num_shared, ranks, rp, n_m, 0, c_out, None, db, dgate)
     return dz, db, dgate
 
 

@@ -116,6 +116,7 @@ def _dot(a, b, acc):
 @triton.jit
 def _rank_list(
     idx_ptr,
+    gate_ptr,
     stride_ib,
     pid_b,
     num_shared,
@@ -134,7 +135,9 @@ def _rank_list(
         slot = p - num_shared
         is_slot = (p >= num_shared) & (slot < TOP_K)
         sel = tl.load(idx_ptr + pid_b * stride_ib + tl.where(is_slot, slot, 0), mask=is_slot, other=-1)
-        active = (p < num_shared) | (is_slot & (sel >= 0) & (sel < num_routed))
+        w = tl.load(gate_ptr + pid_b * stride_ib + tl.where(is_slot, slot, 0), mask=is_slot, other=0.0)
+        # a gate of exactly 0 is a zero slot: g_r = 0, the rank is not used (MOR_SPEC 2.2)
+        active = (p < num_shared) | (is_slot & (sel >= 0) & (sel < num_routed) & (w != 0))
         rank = tl.where(p < num_shared, p, num_shared + sel)
         rank = tl.where(active, rank, 0)
     return rank.to(tl.int64), active
@@ -317,7 +320,7 @@ def _fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     mask_m = offs_m < T
     mask_n = offs_n < d_out
-    rank, active = _rank_list(idx_ptr, stride_ib, pid_b, num_shared, num_routed, TOP_K, RP, TOKEN_ROUTING)
+    rank, active = _rank_list(idx_ptr, gate_ptr, stride_ib, pid_b, num_shared, num_routed, TOP_K, RP, TOKEN_ROUTING)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
     x_row = x_ptr + pid_b * stride_xb + offs_m[:, None] * stride_xt

@@ -93,7 +93,8 @@ def _bwd_epilogue(
                 base = pid_b * stride_ib + offs_m * stride_it
                 for j in range(TOP_K):
                     sel = tl.load(idx_ptr + base + j, mask=mask_m, other=-1)
-                    ok = (sel >= 0) & (sel < num_routed)
+                    w = tl.load(gate_ptr + base + j, mask=mask_m, other=0.0)
+                    ok = (sel >= 0) & (sel < num_routed) & (w != 0)  # a gate of 0: the rank is not used
                     dg = tl.sum(tl.where(p[None, :] == (num_shared + sel)[:, None], c, 0.0), axis=1)
                     tl.store(dgate_ptr + (pid_b * T + offs_m) * TOP_K + j, tl.where(ok, dg, 0.0), mask=mask_m)
             else:
@@ -149,7 +150,7 @@ def _bwd_kernel(
     offs_c = pid_k * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     mask_m = offs_m < T
     mask_c = offs_c < d_in
-    rank, active = _rank_list(idx_ptr, stride_ib, pid_b, num_shared, num_routed, TOP_K, RP, TOKEN_ROUTING)
+    rank, active = _rank_list(idx_ptr, gate_ptr, stride_ib, pid_b, num_shared, num_routed, TOP_K, RP, TOKEN_ROUTING)
     part_row = part_ptr + _part_rows(pid_b, pid_m, n_m, RP, d_in + d_out)[:, None]
     first = pid_k == 0
     dy_row = dy_ptr + pid_b * stride_yb + offs_m[:, None] * stride_yt
@@ -211,7 +212,7 @@ def _bwd_kernel(
 
 @triton.jit
 def _bwd_reduce_kernel(
-    part_ptr, gpart_ptr, idx_ptr, da_ptr, db_ptr, dgate_ptr,
+    part_ptr, gpart_ptr, idx_ptr, gate_ptr, da_ptr, db_ptr, dgate_ptr,
     batch, n_m, d_in, d_out, ranks, num_shared, num_routed,
     stride_ar, stride_ak, stride_bn, stride_br, stride_ib,
     TOP_K: tl.constexpr, RP: tl.constexpr, TOKEN_ROUTING: tl.constexpr, NEED_DA: tl.constexpr,
@@ -231,7 +232,7 @@ def _bwd_reduce_kernel(
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for sample in range(batch):
             b = tl.cast(sample, tl.int64)
-            rank, active = _rank_list(idx_ptr, stride_ib, b, num_shared, num_routed, TOP_K, RP, TOKEN_ROUTING)
+            rank, active = _rank_list(idx_ptr, gate_ptr, stride_ib, b, num_shared, num_routed, TOP_K, RP, TOKEN_ROUTING)
             hit = active & (rank == pid_r)
             if tl.sum(hit.to(tl.int32), axis=0) > 0:
                 for m in range(n_m):
@@ -249,7 +250,7 @@ def _bwd_reduce_kernel(
             acc = tl.zeros((RP,), dtype=tl.float32)
             for m in range(n_m):
                 acc += tl.load(gpart_ptr + (b * n_m + m) * RP + p)
-            rank, active = _rank_list(idx_ptr, stride_ib, b, num_shared, num_routed, TOP_K, RP, False)
+            rank, active = _rank_list(idx_ptr, gate_ptr, stride_ib, b, num_shared, num_routed, TOP_K, RP, False)
             slot = p - num_shared
             is_slot = (p >= num_shared) & (slot < TOP_K)
             tl.store(dgate_ptr + b * TOP_K + tl.where(is_slot, slot, 0), tl.where(active, acc, 0.0), mask=is_slot)
@@ -303,12 +304,13 @@ def backward(dy, x, weight, lora_a, lora_b, u, idx, gate, num_shared: int, scali
         TOP_K=idx.shape[-1], RP=rp, TOKEN_ROUTING=token, HAS_W=has_w, NEED_DX=need_dx, NEED_DA=need_da,
         NEED_DB=need_db, NEED_DG=need_dg, **cfg,
     )  # fmt: skip
-    reduce(part, gpart, idx, num_shared, ranks, rp, n_m, d_in, d_out, da, db, dgate if sample_dg else None)
+    reduce(part, gpart, idx, gate, num_shared, ranks, rp, n_m, d_in, d_out, da, db, dgate if sample_dg else None)
     return dx, da, db, dgate
 
 
 @on_tensor_device
-def reduce(part, gpart, idx, num_shared: int, ranks: int, rp: int, n_m: int, d_in: int, d_out: int, da, db, dgate):
+def reduce(part, gpart, idx, gate, num_shared: int, ranks: int, rp: int, n_m: int, d_in: int, d_out: int, da, db,
+           dgate):  # fmt: skip
     """One launch of ``_bwd_reduce_kernel``: ``da (R, d_in)`` and ``db (d_out, R)`` (either may be None) from
     ``part (B, n_m, RP, d_in + d_out)``, and the sample-routing gate gradient ``dgate (B, k)`` (or None) from
     ``gpart (B, n_m, RP)``."""
@@ -320,7 +322,7 @@ def reduce(part, gpart, idx, num_shared: int, ranks: int, rp: int, n_m: int, d_i
         return
     stride_ib = idx.stride(0)
     _bwd_reduce_kernel[(rows + gates, triton.cdiv(max(d_in + d_out, 1), REDUCE_BLOCK))](
-        part, gpart, idx, da if da is not None else part, db if db is not None else part,
+        part, gpart, idx, gate, da if da is not None else part, db if db is not None else part,
         dgate if dgate is not None else part,
         batch, n_m, d_in, d_out, rows, num_shared, ranks - num_shared,
         *(da.stride() if da is not None else (0, 0)), *(db.stride() if db is not None else (0, 0)), stride_ib,

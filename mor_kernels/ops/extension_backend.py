@@ -240,7 +240,7 @@ class _ConvUp(torch.autograd.Function):
             grad_b = torch.einsum("bohw,brhw->or", dy, hg).to(lora_b.dtype)
         if need[4]:
             q = (dyb * h).sum((2, 3))  # (B, R)
-            valid = (idx >= 0) & (idx < ranks - s)
+            valid = (idx >= 0) & (idx < ranks - s) & (gate != 0)  # a gate of 0: the rank is not used
             rank = torch.where(valid, idx.long() + s, torch.zeros_like(idx, dtype=torch.long))
             grad_gate = torch.where(valid, (q.gather(1, rank) * ctx.scaling).float(), torch.zeros_like(gate))
         return grad_base, grad_z, grad_b, None, grad_gate, None, None

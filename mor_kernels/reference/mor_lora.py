@@ -9,7 +9,8 @@
   picked a non-finite rank get its contribution separately.
 
 Either way a rank with ``g = 0`` contributes exactly zero, non-finite weights included, forward and
-backward (only the poisoned rank's own ``lora_a``/``lora_b`` gradient may be non-finite).
+backward (only the poisoned rank's own ``lora_a``/``lora_b`` gradient may be non-finite). A slot whose gate is
+exactly 0 counts as not picking its rank (it gets no gradient either), as in every backend.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _token_delta(x, lora_a, lora_b, idx, gate, num_shared, scaling, dtype) -> to
     non-finite anyway)."""
     ranks = lora_a.shape[0]
     g = dense_gate(idx, gate, num_shared, ranks, dtype) * scaling  # (B, T, R)
-    picked = dense_gate(idx, torch.ones_like(gate), num_shared, ranks, torch.float32) > 0
+    picked = dense_gate(idx, (gate != 0).float(), num_shared, ranks, torch.float32) > 0  # gate 0: not used
     x = cast(x, dtype)
     a, a_bad = _split_finite(cast(lora_a, dtype))
     h = F.linear(x, a)

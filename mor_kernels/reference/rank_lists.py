@@ -1,7 +1,9 @@
 """The active ranks of each sample under sample routing, gathered (a segment per sample).
 
 With sample routing every sample uses ``S`` shared ranks plus the routed ranks its ``k`` slots picked;
-a zero slot (``idx = -1``, or any index outside ``[0, E)``) picks nothing. Instead of computing all
+a zero slot (``idx = -1``, or any index outside ``[0, E)``) picks nothing, and neither does a slot whose gate
+is exactly 0 (``g_r = 0``: MOR_SPEC 2.2 says the rank then adds exactly nothing, whatever its weights hold;
+like every rank the sample does not use, the slot's gate gets no gradient). Instead of computing all
 ``R`` ranks and multiplying the unused ones by a zero gate, the reference gathers each sample's ranks
 (Punica/S-LoRA's segment idea, one segment per sample): the work follows the active ranks, so a
 picked zero slot saves time, and a rank nobody picked is never read, so a NaN or inf in it cannot
@@ -58,7 +60,7 @@ def sample_rank_lists(
         return _host_rank_lists(idx, gate, num_shared, num_ranks, scaling, dtype)
     batch, k = idx.shape
     idx = idx.long()
-    real = (idx >= 0) & (idx < num_ranks - num_shared)
+    real = (idx >= 0) & (idx < num_ranks - num_shared) & (gate != 0)
     shared = torch.arange(num_shared, device=idx.device).expand(batch, num_shared)
     ranks = torch.cat([shared, torch.where(real, idx + num_shared, 0)], dim=1)
     routed_w = torch.where(real, gate.to(dtype), 0) * scaling
@@ -69,8 +71,10 @@ def sample_rank_lists(
 
 def _host_rank_lists(idx, gate, num_shared, num_ranks, scaling, dtype) -> RankLists:
     num_routed = num_ranks - num_shared
-    rows = idx.tolist()
-    picks = [[j for j, r in enumerate(row) if 0 <= r < num_routed] for row in rows]
+    rows, gates = idx.tolist(), gate.tolist()
+    picks = [
+        [j for j, r in enumerate(row) if 0 <= r < num_routed and g[j] != 0] for row, g in zip(rows, gates, strict=True)
+    ]
     most = max((len(p) for p in picks), default=0)
     batch, width = len(rows), num_shared + most
     ranks = []
@@ -88,7 +92,6 @@ def _host_rank_lists(idx, gate, num_shared, num_ranks, scaling, dtype) -> RankLi
         shared = torch.full((batch, num_shared), s, dtype=dtype)
         weight = torch.cat([shared, routed], dim=1) if num_shared else routed
     else:
-        gates = gate.tolist()
         weight = []
         for g, p in zip(gates, picks, strict=True):
             weight += [s] * num_shared + [g[j] * s for j in p] + [0.0] * (most - len(p))

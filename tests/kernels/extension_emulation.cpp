@@ -251,7 +251,7 @@ void emu_lora_bwd(const float* dy, const float* x, const float* lora_a, const fl
     launch(cdiv(batch * k, 128), 1, 1, [&] {
       for (unsigned t = 0; t < 128; ++t) {
         threadIdx.x = t;
-        lora_bwd_gate_kernel(qpart.data(), idx, grad_gate, batch, tiles, ranks, num_shared, k, scaling);
+        lora_bwd_gate_kernel(qpart.data(), idx, gate, grad_gate, batch, tiles, ranks, num_shared, k, scaling);
       }
       threadIdx.x = 0;
     });

@@ -307,3 +307,49 @@ def test_cuda_kernels_non_finite_unpicked_rank_emulated(emu, routing, poison, te
     assert torch.equal(grads[3][others], clean[3][others])  # dgate
     assert torch.equal(grads[1][keep], clean[1][keep])  # dA of the other ranks
     assert torch.equal(grads[2][keep], clean[2][keep])  # dB^T of the other ranks
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["simt", "wmma"])
+@pytest.mark.parametrize("poison", [None, "a", "b"])
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_cuda_kernels_gate_zero_is_a_zero_slot_emulated(emu, routing, poison, tensor_cores):
+    """MOR_SPEC 2.2 on the CUDA kernels: a slot that picks a rank with a gate of exactly 0 does not use the
+    rank. y, dx, dgate (0 for that slot) and every other rank's dA/dB equal those of the same call with that
+    slot a zero slot, bit for bit, also when the rank holds NaN (it is then never read)."""
+    c = random_case(routing=routing, batch=3, tokens=9, d_in=41, d_out=70, seed=47).to(torch.float32)
+    rank = c.num_shared + 5
+    c.idx = c.idx.clone()
+    c.idx[c.idx == 5] = -1
+    picker = (1,) if routing == "sample" else (1, 4)
+    c.idx[picker + (0,)] = 5
+    c.gate = c.gate.clone()
+    c.gate[picker + (0,)] = 0.0
+    zero = c.to(torch.float32)
+    zero.idx = c.idx.clone()
+    zero.idx[picker + (0,)] = -1
+    if poison == "a":
+        c.lora_a[rank, 3] = float("nan")
+    elif poison == "b":
+        c.lora_b[7, rank] = float("nan")
+    b, t, d_in = c.x.shape
+    d_out, ranks = c.lora_b.shape
+    k, token = c.idx.shape[-1], int(routing == "token")
+    base = torch.randn(b, t, d_out)
+    dy = torch.randn(b, t, d_out)
+
+    def run(case):
+        y, h = _emu_forward(emu, case, base, tensor_cores=tensor_cores)
+        grads = [torch.full(s, float("nan")) for s in ((b, t, d_in), (ranks, d_in), (ranks, d_out), c.idx.shape)]
+        bt = case.lora_b.t().contiguous()
+        emu.emu_lora_bwd(*map(_ptr, (dy, case.x, case.lora_a, bt, case.idx, case.gate, h, *grads)),
+                         b, t, d_in, d_out, ranks, case.num_shared, k, case.scaling, token)  # fmt: skip
+        return y, grads
+
+    want_y, want = run(zero)
+    y, grads = run(c)
+    keep = torch.arange(ranks) != rank
+    assert torch.isfinite(want_y).all() and torch.equal(y, want_y)
+    assert torch.equal(grads[0], want[0])  # dx
+    assert torch.equal(grads[3], want[3]) and (grads[3][picker + (0,)] == 0).all()  # dgate
+    assert torch.equal(grads[1][keep], want[1][keep])  # dA of the other ranks
+    assert torch.equal(grads[2][keep], want[2][keep])  # dB^T of the other ranks

@@ -83,7 +83,7 @@ SCRIPT = textwrap.dedent(
                 comp(LB._bwd_kernel, bwd_ptrs,
                      dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, HAS_W=True, NEED_DX=True, NEED_DA=True, NEED_DB=True,
                           NEED_DG=True, **cfg), f"bwd {tag} {cfg} {warps}", **warps)
-            comp(LB._bwd_reduce_kernel, dict(part_ptr=f32, gpart_ptr=f32, idx_ptr=i32, da_ptr=dt, db_ptr=dt,
+            comp(LB._bwd_reduce_kernel, dict(part_ptr=f32, gpart_ptr=f32, idx_ptr=i32, gate_ptr=f32, da_ptr=dt, db_ptr=dt,
                                              dgate_ptr=f32),
                  dict(TOP_K=8, RP=rp, TOKEN_ROUTING=tok, NEED_DA=True, NEED_DB=True, NEED_DG=not tok,
                       BLOCK=LB.REDUCE_BLOCK), "bwd_reduce " + tag)
