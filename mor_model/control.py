@@ -42,6 +42,8 @@ def set_degradation(module: nn.Module, scores: torch.Tensor | None, severity: to
     layers = _layers(module)
     if scores is not None:
         check_scores(scores, layers[0].router.num_degradation_dims)
+        if severity is None:  # MoRRouter.set_degradation's default, computed once for every router
+            severity = scores.detach().float().mean(dim=-1)
     for layer in layers:
         layer.router.set_degradation(scores, severity)
     attach(layers, scores)

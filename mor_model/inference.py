@@ -4,9 +4,10 @@ With sample routing on the degradation vector, a layer's ranks and gates depend 
 alone, so in inference they need not be recomputed per call. :func:`attach` (called by
 ``set_degradation``) gives every MoR layer of a module one shared :class:`ImageState` for the scores.
 The first layer that runs in inference (no gradient needed, sample routing, router on the degradation
-vector only, the scores still the router's) routes the whole module in one pass: each router's logits,
-then one ``mor_kernels.route`` call for all of them (the same arithmetic as the routers, which go on
-recording ``last_probs``/``last_idx`` for the statistics).
+vector only, the scores still the router's) routes the whole module in one pass: every router's logits in
+one GEMM over the routers' stacked weights (kept across images while no router weight changes), then one
+``mor_kernels.route`` call for all of them. That is the routers' float32 arithmetic up to the rounding of one
+GEMM's blocking against another's; the routers go on recording ``last_probs``/``last_idx`` for the statistics.
 
 Each call then runs, by the layer's ``merge`` mode and ``mor_kernels.dispatch.merge_plan``'s measured
 cost model: the **merged path** (``W_b = W0 + B_act diag(g) A_act`` built on the first call that wants
@@ -29,6 +30,7 @@ prepares itself again; a forward that needs gradients never uses the state.
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +92,40 @@ def _refs(layer) -> tuple:
             router["bias"])  # fmt: skip
 
 
+_ROUTER_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first layer of a group -> its stack
+
+
+def _router_stack(layers) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight (L N, D), bias (L N,))`` float32: the degradation routers of ``layers`` stacked, made once and
+    kept while none of their parameters is replaced or changed in place."""
+    params = []
+    for layer in layers:
+        p = layer._modules["router"]._modules["degradation"]._parameters
+        params += [p["weight"], p["bias"]]
+    versions = tuple(-1 if t is None else t._version for t in params)
+    kept = _ROUTER_STACKS.get(layers[0])
+    if kept is not None and kept[1] == versions and len(kept[0]) == len(params):
+        if all(a is b for a, b in zip(kept[0], params, strict=True)):
+            return kept[2], kept[3]
+    with torch.no_grad():
+        weight = torch.cat(params[0::2]).float()
+        bias = torch.cat([torch.zeros(w.shape[0], device=w.device) if b is None else b.float()
+                          for w, b in zip(params[0::2], params[1::2], strict=True)])  # fmt: skip
+    _ROUTER_STACKS[layers[0]] = (params, versions, weight, bias)
+    return weight, bias
+
+
+def _group_logits(layers, scores: torch.Tensor) -> torch.Tensor:
+    """``(L, B, N)`` float32: the degradation logits of every router of ``layers`` (same weight shape and device)
+    for ``scores``, in one GEMM over the stacked router weights: the float32 ``F.linear`` of
+    ``MoRRouter._logits`` row by row, one op instead of one per layer (on a CPU ~25 us of Python and dispatch per
+    layer, on a GPU a kernel launch each: 258 in the SD 2.1 UNet)."""
+    weight, bias = _router_stack(layers)
+    with torch.autocast(scores.device.type, enabled=False):  # float32 logits even under autocast, as the routers
+        s = scores.to(device=weight.device, dtype=torch.float32)
+        return F.linear(s, weight, bias).view(s.shape[0], len(layers), -1).transpose(0, 1)
+
+
 def _eligible(layer) -> str | None:
     """Why ``layer`` routes on something else than the scores alone (None when it does not)."""
     r = layer.router
@@ -148,13 +184,13 @@ class ImageState:
         for layer in self.layers:
             r = layer.router
             if r._scores is self.scores and _eligible(layer) is None:
-                key = (r.top_k, r.num_zero, r.renormalize, r.backend, r.degradation.weight.shape[0])
+                w = r.degradation.weight
+                key = (r.top_k, r.num_zero, r.renormalize, r.backend, tuple(w.shape), w.device)
                 groups.setdefault(key, []).append(layer)
         self._entries = {}
         with torch.no_grad():
-            for (top_k, num_zero, renormalize, backend, _), layers in groups.items():
-                # each router's own logits code (the scores stand in for x: only their batch size is read)
-                logits = torch.stack([layer.router._logits(self.scores, True) for layer in layers])
+            for (top_k, num_zero, renormalize, backend, *_), layers in groups.items():
+                logits = _group_logits(layers, self.scores)
                 idx, gate, probs = mor_kernels.route(logits, top_k, num_zero, renormalize, backend=backend)
                 for i, layer in enumerate(layers):
                     dtype = layer.base_layer.weight.dtype

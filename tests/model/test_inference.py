@@ -108,6 +108,37 @@ def test_weights_changed_in_place_are_prepared_again(unet):
     torch.testing.assert_close(after, _forward(unet, grad=True), atol=ATOL, rtol=RTOL)
 
 
+def _routed_per_layer(layers):
+    """Each router's own forward on the scores (what a forward that needs gradients records)."""
+    probs, idx = {}, {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.router(SCORES)
+            probs[name], idx[name] = layer.router.last_probs.clone(), layer.router.last_idx.clone()
+    return probs, idx
+
+
+def test_routers_share_one_gemm_and_restack_when_a_router_changes(unet):
+    """The per-image routing computes every router's logits in one GEMM over the stacked router weights: the
+    same picks as each router on its own and the same probabilities up to float32 rounding (one GEMM's blocking
+    against another's); a router weight changed in place or replaced is seen at the next image (the stack is
+    made again)."""
+    layers = mor_layers(unet)
+    first = next(iter(layers.values()))
+    for change in (None, "in place", "replaced"):
+        if change == "in place":
+            with torch.no_grad():
+                first.router.degradation.weight.mul_(-2)
+        elif change == "replaced":
+            first.router.degradation.bias = nn.Parameter(first.router.degradation.bias.detach() + 3)
+        set_degradation(unet, SCORES)
+        want, want_idx = _routed_per_layer(layers)
+        _forward(unet)
+        for name, layer in layers.items():
+            torch.testing.assert_close(layer.router.last_probs, want[name], rtol=1e-6, atol=1e-7, msg=name)
+            assert torch.equal(layer.router.last_idx, want_idx[name]), (change, name)
+
+
 def test_degradation_context_restores_the_previous_image(unet):
     set_degradation(unet, SCORES)
     layers = list(mor_layers(unet).values())
