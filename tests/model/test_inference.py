@@ -139,6 +139,37 @@ def test_routers_share_one_gemm_and_restack_when_a_router_changes(unet):
             assert torch.equal(layer.router.last_idx, want_idx[name]), (change, name)
 
 
+def test_half_precision_model_casts_its_float32_adapters_once_not_per_call():
+    """A bfloat16 model keeps float32 adapters; on the fused path their bfloat16 copies are made once and reused
+    across images until a parameter changes in place (then made again); the output matches the per-call path."""
+    model = tiny_unet().to(torch.bfloat16)
+    inject_mor(model, small_config(backend="auto"))
+    randomize_adapters(model)
+    set_merge(model, "never")
+    layers = list(mor_layers(model).values())
+    assert layers[0].lora_a.dtype == torch.float32
+    x, t, enc = (v.to(torch.bfloat16) if v.is_floating_point() else v for v in unet_inputs())
+
+    def forward(scores, grad=False):
+        set_degradation(model, scores)
+        with torch.set_grad_enabled(grad):
+            return model(x, t, encoder_hidden_states=enc).sample.detach().float()
+
+    forward(SCORES)
+    assert all("low-rank (backend" in layer.explain() for layer in layers), layers[0].explain()
+    copies = [layer.__dict__["_cast_adapters"][3:] for layer in layers]
+    assert all(c[0].dtype == torch.bfloat16 and c[1].dtype == torch.bfloat16 for c in copies)
+    forward(SCORES.flip(0))  # the next image: the same copies
+    assert all(layer.__dict__["_cast_adapters"][3] is c[0] for layer, c in zip(layers, copies, strict=True))
+    with torch.no_grad():
+        layers[0].lora_b.mul_(2)  # as an optimizer step or load_adapter: in place
+    got = forward(SCORES)
+    assert layers[0].__dict__["_cast_adapters"][4] is not copies[0][1]
+    assert torch.equal(layers[0].__dict__["_cast_adapters"][4], layers[0].lora_b.to(torch.bfloat16))
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(got, forward(SCORES, grad=True), atol=atol, rtol=rtol)
+
+
 def test_degradation_context_restores_the_previous_image(unet):
     set_degradation(unet, SCORES)
     layers = list(mor_layers(unet).values())
