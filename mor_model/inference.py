@@ -30,6 +30,7 @@ prepares itself again; a forward that needs gradients never uses the state.
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from dataclasses import dataclass, field
 
@@ -261,6 +262,7 @@ def _decide(layer, entry: _Entry, x: torch.Tensor, weight: torch.Tensor, conv: d
     if plan is None:
         if len(plans) >= _PLANS_KEPT:
             plans.clear()
+            layer.__dict__.pop("_checked_calls", None)
         plan = plans[key] = _plan(layer, x, weight, conv)
     path, why = plan
     if path in ("merged", "merged_op"):
@@ -284,13 +286,37 @@ def _decide(layer, entry: _Entry, x: torch.Tensor, weight: torch.Tensor, conv: d
 
         return why, lowrank_conv
 
-    def fused(x, weight, bias):
-        args = (x, weight, bias, *_adapters(layer, x.dtype), entry.idx, entry.gate, layer.num_shared, layer.scaling)
-        kw = dict(backend=layer.config.backend, check_indices=False, merge="never")
-        if conv is None:
-            return mor_kernels.mor_linear(*args, **kw)
-        return mor_kernels.mor_conv2d(*args, conv["stride"], conv["padding"], conv["dilation"], **kw)
+    op = "mor_linear" if conv is None else "mor_conv2d"
+    backend = layer.config.backend
 
+    def fused(x, weight, bias):
+        a, b = _adapters(layer, x.dtype)
+        args = (x, weight, bias, a, b, entry.idx, entry.gate, layer.num_shared, layer.scaling)
+        # After one call of this plan passed the public op's checks, the next ones (later images: a layer runs
+        # once per image) call the backend directly with the same kinds of arguments: ~20 us of Python checks
+        # per layer and image saved, which on a GPU is host time next to the kernels. Not for "blas": its public
+        # op already goes straight to the C++ op (functional's lean path). Not under autocast (the public op
+        # casts).
+        idx, gate = entry.idx, entry.gate
+        stamp = (weight.dtype, weight.device, None if bias is None else (bias.dtype, bias.device), a.shape, b.shape,
+                 a.dtype, a.device, idx.shape, idx.dtype, idx.device, gate.dtype, gate.device)  # fmt: skip
+        impl = checked.get(stamp)
+        if impl is not None and not torch.is_autocast_enabled(x.device.type):
+            if conv is None:
+                y = impl(x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1]), *args[1:7], int(args[7]),
+                         float(args[8]))  # fmt: skip
+                return y.view(*x.shape[:-1], y.shape[-1])
+            return impl(*args[:7], int(args[7]), float(args[8]), conv["stride"], conv["padding"], conv["dilation"])
+        kw = dict(backend=backend, check_indices=False, merge="never")
+        if conv is None:
+            y = mor_kernels.mor_linear(*args, **kw)
+        else:
+            y = mor_kernels.mor_conv2d(*args, conv["stride"], conv["padding"], conv["dilation"], **kw)
+        if dispatch.resolve(op, backend, x.device, x.dtype).backend != "blas":
+            checked[stamp] = dispatch.implementation(op, backend, x.device, x.dtype)
+        return y
+
+    checked = layer.__dict__.setdefault("_checked_calls", {}).setdefault(key, {})  # stamp -> backend function
     return why, fused
 
 

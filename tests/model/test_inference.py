@@ -170,6 +170,35 @@ def test_half_precision_model_casts_its_float32_adapters_once_not_per_call():
     torch.testing.assert_close(got, forward(SCORES, grad=True), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_fused_layers_check_their_arguments_once_then_call_the_backend(backend, monkeypatch):
+    """On a fused backend's path (not "blas", whose public op is already direct) the first image's calls go
+    through the public ops and their checks; the next images' calls of the same sizes go to the backend
+    directly, with the same results."""
+    from mor_kernels import dispatch, functional
+
+    for op in ("mor_linear", "mor_conv2d"):
+        why = dispatch.unavailable_reason(backend, op, torch.device("cpu"))
+        if why is not None:
+            pytest.skip(f"{backend}: {why}")
+    model = tiny_unet()
+    inject_mor(model, small_config(backend=backend))
+    randomize_adapters(model)
+    set_merge(model, "never")
+    set_degradation(model, SCORES)
+    first = _forward(model)
+    assert all(f"backend {backend!r}" in layer.explain() for layer in mor_layers(model).values())
+    checks = []
+    for name in ("check_mor_linear", "check_mor_conv2d"):
+        real = getattr(functional, name)
+        monkeypatch.setattr(functional, name, lambda *a, _real=real, **k: checks.append(1) or _real(*a, **k))
+    set_degradation(model, SCORES)  # the next image (the same scores)
+    assert torch.equal(_forward(model), first)
+    assert checks == []
+    set_degradation(model, SCORES.flip(0))
+    torch.testing.assert_close(_forward(model), _forward(model, grad=True), atol=ATOL, rtol=RTOL)
+
+
 def test_degradation_context_restores_the_previous_image(unet):
     set_degradation(unet, SCORES)
     layers = list(mor_layers(unet).values())
