@@ -288,35 +288,44 @@ def _decide(layer, entry: _Entry, x: torch.Tensor, weight: torch.Tensor, conv: d
 
     op = "mor_linear" if conv is None else "mor_conv2d"
     backend = layer.config.backend
+    kw = dict(backend=backend, check_indices=False, merge="never")
+
+    def public(x, weight, bias, a, b):
+        args = (x, weight, bias, a, b, entry.idx, entry.gate, layer.num_shared, layer.scaling)
+        if conv is None:
+            return mor_kernels.mor_linear(*args, **kw)
+        return mor_kernels.mor_conv2d(*args, conv["stride"], conv["padding"], conv["dilation"], **kw)
+
+    if dispatch.resolve(op, backend, x.device, x.dtype).backend == "blas":  # its public op goes straight to C++
+
+        def fused(x, weight, bias):
+            return public(x, weight, bias, *_adapters(layer, x.dtype))
+
+        return why, fused
+
+    # After one call of this plan passed the public op's checks, the next ones (later images: a layer runs once
+    # per image) call the backend directly with the same kinds of arguments: ~17 us of Python checks per layer
+    # and image saved, on a GPU host time next to the kernels. Under autocast the public op runs (it casts).
+    checked = layer.__dict__.setdefault("_checked_calls", {}).setdefault(key, {})  # stamp -> backend function
 
     def fused(x, weight, bias):
         a, b = _adapters(layer, x.dtype)
-        args = (x, weight, bias, a, b, entry.idx, entry.gate, layer.num_shared, layer.scaling)
-        # After one call of this plan passed the public op's checks, the next ones (later images: a layer runs
-        # once per image) call the backend directly with the same kinds of arguments: ~20 us of Python checks
-        # per layer and image saved, which on a GPU is host time next to the kernels. Not for "blas": its public
-        # op already goes straight to the C++ op (functional's lean path). Not under autocast (the public op
-        # casts).
         idx, gate = entry.idx, entry.gate
         stamp = (weight.dtype, weight.device, None if bias is None else (bias.dtype, bias.device), a.shape, b.shape,
                  a.dtype, a.device, idx.shape, idx.dtype, idx.device, gate.dtype, gate.device)  # fmt: skip
         impl = checked.get(stamp)
-        if impl is not None and not torch.is_autocast_enabled(x.device.type):
-            if conv is None:
-                y = impl(x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1]), *args[1:7], int(args[7]),
-                         float(args[8]))  # fmt: skip
-                return y.view(*x.shape[:-1], y.shape[-1])
-            return impl(*args[:7], int(args[7]), float(args[8]), conv["stride"], conv["padding"], conv["dilation"])
-        kw = dict(backend=backend, check_indices=False, merge="never")
-        if conv is None:
-            y = mor_kernels.mor_linear(*args, **kw)
-        else:
-            y = mor_kernels.mor_conv2d(*args, conv["stride"], conv["padding"], conv["dilation"], **kw)
-        if dispatch.resolve(op, backend, x.device, x.dtype).backend != "blas":
+        if impl is None or torch.is_autocast_enabled(x.device.type):
+            y = public(x, weight, bias, a, b)
             checked[stamp] = dispatch.implementation(op, backend, x.device, x.dtype)
-        return y
+            return y
+        num_shared, scaling = int(layer.num_shared), float(layer.scaling)
+        if conv is None:
+            tokens = math.prod(x.shape[1:-1])
+            y = impl(x.reshape(x.shape[0], tokens, x.shape[-1]), weight, bias, a, b, idx, gate, num_shared, scaling)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        return impl(x, weight, bias, a, b, idx, gate, num_shared, scaling, conv["stride"], conv["padding"],
+                    conv["dilation"])  # fmt: skip
 
-    checked = layer.__dict__.setdefault("_checked_calls", {}).setdefault(key, {})  # stamp -> backend function
     return why, fused
 
 
