@@ -145,6 +145,18 @@ def _poisoned_case(op: str, routing: str):
     return c, picker, s + 5
 
 
+def _poisoned(c, rank: int, poison: str):
+    """A copy of case ``c`` with NaN/inf (``POISON[poison]``) in ``lora_a``'s row and/or ``lora_b``'s column
+    ``rank``."""
+    where, value = POISON[poison]
+    bad = c.to(torch.float32)
+    if "a" in where:
+        bad.lora_a[rank].view(-1)[1] = value
+    if "b" in where:
+        bad.lora_b[3, rank] = value
+    return bad
+
+
 def _run_poison(op, c, backend, device):
     t = c.to(torch.float32, device=device, requires_grad=True)
     if op == "conv":
@@ -171,13 +183,7 @@ def test_a_rank_not_picked_contributes_exactly_zero_even_when_not_finite(backend
         pytest.skip(dispatch.unavailable_reason(backend, "mor_conv2d", torch.device(device)))
     c, picker, rank = _poisoned_case(op, routing)
     clean_y, clean_g = _run_poison(op, c, backend, device)
-    where, value = POISON[poison]
-    bad = c.to(torch.float32)
-    if "a" in where:
-        bad.lora_a[rank].view(-1)[1] = value
-    if "b" in where:
-        bad.lora_b[3, rank] = value
-    y, g = _run_poison(op, bad, backend, device)
+    y, g = _run_poison(op, _poisoned(c, rank, poison), backend, device)
     others = torch.ones(y.shape[: len(picker)], dtype=torch.bool)
     others[picker] = False
     assert torch.isfinite(clean_y).all() and torch.isfinite(y[others]).all()
@@ -242,12 +248,7 @@ def test_a_picked_slot_with_gate_zero_is_a_zero_slot(backend, device, op, routin
     c, zero, rank = _zero_gate_case(op, routing)
     want_y, want_g = _run_poison(op, zero, backend, device)
     if poison is not None:
-        where, value = POISON[poison]
-        c = c.to(torch.float32)
-        if "a" in where:
-            c.lora_a[rank].view(-1)[1] = value
-        if "b" in where:
-            c.lora_b[3, rank] = value
+        c = _poisoned(c, rank, poison)
     y, g = _run_poison(op, c, backend, device)
     assert torch.isfinite(want_y).all()
     assert torch.equal(y, want_y), "a slot with gate 0 changed the output"

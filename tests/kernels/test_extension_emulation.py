@@ -263,14 +263,9 @@ def test_cuda_forward_column_chunks_and_h(emu, routing, tensor_cores):
     assert torch.equal(y, ys[0])
 
 
-@pytest.mark.parametrize("tensor_cores", [False, True], ids=["simt", "wmma"])
-@pytest.mark.parametrize("poison", ["a", "b"])
-@pytest.mark.parametrize("routing", ["sample", "token"])
-def test_cuda_kernels_non_finite_unpicked_rank_emulated(emu, routing, poison, tensor_cores):
-    """MOR_SPEC 2.2 on the CUDA kernels: a routed rank picked by one unit only holds NaN (in lora_a or lora_b):
-    every other unit's y, dx and dgate and every other rank's dA/dB equal those of the run with finite values,
-    bit for bit; the unit that picks it is not finite. Token routing lists every rank for every token (the
-    dense case); the tensor-core forward guards its MMA against the NaN of an unpicked rank."""
+def _single_picker_case(emu, routing: str, tensor_cores: bool):
+    """A case in which routed rank ``S + 5`` is picked by one unit only (its slot 0), with that unit, the rank
+    and ``run(case) -> (y, [dx, dA, dB^T, dgate])`` through the emulated CUDA forward and backward."""
     c = random_case(routing=routing, batch=3, tokens=9, d_in=41, d_out=70, seed=47).to(torch.float32)
     rank = c.num_shared + 5
     c.idx = c.idx.clone()
@@ -291,16 +286,33 @@ def test_cuda_kernels_non_finite_unpicked_rank_emulated(emu, routing, poison, te
                          b, t, d_in, d_out, ranks, case.num_shared, k, case.scaling, token)  # fmt: skip
         return y, grads
 
+    return c, picker, rank, run
+
+
+def _poison(case, rank: int, where: str | None):
+    """NaN in ``lora_a`` (``where = "a"``) or ``lora_b`` (``"b"``) of ``rank``, in place; None: nothing."""
+    if where == "a":
+        case.lora_a[rank, 3] = float("nan")
+    elif where == "b":
+        case.lora_b[7, rank] = float("nan")
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["simt", "wmma"])
+@pytest.mark.parametrize("poison", ["a", "b"])
+@pytest.mark.parametrize("routing", ["sample", "token"])
+def test_cuda_kernels_non_finite_unpicked_rank_emulated(emu, routing, poison, tensor_cores):
+    """MOR_SPEC 2.2 on the CUDA kernels: a routed rank picked by one unit only holds NaN (in lora_a or lora_b):
+    every other unit's y, dx and dgate and every other rank's dA/dB equal those of the run with finite values,
+    bit for bit; the unit that picks it is not finite. Token routing lists every rank for every token (the
+    dense case); the tensor-core forward guards its MMA against the NaN of an unpicked rank."""
+    c, picker, rank, run = _single_picker_case(emu, routing, tensor_cores)
     clean_y, clean = run(c)
     bad = c.to(torch.float32)
-    if poison == "a":
-        bad.lora_a[rank, 3] = float("nan")
-    else:
-        bad.lora_b[7, rank] = float("nan")
+    _poison(bad, rank, poison)
     y, grads = run(bad)
     others = torch.ones(y.shape[: len(picker)], dtype=torch.bool)
     others[picker] = False
-    keep = torch.arange(ranks) != rank
+    keep = torch.arange(c.lora_a.shape[0]) != rank
     assert torch.isfinite(y[others]).all() and torch.equal(y[others], clean_y[others])
     assert not torch.isfinite(y[picker]).all()
     assert torch.equal(grads[0][others], clean[0][others])  # dx
@@ -316,38 +328,16 @@ def test_cuda_kernels_gate_zero_is_a_zero_slot_emulated(emu, routing, poison, te
     """MOR_SPEC 2.2 on the CUDA kernels: a slot that picks a rank with a gate of exactly 0 does not use the
     rank. y, dx, dgate (0 for that slot) and every other rank's dA/dB equal those of the same call with that
     slot a zero slot, bit for bit, also when the rank holds NaN (it is then never read)."""
-    c = random_case(routing=routing, batch=3, tokens=9, d_in=41, d_out=70, seed=47).to(torch.float32)
-    rank = c.num_shared + 5
-    c.idx = c.idx.clone()
-    c.idx[c.idx == 5] = -1
-    picker = (1,) if routing == "sample" else (1, 4)
-    c.idx[picker + (0,)] = 5
+    c, picker, rank, run = _single_picker_case(emu, routing, tensor_cores)
     c.gate = c.gate.clone()
     c.gate[picker + (0,)] = 0.0
     zero = c.to(torch.float32)
     zero.idx = c.idx.clone()
     zero.idx[picker + (0,)] = -1
-    if poison == "a":
-        c.lora_a[rank, 3] = float("nan")
-    elif poison == "b":
-        c.lora_b[7, rank] = float("nan")
-    b, t, d_in = c.x.shape
-    d_out, ranks = c.lora_b.shape
-    k, token = c.idx.shape[-1], int(routing == "token")
-    base = torch.randn(b, t, d_out)
-    dy = torch.randn(b, t, d_out)
-
-    def run(case):
-        y, h = _emu_forward(emu, case, base, tensor_cores=tensor_cores)
-        grads = [torch.full(s, float("nan")) for s in ((b, t, d_in), (ranks, d_in), (ranks, d_out), c.idx.shape)]
-        bt = case.lora_b.t().contiguous()
-        emu.emu_lora_bwd(*map(_ptr, (dy, case.x, case.lora_a, bt, case.idx, case.gate, h, *grads)),
-                         b, t, d_in, d_out, ranks, case.num_shared, k, case.scaling, token)  # fmt: skip
-        return y, grads
-
+    _poison(c, rank, poison)
     want_y, want = run(zero)
     y, grads = run(c)
-    keep = torch.arange(ranks) != rank
+    keep = torch.arange(c.lora_a.shape[0]) != rank
     assert torch.isfinite(want_y).all() and torch.equal(y, want_y)
     assert torch.equal(grads[0], want[0])  # dx
     assert torch.equal(grads[3], want[3]) and (grads[3][picker + (0,)] == 0).all()  # dgate
