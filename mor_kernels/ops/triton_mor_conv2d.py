@@ -39,7 +39,8 @@ from torch.autograd.function import once_differentiable
 from ..kernels import mor_conv2d as KC
 from . import cudnn_conv as CC
 from .cudnn_conv import _conv, cudnn_settings
-from .triton_mor_lora import _MoRLinearFn, cast_operands, compute_dtype
+from .triton_mor_lora import _forward as _linear_forward
+from .triton_mor_lora import _MoRLinearFn, cast_operands, compute_dtype, eager_inference
 
 # ---------------------------------------------------------------------------------------------
 # custom ops
@@ -62,6 +63,11 @@ def triton_conv2d(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x ``(B, C_in, H, W)`` -> ``y (B, C_out, H', W')`` (the layout cuDNN gives ``conv(x, W0)``) and
     ``z_rank = conv(x, A) (B, R, H', W')``; three launches (two convolutions, the Triton epilogue)."""
+    return _forward(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation)
+
+
+def _forward(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation):
+    """The body of ``triton_conv2d`` (also called directly for eager inference)."""
     with cudnn_settings(x.dtype, x.device, deterministic=False):
         z = _conv(x, weight, stride, padding, dilation)
         z_rank = _conv(x, lora_a, stride, padding, dilation)
@@ -189,10 +195,9 @@ def _pointwise(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, 
     """The 1x1 convolution through the fused linear kernels on ``(B, H W, C)`` token views."""
     batch, c_in, height, width = x.shape
     tokens = x.permute(0, 2, 3, 1).reshape(batch, height * width, c_in)  # a view for NCHW and channels-last
-    y = _MoRLinearFn.apply(
-        tokens, weight.reshape(weight.shape[0], c_in), bias, lora_a.reshape(lora_a.shape[0], c_in), lora_b, idx, gate,
-        None, num_shared, scaling, store_u,
-    )  # fmt: skip
+    args = (tokens, weight.reshape(weight.shape[0], c_in), bias, lora_a.reshape(lora_a.shape[0], c_in), lora_b, idx,
+            gate, None, num_shared, scaling, store_u)  # fmt: skip
+    y = _linear_forward(*args)[0] if eager_inference(store_u, *args[:8]) else _MoRLinearFn.apply(*args)
     return y.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
 
 
@@ -208,4 +213,6 @@ def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, 
     if _is_pointwise(weight, stride, padding):
         return _pointwise(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, store)
     conv = (list(stride), list(padding), list(dilation))
+    if eager_inference(store, x, weight, bias, lora_a, lora_b, idx, gate):
+        return _forward(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, *conv)[0]
     return _MoRConv2dFn.apply(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, conv, store)

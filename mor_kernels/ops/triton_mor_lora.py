@@ -49,10 +49,25 @@ def triton_lora_fwd(
     """One launch: x ``(B, T, d_in)``, idx/gate ``(B, k)`` or ``(B, T, k)`` -> ``y (B, T, d_out) = (x W^T +
     bias) + h B^T (+ base)`` in ``x.dtype`` with ``h = scaling g (x A^T)``, and ``u = x A^T`` float32
     ``(B, T, RP)`` over the rank list (``(0,)`` unless ``store_u``); ``base`` is only read."""
+    return _forward(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared, scaling, store_u)
+
+
+def _forward(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared, scaling, store_u):
+    """The body of ``triton_lora_fwd`` (also called directly for eager inference, see :func:`eager_inference`)."""
     bias = None if bias is None else bias.contiguous()  # the kernel reads bias with unit stride
     return K.forward(
         x, weight, bias, lora_a, lora_b, idx.contiguous(), gate.contiguous(), base, num_shared, scaling, store_u
     )
+
+
+def eager_inference(store: bool, *tensors) -> bool:
+    """Whether a forward can launch its kernels directly instead of through its custom op and autograd Function:
+    no backward will run (``store`` False), not tracing (``torch.compile`` needs the custom op's fake), plain
+    tensors (no fake or other subclass). The two wrappers cost ~18 us of Python per call on the CPU of
+    benchmarks/README.md, host time next to each layer's kernels on a GPU."""
+    if store or torch.compiler.is_compiling():
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in tensors)
 
 
 @triton_lora_fwd.register_fake
@@ -157,6 +172,8 @@ def _apply(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared, scaling
     idx = idx.to(torch.int32)
     # One dtype for every dot operand, whatever the caller mixed (or autocast would have cast).
     x, weight, bias, lora_a, lora_b, base = cast_operands(compute_dtype(x), x, weight, bias, lora_a, lora_b, base)
+    if eager_inference(store_u, x, weight, bias, lora_a, lora_b, idx, gate, base):
+        return _forward(x, weight, bias, lora_a, lora_b, idx, gate, base, int(num_shared), float(scaling), False)[0]
     return _MoRLinearFn.apply(
         x, weight, bias, lora_a, lora_b, idx, gate, base, int(num_shared), float(scaling), store_u
     )

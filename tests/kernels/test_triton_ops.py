@@ -167,6 +167,44 @@ def _dot_kernel(a_ptr, b_ptr, out_ptr):
     tl.store(out_ptr + r[:, None] * 16 + r[None, :], acc)
 
 
+def _profiled_names(fn) -> set[str]:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        out = fn()
+    return out, {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("kind", ["linear-sample", "linear-token", "conv3x3", "conv1x1"])
+def test_eager_inference_launches_directly_and_matches_the_custom_op(kind):
+    """Without a backward to record (no_grad), eager calls launch the kernels without their custom op and
+    autograd Function (host time per layer on a GPU); with one, the custom op runs. Same results either way."""
+    if kind.startswith("linear"):
+        c = random_case(routing=kind.split("-")[1], seed=4).to(torch.float32, device=DEVICE)
+        op_name = "mor::triton_lora_fwd"
+
+        def call():
+            return mor_kernels.mor_linear(c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx, c.gate, c.num_shared,
+                                          c.scaling, backend="triton", check_indices=False)  # fmt: skip
+    else:
+        k = 3 if kind == "conv3x3" else 1
+        c = random_case(kernel_size=k, conv={"padding": k // 2}, d_in=5, d_out=7, seed=4)
+        c = c.to(torch.float32, device=DEVICE)
+        op_name = "mor::triton_conv2d" if k == 3 else "mor::triton_lora_fwd"
+
+        def call():
+            return mor_kernels.mor_conv2d(c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx, c.gate, c.num_shared,
+                                          c.scaling, padding=k // 2, backend="triton", check_indices=False)  # fmt: skip
+
+    with torch.no_grad():
+        y, names = _profiled_names(call)
+    assert op_name not in names
+    c.x.requires_grad_(True)
+    y_op, names = _profiled_names(call)
+    assert op_name in names
+    assert torch.equal(y, y_op.detach())
+
+
 def test_dot_refuses_mixed_dtypes():
     """The interpreter widens bf16 dot operands to float32 (its bf16 tl.dot is wrong); it must not
     thereby accept a bf16 x float32 dot, which a compiled kernel rejects."""
