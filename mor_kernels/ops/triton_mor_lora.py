@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..kernels import mor_lora as K
 from ..kernels import mor_lora_bwd as KB
@@ -62,10 +63,11 @@ def _forward(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared, scali
 
 def eager_inference(store: bool, *tensors) -> bool:
     """Whether a forward can launch its kernels directly instead of through its custom op and autograd Function:
-    no backward will run (``store`` False), not tracing (``torch.compile`` needs the custom op's fake), plain
-    tensors (no fake or other subclass). The two wrappers cost ~18 us of Python per call on the CPU of
+    no backward will run (``store`` False), not tracing (``torch.compile`` needs the custom op's fake), no Python
+    dispatch mode active (``FlopCounterMode`` counts the custom ops, a fake mode needs their fakes), plain tensors
+    (no fake or other subclass). The two wrappers cost ~18 us of Python per call on the CPU of
     benchmarks/README.md, host time next to each layer's kernels on a GPU."""
-    if store or torch.compiler.is_compiling():
+    if store or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
     return all(t is None or type(t) is torch.Tensor for t in tensors)
 
