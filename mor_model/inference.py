@@ -103,15 +103,12 @@ def _router_stack(layers) -> tuple[torch.Tensor, torch.Tensor]:
     for layer in layers:
         p = layer._modules["router"]._modules["degradation"]._parameters
         params += [p["weight"], p["bias"]]
-    versions = tuple(-1 if t is None else t._version for t in params)
+    versions = tuple(t._version for t in params)
     kept = _ROUTER_STACKS.get(layers[0])
-    if kept is not None and kept[1] == versions and len(kept[0]) == len(params):
-        if all(a is b for a, b in zip(kept[0], params, strict=True)):
-            return kept[2], kept[3]
+    if kept is not None and kept[1] == versions and all(a is b for a, b in zip(kept[0], params, strict=True)):
+        return kept[2], kept[3]
     with torch.no_grad():
-        weight = torch.cat(params[0::2]).float()
-        bias = torch.cat([torch.zeros(w.shape[0], device=w.device) if b is None else b.float()
-                          for w, b in zip(params[0::2], params[1::2], strict=True)])  # fmt: skip
+        weight, bias = torch.cat(params[0::2]).float(), torch.cat(params[1::2]).float()
     _ROUTER_STACKS[layers[0]] = (params, versions, weight, bias)
     return weight, bias
 
@@ -316,7 +313,8 @@ def _decide(layer, entry: _Entry, x: torch.Tensor, weight: torch.Tensor, conv: d
         impl = checked.get(stamp)
         if impl is None or torch.is_autocast_enabled(x.device.type):
             y = public(x, weight, bias, a, b)
-            checked[stamp] = dispatch.implementation(op, backend, x.device, x.dtype)
+            if impl is None:
+                checked[stamp] = dispatch.implementation(op, backend, x.device, x.dtype)
             return y
         num_shared, scaling = int(layer.num_shared), float(layer.scaling)
         if conv is None:

@@ -39,8 +39,7 @@ from torch.autograd.function import once_differentiable
 from ..kernels import mor_conv2d as KC
 from . import cudnn_conv as CC
 from .cudnn_conv import _conv, cudnn_settings
-from .triton_mor_lora import _forward as _linear_forward
-from .triton_mor_lora import _MoRLinearFn, cast_operands, compute_dtype, eager_inference
+from .triton_mor_lora import _apply, cast_operands, compute_dtype, eager_inference
 
 # ---------------------------------------------------------------------------------------------
 # custom ops
@@ -191,13 +190,12 @@ def _is_pointwise(weight, stride, padding) -> bool:
     return tuple(weight.shape[2:]) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
 
 
-def _pointwise(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, store_u):
+def _pointwise(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling):
     """The 1x1 convolution through the fused linear kernels on ``(B, H W, C)`` token views."""
     batch, c_in, height, width = x.shape
     tokens = x.permute(0, 2, 3, 1).reshape(batch, height * width, c_in)  # a view for NCHW and channels-last
-    args = (tokens, weight.reshape(weight.shape[0], c_in), bias, lora_a.reshape(lora_a.shape[0], c_in), lora_b, idx,
-            gate, None, num_shared, scaling, store_u)  # fmt: skip
-    y = _linear_forward(*args)[0] if eager_inference(store_u, *args[:8]) else _MoRLinearFn.apply(*args)
+    y = _apply(tokens, weight.reshape(weight.shape[0], c_in), bias, lora_a.reshape(lora_a.shape[0], c_in), lora_b, idx,
+               gate, None, num_shared, scaling)  # fmt: skip
     return y.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
 
 
@@ -211,7 +209,7 @@ def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, 
     x, weight, bias, lora_a, lora_b = cast_operands(compute_dtype(x), x, weight, bias, lora_a, lora_b)
     idx, num_shared, scaling = idx.to(torch.int32), int(num_shared), float(scaling)
     if _is_pointwise(weight, stride, padding):
-        return _pointwise(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, store)
+        return _pointwise(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling)
     conv = (list(stride), list(padding), list(dilation))
     if eager_inference(store, x, weight, bias, lora_a, lora_b, idx, gate):
         return _forward(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, *conv)[0]
