@@ -78,7 +78,10 @@ TORCH_LIBRARY(mor, m) {
   // merged weights of mor_model.inference (csrc/cpu/blas_mor_linear.cpp).
   m.def("blas_merged_weights(Tensor weight, Tensor lora_a, Tensor lora_b, Tensor idx, Tensor gate, int num_shared, "
         "float scaling) -> Tensor");
-  // Whether the BLAS path's float32 rank work runs in the AVX-512 rank kernels (csrc/cpu/rank_kernels.h) before
-  // this call; enable=True/False switches them on/off for the process (the tests compare both paths).
+  // Whether the BLAS path's float32 rank work runs in the rank kernels (csrc/cpu/rank_kernels.h: AVX-512F or
+  // AVX2+FMA) before this call; enable=True/False switches them on/off for the process (the tests compare both paths).
   m.def("cpu_rank_kernels(bool? enable=None) -> bool", &mor::cpu_rank_kernels);
+  // The instruction set the rank kernels run in before this call ("avx512", "avx2", "none"); isa="avx512"/"avx2"
+  // picks one the CPU has, "auto" the widest (the tests run both where the CPU has AVX-512F).
+  m.def("cpu_rank_isa(str? isa=None) -> str", &mor::cpu_rank_isa);
 }

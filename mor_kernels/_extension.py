@@ -34,6 +34,7 @@ OPS = (
     "blas_mor_conv2d_bwd",
     "blas_merged_weights",
     "cpu_rank_kernels",
+    "cpu_rank_isa",
 )
 
 

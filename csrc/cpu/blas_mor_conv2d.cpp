@@ -1,6 +1,6 @@
 // mor::blas_mor_conv2d: the sample-routed MoR Conv2d on the CPU in one call (the twin of blas_mor_linear.cpp:
 // host rank lists in C++, the convolutions in ATen/oneDNN, the float32 merge and up-projection in rank_kernels.h's
-// AVX-512 kernels where the CPU has them, else ATen GEMMs on the gathered ranks).
+// AVX-512 or AVX2 kernels where the CPU has them, else ATen GEMMs on the gathered ranks).
 //
 //   - merged (inference, when the caller's cost model says so): W_b = W0 + B_act diag(g) A_act (the 1x1 x kxk
 //     composition, one small GEMM), then one base convolution per distinct routing;
@@ -97,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> blas_mor_conv2d_fwd_cpu(
     return gather_rows(a, lists, l, with_weight).view({lists.count[l], a_shape[1], a_shape[2], a_shape[3]});
   };
   at::Tensor u = at::empty({0}, xc.options());
-  const bool fast = ct == at::kFloat && rank_kernels_on();  // the AVX-512 rank kernels (rank_kernels.h)
+  const bool fast = ct == at::kFloat && rank_kernels_on();  // the rank kernels (rank_kernels.h)
   at::Tensor y;
   if (!store_u && merges(h_out * w_out, x.size(1), c_out, kh * kw, merge_above) && lists.lists > 0) {
     std::vector<at::Tensor> parts;

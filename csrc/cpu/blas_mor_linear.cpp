@@ -8,7 +8,7 @@
 //   - merged (inference, when the caller's cost model says so): W_b = W0 + B_act diag(g) A_act, then one base
 //     GEMM with W_b per distinct routing;
 //   - low-rank: y = x W0^T + b (one GEMM), u = x A_act^T, y += u (B_act diag(g))^T (in place).
-// In float32 on a CPU with AVX-512F the rank work (the merge, u, the update of y) runs in rank_kernels.h's
+// In float32 on a CPU with AVX-512F or AVX2+FMA the rank work (the merge, u, the update of y) runs in rank_kernels.h's
 // kernels, which read the active rows of lora_a and columns of lora_b where they are; otherwise the active ranks
 // are gathered (gates folded in) and the same steps are ATen GEMMs: the calls of a dense LoRA of the same rank.
 // The backward (blas_mor_linear_bwd) makes the GEMMs a dense LoRA's backward makes (dx = dy W0 + du A_w,
@@ -76,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> blas_mor_linear_fwd_cpu(const at::Tensor& x, 
   const auto a = cast(lora_a, ct).contiguous();
   const auto b = cast(lora_b, ct).contiguous();
   at::Tensor u = store_u ? at::empty({batch, tokens, lists.width}, x2.options()) : at::empty({0}, x2.options());
-  // float32 with row-contiguous operands: the AVX-512 rank kernels where the CPU has them (rank_kernels.h)
+  // float32 with row-contiguous operands: the rank kernels where the CPU runs them (rank_kernels.h)
   const bool fast = ct == at::kFloat && rank_kernels_on() && x2.stride(1) == 1 && w0.stride(1) == 1;
   at::Tensor y;
   if (!store_u && merges(tokens, d_in, d_out, merge_above)) {

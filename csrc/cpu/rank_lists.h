@@ -155,7 +155,7 @@ inline at::Tensor gather_cols(const at::Tensor& src, const SampleLists& s, int64
   return out;
 }
 
-// float32 operands of the AVX-512 rank kernels (rank_kernels.h) for list l: the list's rows of src (R, K),
+// float32 operands of the rank kernels (rank_kernels.h) for list l: the list's rows of src (R, K),
 // contiguous, where they are (no copy), and its weights as float.
 inline std::vector<const float*> rank_row_ptrs(const at::Tensor& src, const SampleLists& s, int64_t l) {
   std::vector<const float*> out(s.count[l]);

@@ -3,8 +3,8 @@ runs on CPU when ``mor_kernels._C`` is built; :data:`mor_kernels.dispatch.DECISI
 
 One C++ op per public op does the whole call (``csrc/cpu/blas_mor_linear.cpp``, ``blas_mor_conv2d.cpp``): the
 rank lists read from ``idx`` on the host, the base GEMM/convolution in ATen's BLAS / oneDNN, and the rank work
-either in the AVX-512 rank kernels (``csrc/cpu/rank_kernels.h``: float32 on a CPU with AVX-512F; they read the
-active rows of ``lora_a`` and columns of ``lora_b`` where they are) or, without them, in ATen GEMMs on the
+either in the rank kernels (``csrc/cpu/rank_kernels.h``: float32 on a CPU with AVX-512F, or AVX2 with FMA; they
+read the active rows of ``lora_a`` and columns of ``lora_b`` where they are) or, without them, in ATen GEMMs on the
 gathered active ranks (gates folded in): per-sample merged weights (inference, when the cost model says so) or
 the low-rank path (``u = A_act x``, ``y += B_act diag(g) u`` in place), and a backward with a dense LoRA's
 GEMMs (ATen only). :func:`rank_kernels` says which runs here. On a CPU the cost of a MoR layer next to its
@@ -31,8 +31,26 @@ from .. import _extension
 from ..reference import mor_linear as _reference_linear
 
 _C, _LOAD_ERROR = _extension.load()
-if _C is not None and os.environ.get("MOR_CPU_RANK_KERNELS", "1") == "0":  # the A/B switch of the benchmarks
-    torch.ops.mor.cpu_rank_kernels(False)
+
+
+def apply_rank_kernels_setting(value: str) -> None:
+    """``MOR_CPU_RANK_KERNELS``, the benchmarks' A/B switch of the rank kernels: ``"1"`` (default: the widest
+    instruction set the CPU has), ``"0"`` (off: ATen GEMMs), ``"avx2"`` or ``"avx512"`` (that set; the CPU must
+    have it). Anything else, or a set the CPU lacks, is a ValueError naming the variable."""
+    if _C is None or value == "1":
+        return
+    if value == "0":
+        torch.ops.mor.cpu_rank_kernels(False)
+        return
+    if value not in ("avx2", "avx512"):
+        raise ValueError(f"MOR_CPU_RANK_KERNELS must be 1, 0, avx2 or avx512, got {value!r}")
+    try:
+        torch.ops.mor.cpu_rank_isa(value)
+    except (RuntimeError, ValueError) as err:  # the op's ValueError, as the dispatcher raises it
+        raise ValueError(f"MOR_CPU_RANK_KERNELS={value}: {err}") from None
+
+
+apply_rank_kernels_setting(os.environ.get("MOR_CPU_RANK_KERNELS", "1"))
 
 #: the C++ ops each public op needs
 OP_KERNELS = {"mor_linear": "blas_mor_linear_fwd", "mor_conv2d": "blas_mor_conv2d_fwd"}
@@ -57,12 +75,14 @@ def rank_kernels() -> str:
     """Where this process runs the BLAS path's float32 rank work, and why (for ``explain_backend``)."""
     if _C is None:
         return f"nowhere: {_LOAD_ERROR}"
-    if torch.ops.mor.cpu_rank_kernels(None):
-        return "the AVX-512 rank kernels (csrc/cpu/rank_kernels.h; float64 in ATen GEMMs)"
-    if "AVX512" in torch.backends.cpu.get_cpu_capability():
+    isa = torch.ops.mor.cpu_rank_isa(None)
+    if isa != "none":
+        name = {"avx512": "AVX-512", "avx2": "AVX2"}[isa]
+        return f"the {name} rank kernels (csrc/cpu/rank_kernels.h; float64 in ATen GEMMs)"
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         why = "MOR_CPU_RANK_KERNELS=0 or torch.ops.mor.cpu_rank_kernels(False) switched them off"
     else:
-        why = "this CPU has no AVX-512F"
+        why = "this CPU has neither AVX-512F nor AVX2 with FMA"
     return f"ATen GEMMs on the gathered ranks ({why})"
 
 

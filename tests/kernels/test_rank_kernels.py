@@ -1,5 +1,5 @@
-"""The AVX-512 rank kernels of the BLAS CPU path (``csrc/cpu/rank_kernels.h``): the float32 forward with them
-on, against the float64 oracle (MOR_SPEC section 7) and against the same op with them off (ATen GEMMs on the
+"""The rank kernels of the BLAS CPU path (``csrc/cpu/rank_kernels.h``), AVX-512 and AVX2 (each where the CPU has
+it; both on an AVX-512 CPU): the float32 forward with them on, against the float64 oracle (MOR_SPEC section 7) and against the same op with them off (ATen GEMMs on the
 gathered ranks), on shapes that reach every edge of their blocking: 1..40 active ranks (groups of 16 and of 4,
 and their remainders), feature and channel counts around multiples of 16 (masked columns), token and row counts
 around multiples of 4 and 8, per-sample and shared routing, merged and low-rank, NCHW and channels_last. The
@@ -19,16 +19,41 @@ from mor_kernels.testing import assert_parity, poison_allocations, random_case
 WHY = dispatch.unavailable_reason("blas", "mor_linear", torch.device("cpu"))
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"backend='blas' cannot run here ({WHY})")
 HAVE = WHY is None and torch.ops.mor.cpu_rank_kernels(None)
-needs_avx512 = pytest.mark.skipif(not HAVE, reason="the rank kernels do not run here (no AVX-512F, or switched off)")
+needs_kernels = pytest.mark.skipif(
+    not HAVE, reason="the rank kernels do not run here (neither AVX-512F nor AVX2+FMA, or switched off)"
+)
 INF = float("inf")
 
 
-@pytest.fixture
-def kernels():
-    """``kernels(on)`` switches the rank kernels; the switch is restored afterwards."""
+def _runnable_isas() -> list[str]:
+    """The instruction sets this CPU runs the kernels in (cpu_rank_isa refuses the others)."""
+    if WHY is not None:
+        return []
+    before, found = torch.ops.mor.cpu_rank_isa(None), []
+    for isa in ("avx512", "avx2"):
+        try:
+            torch.ops.mor.cpu_rank_isa(isa)
+        except ValueError:
+            continue
+        found.append(isa)
+    torch.ops.mor.cpu_rank_isa("auto")
+    assert torch.ops.mor.cpu_rank_isa(None) in (before, "none")
+    return found
+
+
+ISAS = _runnable_isas()
+
+
+@pytest.fixture(params=ISAS or ["none"])
+def kernels(request):
+    """``kernels(on)`` switches the rank kernels, run in the instruction set of the parameter (each one this CPU
+    has); the switch and the choice are restored afterwards."""
     before = torch.ops.mor.cpu_rank_kernels(None)
+    if request.param != "none":
+        torch.ops.mor.cpu_rank_isa(request.param)
     yield lambda on: torch.ops.mor.cpu_rank_kernels(on)
     torch.ops.mor.cpu_rank_kernels(before)
+    torch.ops.mor.cpu_rank_isa("auto")
 
 
 # (batch, tokens, d_in, d_out, num_shared, num_routed, top_k): active ranks n = S + picks
@@ -59,7 +84,7 @@ def _linear(c, merge_above, store_u):
                                              c.scaling, merge_above, True, store_u)  # fmt: skip
 
 
-@needs_avx512
+@needs_kernels
 @pytest.mark.parametrize("path", ["merged", "low_rank", "training"])
 @pytest.mark.parametrize("alike", [False, True], ids=["distinct", "alike"])
 @pytest.mark.parametrize("name", list(LINEAR))
@@ -88,7 +113,7 @@ CONV = {  # (batch, c_in, c_out, kernel, height, width, stride, num_shared, num_
 }
 
 
-@needs_avx512
+@needs_kernels
 @pytest.mark.parametrize("merge", ["always", "never"])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("name", list(CONV))
@@ -111,7 +136,7 @@ def test_conv_forward_with_and_without_the_kernels(name, layout, merge, kernels)
     torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-5 * float(y64.abs().max()))
 
 
-@needs_avx512
+@needs_kernels
 @pytest.mark.parametrize("merge", [-1.0, INF], ids=["merged", "low_rank"])
 def test_ranks_not_picked_are_never_read(merge, kernels):
     """The kernels read lora_a's rows and lora_b's columns of the active ranks only (lora_b's columns by vector
@@ -134,11 +159,65 @@ def test_the_switch_and_what_explain_says(kernels):
     before = kernels(None)
     assert kernels(False) == before
     assert kernels(None) is False
+    assert torch.ops.mor.cpu_rank_isa(None) == "none"
+    auto_is_blas = dispatch.resolve("mor_linear", "auto", torch.device("cpu"), torch.float32).backend == "blas"
     text = mor_kernels.explain_backend("cpu", "mor_linear", torch.float32)
-    if dispatch.resolve("mor_linear", "auto", torch.device("cpu"), torch.float32).backend == "blas":
+    if auto_is_blas:
         assert "rank work: ATen GEMMs on the gathered ranks" in text
     assert kernels(True) is False
-    assert kernels(None) is HAVE  # on only where the CPU has AVX-512F
+    assert kernels(None) is HAVE  # on only where the CPU has AVX-512F or AVX2+FMA
+    if HAVE:
+        isa = torch.ops.mor.cpu_rank_isa(None)
+        assert isa in ISAS
+        name = {"avx512": "AVX-512", "avx2": "AVX2"}[isa]
+        if auto_is_blas:
+            assert f"rank work: the {name} rank kernels" in mor_kernels.explain_backend("cpu", "mor_linear")
+
+
+@pytest.mark.skipif(WHY is not None, reason="needs the extension")
+def test_the_instruction_set_choice():
+    """cpu_rank_isa picks among the sets this CPU has, names a bad one, and "auto" goes back to the widest."""
+    before = torch.ops.mor.cpu_rank_isa(None)
+    try:
+        with pytest.raises(ValueError, match="isa must be 'auto', 'avx512' or 'avx2', got 'sse'"):
+            torch.ops.mor.cpu_rank_isa("sse")
+        for isa in ("avx512", "avx2"):
+            if isa in ISAS:
+                torch.ops.mor.cpu_rank_isa(isa)
+                assert torch.ops.mor.cpu_rank_isa(None) == isa
+            else:
+                with pytest.raises(ValueError, match=f"this CPU cannot run isa='{isa}'"):
+                    torch.ops.mor.cpu_rank_isa(isa)
+        torch.ops.mor.cpu_rank_isa("auto")
+        assert torch.ops.mor.cpu_rank_isa(None) == (ISAS[0] if ISAS and before != "none" else before)
+    finally:
+        torch.ops.mor.cpu_rank_isa("auto")
+
+
+@pytest.mark.skipif(WHY is not None, reason="needs the extension")
+def test_the_environment_switch():
+    """MOR_CPU_RANK_KERNELS (read when the BLAS backend is imported): 0 switches the kernels off, avx2/avx512 pick a
+    set the CPU has; other values, and a set the CPU lacks, are ValueErrors naming the variable."""
+    from mor_kernels.ops import cpu_blas
+
+    before_on, before_isa = torch.ops.mor.cpu_rank_kernels(None), torch.ops.mor.cpu_rank_isa(None)
+    try:
+        cpu_blas.apply_rank_kernels_setting("0")
+        assert torch.ops.mor.cpu_rank_isa(None) == "none"
+        torch.ops.mor.cpu_rank_kernels(True)
+        for isa in ("avx512", "avx2"):
+            if isa in ISAS:
+                cpu_blas.apply_rank_kernels_setting(isa)
+                assert torch.ops.mor.cpu_rank_isa(None) == isa
+            else:
+                with pytest.raises(ValueError, match=f"MOR_CPU_RANK_KERNELS={isa}: .*cannot run isa='{isa}'"):
+                    cpu_blas.apply_rank_kernels_setting(isa)
+        with pytest.raises(ValueError, match="MOR_CPU_RANK_KERNELS must be 1, 0, avx2 or avx512, got 'yes'"):
+            cpu_blas.apply_rank_kernels_setting("yes")
+    finally:
+        torch.ops.mor.cpu_rank_kernels(before_on)
+        torch.ops.mor.cpu_rank_isa("auto")
+    assert before_isa in ("none", torch.ops.mor.cpu_rank_isa(None))
 
 
 @pytest.mark.parametrize("on", [True, False], ids=["kernels", "aten"])
