@@ -110,7 +110,7 @@ def executed_rank_rows(case: Case, provider: str, layer, t: dict, useful_rr: int
     ``"auto"`` resolves to, or the merged path when ``mor_kernels.merge_decision`` picks it."""
     backend = provider.split(":")[1]
     token = case.routing == "token"
-    idx = t["idx"].cpu()
+    idx = flops.live_slots(t["idx"].cpu(), t["gate"].cpu())
     width = None if token else flops.rank_list_width(idx, case.num_shared, case.ranks, host=device.type == "cpu")
     if backend == "auto":
         op = case.op
@@ -171,8 +171,9 @@ def measure_case(case: Case, providers, device, args, copy_gbps: float) -> list[
     t = make_inputs(case, device)
     layer = case.layer()
     backward = case.mode == "fwd+bwd"
-    useful_rr = flops.active_rank_rows(t["idx"].cpu(), case.num_shared, layer.tokens)
-    touched = flops.ranks_touched(t["idx"].cpu(), case.num_shared)
+    live = flops.live_slots(t["idx"].cpu(), t["gate"].cpu())  # a zero-gate pick does no work on any backend
+    useful_rr = flops.active_rank_rows(live, case.num_shared, layer.tokens)
+    touched = flops.ranks_touched(live, case.num_shared)
     common_fields = {
         "case": case_label(case),
         "sweep": case.sweep,

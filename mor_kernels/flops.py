@@ -97,6 +97,15 @@ def conv2d_layer(
 # Ranks
 
 
+def live_slots(idx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``idx`` with every slot whose gate is exactly 0 marked ``-1``: such a slot adds nothing and every backend
+    treats it as a zero slot (MOR_SPEC 2.2: its rank is never read), so it does no work to count. Pass the result
+    to the functions below when the gates can underflow (a logit gap above ~88 in float32)."""
+    if gate.shape != idx.shape:
+        raise ValueError(f"gate must have idx's shape {tuple(idx.shape)}, got {tuple(gate.shape)}")
+    return torch.where(gate.to(idx.device) == 0, torch.full_like(idx, -1), idx)
+
+
 def active_ranks(idx: torch.Tensor, num_shared: int) -> torch.Tensor:
     """Active ranks per routing unit: ``num_shared`` plus the distinct routed ranks picked.
 

@@ -20,7 +20,8 @@ class RoutingStats:
     Attributes:
         layers: qualified names of the layers that routed in the last forward.
         active_ranks: ``(L, B)`` float, ``S`` + the number of selected non-zero slots (averaged over
-            the tokens of a sample for token routing), i.e. the real ranks that did work.
+            the tokens of a sample for token routing), i.e. the real ranks that did work: a selected real
+            slot whose probability (so its gate) is exactly 0 counts as a zero slot, as every backend runs it.
         slots: ``{layer: (B, k)}`` chosen router slots (``>= E`` is a zero slot), descending
             probability; ``(B, T, k)`` for token routing.
         max_ranks: ``{layer: S + k}`` the most ranks a unit can use (for the colour scale).
@@ -55,8 +56,9 @@ def routing_stats(module: nn.Module) -> RoutingStats:
             raise ValueError(f"layers routed different batch sizes ({batch} and {b} in {name!r}); clear_routing first")
         batch = b
         chosen = top_k_slots(router.last_probs, cfg.top_k)  # (U, k)
+        works = (chosen < cfg.num_routed) & (router.last_probs.detach().gather(-1, chosen) > 0)  # gate 0: no work
         per_sample = chosen.reshape(b, -1, cfg.top_k)  # (B, T, k), T = 1 for sample routing
-        real = (per_sample < cfg.num_routed).sum(dim=-1).float().mean(dim=1)  # (B,)
+        real = works.reshape(b, -1, cfg.top_k).sum(dim=-1).float().mean(dim=1)  # (B,)
         names.append(name)
         rows.append(cfg.num_shared + real.cpu())
         slots[name] = (per_sample[:, 0] if per_sample.shape[1] == 1 else per_sample).cpu()

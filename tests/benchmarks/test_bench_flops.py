@@ -69,6 +69,12 @@ def test_active_ranks_and_executed_rank_rows():
     # the reference: each sample's gathered list (its width from the longest sample), all R per token
     assert flops.rank_list_width(idx, 4, 40) == 4 + 3  # sample 0 picks 3 routed ranks, sample 1 two (rank 2 twice)
     assert flops.rank_list_width(idx, 4, 40, host=False) == 4 + 4  # every slot kept, masked
+    gate = torch.tensor([[0.5, 0.0, 0.2, 0.3], [0.4, 0.1, 0.0, 0.0]])  # zero gates: zero slots on every backend
+    live = flops.live_slots(idx, gate)
+    assert live.tolist() == [[0, -1, -1, 3], [2, -1, -1, -1]] and live.dtype == idx.dtype
+    assert flops.active_ranks(live, 4).tolist() == [6, 5] and flops.rank_list_width(live, 4, 40) == 4 + 2
+    with pytest.raises(ValueError, match="gate must have idx's shape"):
+        flops.live_slots(idx, gate[:, :3])
     assert flops.executed_rank_rows("reference", lin, 40, 120, False, list_width=7) == 20 * 7
     assert flops.executed_rank_rows("reference", lin, 40, 120, False, num_shared=4, top_k=4) == 20 * 8
     assert flops.executed_rank_rows("reference", lin, 40, 120, True) == 20 * 40

@@ -39,6 +39,23 @@ def test_active_ranks_and_slots():
     assert stats.to_dict()["max_ranks"] == {"0": 5, "1": 5}
 
 
+def test_a_picked_slot_whose_gate_underflowed_counts_as_a_zero_slot():
+    """A routed slot picked with probability exactly 0 (a logit gap past float32's exp range) gets gate 0, which
+    every backend runs as a zero slot (MOR_SPEC 2.2): the statistics do not count its rank as active."""
+    cfg = small_config(num_zero=1, top_k=3)  # E = 4 routed slots + 1 zero slot, top 3
+    layer = MoRLinear(nn.Linear(4, 4), cfg)
+    with torch.no_grad():  # slot 0 dominates by 200 (others' probabilities underflow to 0), slot 1 by 200 - 1
+        r = layer.router.degradation
+        r.weight.zero_()
+        r.bias.copy_(torch.tensor([200.0, 199.0, 0.0, 0.0, 0.0]))
+    with degradation(layer, torch.zeros(1, 7)):
+        layer(torch.randn(1, 2, 4))
+    idx = layer.router.last_idx[0].tolist()
+    probs = layer.router.last_probs[0]
+    assert idx[:2] == [0, 1] and idx[2] in (2, 3) and float(probs[idx[2]].detach()) == 0.0  # a real slot with gate 0
+    assert routing_stats(layer).active_ranks[0].tolist() == [cfg.num_shared + 2]
+
+
 def test_token_routing_averages_over_tokens():
     layer = MoRLinear(nn.Linear(4, 4), small_config(routing="token", router_input="token"))
     layer(torch.randn(2, 5, 4))
