@@ -11,7 +11,7 @@ from torch import nn
 
 from .inference import attach
 from .layers import mor_layers
-from .router import check_scores
+from .router import check_scores, checked_severity
 
 
 def _layers(module: nn.Module):
@@ -40,12 +40,15 @@ def set_degradation(module: nn.Module, scores: torch.Tensor | None, severity: to
     merged weights (:mod:`mor_model.inference`): setting new scores, or None, drops them.
     """
     layers = _layers(module)
-    if scores is not None:
-        check_scores(scores, layers[0].router.num_degradation_dims)
-        if severity is None:  # MoRRouter.set_degradation's default, computed once for every router
-            severity = scores.detach().float().mean(dim=-1)
+    if scores is None:
+        severity = None
+    else:  # MoRRouter.set_degradation's checks and default, once for every router
+        dims = {layer.router.num_degradation_dims for layer in layers}
+        if len(dims) > 1:
+            raise ValueError(f"the MoR layers under this module route on different num_degradation_dims {sorted(dims)}")
+        severity = checked_severity(check_scores(scores, dims.pop()), severity)
     for layer in layers:
-        layer.router.set_degradation(scores, severity)
+        layer.router._set_checked(scores, severity)
     attach(layers, scores)
 
 

@@ -379,4 +379,4 @@ def attach(layers, scores: torch.Tensor | None) -> None:
     layers = list(layers)
     state = None if scores is None else ImageState(layers, scores)
     for layer in layers:
-        layer._image_state = state
+        layer.__dict__["_image_state"] = state  # a plain attribute: nn.Module.__setattr__'s checks skipped

@@ -24,6 +24,16 @@ def check_scores(scores, num_dims: int, name: str = "scores") -> torch.Tensor:
     return scores
 
 
+def checked_severity(scores: torch.Tensor, severity: torch.Tensor | None) -> torch.Tensor:
+    """``severity (B,)`` for checked ``scores (B, D)`` as the routers keep it (float32, detached); None gives the
+    default ``scores.mean(-1)`` (MOR_SPEC section 3)."""
+    if severity is None:
+        return scores.detach().float().mean(dim=-1)
+    if not isinstance(severity, torch.Tensor) or tuple(severity.shape) != (scores.shape[0],):
+        raise ValueError(f"severity must be a tensor of shape ({scores.shape[0]},) matching scores")
+    return severity.detach().float()
+
+
 class MoRRouter(nn.Module):
     """Router of one MoR layer.
 
@@ -67,11 +77,13 @@ class MoRRouter(nn.Module):
             self._scores = self._severity = None
             return
         check_scores(scores, self.num_degradation_dims)
-        if severity is None:
-            severity = scores.detach().float().mean(dim=-1)
-        elif not isinstance(severity, torch.Tensor) or tuple(severity.shape) != (scores.shape[0],):
-            raise ValueError(f"severity must be a tensor of shape ({scores.shape[0]},) matching scores")
-        self._scores, self._severity = scores, severity.detach().float()
+        self._scores, self._severity = scores, checked_severity(scores, severity)
+
+    def _set_checked(self, scores: torch.Tensor | None, severity: torch.Tensor | None) -> None:
+        """:meth:`set_degradation` for arguments ``mor_model.set_degradation`` checked and converted once for every
+        router of a model (``severity`` float32, detached): two attribute writes, without ``nn.Module``'s
+        ``__setattr__`` (~8 us a router with the checks; 258 routers per SD 2.1 UNet image)."""
+        self.__dict__["_scores"], self.__dict__["_severity"] = scores, severity
 
     def clear_state(self) -> None:
         """Forgets the routing of the last forward."""

@@ -188,6 +188,36 @@ def test_missing_and_mismatched_scores_are_clear_errors():
         layer(x)
 
 
+def test_model_level_scores_are_checked_once_before_any_router_changes():
+    """set_degradation checks scores and severity once for the whole model (then sets every router directly): a bad
+    call names the argument and leaves every router as it was; the routers get the detached float32 severity."""
+    cfg = small_config()
+    model = nn.Sequential(MoRLinear(nn.Linear(4, 4), cfg), MoRLinear(nn.Linear(4, 4), cfg))
+    good = torch.rand(2, 7)
+    set_degradation(model, good)
+    bad_calls = [
+        ((torch.rand(2, 5),), ValueError, r"\(B, 7\)"),
+        ((torch.rand(2, 7), torch.rand(3)), ValueError, r"severity must be a tensor of shape \(2,\)"),
+        ((torch.rand(2, 7), [0.1, 0.2]), ValueError, "severity must be a tensor"),
+        (([[0.0] * 7],), TypeError, "scores must be a torch.Tensor"),
+    ]
+    for args, error, message in bad_calls:
+        with pytest.raises(error, match=message):
+            set_degradation(model, *args)
+        assert all(layer.router._scores is good for layer in model)
+    mixed = nn.Sequential(MoRLinear(nn.Linear(4, 4), cfg),
+                          MoRLinear(nn.Linear(4, 4), small_config(num_degradation_dims=5)))  # fmt: skip
+    with pytest.raises(ValueError, match=r"different num_degradation_dims \[5, 7\]"):
+        set_degradation(mixed, torch.rand(2, 7))
+    assert all(layer.router._scores is None for layer in mixed)
+    severity = torch.tensor([0.25, 0.5], dtype=torch.float64, requires_grad=True)
+    set_degradation(model, good, severity)
+    for layer in model:
+        assert layer.router._scores is good and layer.router._severity.dtype == torch.float32
+        assert not layer.router._severity.requires_grad and layer.router._severity.tolist() == [0.25, 0.5]
+        assert layer._image_state is model[0]._image_state is not None  # one shared per-image state
+
+
 def test_context_manager_restores_previous_scores_and_severity():
     layer = MoRLinear(nn.Linear(4, 4), small_config())
     s1, s2 = torch.rand(2, 7), torch.rand(2, 7)
