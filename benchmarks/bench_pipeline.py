@@ -17,6 +17,12 @@ Parts, each timed for every variant in the same run (variants of a part interlea
   one UNet pass at t = 999, VAE decode, colour fix (AdaIN). The prompt embedding is cached by the
   pipeline, so the text encoder (a fixed random embedding here) is not in the timed calls;
 - ``unet``: the UNet alone at t = 999 (degradation scores set once, outside the timed calls);
+- ``unet-graph``: on a CUDA run, the same calls captured in a CUDA graph and replayed (``bench_common.time_cuda``
+  with ``use_graph``): the device time alone, without the host's launch overhead. Next to ``unet`` it says
+  whether a variant is host-bound at this batch (a MoR UNet calls 258 MoR layers, each with some Python per
+  call): ``unet`` over ``unet-graph`` near 1 means device-bound. The MoR variants replay one image's routing
+  (prepared by the warm-up calls before the capture), as a graphed pipeline would per image; a capture that
+  fails makes an ``error`` row saying why (``--no-graphs`` skips the part);
 - ``estimator``: the CLIP degradation estimator alone, float32 (ViT-L/14-sized; ViT-B/32 reduced);
 - ``unet-sd21``: on a CPU run (``--sd21-latent``, default 32), the SD 2.1-base UNet at its real sizes at a
   small latent (32x32: 258 MoR layers at the widths that matter, in a few minutes on 2 cores), float32:
@@ -353,6 +359,7 @@ def parse_args(argv=None):
         default=None,
         help="CPU: also time the SD 2.1-base UNet at real sizes at this latent side (default 32; 0 = skip)",
     )
+    p.add_argument("--no-graphs", action="store_true", help="CUDA: skip the unet-graph part (CUDA graph replays)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -391,10 +398,12 @@ def _nbytes(*mods) -> float:
     return sum(t.numel() * t.element_size() for m in mods for t in [*m.parameters(), *m.buffers()]) / 1e6
 
 
-def time_jobs(jobs: dict, device, args, clock=None) -> tuple[dict, dict]:
+def time_jobs(jobs: dict, device, args, clock=None, use_graph: bool = False) -> tuple[dict, dict]:
     """Times ``{key: fn}`` (no grad); returns ``({key: Timing or exception}, {key: peak MB added})``.
     CPU: interleaved sample by sample (``clock``: the sample clock, default ``common.cpu_clock()``); CUDA: job
-    after job (``args.rounds`` rounds), the peak memory a call adds over what was allocated before it."""
+    after job (``args.rounds`` rounds), the peak memory a call adds over what was allocated before it;
+    ``use_graph``: CUDA graph replays, and a job whose capture failed (timed eagerly by ``time_cuda``) is an
+    error saying so rather than an eager time in a graph row."""
     if device.type != "cuda":
         with torch.no_grad():
             fns = {k: (fn, ()) for k, fn in jobs.items()}
@@ -411,7 +420,10 @@ def time_jobs(jobs: dict, device, args, clock=None) -> tuple[dict, dict]:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                     before = torch.cuda.memory_allocated()
-                    out[key].append(common.time_fn(fn, device, budget_s=args.budget / args.rounds))
+                    tm = common.time_fn(fn, device, budget_s=args.budget / args.rounds, use_graph=use_graph)
+                    if use_graph and not tm.graphed:
+                        raise RuntimeError(f"no CUDA graph: {tm.timer}")
+                    out[key].append(tm)
                     peak[key] = max(peak.get(key, 0), (torch.cuda.max_memory_allocated() - before) / 1e6)
             except Exception as err:  # one failing variant must not stop the others; the row says why
                 out[key] = err
@@ -464,9 +476,9 @@ def _run(args) -> dict:
         notes[(name, "pipeline")] = (f"UNet: {note[0]}; VAE: {note[1]}" if note[0] else "") + (
             "; + estimator" if needs else ""
         )
-        notes[(name, "unet")] = note[0]
+        notes[(name, "unet")] = notes[(name, "unet-graph")] = note[0]
         weights[(name, "pipeline")] = _nbytes(u, v, est) if needs else _nbytes(u, v)
-        weights[(name, "unet")] = _nbytes(u)
+        weights[(name, "unet")] = weights[(name, "unet-graph")] = _nbytes(u)
         if mor_model.mor_layers(u):
             routed[name] = u
     if "estimator" in args.variants:
@@ -474,13 +486,16 @@ def _run(args) -> dict:
         notes[("estimator", "estimator")] = "float32, " + ("tiny CLIP" if args.clip == "tiny" else
                                                            args.clip or ("ViT-L/14" if args.full_size else "ViT-B/32"))  # fmt: skip
         weights[("estimator", "estimator")] = _nbytes(est)
+    timed = [(part, part_jobs, False) for part, part_jobs in jobs.items()]
+    if device.type == "cuda" and not args.no_graphs:
+        timed.insert(2, ("unet-graph", jobs["unet"], True))
     timings, peak = {}, {}
-    for part, part_jobs in jobs.items():
+    for part, part_jobs, graphs in timed:
         with contextlib.ExitStack() as stack:
-            if part == "unet":  # the pipeline sets (and clears) the scores itself; the UNet alone needs them set
+            if part.startswith("unet"):  # the pipeline sets (and clears) the scores itself; the UNet alone needs them
                 for u in routed.values():
                     stack.enter_context(mor_model.degradation(u, scores))
-            tm, pk = time_jobs(part_jobs, device, args)
+            tm, pk = time_jobs(part_jobs, device, args, use_graph=graphs)
         timings.update({(name, part): v for name, v in tm.items()})
         peak.update({(name, part): v for name, v in pk.items()})
     if args.sd21_latent:

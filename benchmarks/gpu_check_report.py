@@ -154,11 +154,13 @@ def goals(bench_rows: list[dict], pipeline_rows: list[dict], bench_note: str, pi
     if not any(g["key"] == "fwd_bwd" for g in out):
         add("fwd_bwd", "-", "-", None, bench_note or "no fwd+bwd rows with both a fused backend and mor:reference")
 
-    unet = [r for r in pipeline_rows if r.get("part") == "unet" and r.get("status") == "ok"]
+    # part "unet": eager calls (host time included); "unet-graph": the same replayed from a CUDA graph (device time)
+    unet = [r for r in pipeline_rows if r.get("part") in ("unet", "unet-graph") and r.get("status") == "ok"]
     for r in unet:
         ratio = _num(r.get("ratio_to_none"))
         if r.get("variant", "").startswith("mor") and ratio is not None:
-            add("unet", r["variant"], f"{ratio:.3f}x", ratio <= 1.05, f"median {_num(r.get('median_ms')) or 0:.2f} ms")
+            label = r["variant"] + (" (CUDA graph)" if r["part"] == "unet-graph" else "")
+            add("unet", label, f"{ratio:.3f}x", ratio <= 1.05, f"median {_num(r.get('median_ms')) or 0:.2f} ms")
     if not any(g["key"] == "unet" for g in out):
         add("unet", "-", "-", None, pipeline_note or "no UNet rows with a MoR variant in the pipeline output")
 

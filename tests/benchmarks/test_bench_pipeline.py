@@ -135,6 +135,33 @@ def test_cuda_peak_memory_bookkeeping(bench, monkeypatch):
     assert timings["a"].samples == 2 and isinstance(timings["c"], RuntimeError)
 
 
+def test_cuda_graph_part_rejects_eager_fallbacks(bench, monkeypatch):
+    """time_jobs with use_graph: graph timings pass through, and a job whose capture failed (time_cuda then times
+    it eagerly) becomes an error naming the failure instead of an eager time in a graph row."""
+    pipeline = pipeline_module(bench)
+    common = pipeline.common
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    for name in ("memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: 0)
+    asked = []
+
+    def fake_time_fn(fn, device, use_graph=False, **_):
+        asked.append(use_graph)
+        if fn() == "syncs":
+            return common.Timing(2.0, 2.0, 2.0, 2, "cuda events (graph capture failed: RuntimeError)", [2.0, 2.0])
+        return common.Timing(1.0, 1.0, 1.0, 2, "cuda graph of 3 calls", [1.0, 1.0], graphed=True)
+
+    monkeypatch.setattr(common, "time_fn", fake_time_fn)
+    jobs = {"a": lambda: "a", "b": lambda: "syncs"}
+    args = SimpleNamespace(rounds=1, budget=0.1)
+    timings, _ = pipeline.time_jobs(jobs, torch.device("cuda"), args, use_graph=True)
+    assert timings["a"].graphed and asked == [True, True]
+    assert isinstance(timings["b"], RuntimeError) and "graph capture failed: RuntimeError" in str(timings["b"])
+    timings, _ = pipeline.time_jobs(jobs, torch.device("cuda"), args)  # eager part: the fallback is the timing
+    assert timings["b"].median_ms == 2.0 and asked[2:] == [False, False]
+
+
 def test_lora_wrapper_matches_base_plus_low_rank(bench):
     from torch import nn
 

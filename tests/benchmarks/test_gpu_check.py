@@ -175,7 +175,10 @@ def test_goals_met_missed_and_not_measured(rep):
     rows += [_row("mor:triton", 1, sweep="zero", active_ranks=a, overhead_ms=0.01) for a, _ in sweep]  # flat
     pipeline = [dict(part="unet", variant="none", status="ok", ratio_to_none=1.0, median_ms=20),
                 dict(part="unet", variant="mor:triton", status="ok", ratio_to_none=1.04, median_ms=20.8),
-                dict(part="unet", variant="mor-folded:triton", status="ok", ratio_to_none=1.2, median_ms=24)]  # fmt: skip
+                dict(part="unet", variant="mor-folded:triton", status="ok", ratio_to_none=1.2, median_ms=24),
+                dict(part="unet-graph", variant="none", status="ok", ratio_to_none=1.0, median_ms=15),
+                dict(part="unet-graph", variant="mor:triton", status="ok", ratio_to_none=1.07, median_ms=16),
+                dict(part="unet-graph", variant="mor-folded:triton", status="error", reason="capture failed")]  # fmt: skip
     got = {(g["key"], g["backend"]): g for g in rep.goals(rows, pipeline, "", "")}
     assert (
         got[("linear", "mor:triton")]["verdict"] == "met"
@@ -187,6 +190,8 @@ def test_goals_met_missed_and_not_measured(rep):
     assert fb["verdict"] == "missed" and fb["measured"].startswith("1.50x - 3.00x") and "b8" in fb["detail"]
     assert got[("unet", "mor:triton")]["verdict"] == "met" and got[("unet", "mor-folded:triton")]["verdict"] == "missed"
     assert ("unet", "none") not in got
+    assert got[("unet", "mor:triton (CUDA graph)")]["verdict"] == "missed"  # the device time alone, judged too
+    assert not any(k[1].startswith("mor-folded:triton (") for k in got)  # an error row makes no goal row
     assert got[("ranks", "mor:cuda")]["verdict"] == "met" and got[("ranks", "mor:triton")]["verdict"] == "missed"
     empty = rep.goals([], [], "bench did not run", "no wheels")
     assert {g["verdict"] for g in empty} == {"not measured"} and len(empty) == 5
