@@ -211,6 +211,7 @@ def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, 
     if _is_pointwise(weight, stride, padding):
         return _pointwise(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling)
     conv = (list(stride), list(padding), list(dilation))
-    if eager_inference(store, x, weight, bias, lora_a, lora_b, idx, gate):
-        return _forward(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, *conv)[0]
+    if not store:  # nothing to differentiate: the kernels directly, or the custom op (its fallback under vmap)
+        fwd = _forward if eager_inference(False, x, weight, bias, lora_a, lora_b, idx, gate) else triton_conv2d
+        return fwd(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, *conv)[0]
     return _MoRConv2dFn.apply(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, conv, store)

@@ -65,11 +65,15 @@ def eager_inference(store: bool, *tensors) -> bool:
     """Whether a forward can launch its kernels directly instead of through its custom op and autograd Function:
     no backward will run (``store`` False), not tracing (``torch.compile`` needs the custom op's fake), no Python
     dispatch mode active (``FlopCounterMode`` counts the custom ops, a fake mode needs their fakes), plain tensors
-    (no fake or other subclass). The two wrappers cost ~18 us of Python per call on the CPU of
-    benchmarks/README.md, host time next to each layer's kernels on a GPU."""
+    (no fake or other subclass, and no ``torch.func`` wrapper: under ``vmap`` the launcher would meet a batched
+    tensor without storage, while the custom op gets torch's per-sample fallback). The two wrappers cost ~18 us
+    of Python per call on the CPU of benchmarks/README.md, host time next to each layer's kernels on a GPU."""
     if store or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
-    return all(t is None or type(t) is torch.Tensor for t in tensors)
+    return all(t is None or (type(t) is torch.Tensor and not _wrapped(t)) for t in tensors)
+
+
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # vmap's BatchedTensor, grad's GradTrackingTensor
 
 
 @triton_lora_fwd.register_fake
@@ -174,8 +178,9 @@ def _apply(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared, scaling
     idx = idx.to(torch.int32)
     # One dtype for every dot operand, whatever the caller mixed (or autocast would have cast).
     x, weight, bias, lora_a, lora_b, base = cast_operands(compute_dtype(x), x, weight, bias, lora_a, lora_b, base)
-    if eager_inference(store_u, x, weight, bias, lora_a, lora_b, idx, gate, base):
-        return _forward(x, weight, bias, lora_a, lora_b, idx, gate, base, int(num_shared), float(scaling), False)[0]
+    if not store_u:  # nothing to differentiate: the kernels directly, or the custom op (its fallback under vmap)
+        fwd = _forward if eager_inference(False, x, weight, bias, lora_a, lora_b, idx, gate, base) else triton_lora_fwd
+        return fwd(x, weight, bias, lora_a, lora_b, idx, gate, base, int(num_shared), float(scaling), False)[0]
     return _MoRLinearFn.apply(
         x, weight, bias, lora_a, lora_b, idx, gate, base, int(num_shared), float(scaling), store_u
     )
