@@ -125,8 +125,17 @@ class _Route(torch.autograd.Function):
         return grad_logits.to(ctx.logits_dtype), None, None, None
 
 
+def _records(*tensors) -> bool:
+    """Whether a backward will run through this call. When not, the public functions call the ops directly,
+    without their autograd Functions: less Python per inference call, and ``torch.vmap`` works (functorch
+    rejects these Functions; the ops get its per-sample fallback)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def route(logits, top_k, num_zero, renormalize=True):
     """Canonical ``route`` (see ``mor_kernels.functional.route``) on ``mor::route``."""
+    if not _records(logits):
+        return tuple(torch.ops.mor.route(logits, int(top_k), int(num_zero), bool(renormalize))[:3])
     return _Route.apply(logits, int(top_k), int(num_zero), bool(renormalize))
 
 
@@ -174,8 +183,12 @@ def mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, *, base=None):
     ``base (B, T, d_out)`` or None; returns ``(B, T, d_out)`` in ``x.dtype``."""
     idx, gate = idx.to(torch.int32), _gate32(gate)
     # h (the rank activations) is written only when a backward will run
-    store_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lora_a, lora_b, gate))
+    store_h = _records(x, lora_a, lora_b, gate)
     args = (int(num_shared), float(scaling))
+    if not store_h and not _records(base):
+        parts = [torch.ops.mor.lora_fwd(x[c], lora_a, lora_b, idx[c], gate[c], *args, None if base is None else base[c],
+                                        False)[0] for c in _chunks(x.shape[0])]  # fmt: skip
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
     if x.shape[0] <= MAX_BATCH:
         return _MoRLoRA.apply(x, lora_a, lora_b, idx, gate, *args, base, store_h)
     return torch.cat(
@@ -288,9 +301,25 @@ def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, 
     filters), two calls (no ``[weight; lora_a]`` weight is built), then ``mor::conv_up``."""
     dt = _dense_dtype(x)  # on CPU half precision: the rank channels stay float32 too, rounded once at the end
     xd = x.to(dt)
+    if not _records(x, weight, bias, lora_a, lora_b, gate):
+        return _conv2d_inference(xd, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding,
+                                 dilation).to(x.dtype)  # fmt: skip
     base = _Conv2d.apply(xd, weight.to(dt), _cast(bias, dt), stride, padding, dilation, weight.shape[0])
     z_rank = _Conv2d.apply(xd, lora_a.to(dt), None, stride, padding, dilation, 0)  # every filter is a rank's
     idx, gate, b = idx.to(torch.int32), _gate32(gate), lora_b.to(dt)
     args = (int(num_shared), float(scaling))
     parts = [_ConvUp.apply(base[c], z_rank[c], b, idx[c], gate[c], *args) for c in _chunks(x.shape[0])]
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(x.dtype)
+
+
+def _conv2d_inference(xd, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation):
+    """:func:`mor_conv2d`'s forward without the autograd Functions (nothing to differentiate): the same ops."""
+    dt, conv = xd.dtype, (list(stride), list(padding), list(dilation))
+    base = conv2d_op(xd, weight.to(dt), *conv)
+    if bias is not None:
+        base.add_(bias.to(base.dtype).view(1, -1, 1, 1))
+    z_rank = conv2d_op(xd, lora_a.to(dt), *conv)
+    idx, gate, b = idx.to(torch.int32), _gate32(gate), lora_b.to(dt)
+    args = (int(num_shared), float(scaling))
+    parts = [torch.ops.mor.conv_up(base[c], z_rank[c], b, idx[c], gate[c], *args) for c in _chunks(xd.shape[0])]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -205,34 +205,6 @@ def test_eager_inference_launches_directly_and_matches_the_custom_op(kind):
     assert torch.equal(y, y_op.detach())
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv3x3", "conv1x1"])
-def test_vmapped_inference_takes_the_custom_op(kind):
-    """Under ``torch.vmap`` the inputs are functorch wrappers without storage: the direct launch must not take
-    them (it failed with "Cannot access storage of BatchedTensorImpl"); the custom op runs per sample
-    instead, equal to a loop over the vmapped dimension."""
-    if kind == "linear":
-        c = random_case(routing="sample", seed=5).to(torch.float32, device=DEVICE)
-
-        def call(x):
-            return mor_kernels.mor_linear(x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx, c.gate, c.num_shared,
-                                          c.scaling, backend="triton", check_indices=False)  # fmt: skip
-    else:
-        k = 3 if kind == "conv3x3" else 1
-        c = random_case(kernel_size=k, conv={"padding": k // 2}, d_in=5, d_out=7, seed=5).to(
-            torch.float32, device=DEVICE
-        )
-
-        def call(x):
-            return mor_kernels.mor_conv2d(x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx, c.gate, c.num_shared,
-                                          c.scaling, padding=k // 2, backend="triton", check_indices=False)  # fmt: skip
-
-    xs = torch.stack([c.x, 0.5 * c.x.flip(-1), -c.x])
-    with torch.no_grad():
-        got = torch.vmap(call)(xs)
-        want = torch.stack([call(x) for x in xs])
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
 def test_dot_refuses_mixed_dtypes():
     """The interpreter widens bf16 dot operands to float32 (its bf16 tl.dot is wrong); it must not
     thereby accept a bf16 x float32 dot, which a compiled kernel rejects."""
