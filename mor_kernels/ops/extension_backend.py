@@ -259,6 +259,13 @@ class _ConvUp(torch.autograd.Function):
         return grad_base, grad_z, grad_b, None, grad_gate, None, None
 
 
+def _conv_bias(x, weight, bias, conv) -> torch.Tensor:
+    out = conv2d_op(x, weight, *conv)
+    if bias is not None:
+        out.add_(bias.to(out.dtype).view(1, -1, 1, 1))
+    return out
+
+
 class _Conv2d(torch.autograd.Function):
     """``F.conv2d(x, weight, bias)`` through the :mod:`.cudnn_conv` ops: TF32 off for float32 operands,
     deterministic backward convolutions (on CPU the settings change nothing). The filters from ``ranks_from``
@@ -269,9 +276,7 @@ class _Conv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, ranks_from):
         conv = (list(stride), list(padding), list(dilation))
-        out = conv2d_op(x, weight, *conv)
-        if bias is not None:
-            out.add_(bias.to(out.dtype).view(1, -1, 1, 1))
+        out = _conv_bias(x, weight, bias, conv)
         ctx.conv, ctx.has_bias, ctx.ranks_from = conv, bias is not None, ranks_from
         ctx.save_for_backward(x, weight)
         return out
@@ -315,10 +320,8 @@ def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, 
 def _conv2d_inference(xd, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation):
     """:func:`mor_conv2d`'s forward without the autograd Functions (nothing to differentiate): the same ops."""
     dt, conv = xd.dtype, (list(stride), list(padding), list(dilation))
-    base = conv2d_op(xd, weight.to(dt), *conv)
-    if bias is not None:
-        base.add_(bias.to(base.dtype).view(1, -1, 1, 1))
-    z_rank = conv2d_op(xd, lora_a.to(dt), *conv)
+    base = _conv_bias(xd, weight.to(dt), _cast(bias, dt), conv)
+    z_rank = _conv_bias(xd, lora_a.to(dt), None, conv)
     idx, gate, b = idx.to(torch.int32), _gate32(gate), lora_b.to(dt)
     args = (int(num_shared), float(scaling))
     parts = [torch.ops.mor.conv_up(base[c], z_rank[c], b, idx[c], gate[c], *args) for c in _chunks(xd.shape[0])]
