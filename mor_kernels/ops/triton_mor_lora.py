@@ -65,14 +65,17 @@ def eager_inference(store: bool, *tensors) -> bool:
     """Whether a forward can launch its kernels directly instead of through its custom op and autograd Function:
     no backward will run (``store`` False), not tracing (``torch.compile`` needs the custom op's fake), no Python
     dispatch mode active (``FlopCounterMode`` counts the custom ops, a fake mode needs their fakes), plain tensors
-    (no fake or other subclass, and no ``torch.func`` wrapper: under ``vmap`` the launcher would meet a batched
-    tensor without storage, while the custom op gets torch's per-sample fallback). The two wrappers cost ~18 us
-    of Python per call on the CPU of benchmarks/README.md, host time next to each layer's kernels on a GPU."""
+    or parameters (no fake or other subclass, and no ``torch.func`` wrapper: under ``vmap`` the launcher would
+    meet a batched tensor without storage, while the custom op gets torch's per-sample fallback). The two
+    wrappers cost ~18 us of Python per call on the CPU of benchmarks/README.md, host time next to each layer's
+    kernels on a GPU."""
     if store or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
-    return all(t is None or (type(t) is torch.Tensor and not _wrapped(t)) for t in tensors)
+    return all(t is None or (type(t) in _PLAIN and not _wrapped(t)) for t in tensors)
 
 
+# A model's layers pass their weights as nn.Parameter (no __torch_function__ of its own): plain tensors too.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # vmap's BatchedTensor, grad's GradTrackingTensor
 
 

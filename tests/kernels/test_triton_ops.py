@@ -205,6 +205,52 @@ def test_eager_inference_launches_directly_and_matches_the_custom_op(kind):
     assert torch.equal(y, y_op.detach())
 
 
+@pytest.mark.parametrize("prepared", [True, False], ids=["per_image_state", "per_call"])
+def test_model_layers_launch_directly_in_inference(prepared):
+    """Inside a model the operands are nn.Parameter (the base weights, float32 adapters): the direct launch must
+    take them as it takes plain tensors (it did not, and every layer call of a MoR model went through the
+    custom op), through the per-image state and per call alike. With a backward to record, the custom op runs;
+    the outputs agree."""
+    from torch import nn
+
+    import mor_model
+
+    torch.manual_seed(0)
+    root = nn.Module()
+    root.lin, root.conv = nn.Linear(8, 6), nn.Conv2d(4, 5, 3, padding=1)
+    cfg = mor_model.MoRConfig(target_modules=("lin", "conv"), num_shared=2, num_routed=4, num_zero=1, top_k=2,
+                              backend="triton")  # fmt: skip
+    mor_model.inject_mor(root.to(DEVICE), cfg)
+    for layer in mor_model.mor_layers(root).values():
+        nn.init.normal_(layer.lora_b, std=0.1)
+    scores = torch.rand(2, cfg.num_degradation_dims, device=DEVICE)
+    x, xc = torch.randn(2, 3, 8, device=DEVICE), torch.randn(2, 4, 5, 5, device=DEVICE)
+    if prepared:
+        mor_model.set_degradation(root, scores)
+    else:  # the routers' scores alone: no per-image state, each call routes and calls the public op
+        for layer in mor_model.mor_layers(root).values():
+            layer.router.set_degradation(scores)
+
+    def call():
+        return root.lin(x), root.conv(xc)
+
+    with torch.no_grad():
+        call()  # the per-image state's first call checks the arguments through the public op
+        (y, yc), names = _profiled_names(call)
+    assert not {"mor::triton_lora_fwd", "mor::triton_conv2d"} & names, sorted(n for n in names if "mor::" in n)
+    assert isinstance(root.lin.lora_a, nn.Parameter) and isinstance(root.lin.base_layer.weight, nn.Parameter)
+    for layer in (root.lin, root.conv):
+        assert ("routing prepared per image" in layer.explain()) == prepared, layer.explain()
+    mor_model.set_degradation(root, None)
+    x.requires_grad_(True)
+    xc.requires_grad_(True)
+    with mor_model.degradation(root, scores):
+        (y_op, yc_op), names = _profiled_names(call)
+    assert "mor::triton_lora_fwd" in names and "mor::triton_conv2d" in names
+    torch.testing.assert_close(y, y_op.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(yc, yc_op.detach(), rtol=1e-6, atol=1e-6)
+
+
 def test_dot_refuses_mixed_dtypes():
     """The interpreter widens bf16 dot operands to float32 (its bf16 tl.dot is wrong); it must not
     thereby accept a bf16 x float32 dot, which a compiled kernel rejects."""
