@@ -321,7 +321,14 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype = to
     return choice
 
 
-_LOADED: dict[str, object] = {}  # backend name -> its module, filled by _backend_name
+class _Loaded:
+    """Backend name -> its module, as attributes, set by :func:`_backend_name`. Not a dict: while
+    ``torch.compile`` traces, a dict read before ``_backend_name`` ran would be the snapshot dynamo took of it
+    (a backend imported during the trace missing: ``KeyError`` in the first compiled forward of a model),
+    while an object's attributes are read from the object itself."""
+
+
+_LOADED = _Loaded()
 
 
 @torch.compiler.assume_constant_result
@@ -329,14 +336,14 @@ def _backend_name(op: str, backend: str, device_type: str, dtype: torch.dtype) -
     """The resolved backend name; a constant for torch.compile, which runs this once while tracing
     instead of tracing the import machinery."""
     name = resolve(op, backend, torch.device(device_type), dtype).backend
-    if name not in _LOADED:
-        _LOADED[name] = importlib.import_module(_MODULES[name])
+    if not hasattr(_LOADED, name):
+        setattr(_LOADED, name, importlib.import_module(_MODULES[name]))
     return name
 
 
 def implementation(op: str, backend: str, device: torch.device, dtype: torch.dtype = torch.float32):
     """The function that runs ``op`` (resolved as in :func:`resolve`)."""
-    return getattr(_LOADED[_backend_name(op, backend, device.type, dtype)], op)
+    return getattr(getattr(_LOADED, _backend_name(op, backend, device.type, dtype)), op)
 
 
 def explain(device="cpu", op: str = "mor_linear", dtype: torch.dtype = torch.float32) -> str:

@@ -126,9 +126,11 @@ def _lean(op: str, backend, merge, x, idx):
         return None
     if type(backend) is not str or type(merge) is not str:
         return None  # the general path names the bad argument
+    if torch.compiler.is_compiling():  # before lean_plan: its first call resolves the backend (imports)
+        return None
     key = (op, backend, merge, x.dtype)
     plan = _LEAN_PLANS[key] if key in _LEAN_PLANS else dispatch.lean_plan(*key)
-    if plan is None or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+    if plan is None or torch.is_autocast_enabled("cpu"):
         return None
     if not _BLAS_OPS:
         from .ops import cpu_blas
