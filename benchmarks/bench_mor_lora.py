@@ -6,7 +6,8 @@
     python benchmarks/bench_mor_lora.py --help     # shapes, providers, dtypes, modes, routing, sweeps
 
 Providers, all timed in the same run: ``base`` (bare ``F.linear``/``F.conv2d``, the floor), ``lora``
-(base + dense LoRA of the same active rank, PEFT-style unmerged: ``base(x) + B(A x) * scaling``) and
+(base + dense LoRA of the same active rank, PEFT-style unmerged: ``base(x) + B(A x) * scaling``),
+``mor:auto`` (what a MoR layer runs), ``mor:merged`` (forced per-sample merged weights, forward only) and
 ``mor:<backend>`` (``mor_kernels.mor_linear``/``mor_conv2d`` with ``backend=`` reference, triton,
 cuda, cpp, blas), each included when ``mor_kernels.available_backends`` lists it, else reported with the
 reason. Routing is built directly (``idx``/``gate``), so the number of zero slots each sample (or
@@ -72,16 +73,17 @@ def provider_fn(case: Case, provider: str, t: dict[str, torch.Tensor]):
 
         return lora
     backend = provider.split(":", 1)[1]
+    kw = dict(backend="auto", merge="always") if backend == "merged" else dict(backend=backend)
     args = (x, w, b, t["lora_a"], t["lora_b"], t["idx"], t["gate"], case.num_shared, scaling)
     # called as the MoR layers call them: indices from route, so no index check (a device sync per call)
     if conv:
 
         def mor():
-            return mor_kernels.mor_conv2d(*args, 1, pad, 1, backend=backend, check_indices=False)
+            return mor_kernels.mor_conv2d(*args, 1, pad, 1, check_indices=False, **kw)
     else:
 
         def mor():
-            return mor_kernels.mor_linear(*args, backend=backend, check_indices=False)
+            return mor_kernels.mor_linear(*args, check_indices=False, **kw)
 
     return mor
 
@@ -94,6 +96,10 @@ def unavailable(case: Case, provider: str, device: torch.device, explicit: bool)
     dtype = DTYPES[case.dtype]
     if case.shape.kind == "conv2d" and case.routing == "token":
         return "mor_conv2d routes per sample only"
+    if backend == "merged":
+        if case.mode != "fwd":
+            return "merged weights are an inference path (never with a gradient)"
+        return "merged weights need sample routing" if case.routing != "sample" else None
     if backend == "auto":
         return None
     if backend in mor_kernels.available_backends(device, case.op, dtype):
@@ -112,6 +118,9 @@ def executed_rank_rows(case: Case, provider: str, layer, t: dict, useful_rr: int
     token = case.routing == "token"
     idx = flops.live_slots(t["idx"].cpu(), t["gate"].cpu())
     width = None if token else flops.rank_list_width(idx, case.num_shared, case.ranks, host=device.type == "cpu")
+    same = case.batch == 1 or bool((idx == idx[:1]).all() and (t["gate"] == t["gate"][:1]).all())
+    if backend == "merged":
+        return flops.merged_rank_rows(layer, 1 if same else case.batch, width)
     if backend == "auto":
         op = case.op
         with torch.no_grad() if case.mode == "fwd" else torch.enable_grad():
@@ -119,7 +128,6 @@ def executed_rank_rows(case: Case, provider: str, layer, t: dict, useful_rr: int
             plan = mor_kernels.merge_decision(op, trainable["x"], t["weight"], trainable["lora_a"], t["idx"],
                                               gate=trainable["gate"], padding=case.shape.kernel // 2)  # fmt: skip
         if plan.merge:
-            same = case.batch == 1 or bool((idx == idx[:1]).all() and (t["gate"] == t["gate"][:1]).all())
             return flops.merged_rank_rows(layer, 1 if same else case.batch, width)
         backend = dispatch.resolve(op, "auto", device, DTYPES[case.dtype]).backend
     return flops.executed_rank_rows(backend, layer, case.ranks, useful_rr, token, num_shared=case.num_shared,

@@ -12,9 +12,11 @@ import torch
 from mor_kernels import flops
 
 MOR_BACKENDS = ("reference", "triton", "cuda", "cpp", "blas")
-#: ``mor:auto`` is what a MoR layer runs (backend and per-call merge decision of ``"auto"``); the
-#: ``mor:<backend>`` providers run that backend's low-rank path
-PROVIDERS = ("base", "lora", "mor:auto") + tuple(f"mor:{b}" for b in MOR_BACKENDS)
+#: ``mor:auto`` is what a MoR layer runs (backend and per-call merge decision of ``"auto"``); ``mor:merged``
+#: forces the per-sample merged weights (``merge="always"``: built in every call, as a layer pays once per image;
+#: forward only), the other side of the merge decision; the ``mor:<backend>`` providers run that backend's
+#: low-rank path
+PROVIDERS = ("base", "lora", "mor:auto", "mor:merged") + tuple(f"mor:{b}" for b in MOR_BACKENDS)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwd+bwd")
 

@@ -106,7 +106,10 @@ def _ok(rows, **match) -> list[dict]:
 
 
 def _fused_providers(rows) -> list[str]:
-    return sorted({r["provider"] for r in rows if r.get("provider", "").startswith("mor:")} - {"mor:reference"})
+    """The MoR providers the goals judge: what a layer runs (``mor:auto``) and each fused backend; not the
+    reference, and not ``mor:merged`` (forced merged weights: the merge crossover's data, not a path of its own)."""
+    found = {r["provider"] for r in rows if r.get("provider", "").startswith("mor:")}
+    return sorted(found - {"mor:reference", "mor:merged"})
 
 
 def _case(r: dict) -> str:

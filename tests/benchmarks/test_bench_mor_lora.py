@@ -111,6 +111,22 @@ def test_rows_carry_routing_and_flops(bench, tiny_run):
     assert [r["useful_gflop"] for r in lora] == pytest.approx(useful)
 
 
+def test_merged_provider_times_the_forced_merge_forward_only(bench, tiny_run):
+    """mor:merged runs every sample-routed forward with per-sample merged weights (the merge's GEMM counted:
+    more executed work than mor:auto's low-rank path at lin64x1280's 16 tokens) and says why it skips fwd+bwd."""
+    rows = tiny_run[0]["rows"]
+    merged = [r for r in rows if r["provider"] == "mor:merged"]
+    assert merged
+    auto = {(r["case"], r["mode"]): r for r in rows if r["provider"] == "mor:auto"}
+    for r in merged:
+        if r["mode"] == "fwd+bwd":
+            assert r["status"] == "unavailable" and "inference" in r["reason"]
+            continue
+        assert r["status"] == "ok", r
+        if r["layer"] == "lin64x1280" and r["sweep"] == "main":
+            assert r["executed_gflop"] > auto[(r["case"], r["mode"])]["executed_gflop"]
+
+
 def test_unavailable_providers_say_why(bench, tiny_run):
     rows = tiny_run[0]["rows"]
     cpu = torch.device("cpu")
@@ -214,7 +230,15 @@ def test_faster_than_base_is_flagged_unreliable(bench, monkeypatch, tmp_path, ca
     """A provider that does strictly more work than base cannot beat it: a timing that says so is flagged
     in the row, the CSV and the table (the 0.05x dense LoRA seen on a loaded 2-core machine)."""
     common = bench.common
-    fake_ms = {"base": 10.0, "lora": 0.5, "mor:auto": 10.5, "mor:reference": 9.5, "mor:cpp": 12.0, "mor:blas": 10.2}
+    fake_ms = {
+        "base": 10.0,
+        "lora": 0.5,
+        "mor:auto": 10.5,
+        "mor:merged": 11.0,
+        "mor:reference": 9.5,
+        "mor:cpp": 12.0,
+        "mor:blas": 10.2,
+    }
 
     def fake_timer(fns, **_):
         ms = {p: fake_ms.get(p, 1.0) for p in fns}  # "fn": the copy ceiling

@@ -164,6 +164,7 @@ def test_goals_met_missed_and_not_measured(rep):
         _row("base", 1.0, batch=8, ratio_to_base=1.0),
         _row("mor:triton", 1.12, batch=8, ratio_to_base=1.12),
         _row("mor:triton", 1.0, kind="conv2d", layer="conv3x3", ratio_to_base=1.2),
+        _row("mor:merged", 1.05, ratio_to_base=1.05),  # the merge crossover's data, judged by no goal
         # fwd+bwd: paired with the reference by layer and batch (b1: 3x, b8: 1.5x)
         _row("mor:reference", 3.0, mode="fwd+bwd"),
         _row("mor:triton", 1.0, mode="fwd+bwd"),
@@ -190,6 +191,7 @@ def test_goals_met_missed_and_not_measured(rep):
     assert fb["verdict"] == "missed" and fb["measured"].startswith("1.50x - 3.00x") and "b8" in fb["detail"]
     assert got[("unet", "mor:triton")]["verdict"] == "met" and got[("unet", "mor-folded:triton")]["verdict"] == "missed"
     assert ("unet", "none") not in got
+    assert not any(k[1] == "mor:merged" for k in got)
     assert got[("unet", "mor:triton (CUDA graph)")]["verdict"] == "missed"  # the device time alone, judged too
     assert not any(k[1].startswith("mor-folded:triton (") for k in got)  # an error row makes no goal row
     assert got[("ranks", "mor:cuda")]["verdict"] == "met" and got[("ranks", "mor:triton")]["verdict"] == "missed"
