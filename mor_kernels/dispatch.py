@@ -346,6 +346,14 @@ def implementation(op: str, backend: str, device: torch.device, dtype: torch.dty
     return getattr(getattr(_LOADED, _backend_name(op, backend, device.type, dtype)), op)
 
 
+def prepared_implementation(op: str, backend: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """:func:`implementation` for calls whose arguments of the same kinds already passed the public op's checks,
+    in one dtype with ``idx`` int32, nothing to differentiate and no autocast: the backend's ``<op>_prepared``
+    where it has one (it skips the conversions such calls do not need), else its ``op``."""
+    module = getattr(_LOADED, _backend_name(op, backend, device.type, dtype))
+    return getattr(module, f"{op}_prepared", None) or getattr(module, op)
+
+
 def explain(device="cpu", op: str = "mor_linear", dtype: torch.dtype = torch.float32) -> str:
     """What ``backend="auto"`` runs for ``op`` on ``device`` and why not each faster backend."""
     return resolve(op, "auto", torch.device(device), dtype).explain()

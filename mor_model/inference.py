@@ -313,8 +313,14 @@ def _decide(layer, entry: _Entry, x: torch.Tensor, weight: torch.Tensor, conv: d
         impl = checked.get(stamp)
         if impl is None or torch.is_autocast_enabled(x.device.type):
             y = public(x, weight, bias, a, b)
-            if impl is None:
-                checked[stamp] = dispatch.implementation(op, backend, x.device, x.dtype)
+            if impl is None:  # operands in one dtype (what the stamp says): the backend's prepared entry point
+                one = {weight.dtype, a.dtype, b.dtype, x.dtype, weight.dtype if bias is None else bias.dtype}
+                get = (
+                    dispatch.prepared_implementation
+                    if len(one) == 1 and idx.dtype == torch.int32
+                    else dispatch.implementation
+                )
+                checked[stamp] = get(op, backend, x.device, x.dtype)
             return y
         num_shared, scaling = int(layer.num_shared), float(layer.scaling)
         if conv is None:

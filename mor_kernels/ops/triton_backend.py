@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import torch
 
-from .triton_mor_conv2d import mor_conv2d
-from .triton_mor_lora import mor_linear, mor_lora
+from .triton_mor_conv2d import mor_conv2d, mor_conv2d_prepared
+from .triton_mor_lora import mor_linear, mor_linear_prepared, mor_lora
 from .triton_route import route
 
-__all__ = ["mor_conv2d", "mor_linear", "mor_lora", "route", "unavailable_reason"]
+__all__ = ["mor_conv2d", "mor_conv2d_prepared", "mor_linear", "mor_linear_prepared", "mor_lora", "route",
+           "unavailable_reason"]  # fmt: skip
 
 _DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

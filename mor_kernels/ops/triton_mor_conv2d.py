@@ -199,6 +199,16 @@ def _pointwise(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling):
     return y.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
 
 
+def mor_conv2d_prepared(x, weight, bias, lora_a, lora_b, idx, gate, num_shared: int, scaling: float, stride, padding,
+                        dilation):  # fmt: skip
+    """:func:`mor_conv2d` for checked arguments in one dtype, ``idx`` int32, nothing to differentiate, no autocast
+    (see :func:`.triton_mor_lora.mor_linear_prepared`)."""
+    if _is_pointwise(weight, stride, padding) or not eager_inference(False, x, weight, bias, lora_a, lora_b, idx, gate):
+        return mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation)
+    return _forward(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, list(stride), list(padding),
+                    list(dilation))[0]  # fmt: skip
+
+
 def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation):
     """Canonical ``mor_conv2d`` (sample routing): x ``(B, C_in, H, W)``, weight ``(C_out, C_in, kh, kw)``,
     lora_a ``(R, C_in, kh, kw)``, lora_b ``(C_out, R)``, idx/gate ``(B, k)`` -> ``(B, C_out, H_out, W_out)``."""

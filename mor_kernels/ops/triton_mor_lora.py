@@ -189,6 +189,16 @@ def _apply(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared, scaling
     )
 
 
+def mor_linear_prepared(x, weight, bias, lora_a, lora_b, idx, gate, num_shared: int, scaling: float):
+    """:func:`mor_linear` for a caller whose arguments of the same kinds already passed the public op's checks,
+    all in one dtype, ``idx`` int32, nothing to differentiate, no autocast (``mor_model.inference``'s calls after
+    an image's first): the kernel launched without the conversions of :func:`_apply`, where
+    :func:`eager_inference` allows (else :func:`mor_linear`)."""
+    if eager_inference(False, x, weight, bias, lora_a, lora_b, idx, gate):
+        return _forward(x, weight, bias, lora_a, lora_b, idx, gate, None, num_shared, scaling, False)[0]
+    return mor_linear(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling)
+
+
 def mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, *, base=None):
     """Canonical ``mor_lora``: x ``(B, T, d_in)``, lora_a ``(R, d_in)``, lora_b ``(d_out, R)``, idx/gate
     ``(B, k)`` or ``(B, T, k)``, base ``(B, T, d_out)`` or None -> ``(B, T, d_out)`` in ``x.dtype``."""

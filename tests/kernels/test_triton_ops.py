@@ -251,6 +251,45 @@ def test_model_layers_launch_directly_in_inference(prepared):
     torch.testing.assert_close(yc, yc_op.detach(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv3x3", "conv1x1"])
+def test_prepared_entry_points_match_the_public_ops(kind):
+    """``mor_linear_prepared``/``mor_conv2d_prepared`` (mor_model.inference's calls after an image's first, via
+    ``dispatch.prepared_implementation``) give exactly what the backend's public functions give, launching the
+    kernels directly; under a dispatch mode they take the public path (the custom op runs)."""
+    from mor_kernels.ops import triton_backend
+
+    assert dispatch.prepared_implementation("mor_linear", "triton", torch.device(DEVICE)) is (
+        triton_backend.mor_linear_prepared
+    )
+    assert dispatch.prepared_implementation("mor_linear", "reference", torch.device(DEVICE)) is (
+        dispatch.implementation("mor_linear", "reference", torch.device(DEVICE))
+    )
+    if kind == "linear":
+        c = random_case(routing="sample", seed=6).to(torch.float32, device=DEVICE)
+        args = (c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx.int(), c.gate, c.num_shared, float(c.scaling))
+        prepared, public, op_name = (
+            triton_backend.mor_linear_prepared,
+            triton_backend.mor_linear,
+            "mor::triton_lora_fwd",
+        )
+    else:
+        k = 3 if kind == "conv3x3" else 1
+        c = random_case(kernel_size=k, conv={"padding": k // 2}, d_in=5, d_out=7, seed=6).to(
+            torch.float32, device=DEVICE
+        )
+        conv = ((1, 1), (k // 2, k // 2), (1, 1))
+        args = (c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.idx.int(), c.gate, c.num_shared, float(c.scaling), *conv)
+        prepared, public = triton_backend.mor_conv2d_prepared, triton_backend.mor_conv2d
+        op_name = "mor::triton_conv2d" if k == 3 else "mor::triton_lora_fwd"
+    with torch.no_grad():
+        y, names = _profiled_names(lambda: prepared(*args))
+        assert op_name not in names
+        assert torch.equal(y, public(*args))
+        with torch.utils.flop_counter.FlopCounterMode(display=False):  # a dispatch mode: the custom op
+            y_mode, names = _profiled_names(lambda: prepared(*args))
+    assert op_name in names and torch.equal(y_mode, y)
+
+
 def test_dot_refuses_mixed_dtypes():
     """The interpreter widens bf16 dot operands to float32 (its bf16 tl.dot is wrong); it must not
     thereby accept a bf16 x float32 dot, which a compiled kernel rejects."""
