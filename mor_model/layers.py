@@ -88,8 +88,11 @@ class MoRLayer(nn.Module):
         """``x, weight, bias`` in one compute dtype: the autocast dtype inside ``torch.autocast`` (as
         nn.Linear/Conv2d would run), else ``x.dtype`` (the base weights must then match ``x``, as for the
         plain layer)."""
-        base = self.base_layer
-        weight, bias = base.weight, base.bias
+        base = self._modules["base_layer"]
+        params = base._parameters  # the dict itself: nn.Module attribute lookups cost ~0.3 us each, per call
+        weight, bias = params.get("weight"), params.get("bias")
+        if weight is None:  # not a plain parameter (a parametrization...): the attributes
+            weight, bias = base.weight, base.bias
         device = x.device.type
         if torch.is_autocast_enabled(device):
             dt = torch.get_autocast_dtype(device)
