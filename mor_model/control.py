@@ -40,15 +40,16 @@ def set_degradation(module: nn.Module, scores: torch.Tensor | None, severity: to
     merged weights (:mod:`mor_model.inference`): setting new scores, or None, drops them.
     """
     layers = _layers(module)
+    routers = [layer._modules["router"] for layer in layers]  # the module dicts: once per image for every layer
     if scores is None:
         severity = None
     else:  # MoRRouter.set_degradation's checks and default, once for every router
-        dims = {layer.router.num_degradation_dims for layer in layers}
+        dims = {router.num_degradation_dims for router in routers}
         if len(dims) > 1:
             raise ValueError(f"the MoR layers under this module route on different num_degradation_dims {sorted(dims)}")
         severity = checked_severity(check_scores(scores, dims.pop()), severity)
-    for layer in layers:
-        layer.router._set_checked(scores, severity)
+    for router in routers:
+        router._set_checked(scores, severity)
     attach(layers, scores)
 
 

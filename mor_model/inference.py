@@ -126,8 +126,8 @@ def _group_logits(layers, scores: torch.Tensor) -> torch.Tensor:
 
 def _eligible(layer) -> str | None:
     """Why ``layer`` routes on something else than the scores alone (None when it does not)."""
-    r = layer.router
-    if r.token is not None or r.degradation is None or r.routing != "sample":
+    r = layer._modules["router"]
+    if r._modules.get("token") is not None or r._modules.get("degradation") is None or r.routing != "sample":
         return "the routing depends on the tokens (routing or router_input), not on the scores alone"
     return None
 
@@ -178,21 +178,24 @@ class ImageState:
     def _prepare(self) -> None:
         """Routes every eligible layer in one ``route`` call per router configuration (the rank factors wait for
         their first use, :attr:`_Entry.factors`)."""
+        # Once per image for every layer (258 in the SD 2.1 UNet), before the first layer's kernels: module
+        # dicts rather than attribute lookups, one unbind per routing output rather than an index op per layer.
         groups: dict[tuple, list] = {}
         for layer in self.layers:
-            r = layer.router
-            if r._scores is self.scores and _eligible(layer) is None:
-                w = r.degradation.weight
+            r = layer._modules["router"]
+            if r.__dict__["_scores"] is self.scores and _eligible(layer) is None:
+                w = r._modules["degradation"]._parameters["weight"]
                 key = (r.top_k, r.num_zero, r.renormalize, r.backend, tuple(w.shape), w.device)
                 groups.setdefault(key, []).append(layer)
         self._entries = {}
+        severities: dict = {}
         with torch.no_grad():
             for (top_k, num_zero, renormalize, backend, *_), layers in groups.items():
                 logits = _group_logits(layers, self.scores)
                 idx, gate, probs = mor_kernels.route(logits, top_k, num_zero, renormalize, backend=backend)
-                for i, layer in enumerate(layers):
-                    dtype = layer.base_layer.weight.dtype
-                    self._entries[id(layer)] = self._entry(layer, idx[i], gate[i], probs[i], dtype)
+                for layer, i, g, p in zip(layers, idx.unbind(0), gate.unbind(0), probs.unbind(0), strict=True):
+                    dtype = layer._modules["base_layer"]._parameters["weight"].dtype
+                    self._entries[id(layer)] = self._entry(layer, i, g, p, dtype, severities)
 
     def _route_one(self, layer, dtype: torch.dtype) -> _Entry:
         """One layer routed on its own (its weights changed since the preparation, or another dtype)."""
@@ -200,13 +203,20 @@ class ImageState:
             idx, gate = layer.router(self.scores)  # the scores stand in for x (batch size only)
             return self._entry(layer, idx, gate, layer.router.last_probs, dtype)
 
-    def _entry(self, layer, idx, gate, probs, dtype) -> _Entry:
-        batch = self.scores.shape[0]
-        sev = layer.router._severity
-        state = {"last_probs": probs, "last_idx": idx, "last_batch": batch,
-                 "last_severity": sev.to(probs.device) if sev is not None else torch.ones(batch, device=probs.device)}  # fmt: skip
+    def _entry(self, layer, idx, gate, probs, dtype, severities: dict | None = None) -> _Entry:
+        """``severities``: the routers' severity on ``probs``' device, by the router's tensor (``set_degradation``
+        gives every router the same one), shared by the entries of one preparation."""
+        batch, device = self.scores.shape[0], probs.device
+        sev = layer._modules["router"].__dict__.get("_severity")
+        key = (None if sev is None else id(sev), device)
+        last = None if severities is None else severities.get(key)
+        if last is None:
+            last = sev.to(device) if sev is not None else torch.ones(batch, device=device)
+            if severities is not None:
+                severities[key] = last
+        state = {"last_probs": probs, "last_idx": idx, "last_batch": batch, "last_severity": last}
         refs = _refs(layer)
-        args = (layer.lora_a, layer.lora_b, layer.num_shared, layer.scaling)
+        args = (refs[0], refs[1], layer.num_shared, layer.scaling)  # lora_a, lora_b
         return _Entry(idx, gate, state, dtype, refs, tuple(t._version for t in refs), args)
 
     # -- one call ------------------------------------------------------------------------------

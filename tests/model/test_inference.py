@@ -137,6 +137,11 @@ def test_routers_share_one_gemm_and_restack_when_a_router_changes(unet):
         for name, layer in layers.items():
             torch.testing.assert_close(layer.router.last_probs, want[name], rtol=1e-6, atol=1e-7, msg=name)
             assert torch.equal(layer.router.last_idx, want_idx[name]), (change, name)
+            assert torch.equal(layer.router.last_severity, SCORES.float().mean(-1)), name  # the default severity
+    severity = torch.arange(1.0, SCORES.shape[0] + 1)
+    set_degradation(unet, SCORES, severity)
+    _forward(unet)
+    assert all(torch.equal(layer.router.last_severity, severity) for layer in layers.values())
 
 
 def test_half_precision_model_casts_its_float32_adapters_once_not_per_call():
