@@ -13,6 +13,7 @@ formulas) so that the settings hold under ``torch.compile`` too. Used by the Tri
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +21,10 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 
+@functools.cache
 def _conv_tf32_flag():
     """``(get, set)`` of cuDNN convolution TF32: the fp32_precision API (torch >= 2.9: "ieee" or
-    "tf32"), else the legacy ``allow_tf32`` flag, mapped onto the same two values."""
+    "tf32"), else the legacy ``allow_tf32`` flag, mapped onto the same two values (probed once)."""
     cudnn = torch.backends.cudnn
     conv = getattr(cudnn, "conv", None)
     if conv is not None:
@@ -39,10 +41,21 @@ def _conv_tf32_flag():
     return (lambda: "tf32" if cudnn.allow_tf32 else "ieee"), set_legacy
 
 
-@contextlib.contextmanager
+_NOTHING = contextlib.nullcontext()
+
+
 def cudnn_settings(dtype: torch.dtype, device: torch.device, *, deterministic: bool):
     """Around one convolution with operands of ``dtype`` on ``device``: no TF32 for float32, cuDNN's
-    deterministic algorithms when ``deterministic``, autocast off (the operands are cast already)."""
+    deterministic algorithms when ``deterministic``, autocast off (the operands are cast already). A 16-bit
+    inference convolution outside autocast needs none of them: no context then (entering the full one costs
+    ~6 us of Python per convolution, host time next to each MoR conv layer's kernels on a GPU)."""
+    if dtype != torch.float32 and not deterministic and not torch.is_autocast_enabled(device.type):
+        return _NOTHING
+    return _cudnn_settings(dtype, device, deterministic)
+
+
+@contextlib.contextmanager
+def _cudnn_settings(dtype: torch.dtype, device: torch.device, deterministic: bool):
     cudnn = torch.backends.cudnn
     ieee = dtype == torch.float32
     get_tf32, set_tf32 = _conv_tf32_flag()

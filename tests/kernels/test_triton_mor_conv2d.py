@@ -267,7 +267,11 @@ def test_conv_tf32_off_with_the_legacy_flag(monkeypatch):
 
     monkeypatch.setattr(cudnn, "conv", None)
     monkeypatch.setattr(conv_ops, "_conv", spy)
-    x, w = torch.randn(1, 2, 5, 5, device=DEVICE), torch.randn(3, 2, 3, 3, device=DEVICE)
-    conv_ops.conv2d_op(x, w, [1, 1], [1, 1], [1, 1])
-    conv_ops.conv2d_op(x.half(), w.half(), [1, 1], [1, 1], [1, 1])
+    conv_ops._conv_tf32_flag.cache_clear()  # probed once per process: probe again without cudnn.conv
+    try:
+        x, w = torch.randn(1, 2, 5, 5, device=DEVICE), torch.randn(3, 2, 3, 3, device=DEVICE)
+        conv_ops.conv2d_op(x, w, [1, 1], [1, 1], [1, 1])
+        conv_ops.conv2d_op(x.half(), w.half(), [1, 1], [1, 1], [1, 1])
+    finally:
+        conv_ops._conv_tf32_flag.cache_clear()  # the real API again after the monkeypatch is undone
     assert seen == [False, True] and cudnn.allow_tf32
