@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .mor_lora import _dot, _gates, _rank_list, _split_arrive, _split_sum, on_tensor_device, padded_ranks, split_buffers
 from .mor_lora_bwd import reduce
-from .mor_lora_tiles import MAX_SPLIT_K, NUM_SMS
+from .mor_lora_tiles import MAX_SPLIT_K, NUM_SMS, cdiv
 
 BLOCK_M = 32  # pixels per program
 BLOCK_N = 64  # output channels per program (forward) / per dy step (backward)
@@ -206,7 +206,7 @@ def conv_up(z, z_rank, lora_b, bias, idx, gate, num_shared: int, scaling: float)
     if z.numel() == 0:
         return z
     rp = padded_ranks(ranks, num_shared, idx.shape[1], False)
-    grid = (triton.cdiv(n_pix, BLOCK_M), triton.cdiv(c_out, BLOCK_N), batch)
+    grid = (cdiv(n_pix, BLOCK_M), cdiv(c_out, BLOCK_N), batch)
     _conv_up_kernel[grid](
         z, z_rank, lora_b, bias if bias is not None else z, idx, gate,
         n_pix, c_out, num_shared, ranks - num_shared, scaling,
@@ -240,7 +240,7 @@ def rank_backward(dy, z_rank, lora_b, idx, gate, num_shared: int, scaling: float
                 t.zero_()
         return dz, db, dgate
     rp = padded_ranks(ranks, num_shared, idx.shape[1], False)
-    n_m = triton.cdiv(n_pix, BLOCK_M)
+    n_m = cdiv(n_pix, BLOCK_M)
     part = torch.empty((batch, n_m, rp, c_out) if need_db else (0,), dtype=torch.float32, device=dev)
     gpart = torch.empty((batch, n_m, rp) if need_dg else (0,), dtype=torch.float32, device=dev)
     splits = bwd_split(batch, n_pix, c_out)
@@ -266,5 +266,5 @@ def finite_ranks(lora_a: torch.Tensor, reps: int) -> torch.Tensor:
     ranks, n = a.shape[0], a[0].numel()
     out = torch.empty((reps * ranks, *a.shape[1:]), dtype=a.dtype, device=a.device)
     if out.numel():
-        _finite_ranks_kernel[(ranks, triton.cdiv(n, 1024))](a, out, ranks, n, REPS=reps, BLOCK=1024)
+        _finite_ranks_kernel[(ranks, cdiv(n, 1024))](a, out, ranks, n, REPS=reps, BLOCK=1024)
     return out

@@ -89,7 +89,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .mor_lora_tiles import fwd_config, padded_ranks
+from .mor_lora_tiles import cdiv, fwd_config, padded_ranks
 
 #: Under ``TRITON_INTERPRET=1`` (CPU tests) triton 3.8's ``tl.dot`` returns garbage for bfloat16
 #: operands; there they are widened to float32 first, which computes the same exact products with float32
@@ -460,7 +460,9 @@ def forward(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared: int, s
     ``u = x A^T`` float32 ``(B, T, RP)`` over the rank list (``(0,)`` unless ``store_u``). ``y`` is allocated in
     ``x``'s layout (:func:`like_tokens`) unless ``out``, a ``(B, T, d_out)`` tensor of any strides, is given."""
     assert idx.is_contiguous() and gate.is_contiguous() and idx.dtype == torch.int32
-    _same_dtype(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b)
+    dt = x.dtype
+    if lora_a.dtype != dt or lora_b.dtype != dt or (weight is not None and weight.dtype != dt):  # names them
+        _same_dtype(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b)
     batch, tokens, d_in = x.shape
     d_out, ranks = lora_b.shape
     stride_ib, stride_it, token = _routing_strides(idx)
@@ -474,7 +476,7 @@ def forward(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared: int, s
     cfg = dict(fwd_config(x.device, x.dtype, batch, tokens, d_in, d_out, rp))
     split = cfg["SPLIT_K"]
     # at least one column of programs, so that u is computed even when d_out = 0
-    tiles = (triton.cdiv(tokens, cfg["BLOCK_M"]), max(1, triton.cdiv(d_out, cfg["BLOCK_N"])), batch)
+    tiles = (cdiv(tokens, cfg["BLOCK_M"]), max(1, cdiv(d_out, cfg["BLOCK_N"])), batch)
     ws_acc, ws_u, lock = split_buffers(y, tiles[0] * tiles[1] * batch, split, cfg["BLOCK_M"], cfg["BLOCK_N"], rp)
     _fwd_kernel[(tiles[0], tiles[1] * split, batch)](
         x, w, bias if bias is not None else y, lora_a, lora_b, idx, gate, base if base is not None else y, y,

@@ -45,7 +45,7 @@ from .mor_lora import (
     on_tensor_device,
     split_buffers,
 )
-from .mor_lora_tiles import bwd_config
+from .mor_lora_tiles import bwd_config, cdiv
 
 REDUCE_BLOCK = 64  # columns per program of the reduction
 
@@ -285,12 +285,12 @@ def backward(dy, x, weight, lora_a, lora_b, u, idx, gate, num_shared: int, scali
                 t.zero_()
         return dx, da, db, dgate
     cfg = bwd_config(dev, dy.dtype, batch, tokens, d_in, d_out, rp)
-    n_m = triton.cdiv(tokens, cfg["BLOCK_M"])
+    n_m = cdiv(tokens, cfg["BLOCK_M"])
     partials = need_da or need_db
     part = torch.empty((batch, n_m, rp, d_in + d_out) if partials else (0,), dtype=torch.float32, device=dev)
     sample_dg = need_dg and not token
     gpart = torch.empty((batch, n_m, rp) if sample_dg else (0,), dtype=torch.float32, device=dev)
-    n_k = max(1, triton.cdiv(d_in, cfg["BLOCK_N"])) if (need_dx or need_da) else 1
+    n_k = max(1, cdiv(d_in, cfg["BLOCK_N"])) if (need_dx or need_da) else 1
     has_w = weight is not None and need_dx
     dxs = dx.stride() if dx is not None else (0, 0, 0)
     split = cfg["SPLIT_K"]
@@ -321,7 +321,7 @@ def reduce(part, gpart, idx, gate, num_shared: int, ranks: int, rp: int, n_m: in
     if rows + gates == 0:
         return
     stride_ib = idx.stride(0)
-    _bwd_reduce_kernel[(rows + gates, triton.cdiv(max(d_in + d_out, 1), REDUCE_BLOCK))](
+    _bwd_reduce_kernel[(rows + gates, cdiv(max(d_in + d_out, 1), REDUCE_BLOCK))](
         part, gpart, idx, gate, da if da is not None else part, db if db is not None else part,
         dgate if dgate is not None else part,
         batch, n_m, d_in, d_out, rows, num_shared, ranks - num_shared,

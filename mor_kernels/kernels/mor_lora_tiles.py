@@ -50,6 +50,8 @@ one); 256 x 1280 -> 64x64, 2 splits (160).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 #: SMs of an H100 SXM / H200 (the GPUs the speed targets name): the grid size the fill step aims at.
@@ -69,8 +71,12 @@ def padded_ranks(ranks: int, num_shared: int, top_k: int, token_routing: bool) -
     return rank_pad(ranks if token_routing else num_shared + top_k)
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` on the host (``triton.cdiv`` is a JIT function: ~2 us per call outside a kernel)."""
     return -(-a // b)
+
+
+_cdiv = cdiv
 
 
 def fill_tiles(batch: int, tokens: int, d_out: int, rp: int) -> tuple[int, int]:
@@ -99,6 +105,7 @@ def fwd_tiles(batch: int, tokens: int, d_in: int, d_out: int, rp: int) -> tuple[
     return bm, bn, split
 
 
+@functools.lru_cache(maxsize=4096)  # per launch: the same few shapes every image (~5 us of Python each)
 def fwd_config(
     device: torch.device, dtype: torch.dtype, batch: int, tokens: int, d_in: int, d_out: int, rp: int
 ) -> dict:
@@ -118,6 +125,7 @@ def fwd_column_tiles(batch: int, tokens: int, d_out: int, rp: int) -> int:
     return max(1, _cdiv(d_out, fill_tiles(batch, tokens, d_out, rp)[1]))
 
 
+@functools.lru_cache(maxsize=4096)
 def bwd_config(
     device: torch.device, dtype: torch.dtype, batch: int, tokens: int, d_in: int, d_out: int, rp: int
 ) -> dict:

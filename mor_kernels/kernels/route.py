@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .mor_lora import _INTERPRETED, on_tensor_device
+from .mor_lora_tiles import cdiv
 
 try:  # where triton keeps libdevice has moved between versions
     from triton.language.extra import libdevice
@@ -119,7 +120,7 @@ def route_forward(logits: torch.Tensor, top_k: int, num_zero: int, renormalize: 
         return idx, gate, probs, slot
     block_s = max(16, triton.next_power_of_2(n_slots))
     block_r = max(1, min(16, 2048 // block_s))
-    grid = (triton.cdiv(n_rows, block_r),)
+    grid = (cdiv(n_rows, block_r),)
     _route_kernel[grid](
         logits,
         idx,
