@@ -245,3 +245,31 @@ def test_gpu_split_k_sd_shapes_are_bitwise_repeatable(tokens):
         for a, b in zip(first, run(), strict=True):
             assert torch.equal(a, b)
     check_parity(c, torch.bfloat16)
+
+
+@pytest.mark.parametrize("current", [0, 1])
+def test_launchers_guard_the_device_only_when_it_is_not_current(current, monkeypatch):
+    """``on_tensor_device``: a launch on a tensor of another GPU than the current one runs under that GPU's device
+    guard (Triton launches on the current device); on the current GPU, or on the CPU, no guard is entered (a few
+    us of host time per launch). CUDA replaced by fakes: the logic runs on any machine."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from mor_kernels.kernels import mor_lora
+
+    entered = []
+
+    @contextlib.contextmanager
+    def guard(device):
+        entered.append(device)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "device", guard)
+    calls = []
+    launch = mor_lora.on_tensor_device(lambda t, x: calls.append((t, x, list(entered))) or x)
+    on_gpu1 = SimpleNamespace(device=torch.device("cuda", 1))
+    assert launch(on_gpu1, 7) == 7
+    assert calls[-1][2] == ([] if current == 1 else [torch.device("cuda", 1)])  # the guard held during the launch
+    entered.clear()
+    assert launch(torch.zeros(1), 8) == 8 and entered == []  # CPU: never
