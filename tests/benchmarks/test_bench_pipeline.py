@@ -135,6 +135,15 @@ def test_cuda_peak_memory_bookkeeping(bench, monkeypatch):
     assert timings["a"].samples == 2 and isinstance(timings["c"], RuntimeError)
 
 
+def test_cuda_graph_part_times_the_default_folded_and_floor_variants(bench):
+    pipeline = pipeline_module(bench)
+    names = ["none", "lora-r4", "mor:auto", "mor:reference", "mor:triton", "mor:cuda", "mor-folded:triton"]
+    jobs = {n: (lambda n=n: n) for n in names}
+    got = pipeline.graphed_jobs(jobs)
+    assert list(got) == ["none", "lora-r4", "mor:auto", "mor-folded:triton"]
+    assert all(got[n] is jobs[n] for n in got)
+
+
 def test_cuda_graph_part_rejects_eager_fallbacks(bench, monkeypatch):
     """time_jobs with use_graph: graph timings pass through, and a job whose capture failed (time_cuda then times
     it eagerly) becomes an error naming the failure instead of an eager time in a graph row."""
