@@ -501,6 +501,11 @@ def _run(args) -> dict:
     if device.type == "cuda" and not args.no_graphs:
         timed.insert(2, ("unet-graph", graphed_jobs(jobs["unet"]), True))
     timings, peak = {}, {}
+    stem = f"bench_pipeline-{device.type}-{meta['time_utc'].replace(':', '').replace('+0000', 'Z')}"
+
+    def rows_so_far() -> list[dict]:
+        return table_rows(timings, notes, weights, peak, skipped, args, device)
+
     for part, part_jobs, graphs in timed:
         with contextlib.ExitStack() as stack:
             if part.startswith("unet"):  # the pipeline sets (and clears) the scores itself; the UNet alone needs them
@@ -509,6 +514,8 @@ def _run(args) -> dict:
             tm, pk = time_jobs(part_jobs, device, args, use_graph=graphs)
         timings.update({(name, part): v for name, v in tm.items()})
         peak.update({(name, part): v for name, v in pk.items()})
+        # the rows so far, after every part: a run stopped at a time cap (gpu_check) keeps the parts it finished
+        common.write_outputs(args.out, stem, meta, rows_so_far(), FIELDS)
     if args.sd21_latent:
         sd_jobs, sd_notes, sd_weights = sd21_unet_jobs(args, device)
         # user CPU time on one thread: the kernel's page-fault time of oneDNN's per-call weight reorders
@@ -518,6 +525,16 @@ def _run(args) -> dict:
         timings.update({(name, "unet-sd21"): v for name, v in tm.items()})
         notes.update({(name, "unet-sd21"): v for name, v in sd_notes.items()})
         weights.update({(name, "unet-sd21"): v for name, v in sd_weights.items()})
+    out_rows = rows_so_far()
+    print_table(out_rows, device)
+    paths = common.write_outputs(args.out, stem, meta, out_rows, FIELDS)
+    print(f"wrote {paths['csv']} and {paths['json']}")
+    return {"meta": meta, "rows": out_rows, "paths": paths}
+
+
+def table_rows(timings: dict, notes: dict, weights: dict, peak: dict, skipped: dict, args, device) -> list[dict]:
+    """The output rows of ``{(variant, part): Timing or exception}``: each with its ratio to ``none`` of the same
+    part (and on a CPU the paired ratio), then a row per unavailable MoR backend."""
     rows = {}
     for key, tm in timings.items():
         row = {"variant": key[0], "part": key[1], "note": notes[key], "status": "ok", "reason": "", "batch": args.batch,
@@ -540,11 +557,7 @@ def _run(args) -> dict:
     out_rows = list(rows.values())
     for b, why in skipped.items():
         out_rows.append({"variant": f"mor:{b}", "part": "-", "status": "unavailable", "reason": why})
-    print_table(out_rows, device)
-    stem = f"bench_pipeline-{device.type}-{meta['time_utc'].replace(':', '').replace('+0000', 'Z')}"
-    paths = common.write_outputs(args.out, stem, meta, out_rows, FIELDS)
-    print(f"wrote {paths['csv']} and {paths['json']}")
-    return {"meta": meta, "rows": out_rows, "paths": paths}
+    return out_rows
 
 
 def print_table(rows: list[dict], device) -> None:

@@ -171,6 +171,32 @@ def test_cuda_graph_part_rejects_eager_fallbacks(bench, monkeypatch):
     assert timings["b"].median_ms == 2.0 and asked[2:] == [False, False]
 
 
+def test_rows_are_written_after_every_part(bench, monkeypatch, tmp_path):
+    """A run stopped partway (gpu_check's time cap kills it) leaves the rows of the parts it finished: the JSON
+    is rewritten after each part."""
+    import glob
+    import json
+
+    pipeline = pipeline_module(bench)
+    real, calls = pipeline.time_jobs, []
+
+    def stopped_at_the_second_part(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a kill at the cap: nothing after this runs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "time_jobs", stopped_at_the_second_part)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.main(TINY + ["--variants", "mor:reference", "--out", str(tmp_path)])
+    (path,) = glob.glob(str(tmp_path / "bench_pipeline-*.json"))
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    timed = [r for r in rows if r["status"] != "unavailable"]  # (plus a row per backend that cannot run here)
+    assert {r["part"] for r in timed} == {"pipeline"} and {r["variant"] for r in timed} == {"none", "mor:reference"}
+    assert all(r["status"] == "ok" and r["ratio_to_none"] > 0 for r in timed)
+
+
 def test_lora_wrapper_matches_base_plus_low_rank(bench):
     from torch import nn
 
