@@ -201,19 +201,17 @@ class ImageState:
         """One layer routed on its own (its weights changed since the preparation, or another dtype)."""
         with torch.no_grad():
             idx, gate = layer.router(self.scores)  # the scores stand in for x (batch size only)
-            return self._entry(layer, idx, gate, layer.router.last_probs, dtype)
+            return self._entry(layer, idx, gate, layer.router.last_probs, dtype, {})
 
-    def _entry(self, layer, idx, gate, probs, dtype, severities: dict | None = None) -> _Entry:
+    def _entry(self, layer, idx, gate, probs, dtype, severities: dict) -> _Entry:
         """``severities``: the routers' severity on ``probs``' device, by the router's tensor (``set_degradation``
         gives every router the same one), shared by the entries of one preparation."""
         batch, device = self.scores.shape[0], probs.device
         sev = layer._modules["router"].__dict__.get("_severity")
         key = (None if sev is None else id(sev), device)
-        last = None if severities is None else severities.get(key)
+        last = severities.get(key)
         if last is None:
-            last = sev.to(device) if sev is not None else torch.ones(batch, device=device)
-            if severities is not None:
-                severities[key] = last
+            last = severities[key] = sev.to(device) if sev is not None else torch.ones(batch, device=device)
         state = {"last_probs": probs, "last_idx": idx, "last_batch": batch, "last_severity": last}
         refs = _refs(layer)
         args = (refs[0], refs[1], layer.num_shared, layer.scaling)  # lora_a, lora_b

@@ -462,9 +462,7 @@ def forward(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared: int, s
     ``u = x A^T`` float32 ``(B, T, RP)`` over the rank list (``(0,)`` unless ``store_u``). ``y`` is allocated in
     ``x``'s layout (:func:`like_tokens`) unless ``out``, a ``(B, T, d_out)`` tensor of any strides, is given."""
     assert idx.is_contiguous() and gate.is_contiguous() and idx.dtype == torch.int32
-    dt = x.dtype
-    if lora_a.dtype != dt or lora_b.dtype != dt or (weight is not None and weight.dtype != dt):  # names them
-        _same_dtype(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b)
+    _same_dtype(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b)
     batch, tokens, d_in = x.shape
     d_out, ranks = lora_b.shape
     stride_ib, stride_it, token = _routing_strides(idx)

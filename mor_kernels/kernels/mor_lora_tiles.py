@@ -76,17 +76,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-_cdiv = cdiv
-
-
 def fill_tiles(batch: int, tokens: int, d_out: int, rp: int) -> tuple[int, int]:
     """``(BLOCK_M, BLOCK_N)`` of a token x output-column GEMM on a GPU with 16-bit inputs (steps 1-2 of the
     module docstring)."""
-    bn = 64 if _cdiv(d_out, 64) * (64 + rp) < _cdiv(d_out, 128) * (128 + rp) else 128
+    bn = 64 if cdiv(d_out, 64) * (64 + rp) < cdiv(d_out, 128) * (128 + rp) else 128
     bm = 128 if tokens >= 128 else 64
 
     def programs() -> int:
-        return _cdiv(tokens, bm) * _cdiv(d_out, bn) * batch
+        return cdiv(tokens, bm) * cdiv(d_out, bn) * batch
 
     if programs() < NUM_SMS and bn == 128 and rp <= 32:
         bn = 64
@@ -98,7 +95,7 @@ def fill_tiles(batch: int, tokens: int, d_out: int, rp: int) -> tuple[int, int]:
 def fwd_tiles(batch: int, tokens: int, d_in: int, d_out: int, rp: int) -> tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_N, SPLIT_K)`` of the forward on a GPU with 16-bit inputs (see the module docstring)."""
     bm, bn = fill_tiles(batch, tokens, d_out, rp)
-    programs = _cdiv(tokens, bm) * max(1, _cdiv(d_out, bn)) * batch
+    programs = cdiv(tokens, bm) * max(1, cdiv(d_out, bn)) * batch
     split = 1
     while programs * split < NUM_SMS and split < MAX_SPLIT_K and d_in >= 2 * split * 64 * MIN_SPLIT_STEPS:
         split *= 2
@@ -122,7 +119,7 @@ def fwd_config(
 def fwd_column_tiles(batch: int, tokens: int, d_out: int, rp: int) -> int:
     """Programs per token block along ``d_out``, each of which computes ``u = x A^T`` (at least one, which
     computes ``u`` even when ``d_out = 0``); a split of ``d_in`` does not change the work."""
-    return max(1, _cdiv(d_out, fill_tiles(batch, tokens, d_out, rp)[1]))
+    return max(1, cdiv(d_out, fill_tiles(batch, tokens, d_out, rp)[1]))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -143,4 +140,4 @@ def bwd_config(
 
 def bwd_column_tiles(batch: int, tokens: int, d_in: int, d_out: int, rp: int) -> int:
     """Programs per token block along ``d_in`` in the backward, each of which computes ``dh = dy B``."""
-    return max(1, _cdiv(d_in, fill_tiles(batch, tokens, d_in, rp)[1]))
+    return max(1, cdiv(d_in, fill_tiles(batch, tokens, d_in, rp)[1]))

@@ -185,18 +185,18 @@ def mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, *, base=None):
     # h (the rank activations) is written only when a backward will run
     store_h = _records(x, lora_a, lora_b, gate)
     args = (int(num_shared), float(scaling))
-    if not store_h and not _records(base):
-        parts = [torch.ops.mor.lora_fwd(x[c], lora_a, lora_b, idx[c], gate[c], *args, None if base is None else base[c],
-                                        False)[0] for c in _chunks(x.shape[0])]  # fmt: skip
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    if store_h or _records(base):
+
+        def run(x, idx, gate, base):
+            return _MoRLoRA.apply(x, lora_a, lora_b, idx, gate, *args, base, store_h)
+    else:  # nothing to differentiate: the op without the autograd Function (which torch.vmap rejects)
+
+        def run(x, idx, gate, base):
+            return torch.ops.mor.lora_fwd(x, lora_a, lora_b, idx, gate, *args, base, False)[0]
+
     if x.shape[0] <= MAX_BATCH:
-        return _MoRLoRA.apply(x, lora_a, lora_b, idx, gate, *args, base, store_h)
-    return torch.cat(
-        [
-            _MoRLoRA.apply(x[c], lora_a, lora_b, idx[c], gate[c], *args, None if base is None else base[c], store_h)
-            for c in _chunks(x.shape[0])
-        ]
-    )
+        return run(x, idx, gate, base)
+    return torch.cat([run(x[c], idx[c], gate[c], None if base is None else base[c]) for c in _chunks(x.shape[0])])
 
 
 def _dense_dtype(x: torch.Tensor) -> torch.dtype:
@@ -306,23 +306,22 @@ def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, 
     filters), two calls (no ``[weight; lora_a]`` weight is built), then ``mor::conv_up``."""
     dt = _dense_dtype(x)  # on CPU half precision: the rank channels stay float32 too, rounded once at the end
     xd = x.to(dt)
-    if not _records(x, weight, bias, lora_a, lora_b, gate):
-        return _conv2d_inference(xd, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding,
-                                 dilation).to(x.dtype)  # fmt: skip
-    base = _Conv2d.apply(xd, weight.to(dt), _cast(bias, dt), stride, padding, dilation, weight.shape[0])
-    z_rank = _Conv2d.apply(xd, lora_a.to(dt), None, stride, padding, dilation, 0)  # every filter is a rank's
+    if _records(x, weight, bias, lora_a, lora_b, gate):
+
+        def conv(w, b, ranks_from):
+            return _Conv2d.apply(xd, w, b, stride, padding, dilation, ranks_from)
+
+        up = _ConvUp.apply
+    else:  # nothing to differentiate: the same ops without the autograd Functions (which torch.vmap rejects)
+        settings = (list(stride), list(padding), list(dilation))
+
+        def conv(w, b, _ranks_from):
+            return _conv_bias(xd, w, b, settings)
+
+        up = torch.ops.mor.conv_up
+    base = conv(weight.to(dt), _cast(bias, dt), weight.shape[0])
+    z_rank = conv(lora_a.to(dt), None, 0)  # every filter is a rank's
     idx, gate, b = idx.to(torch.int32), _gate32(gate), lora_b.to(dt)
     args = (int(num_shared), float(scaling))
-    parts = [_ConvUp.apply(base[c], z_rank[c], b, idx[c], gate[c], *args) for c in _chunks(x.shape[0])]
+    parts = [up(base[c], z_rank[c], b, idx[c], gate[c], *args) for c in _chunks(x.shape[0])]
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(x.dtype)
-
-
-def _conv2d_inference(xd, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation):
-    """:func:`mor_conv2d`'s forward without the autograd Functions (nothing to differentiate): the same ops."""
-    dt, conv = xd.dtype, (list(stride), list(padding), list(dilation))
-    base = _conv_bias(xd, weight.to(dt), _cast(bias, dt), conv)
-    z_rank = _conv_bias(xd, lora_a.to(dt), None, conv)
-    idx, gate, b = idx.to(torch.int32), _gate32(gate), lora_b.to(dt)
-    args = (int(num_shared), float(scaling))
-    parts = [torch.ops.mor.conv_up(base[c], z_rank[c], b, idx[c], gate[c], *args) for c in _chunks(xd.shape[0])]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
