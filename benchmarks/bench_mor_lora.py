@@ -118,9 +118,13 @@ def executed_rank_rows(case: Case, provider: str, layer, t: dict, useful_rr: int
     token = case.routing == "token"
     idx = flops.live_slots(t["idx"].cpu(), t["gate"].cpu())
     width = None if token else flops.rank_list_width(idx, case.num_shared, case.ranks, host=device.type == "cpu")
-    same = case.batch == 1 or bool((idx == idx[:1]).all() and (t["gate"] == t["gate"][:1]).all())
-    if backend == "merged":
+
+    def merged():  # one merged weight, or one per sample when the samples route differently
+        same = case.batch == 1 or bool((idx == idx[:1]).all() and (t["gate"] == t["gate"][:1]).all())
         return flops.merged_rank_rows(layer, 1 if same else case.batch, width)
+
+    if backend == "merged":
+        return merged()
     if backend == "auto":
         op = case.op
         with torch.no_grad() if case.mode == "fwd" else torch.enable_grad():
@@ -128,7 +132,7 @@ def executed_rank_rows(case: Case, provider: str, layer, t: dict, useful_rr: int
             plan = mor_kernels.merge_decision(op, trainable["x"], t["weight"], trainable["lora_a"], t["idx"],
                                               gate=trainable["gate"], padding=case.shape.kernel // 2)  # fmt: skip
         if plan.merge:
-            return flops.merged_rank_rows(layer, 1 if same else case.batch, width)
+            return merged()
         backend = dispatch.resolve(op, "auto", device, DTYPES[case.dtype]).backend
     return flops.executed_rank_rows(backend, layer, case.ranks, useful_rr, token, num_shared=case.num_shared,
                                     top_k=case.top_k, list_width=width)  # fmt: skip
