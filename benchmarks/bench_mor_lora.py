@@ -39,7 +39,7 @@ from bench_mor_lora_cases import (  # noqa: E402
     case_label,
     make_inputs,
 )
-from bench_mor_lora_report import header, plot, print_table  # noqa: E402
+from bench_mor_lora_report import header, plot, print_table, print_targets  # noqa: E402
 
 import mor_kernels  # noqa: E402
 from mor_kernels import dispatch, flops  # noqa: E402
@@ -174,8 +174,8 @@ FIELDS = (
     "case", "sweep", "layer", "kind", "batch", "tokens", "d_in", "d_out", "kernel", "ranks", "num_shared",
     "num_routed", "num_zero", "top_k", "zero_picked", "zero_fraction", "active_ranks", "lora_rank", "routing",
     "mode", "dtype", "provider", "status", "reason", "timer", "median_ms", "p20_ms", "p80_ms", "samples",
-    "ratio_to_base", "timing_flag", "overhead_ms", "useful_gflop", "executed_gflop", "useful_tflops", "min_mb",
-    "achieved_gbps", "copy_fraction",
+    "ratio_to_base", "paired_to_base", "paired_to_lora", "timing_flag", "overhead_ms", "useful_gflop",
+    "executed_gflop", "useful_tflops", "min_mb", "achieved_gbps", "copy_fraction",
 )  # fmt: skip
 
 
@@ -272,7 +272,22 @@ def measure_case(case: Case, providers, device, args, copy_gbps: float) -> list[
     for row in rows:
         for key in ("useful_flop", "executed_flop", "min_bytes"):
             row.pop(key, None)
+    if device.type == "cpu":
+        add_paired_ratios(rows, timings)
     return rows
+
+
+def add_paired_ratios(rows: list[dict], timings: dict) -> None:
+    """``paired_to_base`` / ``paired_to_lora`` of each timed row: the median over the interleaved CPU rounds of
+    the provider's sample over base's (the dense LoRA's) sample of the same round (``bench_common.paired_ratio``).
+    A drift of the shared machine within a run (clock, cache and memory-bandwidth contention from its other
+    tenants) moves both samples of a round alike, so these spread less between runs than the ratios of the
+    medians."""
+    raw = {p: t.raw for p, t in timings.items() if isinstance(t, common.Timing) and t.raw}
+    for row in rows:
+        mine = raw.get(row["provider"]) if row["status"] == "ok" else None
+        for ref, key in (("base", "paired_to_base"), ("lora", "paired_to_lora")):
+            row[key] = common.paired_ratio(mine, raw[ref]) if mine and ref in raw else None
 
 
 #: a provider other than ``base`` computes base(x) plus an adapter branch: strictly more work than base
@@ -468,6 +483,8 @@ def _run(args) -> dict:
         rows += measure_case(case, providers, device, args, meta["copy_GBps"])
     print()
     print_table(rows, providers, meta)
+    if device.type == "cpu":
+        print_targets(rows)
     stem = f"bench_mor_lora-{device.type}-{meta['time_utc'].replace(':', '').replace('+0000', 'Z')}"
     paths = common.write_outputs(args.out, stem, meta, rows, FIELDS)
     print(f"wrote {paths['csv']} and {paths['json']}")

@@ -44,7 +44,8 @@ def print_table(rows: list[dict], providers: list[str], meta: dict) -> None:
             r = by[(c, p)]
             cell = {"unavailable": "n/a", "error": "ERROR"}.get(r["status"])
             if cell is None:
-                cell = f"{r['median_ms']:.3f}ms" if r["ratio_to_base"] is None else f"{r['ratio_to_base']:.2f}x"
+                ratio = r.get("paired_to_base") or r["ratio_to_base"]
+                cell = f"{r['median_ms']:.3f}ms" if ratio is None else f"{ratio:.2f}x"
                 cell += "!" if r.get("timing_flag") else ""
             line += f" {cell:>10s}"
         mor = [by[(c, p)] for p in shown if p.startswith("mor:") and by[(c, p)]["status"] == "ok"]
@@ -68,6 +69,66 @@ def print_table(rows: list[dict], providers: list[str], meta: dict) -> None:
         )
 
 
+#: issue 13's CPU targets (benchmarks/README.md, "CPU results"), judged on the paired ratios of one run: mor:auto
+#: in inference
+#: no more than this over the dense LoRA of its active rank at every shape, ...
+TARGET_VS_LORA_FWD = 1.03
+#: ... no more than this over the bare base layer at the many-tokens-per-weight shapes below, ...
+TARGET_VS_BASE_FWD = 1.05
+TARGET_BASE_SHAPES = ("lin4096x320", "conv1x1-64x64x320")
+#: ... and, forward and backward, no more than this over the dense LoRA.
+TARGET_VS_LORA_BWD = 1.10
+
+
+def _worst(rows: list[dict], key: str) -> tuple[str, list[float]] | None:
+    vals = [(r[key], r["layer"]) for r in rows if r.get(key) is not None]
+    return (f"worst {max(vals)[0]:.3f}x at {max(vals)[1]}", [v for v, _ in vals]) if vals else None
+
+
+def cpu_targets(rows: list[dict], provider: str = "mor:auto") -> list[tuple[str, str, str]]:
+    """``(target, verdict, measured)`` per CPU target that this run's rows can judge (``verdict``: ``met`` or
+    ``missed``), from the paired ratios (``paired_to_base``/``paired_to_lora``) of ``provider``'s sample-routed
+    rows; targets without rows (other shapes, other providers, a GPU run) are left out."""
+    ok = [r for r in rows if r["provider"] == provider and r["status"] == "ok" and r["routing"] == "sample"]
+    out = []
+
+    def judge(text, vals, limit, measured):
+        out.append((text, "met" if max(vals) <= limit else "missed", measured))
+
+    for mode, limit in (("fwd", TARGET_VS_LORA_FWD), ("fwd+bwd", TARGET_VS_LORA_BWD)):
+        found = _worst([r for r in ok if r["sweep"] == "main" and r["mode"] == mode], "paired_to_lora")
+        if found:
+            judge(f"{mode}: {provider} <= {limit:g}x the dense LoRA of its active rank, every shape", found[1], limit,
+                  f"{found[0]} ({min(found[1]):.3f}-{max(found[1]):.3f}x over {len(found[1])} rows)")  # fmt: skip
+    named = [r for r in ok if r["sweep"] == "main" and r["mode"] == "fwd" and r["layer"] in TARGET_BASE_SHAPES]
+    found = _worst(named, "paired_to_base")
+    if found:
+        judge(f"fwd: {provider} <= {TARGET_VS_BASE_FWD:g}x the bare layer at {', '.join(TARGET_BASE_SHAPES)}",
+              found[1], TARGET_VS_BASE_FWD,
+              ", ".join(f"{r['layer']} b{r['batch']} {r['dtype']} {r['paired_to_base']:.3f}x" for r in named))  # fmt: skip
+    sweep = sorted((r for r in ok if r["sweep"] == "zero" and r["mode"] == "fwd" and r.get("paired_to_base")),
+                   key=lambda r: r["zero_picked"])  # fmt: skip
+    if len(sweep) >= 2 and sweep[-1].get("paired_to_lora") is not None:
+        first, last = sweep[0], sweep[-1]
+        falls = last["paired_to_base"] < first["paired_to_base"] and last["paired_to_lora"] <= 1.0
+        out.append((
+            f"zero sweep: {provider}'s time falls with the zero slots picked, and with {last['zero_picked']} of "
+            f"{last['top_k']} picked is no more than the dense rank-{last['lora_rank']} LoRA",
+            "met" if falls else "missed",
+            " -> ".join(f"{r['paired_to_base']:.3f}x@z{r['zero_picked']}" for r in sweep)
+            + f" base; {last['paired_to_lora']:.3f}x the rank-{last['lora_rank']} LoRA",
+        ))  # fmt: skip
+    return out
+
+
+def print_targets(rows: list[dict]) -> None:
+    targets = cpu_targets(rows)
+    if targets:
+        print("targets on this CPU (issue 13, benchmarks/README.md 'CPU results'; paired ratios of this run):")
+        for text, verdict, measured in targets:
+            print(f"  {verdict.upper():6s} {text}: {measured}")
+
+
 def header(meta: dict) -> str:
     lines = [
         f"MoR layer benchmark on {meta['device']} ({meta['device_name']}), {meta['threads_note']}; torch "
@@ -89,9 +150,14 @@ def header(meta: dict) -> str:
             f"REDUCED SIZES: token counts x{meta['token_scale']} (conv images {math.sqrt(meta['token_scale']):.2g}x per side) "
             "for a quick CPU run; --full or --token-scale 1 for the SD 2.1 sizes"
         )
+    ratio = (
+        "median over the interleaved rounds of provider sample / base sample of the same round (paired_to_base; "
+        "the ratio of the medians is ratio_to_base in the CSV/JSON)"
+        if meta["device"] == "cpu"
+        else "provider median / base median"
+    )
     lines.append(
-        "columns: ratio = provider median / base median (same run; ! = unreliable, see below); "
-        "±% = half the p20-p80 spread of base"
+        f"columns: ratio = {ratio} (same run; ! = unreliable, see below); ±% = half the p20-p80 spread of base"
     )
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -261,3 +262,70 @@ def test_faster_than_base_is_flagged_unreliable(bench, monkeypatch, tmp_path, ca
     out = capsys.readouterr().out
     assert "0.05x!" in out and "! unreliable (1 rows" in out
     assert bench.timing_flag("lora", 0.89) and not bench.timing_flag("lora", 0.9) and not bench.timing_flag("base", 0.5)
+
+
+def test_cpu_ratios_pair_the_samples_of_a_round(bench, monkeypatch, tmp_path, capsys):
+    """On a CPU each row carries the median over the interleaved rounds of its sample over base's (and the dense
+    LoRA's) sample of the same round. Here the machine runs 3x slower in some rounds, and base's median sample
+    falls in a slow one while the others' fall in fast ones: the ratio of the medians is off by 3x, the paired
+    ratio is the per-call ratio. The table shows the paired one and the run ends with the targets."""
+    common = bench.common
+    per_call = {"base": 10.0, "lora": 11.0, "mor:auto": 10.3, "mor:merged": 10.2, "mor:reference": 12.0}
+    slow = {"base": [1.0] * 3 + [3.0] * 8}  # base: slow from round 3; the others from round 6
+
+    def fake_timer(fns, **_):
+        out = {}
+        for p in fns:
+            raw = [per_call.get(p, 1.0) * d for d in slow.get(p, [1.0] * 6 + [3.0] * 5)]
+            med = sorted(raw)[len(raw) // 2]
+            out[p] = common.Timing(med, min(raw), max(raw), len(raw), "fake", raw)
+        return out
+
+    monkeypatch.setattr(common, "time_cpu_interleaved", fake_timer)
+    argv = TINY + ["--shapes", "lin64x1280", "--modes", "fwd", "--sweep", "none", "--out", str(tmp_path),
+                   "--providers", "base,lora,mor:auto,mor:reference"]  # fmt: skip
+    rows = {r["provider"]: r for r in bench.main(argv)["rows"]}
+    assert rows["lora"]["ratio_to_base"] == pytest.approx(11.0 / 30.0)  # base's median from a slow round
+    assert rows["lora"]["paired_to_base"] == pytest.approx(1.1)  # 8 of the 11 rounds pair like with like
+    assert rows["mor:auto"]["paired_to_base"] == pytest.approx(1.03)
+    assert rows["mor:auto"]["paired_to_lora"] == pytest.approx(10.3 / 11.0)
+    assert rows["mor:reference"]["paired_to_base"] == pytest.approx(1.2)
+    assert rows["base"]["paired_to_base"] == pytest.approx(1.0) and rows["lora"]["paired_to_lora"] == pytest.approx(1.0)
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("lin64x1280"))
+    assert "1.03x" in line and "1.20x" in line
+    assert "targets on this CPU" in out and "MET    fwd: mor:auto <= 1.03x the dense LoRA" in out
+
+
+def _target_row(layer, provider, mode="fwd", sweep="main", **ratios):
+    row = dict(layer=layer, provider=provider, mode=mode, sweep=sweep, status="ok", routing="sample", batch=1,
+               dtype="fp32", zero_picked=0, top_k=8, lora_rank=16)  # fmt: skip
+    row.update(ratios)
+    return row
+
+
+def test_cpu_targets_judge_each_target_on_its_worst_row(bench):
+    report = importlib.import_module("bench_mor_lora_report")  # on the path once ``bench`` is imported
+    rows = [
+        _target_row("lin4096x320", "mor:auto", paired_to_base=1.04, paired_to_lora=0.80),
+        _target_row("lin64x1280", "mor:auto", paired_to_base=1.10, paired_to_lora=1.031),  # over 1.03
+        _target_row("conv1x1-64x64x320", "mor:auto", paired_to_base=1.06, paired_to_lora=0.9),  # over 1.05
+        _target_row("lin64x1280", "mor:auto", mode="fwd+bwd", paired_to_base=1.2, paired_to_lora=1.09),
+        _target_row("lin64x1280", "mor:reference", paired_to_base=2.0, paired_to_lora=1.9),  # not judged
+        _target_row("lin64x1280", "mor:auto", routing="token", paired_to_lora=5.0),  # not judged
+    ]
+    for z, ratio in ((0, 1.06), (4, 1.07), (8, 1.03)):  # rises on the way, falls overall
+        rows.append(_target_row("lin1024x640", "mor:auto", sweep="zero", zero_picked=z, lora_rank=16 - z,
+                                paired_to_base=ratio, paired_to_lora=0.99 if z == 8 else 0.95))  # fmt: skip
+    verdicts = {text.split(":")[0] + (" base" if "bare" in text else ""): (v, m) for text, v, m in
+                report.cpu_targets(rows)}  # fmt: skip
+    assert verdicts["fwd"][0] == "missed" and "1.031x at lin64x1280" in verdicts["fwd"][1]
+    assert verdicts["fwd+bwd"][0] == "met"
+    assert verdicts["fwd base"][0] == "missed" and "conv1x1-64x64x320 b1 fp32 1.060x" in verdicts["fwd base"][1]
+    assert verdicts["zero sweep"][0] == "met" and "0.990x the rank-8 LoRA" in verdicts["zero sweep"][1]
+    rows[-1]["paired_to_lora"] = 1.01  # 8 zero slots slower than the rank-8 LoRA
+    assert dict((t.split(":")[0], v) for t, v, _ in report.cpu_targets(rows))["zero sweep"] == "missed"
+    rows[-1]["paired_to_base"] = 1.07  # no lower than with 0 zero slots
+    rows[-1]["paired_to_lora"] = 0.9
+    assert dict((t.split(":")[0], v) for t, v, _ in report.cpu_targets(rows))["zero sweep"] == "missed"
+    assert report.cpu_targets([r for r in rows if r["provider"] == "mor:reference"]) == []  # nothing to judge
