@@ -418,6 +418,8 @@ def capturing(device: torch.device) -> bool:
     """Whether ``device``'s current stream is capturing a CUDA graph."""
     if device.type != "cuda":
         return False
+    if device.index is None or device.index == torch.cuda.current_device():  # the launchers' usual case: no guard
+        return torch.cuda.is_current_stream_capturing()
     with torch.cuda.device(device):
         return torch.cuda.is_current_stream_capturing()
 

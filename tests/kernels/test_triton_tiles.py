@@ -273,3 +273,33 @@ def test_launchers_guard_the_device_only_when_it_is_not_current(current, monkeyp
     assert calls[-1][2] == ([] if current == 1 else [torch.device("cuda", 1)])  # the guard held during the launch
     entered.clear()
     assert launch(torch.zeros(1), 8) == 8 and entered == []  # CPU: never
+
+
+@pytest.mark.parametrize("current", [0, 1])
+def test_capture_check_guards_the_device_only_when_it_is_not_current(current, monkeypatch):
+    """``capturing`` (asked by every split-K launch for its workspace): it reads the capture state of the tensor's
+    GPU, entering that GPU's device guard only when another GPU is current (the launchers have made the tensor's
+    GPU current already, so a launch enters none). CUDA replaced by fakes."""
+    import contextlib
+
+    from mor_kernels.kernels import mor_lora
+
+    state = {"current": current, "capturing": {0: False, 1: True}}
+    entered = []
+
+    @contextlib.contextmanager
+    def guard(device):
+        entered.append(device)
+        before, state["current"] = state["current"], device.index
+        yield
+        state["current"] = before
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: state["current"])
+    monkeypatch.setattr(torch.cuda, "device", guard)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["capturing"][state["current"]])
+    assert mor_lora.capturing(torch.device("cuda", 1)) is True  # GPU 1's state, whichever GPU is current
+    assert entered == ([] if current == 1 else [torch.device("cuda", 1)])
+    entered.clear()
+    assert mor_lora.capturing(torch.device("cuda", 0)) is False
+    assert entered == ([] if current == 0 else [torch.device("cuda", 0)])
+    assert mor_lora.capturing(torch.device("cpu")) is False
