@@ -69,9 +69,8 @@ def print_table(rows: list[dict], providers: list[str], meta: dict) -> None:
         )
 
 
-#: issue 13's CPU targets (benchmarks/README.md, "CPU results"), judged on the paired ratios of one run: mor:auto
-#: in inference
-#: no more than this over the dense LoRA of its active rank at every shape, ...
+#: issue 13's CPU targets (benchmarks/README.md, "CPU results"), judged on the paired ratios of one run: mor:auto in
+#: inference no more than this over the dense LoRA of its active rank at every shape, ...
 TARGET_VS_LORA_FWD = 1.03
 #: ... no more than this over the bare base layer at the many-tokens-per-weight shapes below, ...
 TARGET_VS_BASE_FWD = 1.05
@@ -122,6 +121,7 @@ def cpu_targets(rows: list[dict], provider: str = "mor:auto") -> list[tuple[str,
 
 
 def print_targets(rows: list[dict]) -> None:
+    """The lines of :func:`cpu_targets` under a heading (nothing when no target can be judged)."""
     targets = cpu_targets(rows)
     if targets:
         print("targets on this CPU (issue 13, benchmarks/README.md 'CPU results'; paired ratios of this run):")
