@@ -82,6 +82,7 @@ TF32 for float32 inputs, so float32 results meet the float32 tolerance).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -396,6 +397,17 @@ def like_tokens(x: torch.Tensor, features: int, dtype: torch.dtype | None = None
 _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+_NO_GUARD = contextlib.nullcontext()
+
+
+def device_guard(device: torch.device):
+    """``torch.cuda.device(device)``, or nothing to enter when ``device`` is not a GPU or is the current one (the
+    usual case, one GPU: entering and leaving a guard is a few us of host time per launch)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(device)
+
+
 def on_tensor_device(launcher):
     """Runs ``launcher`` with its first argument's CUDA device current. Triton launches on the current device
     and its current stream, not on the tensors' device: without this, tensors on ``cuda:1`` with device 0
@@ -404,11 +416,7 @@ def on_tensor_device(launcher):
 
     @functools.wraps(launcher)
     def run(t, *args, **kwargs):
-        device = t.device
-        # the usual case, one GPU: no device guard (entering and leaving one is a few us of host time per launch)
-        if device.type != "cuda" or device.index == torch.cuda.current_device():
-            return launcher(t, *args, **kwargs)
-        with torch.cuda.device(device):
+        with device_guard(t.device):
             return launcher(t, *args, **kwargs)
 
     return run
@@ -418,9 +426,7 @@ def capturing(device: torch.device) -> bool:
     """Whether ``device``'s current stream is capturing a CUDA graph."""
     if device.type != "cuda":
         return False
-    if device.index is None or device.index == torch.cuda.current_device():  # the launchers' usual case: no guard
-        return torch.cuda.is_current_stream_capturing()
-    with torch.cuda.device(device):
+    with device_guard(device):
         return torch.cuda.is_current_stream_capturing()
 
 
