@@ -35,7 +35,7 @@ import torch
 
 from . import dispatch
 from .reference import merged
-from .validation import check_mor_conv2d, check_mor_linear, check_mor_lora, check_route
+from .validation import check_mor_conv2d, check_mor_linear, check_mor_lora, check_route, needs_grad
 
 
 def route(
@@ -149,10 +149,6 @@ def _lean_pair(value):
     return None
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
-
-
 def _merge_plan(merge, backend, x, info, weight, *tensors) -> dispatch.MergePlan:
     kernel = tuple(weight.shape[2:])
     return dispatch.merge_plan(
@@ -164,7 +160,7 @@ def _merge_plan(merge, backend, x, info, weight, *tensors) -> dispatch.MergePlan
         mode=merge,
         backend=backend,
         token_routing=info.token_routing,
-        needs_grad=_needs_grad(x, weight, *tensors),
+        needs_grad=needs_grad(x, weight, *tensors),
     )
 
 
@@ -189,7 +185,7 @@ def merge_decision(op: str, x: torch.Tensor, weight: torch.Tensor, lora_a: torch
     token = op == "mor_linear" and idx.dim() > 2
     return dispatch.merge_plan(x.device.type, tokens, c_in, d_out, kernel=tuple(weight.shape[2:]), mode=merge,
                                backend=backend, token_routing=token,
-                               needs_grad=_needs_grad(x, weight, bias, lora_a, lora_b, gate))  # fmt: skip
+                               needs_grad=needs_grad(x, weight, bias, lora_a, lora_b, gate))  # fmt: skip
 
 
 def mor_lora(

@@ -68,6 +68,12 @@ def check_same_dtype(x: torch.Tensor, **others) -> None:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
 
 
+def needs_grad(*tensors) -> bool:
+    """Whether autograd records a call on ``tensors`` (grad mode on and one of them requires a gradient; None and
+    non-tensors are skipped): the backends' choice between their autograd Functions and the bare forward."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
 def _index_check_allowed(t: torch.Tensor) -> bool:
     """Whether a host sync is allowed now (not while compiling or capturing a CUDA graph)."""
     if torch.compiler.is_compiling():

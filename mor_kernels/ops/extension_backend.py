@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .. import _extension
+from ..validation import needs_grad
 from .cudnn_conv import conv2d_input_op, conv2d_op, conv2d_weight_op
 from .route_grad import route_backward
 
@@ -125,16 +126,9 @@ class _Route(torch.autograd.Function):
         return grad_logits.to(ctx.logits_dtype), None, None, None
 
 
-def _records(*tensors) -> bool:
-    """Whether a backward will run through this call. When not, the public functions call the ops directly,
-    without their autograd Functions: less Python per inference call, and ``torch.vmap`` works (functorch
-    rejects these Functions; the ops get its per-sample fallback)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def route(logits, top_k, num_zero, renormalize=True):
     """Canonical ``route`` (see ``mor_kernels.functional.route``) on ``mor::route``."""
-    if not _records(logits):
+    if not needs_grad(logits):  # nothing to differentiate: the op without the autograd Function (torch.vmap rejects it)
         return tuple(torch.ops.mor.route(logits, int(top_k), int(num_zero), bool(renormalize))[:3])
     return _Route.apply(logits, int(top_k), int(num_zero), bool(renormalize))
 
@@ -183,9 +177,9 @@ def mor_lora(x, lora_a, lora_b, idx, gate, num_shared, scaling, *, base=None):
     ``base (B, T, d_out)`` or None; returns ``(B, T, d_out)`` in ``x.dtype``."""
     idx, gate = idx.to(torch.int32), _gate32(gate)
     # h (the rank activations) is written only when a backward will run
-    store_h = _records(x, lora_a, lora_b, gate)
+    store_h = needs_grad(x, lora_a, lora_b, gate)
     args = (int(num_shared), float(scaling))
-    if store_h or _records(base):
+    if store_h or needs_grad(base):
 
         def run(x, idx, gate, base):
             return _MoRLoRA.apply(x, lora_a, lora_b, idx, gate, *args, base, store_h)
@@ -306,7 +300,7 @@ def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, 
     filters), two calls (no ``[weight; lora_a]`` weight is built), then ``mor::conv_up``."""
     dt = _dense_dtype(x)  # on CPU half precision: the rank channels stay float32 too, rounded once at the end
     xd = x.to(dt)
-    if _records(x, weight, bias, lora_a, lora_b, gate):
+    if needs_grad(x, weight, bias, lora_a, lora_b, gate):
 
         def conv(w, b, ranks_from):
             return _Conv2d.apply(xd, w, b, stride, padding, dilation, ranks_from)

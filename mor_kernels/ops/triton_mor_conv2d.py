@@ -37,6 +37,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..kernels import mor_conv2d as KC
+from ..validation import needs_grad
 from . import cudnn_conv as CC
 from .cudnn_conv import _conv, cudnn_settings
 from .triton_mor_lora import _apply, cast_operands, compute_dtype, eager_inference
@@ -212,8 +213,7 @@ def mor_conv2d_prepared(x, weight, bias, lora_a, lora_b, idx, gate, num_shared: 
 def mor_conv2d(x, weight, bias, lora_a, lora_b, idx, gate, num_shared, scaling, stride, padding, dilation):
     """Canonical ``mor_conv2d`` (sample routing): x ``(B, C_in, H, W)``, weight ``(C_out, C_in, kh, kw)``,
     lora_a ``(R, C_in, kh, kw)``, lora_b ``(C_out, R)``, idx/gate ``(B, k)`` -> ``(B, C_out, H_out, W_out)``."""
-    trainable = (x, weight, bias, lora_a, lora_b, gate)
-    store = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in trainable)
+    store = needs_grad(x, weight, bias, lora_a, lora_b, gate)
     # One dtype for every operand (the kernels' dots need it), whatever the caller mixed or autocast
     # would have cast to.
     x, weight, bias, lora_a, lora_b = cast_operands(compute_dtype(x), x, weight, bias, lora_a, lora_b)

@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..kernels import mor_lora as K
 from ..kernels import mor_lora_bwd as KB
+from ..validation import needs_grad
 
 # ---------------------------------------------------------------------------------------------
 # custom ops
@@ -176,8 +177,7 @@ def cast_operands(dtype: torch.dtype, *tensors):
 
 
 def _apply(x, weight, bias, lora_a, lora_b, idx, gate, base, num_shared, scaling):
-    trainable = (x, weight, bias, lora_a, lora_b, gate, base)
-    store_u = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in trainable)
+    store_u = needs_grad(x, weight, bias, lora_a, lora_b, gate, base)
     idx = idx.to(torch.int32)
     # One dtype for every dot operand, whatever the caller mixed (or autocast would have cast).
     x, weight, bias, lora_a, lora_b, base = cast_operands(compute_dtype(x), x, weight, bias, lora_a, lora_b, base)
